@@ -1,0 +1,59 @@
+# kubetasks: `make demo` and `make test` are the two commands; both install
+# what they need on a fresh Debian machine (as root) and start throwaway
+# servers under .run/.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export KUBETASKS_RUN_DIR := $(CURDIR)/.run
+
+.PHONY: venv dev down demo test lint unit integration e2e bench cluster cluster-down clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PY) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,fast]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+dev: venv ## start PostgreSQL and Redis on free ports under .run/
+	$(BIN)/kubetasks dev up
+
+down: ## stop everything started under .run/
+	-@test -x $(BIN)/kubetasks && $(BIN)/kubetasks dev down
+	-@test -x e2e/cluster/down.sh && bash e2e/cluster/down.sh
+
+demo: venv ## the main job on a local environment
+	$(BIN)/python examples/demo.py
+
+lint: venv
+	$(BIN)/ruff check operator tests bench examples
+	$(BIN)/ruff format --check operator tests bench examples
+	$(BIN)/mypy
+	cd operator && ../$(BIN)/lint-imports --config ../pyproject.toml
+
+unit: venv
+	$(BIN)/pytest tests/unit -q
+
+integration: venv
+	$(BIN)/pytest tests/integration -q
+
+e2e: venv
+	$(BIN)/pytest e2e -q -p no:cacheprovider
+
+test: venv lint ## everything CI runs
+	$(BIN)/pytest tests -q
+
+bench: venv
+	$(BIN)/python bench/throughput.py
+
+cluster: ## a local etcd + kube-apiserver (built from Go modules on first use)
+	bash e2e/cluster/up.sh
+
+cluster-down:
+	bash e2e/cluster/down.sh
+
+clean: down
+	rm -rf .run

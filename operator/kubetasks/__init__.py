@@ -1,0 +1,37 @@
+"""kubetasks: a distributed task runner for Kubernetes, with PostgreSQL as the source of truth.
+
+The public surface is what this module exports; everything else may change.
+"""
+
+from kubetasks.app import App, Blueprint, EnqueueRequest, Input, TaskPage, TaskRecord
+from kubetasks.config import Settings
+from kubetasks.context import TaskContext
+from kubetasks.errors import (
+    ConfigError,
+    Fail,
+    KubetasksError,
+    LeaseLost,
+    Retry,
+    TaskNotFound,
+    UnknownHandler,
+    ValidationError,
+)
+
+__all__ = [
+    "App",
+    "Blueprint",
+    "ConfigError",
+    "EnqueueRequest",
+    "Fail",
+    "Input",
+    "KubetasksError",
+    "LeaseLost",
+    "Retry",
+    "Settings",
+    "TaskContext",
+    "TaskNotFound",
+    "TaskPage",
+    "TaskRecord",
+    "UnknownHandler",
+    "ValidationError",
+]

@@ -1,0 +1,5 @@
+"""`python -m kubetasks` is the `kubetasks` command."""
+
+from kubetasks.cli import main
+
+main()

@@ -1,0 +1,655 @@
+"""The public API: handler registry, per-type options, enqueue and admin verbs.
+
+``Blueprint`` holds registrations and opens nothing, so task modules can be
+imported anywhere (a CLI, a test) without touching the database; ``App``
+adds the settings and the store. Options resolve as enqueue argument > task
+option > App default, and everything is validated before the one INSERT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from kubetasks import validation
+from kubetasks.config import Settings
+from kubetasks.context import TaskContext
+from kubetasks.errors import TaskNotFound, UnknownHandler, ValidationError
+from kubetasks.store import Store
+
+Handler = Callable[[TaskContext], Any]
+F = TypeVar("F", bound=Handler)
+
+_MISSING: Any = object()
+STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "paused")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Input:
+    """One payload key a handler expects: required, a default, a validator.
+
+    A validator returns False or raises ValueError/TypeError to refuse a value.
+    """
+
+    required: bool = False
+    default: Any = _MISSING
+    validator: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    """A registered handler and its per-type options (None: use the App default)."""
+
+    name: str
+    func: Handler
+    is_async: bool
+    queue: str | None = None
+    priority: int | None = None
+    timeout: float | None = None
+    max_attempts: int | None = None
+    retry_delay: float | None = None
+    backoff: float | None = None
+    max_retry_delay: float | None = None
+    concurrency: int | None = None
+    inputs: Mapping[str, Input] = field(default_factory=dict)
+
+    def apply_inputs(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(payload)
+        for key, spec in self.inputs.items():
+            if key not in out:
+                if spec.default is not _MISSING:
+                    out[key] = spec.default() if callable(spec.default) else spec.default
+                elif spec.required:
+                    raise ValidationError(f"payload.{key}", f"is required by handler {self.name!r}")
+                continue
+            if spec.validator is not None:
+                try:
+                    ok = spec.validator(out[key])
+                except (ValueError, TypeError) as exc:
+                    raise ValidationError(f"payload.{key}", str(exc)) from None
+                if ok is False:
+                    raise ValidationError(
+                        f"payload.{key}",
+                        f"value {out[key]!r} refused by the validator of {self.name!r}",
+                    )
+        return out
+
+
+def _input(spec: Input | Mapping[str, Any]) -> Input:
+    if isinstance(spec, Input):
+        return spec
+    unknown = set(spec) - {"required", "default", "validator"}
+    if unknown:
+        raise ValidationError("inputs", f"unknown input option(s): {', '.join(sorted(unknown))}")
+    return Input(
+        required=bool(spec.get("required", False)),
+        default=spec.get("default", _MISSING),
+        validator=spec.get("validator"),
+    )
+
+
+class Blueprint:
+    """Task registrations without a connection; ``App`` is a Blueprint that can run."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, TaskDef] = {}
+
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        retry_delay: float | None = None,
+        backoff: float | None = None,
+        max_retry_delay: float | None = None,
+        concurrency: int | None = None,
+        inputs: Mapping[str, Input | Mapping[str, Any]] | None = None,
+    ) -> Callable[[F], F]:
+        """Register the decorated function (async, or plain: run in a thread) as a handler."""
+
+        def decorate(func: F) -> F:
+            self.register(
+                name or f"{func.__module__}.{func.__qualname__}",
+                func,
+                queue=queue,
+                priority=priority,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                retry_delay=retry_delay,
+                backoff=backoff,
+                max_retry_delay=max_retry_delay,
+                concurrency=concurrency,
+                inputs=inputs,
+            )
+            return func
+
+        return decorate
+
+    def register(
+        self,
+        name: str,
+        func: Handler,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        retry_delay: float | None = None,
+        backoff: float | None = None,
+        max_retry_delay: float | None = None,
+        concurrency: int | None = None,
+        inputs: Mapping[str, Input | Mapping[str, Any]] | None = None,
+        replace: bool = False,
+    ) -> TaskDef:
+        validation.name("handler", name)
+        if name in self.handlers and not replace:
+            raise ValidationError("handler", f"{name!r} is already registered")
+        if not callable(func):
+            raise ValidationError("handler", f"{name!r}: the handler must be callable")
+        td = TaskDef(
+            name=name,
+            func=func,
+            is_async=inspect.iscoroutinefunction(func),
+            queue=None if queue is None else validation.name("queue", queue),
+            priority=None if priority is None else validation.priority(priority),
+            timeout=None if timeout is None else validation.timeout(timeout),
+            max_attempts=None if max_attempts is None else validation.max_attempts(max_attempts),
+            retry_delay=None if retry_delay is None else validation.retry_delay(retry_delay),
+            backoff=None if backoff is None else validation.backoff(backoff),
+            max_retry_delay=None if max_retry_delay is None else validation.max_retry_delay(max_retry_delay),
+            concurrency=None if concurrency is None else validation.concurrency("concurrency", concurrency),
+            inputs={k: _input(v) for k, v in (inputs or {}).items()},
+        )
+        self.handlers[name] = td
+        return td
+
+    def unregister(self, name: str) -> None:
+        if self.handlers.pop(name, None) is None:
+            raise UnknownHandler(name, list(self.handlers))
+
+    def add_tasks_from(self, other: Blueprint) -> None:
+        for td in other.handlers.values():
+            if td.name in self.handlers:
+                raise ValidationError("handler", f"{td.name!r} is already registered")
+            self.handlers[td.name] = td
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """A task row as the API returns it."""
+
+    id: int
+    handler: str
+    queue: str
+    priority: int
+    payload: dict[str, Any]
+    status: str
+    attempt: int
+    max_attempts: int
+    run_at: datetime
+    timeout: float
+    result: Any
+    error: str | None
+    traceback: str | None
+    worker_id: str | None
+    pod_id: str | None
+    progress: int | None
+    progress_message: str | None
+    tags: list[str]
+    dedupe_key: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, r: Mapping[str, Any]) -> TaskRecord:
+        return cls(
+            id=r["id"],
+            handler=r["handler"],
+            queue=r["queue"],
+            priority=r["priority"],
+            payload=r["payload"],
+            status=r["status"],
+            attempt=r["attempt"],
+            max_attempts=r["max_attempts"],
+            run_at=r["run_at"],
+            timeout=r["timeout_s"],
+            result=r["result"],
+            error=r["error"],
+            traceback=r["traceback"],
+            worker_id=str(r["worker_id"]) if r["worker_id"] else None,
+            pod_id=r["pod_id"],
+            progress=r["progress"],
+            progress_message=r["progress_message"],
+            tags=list(r["tags"]),
+            dedupe_key=r["dedupe_key"],
+            created_at=r["created_at"],
+            started_at=r["started_at"],
+            finished_at=r["finished_at"],
+        )
+
+
+@dataclass(frozen=True)
+class TaskPage:
+    items: list[TaskRecord]
+    total: int
+    limit: int
+    offset: int
+
+    @property
+    def has_more(self) -> bool:
+        return self.offset + len(self.items) < self.total
+
+
+@dataclass(frozen=True)
+class EnqueueRequest:
+    """One task for ``enqueue_many``; fields mirror ``enqueue``'s arguments."""
+
+    handler: str
+    payload: Mapping[str, Any] | None = None
+    delay: float | None = None
+    run_at: datetime | None = None
+    priority: int | None = None
+    queue: str | None = None
+    timeout: float | None = None
+    max_attempts: int | None = None
+    tags: Sequence[str] | None = None
+    dedupe_key: str | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    handler: str
+    queue: str
+    priority: int
+    payload: str
+    max_attempts: int
+    run_at: datetime | None
+    delay: float | None
+    timeout: float
+    retry_delay: float
+    backoff: float
+    max_retry_delay: float
+    tags: list[str]
+    dedupe_key: str | None
+
+
+class App(Blueprint):
+    """Registrations plus settings and a connection pool.
+
+    ``App()`` reads nothing until first used, so a module can create it at import
+    time; settings come from arguments, then KUBETASKS_* variables.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        redis_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        strict_handlers: bool = True,
+        **overrides: Any,
+    ) -> None:
+        super().__init__()
+        self._settings = settings
+        self._overrides = dict(overrides, database_url=database_url, redis_url=redis_url)
+        self.strict_handlers = strict_handlers
+        self._store: Store | None = None
+        self._open_lock: asyncio.Lock | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings.load(**self._overrides)
+        return self._settings
+
+    def configure(self, **overrides: Any) -> None:
+        """Change settings before the app is opened (the CLI uses this)."""
+        if self._store is not None:
+            raise RuntimeError("configure() must be called before the app is opened")
+        self._overrides.update({k: v for k, v in overrides.items() if v is not None})
+        self._settings = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("the app is not open: `await app.open()` or `async with app:`")
+        return self._store
+
+    async def open(self) -> App:
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._store is None:
+                s = self.settings
+                store = Store(s.database_url, max_size=s.pool_size)
+                await store.open()
+                self._store = store
+        return self
+
+    async def close(self) -> None:
+        if self._store is not None:
+            store, self._store = self._store, None
+            await store.close()
+
+    async def __aenter__(self) -> App:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _ready_store(self) -> Store:
+        if self._store is None:
+            await self.open()
+        return self.store
+
+    # -- enqueue ---------------------------------------------------------
+
+    def _prepare(self, req: EnqueueRequest, max_payload: int | None = None) -> _Prepared:
+        s = self.settings
+        validation.name("handler", req.handler)
+        td = self.handlers.get(req.handler)
+        if td is None and self.strict_handlers:
+            raise UnknownHandler(req.handler, list(self.handlers))
+        if req.delay is not None and req.run_at is not None:
+            raise ValidationError("delay", "give delay or run_at, not both")
+        payload_obj: Mapping[str, Any] = req.payload if req.payload is not None else {}
+        if not isinstance(payload_obj, Mapping):
+            raise ValidationError(
+                "payload", f"must be a JSON object (a dict), got {type(payload_obj).__name__}"
+            )
+        if td is not None and td.inputs:
+            payload_obj = td.apply_inputs(payload_obj)
+        payload = validation.payload(payload_obj, max_payload or s.max_payload_bytes)
+
+        def pick(arg: Any, opt: Any, default: Any) -> Any:
+            return arg if arg is not None else (opt if opt is not None else default)
+
+        return _Prepared(
+            handler=req.handler,
+            queue=validation.name("queue", pick(req.queue, td and td.queue, s.default_queue)),
+            priority=validation.priority(pick(req.priority, td and td.priority, 0)),
+            payload=payload,
+            max_attempts=validation.max_attempts(
+                pick(req.max_attempts, td and td.max_attempts, s.default_max_attempts)
+            ),
+            run_at=None if req.run_at is None else validation.run_at(req.run_at),
+            delay=None if req.delay is None else validation.delay(req.delay),
+            timeout=validation.timeout(pick(req.timeout, td and td.timeout, s.default_timeout)),
+            retry_delay=pick(None, td and td.retry_delay, s.default_retry_delay),
+            backoff=pick(None, td and td.backoff, s.default_backoff),
+            max_retry_delay=pick(None, td and td.max_retry_delay, s.default_max_retry_delay),
+            tags=validation.tags(req.tags),
+            dedupe_key=validation.dedupe_key(req.dedupe_key),
+        )
+
+    async def enqueue(
+        self,
+        handler: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        tags: Sequence[str] | None = None,
+        dedupe_key: str | None = None,
+    ) -> int:
+        """Add one task and return its id.
+
+        With a ``dedupe_key`` that names an unfinished task, that task's id is
+        returned and nothing is added.
+        """
+        p = self._prepare(
+            EnqueueRequest(
+                handler,
+                payload,
+                delay,
+                run_at,
+                priority,
+                queue,
+                timeout,
+                max_attempts,
+                tags,
+                dedupe_key,
+            )
+        )
+        store = await self._ready_store()
+        return await self._insert(store, p)
+
+    async def _insert(
+        self,
+        store: Store,
+        p: _Prepared,
+        cr: tuple[str, str, str] | None = None,
+    ) -> int:
+        cr_uid, cr_ns, cr_name = cr if cr else (None, None, None)
+        for _ in range(5):
+            task_id = await store.run(
+                "enqueue", p.handler, p.queue, p.priority, p.payload, p.max_attempts, p.run_at,
+                p.delay, p.timeout, p.retry_delay, p.backoff, p.max_retry_delay, p.tags,
+                p.dedupe_key, cr_uid, cr_ns, cr_name,
+            )  # fmt: skip
+            if task_id is not None:
+                return int(task_id)
+            if cr_uid is not None:
+                existing = await store.run("find_by_cr_uid", cr_uid)
+                if existing is not None:
+                    return int(existing)
+            if p.dedupe_key is not None:
+                rows = await store.run("find_live_by_dedupe_key", [p.dedupe_key])
+                if rows:
+                    return int(rows[0]["id"])
+            # The conflicting task finished in between: insert again.
+        raise RuntimeError("enqueue kept conflicting with a task that was finishing; try again")
+
+    async def enqueue_many(self, requests: Iterable[EnqueueRequest]) -> list[int]:
+        """Add many tasks in one round trip; ids in the order given.
+
+        Every request is validated before anything is written. A request whose
+        dedupe key names an unfinished task gets that task's id.
+        """
+        prepared = [self._prepare(r) for r in requests]
+        if not prepared:
+            return []
+        keys = [p.dedupe_key for p in prepared if p.dedupe_key is not None]
+        if len(keys) != len(set(keys)):
+            raise ValidationError("dedupe_key", "the same dedupe key appears twice in one batch")
+        store = await self._ready_store()
+        rows = await store.run(
+            "enqueue_many",
+            [p.handler for p in prepared],
+            [p.queue for p in prepared],
+            [p.priority for p in prepared],
+            [p.payload for p in prepared],
+            [p.max_attempts for p in prepared],
+            [p.run_at for p in prepared],
+            [p.delay for p in prepared],
+            [p.timeout for p in prepared],
+            [p.retry_delay for p in prepared],
+            [p.backoff for p in prepared],
+            [p.max_retry_delay for p in prepared],
+            ["\x1f".join(p.tags) if p.tags else None for p in prepared],
+            [p.dedupe_key for p in prepared],
+        )
+        if len(rows) == len(prepared):
+            return [int(r["id"]) for r in rows]
+        # Some dedupe keys named live tasks: map them, insert-order for the rest.
+        by_key = {r["dedupe_key"]: int(r["id"]) for r in rows if r["dedupe_key"] is not None}
+        missing = [k for k in keys if k not in by_key]
+        for r in await store.run("find_live_by_dedupe_key", missing):
+            by_key[r["dedupe_key"]] = int(r["id"])
+        plain = iter(int(r["id"]) for r in rows if r["dedupe_key"] is None)
+        return [by_key[p.dedupe_key] if p.dedupe_key is not None else next(plain) for p in prepared]
+
+    # -- queries ---------------------------------------------------------
+
+    async def get_task(self, task_id: int) -> TaskRecord:
+        row = await (await self._ready_store()).run("get_task", task_id)
+        if row is None:
+            raise TaskNotFound(task_id)
+        return TaskRecord.from_row(row)
+
+    async def list_tasks(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        handler: str | Sequence[str] | None = None,
+        queue: str | Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> TaskPage:
+        statuses = _as_list(status)
+        for st in statuses or []:
+            if st not in STATUSES:
+                raise ValidationError("status", f"unknown status {st!r}; one of {', '.join(STATUSES)}")
+        validation.integer("limit", limit, 1, 1000)
+        validation.integer("offset", offset, 0, 2**31 - 1)
+        rows = await (await self._ready_store()).run(
+            "list_tasks", statuses, _as_list(handler), _as_list(queue),
+            list(tags) if tags else None, created_after, created_before, limit, offset,
+        )  # fmt: skip
+        total = int(rows[0]["total"]) if rows else 0
+        if not rows and offset:
+            # Past the end: count without a page to report the real total.
+            probe = await (await self._ready_store()).run(
+                "list_tasks", statuses, _as_list(handler), _as_list(queue),
+                list(tags) if tags else None, created_after, created_before, 1, 0,
+            )  # fmt: skip
+            total = int(probe[0]["total"]) if probe else 0
+        return TaskPage([TaskRecord.from_row(r) for r in rows], total, limit, offset)
+
+    async def get_attempts(self, task_id: int) -> list[dict[str, Any]]:
+        rows = await (await self._ready_store()).run("get_attempts", task_id)
+        return [dict(r) for r in rows]
+
+    async def stats(self) -> dict[str, Any]:
+        """Counts per queue and status, oldest due pending age, running per worker."""
+        store = await self._ready_store()
+        counts: dict[str, dict[str, int]] = {}
+        for r in await store.run("stats_counts"):
+            counts.setdefault(r["queue"], {})[r["status"]] = int(r["n"])
+        oldest = {r["queue"]: float(r["age_s"]) for r in await store.run("stats_oldest_pending")}
+        workers = [
+            {
+                "worker_id": str(r["worker_id"]),
+                "pod_id": r["pod_id"],
+                "status": r["status"],
+                "queues": list(r["queues"]),
+                "concurrency": r["concurrency"],
+                "running": int(r["running"]),
+                "lease_left_s": float(r["lease_left_s"]),
+            }
+            for r in await store.run("stats_workers")
+        ]
+        paused = [r["queue"] for r in await store.run("paused_queues")]
+        return {
+            "queues": {
+                q: {"counts": c, "oldest_pending_s": oldest.get(q), "paused": q in paused}
+                for q, c in counts.items()
+            },
+            "workers": workers,
+            "paused_queues": paused,
+        }
+
+    # -- admin verbs -----------------------------------------------------
+
+    async def cancel(self, task_id: int, reason: str = "cancelled") -> bool:
+        """Cancel a pending, paused or running task; False if it had already ended."""
+        row = await (await self._ready_store()).run("cancel_task", task_id, reason)
+        if row is None:
+            raise TaskNotFound(task_id)
+        return bool(row["cancelled"])
+
+    async def retry(self, task_id: int | None = None, *, handler: str | None = None) -> int:
+        """Start a failed or cancelled task over, or every failed task of ``handler``."""
+        if (task_id is None) == (handler is None):
+            raise ValidationError("task_id", "give a task id or handler=, not both or neither")
+        store = await self._ready_store()
+        if handler is not None:
+            return int(await store.run("retry_failed_of_handler", validation.name("handler", handler)))
+        row = await store.run("retry_task", task_id)
+        if row is None:
+            await self.get_task(task_id)  # type: ignore[arg-type]  # raises TaskNotFound
+            return 0
+        rec = await self.get_task(task_id)  # type: ignore[arg-type]
+        await store.run("wake_queue", rec.queue)
+        return 1
+
+    async def pause_task(self, task_id: int) -> bool:
+        row = await (await self._ready_store()).run("pause_task", task_id)
+        if row is None:
+            await self.get_task(task_id)
+        return row is not None
+
+    async def resume_task(self, task_id: int) -> bool:
+        store = await self._ready_store()
+        row = await store.run("resume_task", task_id)
+        if row is None:
+            await self.get_task(task_id)
+            return False
+        await store.run("wake_queue", row["queue"])
+        return True
+
+    async def pause_queue(self, queue: str) -> None:
+        await (await self._ready_store()).run("set_queue_paused", validation.name("queue", queue), True)
+
+    async def resume_queue(self, queue: str) -> None:
+        store = await self._ready_store()
+        await store.run("set_queue_paused", validation.name("queue", queue), False)
+        await store.run("wake_queue", queue)
+
+    async def delete_tasks(self, *, older_than: float = 0.0, statuses: Sequence[str] = FINISHED) -> int:
+        """Delete finished tasks that ended more than ``older_than`` seconds ago."""
+        for st in statuses:
+            if st not in FINISHED:
+                raise ValidationError("statuses", f"only finished statuses can be deleted, got {st!r}")
+        validation.seconds("older_than", older_than, 0, 10 * 365 * 86400)
+        return int(await (await self._ready_store()).run("delete_finished_tasks", list(statuses), older_than))
+
+    # -- running ---------------------------------------------------------
+
+    async def run_worker(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """Run a worker in this process until ``stop`` is set (see ``kubetasks.worker``)."""
+        from kubetasks import worker as worker_module  # noqa: PLC0415 - worker imports app
+
+        w = worker_module.Worker(self, queues=queues, concurrency=concurrency)
+        await w.run(stop)
+
+
+def _as_list(v: str | Sequence[str] | None) -> list[str] | None:
+    if v is None:
+        return None
+    return [v] if isinstance(v, str) else list(v)
+
+
+async def call_handler(td: TaskDef, ctx: TaskContext) -> Any:
+    """Run a handler: coroutine functions on the loop, plain functions in a thread."""
+    if td.is_async:
+        return await td.func(ctx)
+    result = await asyncio.to_thread(td.func, ctx)
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+AsyncHandler = Callable[[TaskContext], Awaitable[Any]]

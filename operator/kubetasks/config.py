@@ -1,0 +1,155 @@
+"""Settings: one object, built once from arguments and KUBETASKS_* variables.
+
+Precedence is argument > environment > default. Everything is validated here,
+at start-up, so a typo in a Helm value fails the pod at once with the name of
+the variable instead of minutes later inside a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from kubetasks import validation
+from kubetasks.errors import ConfigError
+
+ENV_PREFIX = "KUBETASKS_"
+
+
+def validate_database_url(url: str, var: str = "KUBETASKS_DATABASE_URL") -> str:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises ValueError on a non-numeric port
+    except ValueError as exc:
+        raise ConfigError(var, f"malformed database URL: {exc}") from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ConfigError(
+            var,
+            f"must be a postgresql:// URL (postgresql://user:password@host:5432/db), "
+            f"got scheme {parts.scheme or '(none)'!r}",
+        )
+    if not parts.hostname and "host=" not in parts.query:
+        raise ConfigError(var, "names no host (postgresql://user@host:5432/db)")
+    return url
+
+
+def validate_redis_url(url: str, var: str = "KUBETASKS_REDIS_URL") -> str:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError as exc:
+        raise ConfigError(var, f"malformed Redis URL: {exc}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(var, f"must be a redis:// URL, got scheme {parts.scheme or '(none)'!r}")
+    return url
+
+
+def default_pod_id() -> str:
+    return os.environ.get("POD_NAME") or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process needs; field names match the KUBETASKS_* variables."""
+
+    database_url: str = ""
+    redis_url: str | None = None
+    pod_id: str = field(default_factory=default_pod_id)
+    queues: tuple[str, ...] = ("default",)
+    concurrency: int = 10
+    heartbeat_interval: float = 5.0
+    lease_ttl: float = 15.0
+    shutdown_grace: float = 30.0
+    max_payload_bytes: int = validation.DEFAULT_MAX_PAYLOAD_BYTES
+    default_queue: str = "default"
+    default_timeout: float = 300.0
+    default_max_attempts: int = 3
+    default_retry_delay: float = 1.0
+    default_backoff: float = 2.0
+    default_max_retry_delay: float = 3600.0
+    pool_size: int = 10
+    metrics_port: int = 0
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build from ``overrides`` first, then KUBETASKS_* in ``env``, then defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if overrides.get(f.name) is not None:
+                values[f.name] = overrides[f.name]
+                continue
+            var = ENV_PREFIX + f.name.upper()
+            raw = env.get(var)
+            if raw is None and f.name == "pod_id":
+                raw = env.get("POD_NAME")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(var, f.type, raw)
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], "is not a kubetasks setting")
+        return cls(**values).validated()
+
+    def validated(self) -> Settings:
+        if not self.database_url:
+            raise ConfigError(
+                "KUBETASKS_DATABASE_URL",
+                "is not set: pass database_url= or export KUBETASKS_DATABASE_URL=postgresql://...",
+            )
+        validate_database_url(self.database_url)
+        if self.redis_url:
+            validate_redis_url(self.redis_url)
+        if not self.queues:
+            raise ConfigError("KUBETASKS_QUEUES", "must name at least one queue")
+        for q in self.queues:
+            validation.name("KUBETASKS_QUEUES", q)
+        validation.name("KUBETASKS_DEFAULT_QUEUE", self.default_queue)
+        if not 1 <= len(self.pod_id) <= 253:
+            raise ConfigError("KUBETASKS_POD_ID", "must be 1 to 253 characters")
+        validation.concurrency("KUBETASKS_CONCURRENCY", self.concurrency)
+        _positive("KUBETASKS_HEARTBEAT_INTERVAL", self.heartbeat_interval, 0.05, 300)
+        _positive("KUBETASKS_LEASE_TTL", self.lease_ttl, 0.2, 3600)
+        if self.lease_ttl <= self.heartbeat_interval * 1.5:
+            raise ConfigError(
+                "KUBETASKS_LEASE_TTL",
+                f"must exceed 1.5 x KUBETASKS_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g}s), "
+                f"got {self.lease_ttl:g}s",
+            )
+        _positive("KUBETASKS_SHUTDOWN_GRACE", self.shutdown_grace, 0, 86400)
+        if not 1024 <= self.max_payload_bytes <= 64 * 1024 * 1024:
+            raise ConfigError("KUBETASKS_MAX_PAYLOAD_BYTES", "must be between 1024 and 67108864")
+        validation.timeout(self.default_timeout)
+        validation.max_attempts(self.default_max_attempts)
+        validation.retry_delay(self.default_retry_delay)
+        validation.backoff(self.default_backoff)
+        validation.max_retry_delay(self.default_max_retry_delay)
+        if not 1 <= self.pool_size <= 200:
+            raise ConfigError("KUBETASKS_POOL_SIZE", "must be between 1 and 200")
+        return self
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes).validated()
+
+
+def _positive(var: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(var, f"must be between {lo:g} and {hi:g}, got {value:g}")
+
+
+def _parse(var: str, typ: Any, raw: str) -> Any:
+    t = str(typ)
+    try:
+        if "tuple" in t:
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(var, f"must be a number, got {raw!r}") from None
+    return raw

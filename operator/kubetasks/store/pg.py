@@ -1,0 +1,93 @@
+"""The asyncpg pool and the one way to run a named query.
+
+Every connection gets ``search_path = kubetasks`` and a jsonb codec that takes
+text we already serialised (validation serialises once, to measure and check
+the payload, so encoding again here would double the cost) and returns Python
+objects. asyncpg prepares and caches each statement per connection, so a named
+query costs one round trip after its first use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from kubetasks.store import queries
+
+SCHEMA = "kubetasks"
+SERVER_SETTINGS = {"search_path": SCHEMA, "application_name": "kubetasks"}
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", schema="pg_catalog", encoder=str, decoder=json.loads, format="text")
+
+
+async def connect_listener(dsn: str) -> asyncpg.Connection:
+    """A dedicated connection for LISTEN (never returned to a pool)."""
+    conn = await asyncpg.connect(dsn, server_settings=SERVER_SETTINGS)
+    await _init_connection(conn)
+    return conn
+
+
+class Store:
+    """A pool plus the named queries of ``sql/queries.sql``."""
+
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.dsn = dsn
+        self.min_size = min_size
+        self.max_size = max_size
+        self.queries = queries.load()
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> Store:
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                init=_init_connection,
+                server_settings=SERVER_SETTINGS,
+            )
+        return self
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    def terminate(self) -> None:
+        """Drop every connection at once (a fenced process must not linger)."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.terminate()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("store is not open: call `await store.open()` first")
+        return self._pool
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    async def run(self, name: str, *args: Any, conn: asyncpg.Connection | None = None) -> Any:
+        """Run query ``name`` with positional ``args``; the result follows its :kind."""
+        q = self.queries[name]
+        target: Any = conn if conn is not None else self.pool
+        if q.kind == "one":
+            return await target.fetchrow(q.sql, *args)
+        if q.kind == "many":
+            return await target.fetch(q.sql, *args)
+        if q.kind == "val":
+            return await target.fetchval(q.sql, *args)
+        return await target.execute(q.sql, *args)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield conn

@@ -1,0 +1,70 @@
+"""The loader for ``sql/queries.sql``: named blocks, each with a result shape.
+
+Keeping every statement in one SQL file means the SQL is reviewed, EXPLAINed
+and grepped as SQL. A block is ``-- name: x :kind`` followed by comment lines
+(its parameters) and the statement; ``kind`` maps mechanically onto asyncpg:
+``one`` -> fetchrow, ``many`` -> fetch, ``val`` -> fetchval, ``exec`` -> execute.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+KINDS = ("one", "many", "val", "exec")
+_HEADER = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*:(\w+)\s*$", re.MULTILINE)
+
+
+class QueryFileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Query:
+    name: str
+    kind: str
+    sql: str
+
+
+def parse(text: str) -> dict[str, Query]:
+    """Split a queries file into named queries; duplicate names and bad kinds are errors."""
+    out: dict[str, Query] = {}
+    headers = list(_HEADER.finditer(text))
+    for i, m in enumerate(headers):
+        name, kind = m.group(1), m.group(2)
+        if kind not in KINDS:
+            raise QueryFileError(f"query {name!r}: unknown kind :{kind} (one of {', '.join(KINDS)})")
+        if name in out:
+            raise QueryFileError(f"query {name!r} is defined twice")
+        end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
+        body = [line for line in text[m.end() : end].splitlines() if not line.lstrip().startswith("--")]
+        sql = "\n".join(body).strip().rstrip(";").strip()
+        if not sql:
+            raise QueryFileError(f"query {name!r} has no statement")
+        out[name] = Query(name, kind, sql)
+    return out
+
+
+def load() -> dict[str, Query]:
+    text = resources.files("kubetasks.store").joinpath("sql/queries.sql").read_text()
+    return parse(text)
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration, in order."""
+    folder = resources.files("kubetasks.store").joinpath("sql/migrations")
+    found = []
+    for entry in folder.iterdir():
+        m = re.match(r"^(\d{4})_([a-z0-9_]+)\.sql$", entry.name)
+        if m:
+            found.append((int(m.group(1)), m.group(2), entry.read_text()))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise QueryFileError(f"migrations must be numbered 1..n without gaps, found {versions}")
+    return found
+
+
+def schema_sql() -> str:
+    return resources.files("kubetasks.store").joinpath("sql/schema.sql").read_text()

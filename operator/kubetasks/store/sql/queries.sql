@@ -1,0 +1,279 @@
+-- Every statement kubetasks sends. Each block starts with
+--   -- name: <query_name> :<one|many|exec|val>
+-- then a comment naming the positional parameters, then the statement.
+-- search_path is set to the kubetasks schema on every pooled connection.
+
+-- name: enqueue :val
+-- $1 handler, $2 queue, $3 priority, $4 payload (json text), $5 max_attempts,
+-- $6 run_at (NULL: now + $7), $7 delay seconds, $8 timeout_s, $9 retry_delay_s,
+-- $10 retry_backoff, $11 max_retry_delay_s, $12 tags, $13 dedupe_key, $14 cr_uid,
+-- $15 cr_namespace, $16 cr_name. Nothing is returned when the dedupe key or the
+-- CR uid already names a live task: the caller then looks that one up.
+INSERT INTO tasks (handler, queue, priority, payload, max_attempts, run_at, timeout_s,
+                   retry_delay_s, retry_backoff, max_retry_delay_s, tags, dedupe_key,
+                   cr_uid, cr_namespace, cr_name)
+VALUES ($1, $2, $3, $4::text::jsonb, $5,
+        coalesce($6::timestamptz, now() + make_interval(secs => coalesce($7::float8, 0))),
+        $8, $9, $10, $11, $12, $13, $14, $15, $16)
+ON CONFLICT DO NOTHING
+RETURNING id;
+
+-- name: enqueue_many :many
+-- Same columns as enqueue, one array per column, all of equal length.
+INSERT INTO tasks (handler, queue, priority, payload, max_attempts, run_at, timeout_s,
+                   retry_delay_s, retry_backoff, max_retry_delay_s, tags, dedupe_key)
+SELECT c.handler, c.queue, c.priority, c.payload::jsonb, c.max_attempts,
+       coalesce(c.run_at, now() + make_interval(secs => coalesce(c.delay, 0))),
+       c.timeout_s, c.retry_delay_s, c.retry_backoff, c.max_retry_delay_s,
+       CASE WHEN c.tags IS NULL THEN '{}'::text[] ELSE string_to_array(c.tags, E'\x1f') END,
+       c.dedupe_key
+FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::int[], $6::timestamptz[],
+            $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[],
+            $12::text[], $13::text[])
+     WITH ORDINALITY AS c(handler, queue, priority, payload, max_attempts, run_at, delay,
+                          timeout_s, retry_delay_s, retry_backoff, max_retry_delay_s, tags,
+                          dedupe_key, ord)
+ORDER BY c.ord
+ON CONFLICT DO NOTHING
+RETURNING id, dedupe_key;
+
+-- name: find_live_by_dedupe_key :many
+-- $1 dedupe keys.
+SELECT id, dedupe_key FROM tasks
+WHERE dedupe_key = ANY($1::text[]) AND status IN ('pending', 'running', 'paused');
+
+-- name: find_by_cr_uid :val
+-- $1 cr_uid.
+SELECT id FROM tasks WHERE cr_uid = $1;
+
+-- name: claim :many
+-- $1 worker_id, $2 pod_id, $3 queue, $4 how many, $5 handlers not to take now.
+-- Takes the due pending tasks of one queue in claim order, for a worker whose
+-- lease is live, unless the queue is paused; counts the attempt.
+WITH picked AS (
+    SELECT id FROM tasks
+    WHERE status = 'pending' AND queue = $3 AND run_at <= now()
+      AND handler <> ALL ($5::text[])
+    ORDER BY priority DESC, run_at, id
+    LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE tasks t
+SET status = 'running', attempt = t.attempt + 1, worker_id = $1, pod_id = $2,
+    started_at = now(), updated_at = now(), progress = NULL, progress_message = NULL
+FROM picked
+WHERE t.id = picked.id
+  AND EXISTS (SELECT 1 FROM workers w
+              WHERE w.worker_id = $1 AND w.status = 'active' AND w.lease_expires_at > now())
+  AND NOT EXISTS (SELECT 1 FROM queue_state q WHERE q.queue = $3 AND q.paused)
+RETURNING t.id, t.handler, t.queue, t.priority, t.payload, t.attempt, t.max_attempts,
+          t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags;
+
+-- name: complete_succeeded :many
+-- $1 worker_id, $2 task ids, $3 attempts, $4 results (json text). Fenced: a row
+-- is written only while it is still this attempt of this worker and running.
+-- Returns the ids that were written; the others were taken away.
+WITH done AS (
+    UPDATE tasks t
+    SET status = 'succeeded', result = c.result::jsonb, finished_at = now(), updated_at = now(),
+        error = NULL, traceback = NULL
+    FROM unnest($2::bigint[], $3::int[], $4::text[]) AS c(id, attempt, result)
+    WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
+    RETURNING t.id, t.attempt, t.pod_id, t.started_at
+), audit AS (
+    INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome)
+    SELECT id, attempt, $1, pod_id, started_at, 'succeeded' FROM done
+)
+SELECT id FROM done;
+
+-- name: complete_unsuccessful :many
+-- $1 worker_id, $2 task ids, $3 attempts, $4 retry delays in seconds (NULL: no
+-- retry, the task fails), $5 errors, $6 tracebacks, $7 attempt outcomes
+-- (retried | failed | timeout). Fenced like complete_succeeded.
+WITH done AS (
+    UPDATE tasks t
+    SET status = CASE WHEN c.delay IS NULL THEN 'failed' ELSE 'pending' END,
+        run_at = CASE WHEN c.delay IS NULL THEN t.run_at
+                      ELSE now() + make_interval(secs => c.delay) END,
+        finished_at = CASE WHEN c.delay IS NULL THEN now() END,
+        error = c.error, traceback = c.tb, updated_at = now()
+    FROM unnest($2::bigint[], $3::int[], $4::float8[], $5::text[], $6::text[], $7::text[])
+         AS c(id, attempt, delay, error, tb, outcome)
+    WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
+    RETURNING t.id, t.attempt, t.pod_id, t.started_at, c.outcome, c.error
+), audit AS (
+    INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome, error)
+    SELECT id, attempt, $1, pod_id, started_at, outcome, error FROM done
+)
+SELECT id FROM done;
+
+-- name: set_progress :val
+-- $1 task id, $2 attempt, $3 worker_id, $4 percent, $5 message. Fenced.
+WITH upd AS (
+    UPDATE tasks SET progress = $4, progress_message = $5, updated_at = now()
+    WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND status = 'running'
+    RETURNING 1
+)
+SELECT count(*) FROM upd;
+
+-- name: register_worker :one
+-- $1 worker_id, $2 pod_id, $3 hostname, $4 pid, $5 queues, $6 concurrency, $7 lease ttl s.
+SELECT * FROM register_worker($1, $2, $3, $4, $5, $6, $7);
+
+-- name: heartbeat :one
+-- $1 worker_id, $2 lease ttl s, $3 queues, $4 seconds of silence that make a peer suspect.
+SELECT * FROM heartbeat($1, $2, $3, $4);
+
+-- name: reap_expired_workers :many
+-- Declares expired leases dead and releases their tasks.
+SELECT * FROM reap_expired_workers();
+
+-- name: release_worker :val
+-- $1 worker_id, $2 count the attempt (false for a graceful release), $3 reason.
+SELECT release_worker_tasks($1, $2, $3);
+
+-- name: stop_worker :exec
+-- $1 worker_id, $2 final status (dead), $3 reason. Releases what it still holds
+-- without counting the attempt, then ends the worker's lease.
+WITH rel AS (SELECT release_worker_tasks($1, false, $3) AS n)
+UPDATE workers SET status = $2, stopped_at = now(), stop_reason = $3
+FROM rel
+WHERE worker_id = $1 AND status IN ('active', 'stopping');
+
+-- name: set_worker_stopping :exec
+-- $1 worker_id. The worker stops claiming but keeps its lease while it drains.
+UPDATE workers SET status = 'stopping' WHERE worker_id = $1 AND status = 'active';
+
+-- name: release_pod :val
+-- $1 pod_id, $2 reason.
+SELECT release_pod($1, $2);
+
+-- name: get_task :one
+-- $1 task id.
+SELECT * FROM tasks WHERE id = $1;
+
+-- name: list_tasks :many
+-- $1 statuses, $2 handlers, $3 queues, $4 tags (all required), $5 created after,
+-- $6 created before, $7 limit, $8 offset. NULL filters match everything.
+SELECT t.*, count(*) OVER () AS total
+FROM tasks t
+WHERE ($1::text[] IS NULL OR t.status = ANY ($1))
+  AND ($2::text[] IS NULL OR t.handler = ANY ($2))
+  AND ($3::text[] IS NULL OR t.queue = ANY ($3))
+  AND ($4::text[] IS NULL OR t.tags @> $4)
+  AND ($5::timestamptz IS NULL OR t.created_at >= $5)
+  AND ($6::timestamptz IS NULL OR t.created_at < $6)
+ORDER BY t.id DESC
+LIMIT $7 OFFSET $8;
+
+-- name: stats_counts :many
+SELECT queue, status, count(*) AS n FROM tasks GROUP BY queue, status ORDER BY queue, status;
+
+-- name: stats_oldest_pending :many
+SELECT queue, extract(epoch FROM now() - min(run_at))::float8 AS age_s
+FROM tasks WHERE status = 'pending' AND run_at <= now() GROUP BY queue;
+
+-- name: stats_workers :many
+SELECT w.worker_id, w.pod_id, w.status, w.queues, w.concurrency,
+       extract(epoch FROM w.lease_expires_at - now())::float8 AS lease_left_s,
+       count(t.id) AS running
+FROM workers w
+LEFT JOIN tasks t ON t.worker_id = w.worker_id AND t.status = 'running'
+WHERE w.status IN ('active', 'stopping')
+GROUP BY w.worker_id ORDER BY w.pod_id;
+
+-- name: paused_queues :many
+SELECT queue FROM queue_state WHERE paused ORDER BY queue;
+
+-- name: cancel_task :one
+-- $1 task id, $2 reason. A running task's worker is told through NOTIFY; its
+-- own writes are fenced out by the status change either way.
+WITH old AS (
+    SELECT id, status, worker_id, attempt, pod_id, started_at FROM tasks WHERE id = $1 FOR UPDATE
+), upd AS (
+    UPDATE tasks t SET status = 'cancelled', finished_at = now(), updated_at = now(), error = $2
+    FROM old
+    WHERE t.id = old.id AND old.status IN ('pending', 'running', 'paused')
+    RETURNING t.id
+), audit AS (
+    INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome, error)
+    SELECT old.id, old.attempt, old.worker_id, old.pod_id, old.started_at, 'cancelled', $2
+    FROM old JOIN upd ON upd.id = old.id WHERE old.status = 'running'
+)
+SELECT old.status AS previous,
+       EXISTS (SELECT 1 FROM upd) AS cancelled,
+       CASE WHEN old.status = 'running'
+            THEN pg_notify('kubetasks_cancel', old.id::text || ':' || old.worker_id::text)::text
+       END AS notified
+FROM old;
+
+-- name: retry_task :one
+-- $1 task id. A failed or cancelled task starts over with fresh attempts.
+UPDATE tasks SET status = 'pending', attempt = 0, run_at = now(), finished_at = NULL,
+                 error = NULL, traceback = NULL, result = NULL, updated_at = now()
+WHERE id = $1 AND status IN ('failed', 'cancelled')
+RETURNING id;
+
+-- name: retry_failed_of_handler :val
+-- $1 handler.
+WITH upd AS (
+    UPDATE tasks SET status = 'pending', attempt = 0, run_at = now(), finished_at = NULL,
+                     error = NULL, traceback = NULL, result = NULL, updated_at = now()
+    WHERE handler = $1 AND status = 'failed'
+    RETURNING queue
+), wake AS (
+    SELECT pg_notify('kubetasks_enqueued', q.queue) FROM (SELECT DISTINCT queue FROM upd) q
+)
+SELECT (SELECT count(*) FROM upd) + 0 * (SELECT count(*) FROM wake);
+
+-- name: wake_queue :exec
+-- $1 queue.
+SELECT pg_notify('kubetasks_enqueued', $1);
+
+-- name: pause_task :one
+-- $1 task id.
+UPDATE tasks SET status = 'paused', updated_at = now()
+WHERE id = $1 AND status = 'pending' RETURNING id;
+
+-- name: resume_task :one
+-- $1 task id.
+UPDATE tasks SET status = 'pending', updated_at = now()
+WHERE id = $1 AND status = 'paused' RETURNING id, queue;
+
+-- name: set_queue_paused :exec
+-- $1 queue, $2 paused.
+INSERT INTO queue_state (queue, paused) VALUES ($1, $2)
+ON CONFLICT (queue) DO UPDATE SET paused = EXCLUDED.paused, updated_at = now();
+
+-- name: delete_finished_tasks :val
+-- $1 statuses (a subset of succeeded, failed, cancelled), $2 older than seconds.
+WITH del AS (
+    DELETE FROM tasks
+    WHERE status = ANY ($1::text[]) AND finished_at < now() - make_interval(secs => $2)
+    RETURNING 1
+)
+SELECT count(*) FROM del;
+
+-- name: get_attempts :many
+-- $1 task id.
+SELECT attempt, worker_id, pod_id, started_at, finished_at, outcome, error,
+       extract(epoch FROM finished_at - started_at)::float8 AS duration_s
+FROM task_attempts WHERE task_id = $1 ORDER BY id;
+
+-- name: db_now :val
+SELECT now();
+
+-- name: release_orphans :val
+-- $1 worker_id, $2 ids the worker is running, $3 reason. A claim whose reply
+-- was lost may have committed: its tasks go back to pending, attempt handed back.
+WITH released AS (
+    UPDATE tasks SET status = 'pending', attempt = attempt - 1, run_at = now(), updated_at = now()
+    WHERE worker_id = $1 AND status = 'running' AND id <> ALL ($2::bigint[])
+    RETURNING id, attempt + 1 AS spent, pod_id, started_at, queue
+), audit AS (
+    INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome, error)
+    SELECT id, spent, $1, pod_id, started_at, 'released', $3 FROM released
+), wake AS (
+    SELECT pg_notify('kubetasks_enqueued', q.queue) FROM (SELECT DISTINCT queue FROM released) q
+)
+SELECT (SELECT count(*) FROM released) + 0 * (SELECT count(*) FROM wake);

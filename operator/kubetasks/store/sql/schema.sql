@@ -1,0 +1,301 @@
+-- The whole current schema, as the numbered migrations in migrations/ leave it.
+-- tests/integration/test_schema.py proves the two agree; change both together.
+
+CREATE SCHEMA IF NOT EXISTS kubetasks;
+SET LOCAL search_path = kubetasks;
+
+CREATE TABLE workers (
+    worker_id        uuid PRIMARY KEY,
+    pod_id           text NOT NULL CONSTRAINT pod_id_length CHECK (length(pod_id) BETWEEN 1 AND 253),
+    epoch            bigint NOT NULL CONSTRAINT epoch_positive CHECK (epoch >= 1),
+    hostname         text NOT NULL DEFAULT '',
+    pid              integer NOT NULL DEFAULT 0,
+    queues           text[] NOT NULL,
+    concurrency      integer NOT NULL CONSTRAINT concurrency_range CHECK (concurrency BETWEEN 1 AND 10000),
+    status           text NOT NULL DEFAULT 'active'
+        CONSTRAINT worker_status_known CHECK (status IN ('active', 'stopping', 'dead', 'superseded')),
+    started_at       timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at     timestamptz NOT NULL DEFAULT now(),
+    lease_expires_at timestamptz NOT NULL,
+    stopped_at       timestamptz,
+    stop_reason      text,
+    CONSTRAINT stopped_workers_have_time CHECK ((status IN ('dead', 'superseded')) = (stopped_at IS NOT NULL))
+);
+-- One live worker per pod: a restarted container supersedes its predecessor.
+CREATE UNIQUE INDEX workers_one_live_per_pod ON workers (pod_id) WHERE status IN ('active', 'stopping');
+CREATE INDEX workers_live_by_lease ON workers (lease_expires_at) WHERE status IN ('active', 'stopping');
+
+CREATE TABLE tasks (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    handler          text NOT NULL
+        CONSTRAINT handler_name CHECK (handler ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    queue            text NOT NULL DEFAULT 'default'
+        CONSTRAINT queue_name CHECK (queue ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    priority         integer NOT NULL DEFAULT 0
+        CONSTRAINT priority_range CHECK (priority BETWEEN -1000 AND 1000),
+    payload          jsonb NOT NULL DEFAULT '{}'::jsonb
+        CONSTRAINT payload_is_object CHECK (jsonb_typeof(payload) = 'object'),
+    status           text NOT NULL DEFAULT 'pending'
+        CONSTRAINT task_status_known CHECK (status IN ('pending', 'running', 'succeeded', 'failed', 'cancelled', 'paused')),
+    attempt          integer NOT NULL DEFAULT 0,
+    max_attempts     integer NOT NULL DEFAULT 3
+        CONSTRAINT max_attempts_range CHECK (max_attempts BETWEEN 1 AND 100),
+    run_at           timestamptz NOT NULL DEFAULT now(),
+    timeout_s        double precision NOT NULL DEFAULT 300
+        CONSTRAINT timeout_range CHECK (timeout_s BETWEEN 1 AND 604800),
+    retry_delay_s    double precision NOT NULL DEFAULT 1
+        CONSTRAINT retry_delay_range CHECK (retry_delay_s BETWEEN 0 AND 86400),
+    retry_backoff    double precision NOT NULL DEFAULT 2
+        CONSTRAINT retry_backoff_range CHECK (retry_backoff BETWEEN 1 AND 10),
+    max_retry_delay_s double precision NOT NULL DEFAULT 3600
+        CONSTRAINT max_retry_delay_range CHECK (max_retry_delay_s BETWEEN 0 AND 604800),
+    result           jsonb,
+    error            text,
+    traceback        text,
+    worker_id        uuid,
+    pod_id           text,
+    progress         smallint CONSTRAINT progress_range CHECK (progress BETWEEN 0 AND 100),
+    progress_message text,
+    tags             text[] NOT NULL DEFAULT '{}',
+    dedupe_key       text CONSTRAINT dedupe_key_length CHECK (length(dedupe_key) BETWEEN 1 AND 255),
+    cr_uid           text CONSTRAINT cr_uid_unique UNIQUE,
+    cr_namespace     text,
+    cr_name          text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    -- A claim counts an attempt; no task is ever claimed past its allowance.
+    CONSTRAINT attempt_range CHECK (attempt BETWEEN 0 AND max_attempts),
+    CONSTRAINT running_has_worker CHECK (status <> 'running' OR (worker_id IS NOT NULL AND attempt >= 1)),
+    CONSTRAINT finished_iff_finished_at
+        CHECK ((status IN ('succeeded', 'failed', 'cancelled')) = (finished_at IS NOT NULL))
+);
+-- The claim reads the pending set of one queue in exactly this order.
+CREATE INDEX tasks_pending_claim ON tasks (queue, priority DESC, run_at, id) WHERE status = 'pending';
+CREATE INDEX tasks_running_by_worker ON tasks (worker_id) WHERE status = 'running';
+CREATE UNIQUE INDEX tasks_dedupe_unfinished ON tasks (dedupe_key)
+    WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running', 'paused');
+CREATE INDEX tasks_finished_at ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX tasks_handler_status ON tasks (handler, status);
+CREATE INDEX tasks_created_at ON tasks (created_at);
+
+-- The audit trail: one row per ended attempt.
+CREATE TABLE task_attempts (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    task_id     bigint NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+    attempt     integer NOT NULL CONSTRAINT attempt_positive CHECK (attempt >= 1),
+    worker_id   uuid,
+    pod_id      text,
+    started_at  timestamptz,
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    outcome     text NOT NULL CONSTRAINT outcome_known CHECK (outcome IN (
+        'succeeded', 'failed', 'retried', 'timeout', 'worker_lost', 'released', 'cancelled')),
+    error       text
+);
+CREATE INDEX task_attempts_task ON task_attempts (task_id, attempt);
+
+CREATE TABLE queue_state (
+    queue      text PRIMARY KEY CONSTRAINT queue_name CHECK (queue ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    paused     boolean NOT NULL DEFAULT false,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Named job locks when no Redis is configured. Expiry is in database time.
+CREATE TABLE job_locks (
+    name        text PRIMARY KEY CONSTRAINT lock_name_length CHECK (length(name) BETWEEN 1 AND 255),
+    owner       text NOT NULL,
+    acquired_at timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL
+);
+
+CREATE TABLE schedules (
+    name                 text PRIMARY KEY CONSTRAINT schedule_name_length CHECK (length(name) BETWEEN 1 AND 253),
+    cron                 text NOT NULL,
+    timezone             text NOT NULL DEFAULT 'UTC',
+    handler              text NOT NULL
+        CONSTRAINT handler_name CHECK (handler ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    queue                text NOT NULL DEFAULT 'default',
+    payload              jsonb NOT NULL DEFAULT '{}'::jsonb,
+    concurrency_policy   text NOT NULL DEFAULT 'Forbid'
+        CONSTRAINT concurrency_policy_known CHECK (concurrency_policy IN ('Forbid', 'Allow')),
+    lock_ttl_s           integer NOT NULL DEFAULT 600 CONSTRAINT lock_ttl_range CHECK (lock_ttl_s BETWEEN 1 AND 86400),
+    starting_deadline_s  integer CONSTRAINT starting_deadline_range CHECK (starting_deadline_s >= 0),
+    suspend              boolean NOT NULL DEFAULT false,
+    source               text NOT NULL DEFAULT 'code' CONSTRAINT source_known CHECK (source IN ('code', 'crd')),
+    cr_uid               text,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    updated_at           timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per (schedule, tick): the insert that succeeds is the one run.
+CREATE TABLE cron_ticks (
+    schedule   text NOT NULL REFERENCES schedules (name) ON DELETE CASCADE,
+    tick_at    timestamptz NOT NULL,
+    outcome    text NOT NULL CONSTRAINT tick_outcome_known CHECK (outcome IN ('enqueued', 'skipped', 'missed')),
+    task_id    bigint,
+    holder     text,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (schedule, tick_at)
+);
+
+-- Wake idle workers the moment work arrives: one notification per queue and
+-- statement. Work due later is announced with the seconds until it is due
+-- ("queue 12.5"), so a worker can set a timer instead of polling.
+CREATE FUNCTION notify_enqueued() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT queue,
+               bool_or(run_at <= now()) AS due_now,
+               extract(epoch FROM min(run_at) FILTER (WHERE run_at > now()) - now()) AS later
+        FROM new_tasks WHERE status = 'pending' GROUP BY queue
+    LOOP
+        IF r.due_now THEN
+            PERFORM pg_notify('kubetasks_enqueued', r.queue);
+        END IF;
+        IF r.later IS NOT NULL THEN
+            PERFORM pg_notify('kubetasks_enqueued', r.queue || ' ' || r.later::text);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER tasks_notify_enqueued AFTER INSERT ON tasks
+    REFERENCING NEW TABLE AS new_tasks FOR EACH STATEMENT EXECUTE FUNCTION notify_enqueued();
+
+-- The one path that takes tasks away from a worker: superseding, lease expiry,
+-- pod deletion and graceful shutdown all end here. With count_attempt the
+-- attempt is spent (outcome worker_lost, failed when none are left); without
+-- it (graceful release) the attempt is handed back.
+CREATE FUNCTION release_worker_tasks(p_worker uuid, p_count_attempt boolean, p_reason text)
+RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    WITH released AS (
+        UPDATE tasks t SET
+            status = CASE WHEN p_count_attempt AND t.attempt >= t.max_attempts THEN 'failed' ELSE 'pending' END,
+            attempt = CASE WHEN p_count_attempt THEN t.attempt ELSE t.attempt - 1 END,
+            error = CASE WHEN p_count_attempt THEN p_reason ELSE t.error END,
+            finished_at = CASE WHEN p_count_attempt AND t.attempt >= t.max_attempts THEN now() END,
+            run_at = now(),
+            updated_at = now()
+        WHERE t.status = 'running' AND t.worker_id = p_worker
+        RETURNING t.id, t.queue, t.status, t.started_at, t.pod_id,
+                  CASE WHEN p_count_attempt THEN t.attempt ELSE t.attempt + 1 END AS spent
+    ), audit AS (
+        INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome, error)
+        SELECT id, spent, p_worker, pod_id, started_at,
+               CASE WHEN p_count_attempt THEN 'worker_lost' ELSE 'released' END, p_reason
+        FROM released
+    ), wake AS (
+        SELECT pg_notify('kubetasks_enqueued', q.queue)
+        FROM (SELECT DISTINCT queue FROM released WHERE status = 'pending') q
+    )
+    SELECT (SELECT count(*) FROM released) + 0 * (SELECT count(*) FROM wake) INTO n;
+    RETURN n;
+END;
+$$;
+
+-- Register a worker; a live worker of the same pod is superseded at once and
+-- its tasks released, because a pod that registers again has restarted.
+CREATE FUNCTION register_worker(
+    p_worker uuid, p_pod text, p_hostname text, p_pid integer,
+    p_queues text[], p_concurrency integer, p_ttl double precision)
+RETURNS TABLE (epoch bigint, lease_expires_at timestamptz, superseded uuid[], released integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    old_ids uuid[];
+    n integer := 0;
+    w uuid;
+BEGIN
+    -- Serialise registrations of one pod; the unique index is the backstop.
+    PERFORM pg_advisory_xact_lock(hashtext('kubetasks.pod:' || p_pod));
+    WITH old AS (
+        UPDATE workers SET status = 'superseded', stopped_at = now(),
+                           stop_reason = 'superseded by ' || p_worker::text
+        WHERE pod_id = p_pod AND status IN ('active', 'stopping')
+        RETURNING worker_id
+    )
+    SELECT coalesce(array_agg(worker_id), '{}') INTO old_ids FROM old;
+    FOREACH w IN ARRAY old_ids LOOP
+        n := n + release_worker_tasks(w, true, 'worker lost: pod ' || p_pod || ' restarted');
+    END LOOP;
+    RETURN QUERY
+    INSERT INTO workers AS nw (worker_id, pod_id, epoch, hostname, pid, queues, concurrency, lease_expires_at)
+    VALUES (p_worker, p_pod,
+            coalesce((SELECT max(x.epoch) FROM workers x WHERE x.pod_id = p_pod), 0) + 1,
+            p_hostname, p_pid, p_queues, p_concurrency, now() + make_interval(secs => p_ttl))
+    RETURNING nw.epoch, nw.lease_expires_at, old_ids, n;
+END;
+$$;
+
+-- Declare dead every worker whose lease ran out and release its tasks.
+-- Concurrent callers serialise on the worker rows, so a worker is released once.
+CREATE FUNCTION reap_expired_workers() RETURNS TABLE (worker_id uuid, pod_id text, released integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        UPDATE workers w SET status = 'dead', stopped_at = now(), stop_reason = 'lease expired'
+        WHERE w.status IN ('active', 'stopping') AND w.lease_expires_at < now()
+        RETURNING w.worker_id, w.pod_id
+    LOOP
+        worker_id := r.worker_id;
+        pod_id := r.pod_id;
+        released := release_worker_tasks(r.worker_id, true, 'worker lost: lease expired');
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+
+-- One round trip per heartbeat: renew this worker's lease, reap expired
+-- leases, and tell the caller whether due work is waiting in its queues (the
+-- polling fallback for NOTIFY) and how soon a silent peer's lease runs out
+-- (so that peer is reaped the moment it expires, not a heartbeat later).
+CREATE FUNCTION heartbeat(p_worker uuid, p_ttl double precision, p_queues text[], p_suspect_after double precision)
+RETURNS TABLE (alive boolean, lease_expires_at timestamptz, due boolean, reaped integer, suspect_in double precision)
+LANGUAGE plpgsql AS $$
+DECLARE
+    q text;
+BEGIN
+    UPDATE workers w SET heartbeat_at = now(), lease_expires_at = now() + make_interval(secs => p_ttl)
+    WHERE w.worker_id = p_worker AND w.status IN ('active', 'stopping')
+    RETURNING w.lease_expires_at INTO heartbeat.lease_expires_at;
+    alive := FOUND;
+    SELECT coalesce(sum(r.released), 0) INTO reaped FROM reap_expired_workers() r;
+    due := false;
+    FOREACH q IN ARRAY p_queues LOOP
+        IF EXISTS (SELECT 1 FROM tasks t WHERE t.status = 'pending' AND t.queue = q AND t.run_at <= now()) THEN
+            due := true;
+            EXIT;
+        END IF;
+    END LOOP;
+    SELECT extract(epoch FROM min(w.lease_expires_at) - now()) INTO suspect_in
+    FROM workers w
+    WHERE w.status IN ('active', 'stopping') AND w.worker_id <> p_worker
+      AND w.heartbeat_at < now() - make_interval(secs => p_suspect_after);
+    RETURN NEXT;
+END;
+$$;
+
+-- Declare the live workers of a pod dead (the Pod was deleted or failed).
+CREATE FUNCTION release_pod(p_pod text, p_reason text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+    n integer := 0;
+BEGIN
+    FOR r IN
+        UPDATE workers w SET status = 'dead', stopped_at = now(), stop_reason = p_reason
+        WHERE w.pod_id = p_pod AND w.status IN ('active', 'stopping')
+        RETURNING w.worker_id
+    LOOP
+        n := n + release_worker_tasks(r.worker_id, true, 'worker lost: ' || p_reason);
+    END LOOP;
+    RETURN n;
+END;
+$$;
