@@ -277,3 +277,36 @@ WITH released AS (
     SELECT pg_notify('kubetasks_enqueued', q.queue) FROM (SELECT DISTINCT queue FROM released) q
 )
 SELECT (SELECT count(*) FROM released) + 0 * (SELECT count(*) FROM wake);
+
+-- name: job_lock_acquire :val
+-- $1 lock name, $2 owner token, $3 ttl seconds. Takes the lock when it is free
+-- or expired, all in database time; returns the owner when taken, nothing when
+-- another owner's lock is still live. Two racing acquirers of an expired row
+-- serialise on its row lock and the second re-checks expires_at, so one wins.
+INSERT INTO job_locks AS l (name, owner, acquired_at, expires_at)
+VALUES ($1, $2, now(), now() + make_interval(secs => $3::float8))
+ON CONFLICT (name) DO UPDATE
+SET owner = EXCLUDED.owner, acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at
+WHERE l.expires_at <= now()
+RETURNING owner;
+
+-- name: job_lock_renew :val
+-- $1 lock name, $2 owner token, $3 ttl seconds. Extends a live lock of this
+-- owner to now() + ttl; true when renewed, nothing when it expired or is not ours.
+UPDATE job_locks SET expires_at = now() + make_interval(secs => $3::float8)
+WHERE name = $1 AND owner = $2 AND expires_at > now()
+RETURNING true;
+
+-- name: job_lock_release :val
+-- $1 lock name, $2 owner token. Deletes the lock only when this owner holds it;
+-- true when it was still live (an expired row of ours is removed too, but false).
+WITH del AS (
+    DELETE FROM job_locks WHERE name = $1 AND owner = $2
+    RETURNING expires_at > now() AS live
+)
+SELECT coalesce((SELECT live FROM del), false);
+
+-- name: job_lock_holder :one
+-- $1 lock name. The live holder and the seconds left on its lock, database time.
+SELECT owner, extract(epoch FROM expires_at - now())::float8 AS expires_in_s
+FROM job_locks WHERE name = $1 AND expires_at > now();

@@ -1,0 +1,514 @@
+"""Named job locks: at most one holder per name, renewed while held, told when lost.
+
+``async with job_lock(backend, "cron:nightly", ttl=30, wait=5) as lock:`` takes the
+lock under a random owner token, renews it every ``ttl / 3`` while the body runs
+and releases it on exit; ``LockNotAcquired`` is raised when ``wait`` runs out
+first. Two backends give the same API (``make_backend`` picks one):
+
+* Redis: ``SET key owner NX PX ttl``; renew and release are Lua scripts that act
+  only while the key still holds our owner token, so nobody releases or
+  extends a lock another owner holds.
+* PostgreSQL (no Redis configured): one ``job_locks`` row per name, taken by an
+  ``INSERT ... ON CONFLICT DO UPDATE ... WHERE expires_at <= now()``, renewed and
+  released with the owner in the WHERE.
+
+Guarantees, and the clock each one trusts:
+
+* Mutual exclusion is decided by the backend's clock only: Redis's own expiry
+  of the key (``PX``) or PostgreSQL's ``now()``. A pod's wall clock is never
+  compared with anything.
+* The holder measures its lock on the event loop's monotonic clock from the
+  moment the last successful acquire or renewal was *sent*; that interval can
+  only under-estimate what the backend granted. When a renewal finds the lock
+  no longer ours, or none succeeds before that interval runs out (backend
+  down, network partition), ``lock.lost`` is set and ``on_lost`` is called, so
+  the holder hears no later than the backend lets another owner in. The local
+  clock is used only to give up early, never to claim a lock.
+* A backend that cannot be reached raises ``LockBackendError``; it is never
+  read as "held" or "free". If the reply to an acquire is lost, the lock may
+  have been taken for us: it expires after ``ttl`` (the safety net), and an
+  error is raised rather than claiming it.
+* The exclusion lasts as long as the holder notices ``lost``: a process paused
+  longer than its ttl (GC, SIGSTOP) can still run after its lock expired. Work
+  that must never overlap should also fence its writes (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import random
+import secrets
+import socket
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from kubetasks.errors import KubetasksError, ValidationError
+from kubetasks.store import Store
+
+log = logging.getLogger("kubetasks.locks")
+
+NAME_MAX = 255
+TTL_MIN, TTL_MAX = 0.1, 86400.0
+WAIT_MAX = 86400.0
+REDIS_PREFIX = "kubetasks:lock:"
+
+#: (owner token, seconds until the backend lets the lock expire)
+Holder = tuple[str, float]
+OnLost = Callable[[str], object]
+
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class LockBackendError(KubetasksError):
+    """The lock backend could not be reached or answered with an error: the lock state is unknown."""
+
+
+class LockNotAcquired(KubetasksError):
+    """Another owner held the lock for as long as we were willing to wait."""
+
+    def __init__(self, name: str, holder: Holder | None, waited: float | None = None) -> None:
+        self.name = name
+        self.holder = holder
+        self.waited = waited
+        who = f"held by {holder[0]!r} for another {max(0.0, holder[1]):.1f}s" if holder else "held"
+        after = "" if waited is None else f" (gave up after waiting {waited:.1f}s)"
+        super().__init__(f"job lock {name!r} is {who}{after}")
+
+
+class LockLost(KubetasksError):
+    """Raised by ``JobLock.raise_if_lost``: this owner may no longer hold the lock."""
+
+
+# -- validation ------------------------------------------------------------
+
+
+def validate_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise ValidationError("name", f"must be a string, got {type(name).__name__}")
+    if not 1 <= len(name) <= NAME_MAX:
+        raise ValidationError("name", f"must be 1 to {NAME_MAX} characters, got {len(name)}")
+    return name
+
+
+def _seconds(field: str, value: object, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(field, f"must be a number of seconds, got {value!r}")
+    f = float(value)
+    if math.isnan(f) or not lo <= f <= hi:
+        raise ValidationError(field, f"must be between {lo:g} and {hi:g} seconds, got {value}")
+    return f
+
+
+def validate_ttl(ttl: object) -> float:
+    return _seconds("ttl", ttl, TTL_MIN, TTL_MAX)
+
+
+def validate_wait(wait: object) -> float | None:
+    return None if wait is None else _seconds("wait", wait, 0.0, WAIT_MAX)
+
+
+def validate_owner(owner: object) -> str:
+    if not isinstance(owner, str) or not owner:
+        raise ValidationError("owner", f"must be a non-empty string, got {owner!r}")
+    if len(owner) > 1024:
+        raise ValidationError("owner", f"must be at most 1024 characters, got {len(owner)}")
+    return owner
+
+
+def new_owner() -> str:
+    """A fresh owner token: who took it (host/pid, for people) plus 96 random bits."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(12)}"
+
+
+# -- backends --------------------------------------------------------------
+
+
+class LockBackend(Protocol):
+    """Where locks live. Every method raises ``LockBackendError`` when the answer is unknown."""
+
+    async def acquire(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take ``name`` for ``owner`` for ``ttl_s`` if it is free or expired."""
+        ...
+
+    async def renew(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Extend to ``ttl_s`` from now; False when the lock is no longer ``owner``'s."""
+        ...
+
+    async def release(self, name: str, owner: str) -> bool:
+        """Release if ``owner`` holds it; False (and nothing changed) otherwise."""
+        ...
+
+    async def holder(self, name: str) -> Holder | None:
+        """The live holder and its seconds left, or None when the lock is free."""
+        ...
+
+    async def close(self) -> None:
+        """Free the backend's own connections (never the shared store)."""
+        ...
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+_RENEW_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+_HOLDER_LUA = """
+local owner = redis.call('get', KEYS[1])
+if not owner then
+    return false
+end
+return {owner, redis.call('pttl', KEYS[1])}
+"""
+
+
+def _ms(ttl_s: float) -> int:
+    return max(1, round(ttl_s * 1000))
+
+
+class RedisLockBackend:
+    """Locks as Redis keys ``kubetasks:lock:<name>`` holding the owner token, expiring by ``PX``.
+
+    The client retries a failed command once at once (a pooled connection may
+    be stale after a Redis restart) and otherwise reports the error: renewal
+    timing is the caller's business, not a hidden backoff's.
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        max_connections: int | None = None,
+        prefix: str = REDIS_PREFIX,
+    ) -> None:
+        self.url = redis_url
+        self.prefix = prefix
+        self._where = f"Redis at {_redacted(redis_url)}"
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
+            redis_url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 1),
+            max_connections=max_connections,
+        )
+        self._renew = self._client.register_script(_RENEW_LUA)
+        self._release = self._client.register_script(_RELEASE_LUA)
+        self._holder = self._client.register_script(_HOLDER_LUA)
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def _error(self, verb: str, name: str, exc: BaseException) -> LockBackendError:
+        return LockBackendError(
+            f"could not {verb} job lock {name!r}: {self._where} failed: {exc.__class__.__name__}: {exc}"
+        )
+
+    async def acquire(self, name: str, owner: str, ttl_s: float) -> bool:
+        validate_name(name)
+        ms = _ms(validate_ttl(ttl_s))
+        try:
+            ok = await self._client.set(self.key(name), owner, nx=True, px=ms)
+        except (RedisError, OSError) as exc:
+            raise self._error("acquire", name, exc) from exc
+        return bool(ok)
+
+    async def renew(self, name: str, owner: str, ttl_s: float) -> bool:
+        validate_name(name)
+        ms = _ms(validate_ttl(ttl_s))
+        try:
+            n = await self._renew(keys=[self.key(name)], args=[owner, ms])
+        except (RedisError, OSError) as exc:
+            raise self._error("renew", name, exc) from exc
+        return int(n) == 1
+
+    async def release(self, name: str, owner: str) -> bool:
+        validate_name(name)
+        try:
+            n = await self._release(keys=[self.key(name)], args=[owner])
+        except (RedisError, OSError) as exc:
+            raise self._error("release", name, exc) from exc
+        return int(n) == 1
+
+    async def holder(self, name: str) -> Holder | None:
+        validate_name(name)
+        try:
+            res: Any = await self._holder(keys=[self.key(name)])
+        except (RedisError, OSError) as exc:
+            raise self._error("read the holder of", name, exc) from exc
+        if not res:
+            return None
+        owner, pttl = res
+        if int(pttl) < 0:  # -2: gone in between; -1 (no expiry) is never written by us
+            return None if int(pttl) == -2 else (_text(owner), math.inf)
+        return _text(owner), int(pttl) / 1000.0
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _text(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class PostgresLockBackend:
+    """Locks as ``job_locks`` rows; free, expired and renewed are all judged by ``now()``."""
+
+    def __init__(self, store: Store, *, op_timeout: float = 10.0) -> None:
+        self.store = store
+        self.op_timeout = op_timeout
+
+    async def _run(self, verb: str, name: str, query: str, *args: Any) -> Any:
+        try:
+            async with asyncio.timeout(self.op_timeout):
+                return await self.store.run(query, *args)
+        except _DB_ERRORS as exc:
+            raise LockBackendError(
+                f"could not {verb} job lock {name!r}: PostgreSQL failed: {exc.__class__.__name__}: {exc}"
+            ) from exc
+
+    async def acquire(self, name: str, owner: str, ttl_s: float) -> bool:
+        validate_name(name)
+        ttl = validate_ttl(ttl_s)
+        return await self._run("acquire", name, "job_lock_acquire", name, owner, ttl) is not None
+
+    async def renew(self, name: str, owner: str, ttl_s: float) -> bool:
+        validate_name(name)
+        ttl = validate_ttl(ttl_s)
+        return bool(await self._run("renew", name, "job_lock_renew", name, owner, ttl))
+
+    async def release(self, name: str, owner: str) -> bool:
+        validate_name(name)
+        return bool(await self._run("release", name, "job_lock_release", name, owner))
+
+    async def holder(self, name: str) -> Holder | None:
+        validate_name(name)
+        row = await self._run("read the holder of", name, "job_lock_holder", name)
+        return None if row is None else (str(row["owner"]), float(row["expires_in_s"]))
+
+    async def close(self) -> None:
+        """Nothing to close: the store belongs to the app."""
+
+
+def make_backend(store: Store, redis_url: str | None) -> LockBackend:
+    """Redis when a URL is configured, else the ``job_locks`` table of ``store``."""
+    if redis_url:
+        return RedisLockBackend(redis_url)
+    return PostgresLockBackend(store)
+
+
+# -- the lock a holder uses ----------------------------------------------------
+
+
+class JobLock:
+    """One named lock held by one owner; ``async with`` takes, keeps and releases it.
+
+    ``acquire()`` / ``release()`` may also be called directly. While held, a
+    background task renews the lock (``renew=True``); ``lost`` is set (and
+    ``on_lost(reason)`` called once) when the lock may no longer be ours.
+    """
+
+    def __init__(
+        self,
+        backend: LockBackend,
+        name: str,
+        *,
+        ttl: float = 30.0,
+        wait: float | None = 0.0,
+        renew: bool = True,
+        owner: str | None = None,
+        on_lost: OnLost | None = None,
+        poll_interval: float = 0.1,
+    ) -> None:
+        self.backend = backend
+        self.name = validate_name(name)
+        self.ttl = validate_ttl(ttl)
+        self.wait = validate_wait(wait)
+        self.renew = renew
+        self.owner = new_owner() if owner is None else validate_owner(owner)
+        self.on_lost = on_lost
+        self.poll_interval = _seconds("poll_interval", poll_interval, 0.001, 60.0)
+        self.lost = asyncio.Event()
+        self.lost_reason: str | None = None
+        self.renewals = 0
+        self.renew_failures = 0
+        self._held = False
+        self._valid_until = 0.0  # loop.time() by which the backend has surely let the lock go
+        self._keeper: asyncio.Task[None] | None = None
+
+    @property
+    def held(self) -> bool:
+        """True between a successful acquire and release, unless the lock was lost."""
+        return self._held and not self.lost.is_set()
+
+    def time_left(self) -> float:
+        """Seconds the lock is surely still ours (local monotonic bound); 0 when not held."""
+        if not self.held:
+            return 0.0
+        return max(0.0, self._valid_until - asyncio.get_running_loop().time())
+
+    def raise_if_lost(self) -> None:
+        if self.lost.is_set():
+            raise LockLost(f"job lock {self.name!r} was lost: {self.lost_reason}")
+
+    async def acquire(self) -> JobLock:
+        """Take the lock, polling until ``wait`` runs out (None: forever), then ``LockNotAcquired``."""
+        if self._held:
+            raise RuntimeError(f"job lock {self.name!r} is already held by this JobLock")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = None if self.wait is None else started + self.wait
+        delay = min(0.005, self.poll_interval)
+        while True:
+            sent = loop.time()
+            if await self.backend.acquire(self.name, self.owner, self.ttl):
+                if loop.time() < sent + self.ttl:
+                    break
+                # The reply came after the whole ttl: whatever was granted has run out.
+                with contextlib.suppress(LockBackendError):
+                    await self.backend.release(self.name, self.owner)
+            now = loop.time()
+            if deadline is not None and now >= deadline:
+                try:
+                    holder = await self.backend.holder(self.name)
+                except LockBackendError:
+                    holder = None
+                raise LockNotAcquired(self.name, holder, now - started)
+            pause = delay * random.uniform(0.5, 1.5)
+            if deadline is not None:
+                pause = min(pause, deadline - now)
+            await asyncio.sleep(max(0.0, pause))
+            delay = min(delay * 2, self.poll_interval)
+        self._valid_until = sent + self.ttl
+        self._held = True
+        self.lost = asyncio.Event()
+        self.lost_reason = None
+        self._keeper = asyncio.create_task(self._keep(sent), name=f"kubetasks-lock:{self.name}")
+        return self
+
+    async def release(self) -> bool:
+        """Stop renewing and release (owner-checked); True if the lock was still ours."""
+        if not self._held:
+            return False
+        self._held = False
+        await self._stop_keeper()
+        return await self.backend.release(self.name, self.owner)
+
+    async def _stop_keeper(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None and not keeper.done():
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+
+    def _lose(self, why: str) -> None:
+        if self.lost.is_set():
+            return
+        self.lost_reason = why
+        self.lost.set()
+        log.error("job lock %r lost by %s: %s", self.name, self.owner, why)
+        if self.on_lost is not None:
+            try:
+                self.on_lost(why)
+            except Exception:
+                log.exception("on_lost callback of job lock %r failed", self.name)
+
+    async def _keep(self, last_sent: float) -> None:
+        """Renew every ttl/3 from the last successful send; declare the lock lost when it may be."""
+        loop = asyncio.get_running_loop()
+        interval = self.ttl / 3
+        next_at = last_sent + interval
+        last_error: BaseException | None = None
+        while True:
+            if not self.renew:
+                await asyncio.sleep(max(0.0, self._valid_until - loop.time()))
+                self._lose(f"its ttl of {self.ttl:g}s ran out (renewal is off)")
+                return
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            left = self._valid_until - loop.time()
+            if left <= 0:
+                self._lose(f"could not renew it before its ttl ran out (last error: {last_error})")
+                return
+            sent = loop.time()
+            try:
+                async with asyncio.timeout(left):
+                    ok = await self.backend.renew(self.name, self.owner, self.ttl)
+            except TimeoutError:
+                last_error = TimeoutError("the renewal did not answer before the ttl ran out")
+                continue
+            except Exception as exc:
+                self.renew_failures += 1
+                last_error = exc
+                log.warning(
+                    "renewing job lock %r failed (%s); %.2fs left", self.name, exc, self._valid_until - sent
+                )
+                next_at = min(loop.time() + max(0.02, interval / 4), self._valid_until)
+                continue
+            if not ok:
+                self._lose("the backend no longer holds it for this owner (it expired or was taken)")
+                return
+            self.renewals += 1
+            self._valid_until = sent + self.ttl
+            next_at = sent + interval
+
+    async def __aenter__(self) -> JobLock:
+        return await self.acquire()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # The backend's expiry is the safety net: a failed release is logged, not
+        # raised over the body's own outcome.
+        try:
+            await self.release()
+        except LockBackendError as err:
+            log.warning("job lock %r not released (it expires by itself): %s", self.name, err)
+
+
+def job_lock(
+    backend: LockBackend,
+    name: str,
+    *,
+    ttl: float = 30.0,
+    wait: float | None = 0.0,
+    renew: bool = True,
+    owner: str | None = None,
+    on_lost: OnLost | None = None,
+) -> JobLock:
+    """``async with job_lock(backend, name, ttl=..., wait=...) as lock:``; see ``JobLock``."""
+    return JobLock(backend, name, ttl=ttl, wait=wait, renew=renew, owner=owner, on_lost=on_lost)

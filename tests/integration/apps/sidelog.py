@@ -1,0 +1,45 @@
+"""A test app whose handlers append to a side log, outside the database.
+
+The side log is how tests count what really ran: a line per handler start and
+per handler end, written with O_APPEND so concurrent processes never tear
+lines. Tests compare it with the database to find lost, duplicated and
+unexpected results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+from kubetasks import App, TaskContext
+
+app = App()
+LOG = os.environ.get("SIDELOG", "/tmp/kubetasks-sidelog")
+
+
+def _append(kind: str, ctx: TaskContext) -> None:
+    line = f"{kind} {ctx.id} {ctx.attempt} {ctx.worker_id} {ctx.pod_id} {os.getpid()}\n"
+    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+@app.task("side.work")
+async def work(ctx: TaskContext) -> dict[str, int]:
+    _append("start", ctx)
+    lo, hi = ctx.payload.get("ms", [0, 0])
+    if hi:
+        await asyncio.sleep(random.uniform(lo, hi) / 1000)
+    _append("end", ctx)
+    return {"n": ctx.payload.get("n", 0)}
+
+
+@app.task("side.sleep")
+async def sleep(ctx: TaskContext) -> str:
+    _append("start", ctx)
+    await asyncio.sleep(float(ctx.payload.get("s", 1.0)))
+    _append("end", ctx)
+    return "slept"

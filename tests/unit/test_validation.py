@@ -1,0 +1,174 @@
+"""Bad input is refused with a message naming the field and the limit."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+import pytest
+
+from kubetasks import App, ConfigError, EnqueueRequest, Settings, UnknownHandler, ValidationError
+
+URL = "postgresql://u@127.0.0.1:1/db"
+
+
+@pytest.fixture
+def app() -> App:
+    a = App(database_url=URL)
+
+    @a.task("images.resize")
+    async def resize(ctx: object) -> None: ...
+
+    @a.task("reports.nightly")
+    async def nightly(ctx: object) -> None: ...
+
+    return a
+
+
+def prepare(app: App, **kw: object) -> None:
+    req = EnqueueRequest(**{"handler": "images.resize", **kw})  # type: ignore[arg-type]
+    app._prepare(req)
+
+
+class TestEnqueueRefusals:
+    def test_unknown_handler_lists_known(self, app: App) -> None:
+        with pytest.raises(UnknownHandler) as err:
+            prepare(app, handler="images.rotate")
+        assert str(err.value) == (
+            "handler: unknown handler 'images.rotate'; known handlers: images.resize, reports.nightly"
+        )
+
+    def test_payload_not_json_serialisable(self, app: App) -> None:
+        with pytest.raises(ValidationError, match=r"^payload: is not JSON-serialisable: .*set"):
+            prepare(app, payload={"ids": {1, 2}})
+
+    def test_payload_nan_refused(self, app: App) -> None:
+        with pytest.raises(ValidationError, match=r"^payload: is not JSON-serialisable"):
+            prepare(app, payload={"x": math.nan})
+
+    def test_payload_must_be_object(self, app: App) -> None:
+        with pytest.raises(ValidationError, match=r"^payload: must be a JSON object \(a dict\), got list"):
+            prepare(app, payload=[1, 2])
+
+    @pytest.mark.parametrize(
+        ("payload", "where"),
+        [
+            ({"name": "a\x00b"}, "payload.name"),
+            ({"deep": {"list": ["ok", "n\x00l"]}}, r"payload.deep.list\[1\]"),
+            ({"k\x00": 1}, r"payload \(a key\)"),
+        ],
+    )
+    def test_payload_with_nul(self, app: App, payload: dict[str, object], where: str) -> None:
+        with pytest.raises(ValidationError, match=rf"^{where}: contains the NUL character"):
+            prepare(app, payload=payload)
+
+    def test_escaped_backslash_u0000_text_is_fine(self, app: App) -> None:
+        prepare(app, payload={"literal": "\\u0000"})
+
+    def test_payload_over_cap(self) -> None:
+        a = App(database_url=URL, max_payload_bytes=2048, strict_handlers=False)
+        with pytest.raises(
+            ValidationError, match=r"^payload: is \d+ bytes as JSON; the limit is 2048 bytes$"
+        ):
+            a._prepare(EnqueueRequest("x", {"blob": "y" * 3000}))
+
+    @pytest.mark.parametrize(
+        ("kw", "message"),
+        [
+            ({"delay": -1}, r"^delay: must be between 0 and 3.1536e\+07 seconds, got -1$"),
+            ({"delay": 10**9}, r"^delay: must be between 0 and 3.1536e\+07 seconds"),
+            ({"timeout": 0}, r"^timeout: must be between 1 and 604800 seconds, got 0$"),
+            ({"timeout": 10**7}, r"^timeout: must be between 1 and 604800 seconds"),
+            ({"priority": 1001}, r"^priority: must be between -1000 and 1000, got 1001$"),
+            ({"priority": -5000}, r"^priority: must be between -1000 and 1000, got -5000$"),
+            ({"max_attempts": 0}, r"^max_attempts: must be between 1 and 100, got 0$"),
+            ({"max_attempts": 101}, r"^max_attempts: must be between 1 and 100, got 101$"),
+            ({"priority": True}, r"^priority: must be an integer"),
+            ({"queue": "q" * 64}, r"^queue: must be at most 63 characters, got 64$"),
+            ({"queue": "has space"}, r"^queue: 'has space' has forbidden characters"),
+            ({"queue": ""}, r"^queue: must not be empty$"),
+            ({"tags": "one"}, r"^tags: must be a list of strings"),
+            ({"tags": ["ok", "bad tag"]}, r"^tags: 'bad tag' has forbidden characters"),
+            ({"dedupe_key": "k" * 256}, r"^dedupe_key: must be at most 255 characters, got 256$"),
+            ({"run_at": datetime(2030, 1, 1)}, r"^run_at: must be timezone-aware"),
+            ({"delay": 5, "run_at": datetime(2030, 1, 1)}, r"^delay: give delay or run_at, not both$"),
+        ],
+    )
+    def test_out_of_range(self, app: App, kw: dict[str, object], message: str) -> None:
+        with pytest.raises(ValidationError, match=message):
+            prepare(app, **kw)
+
+    def test_handler_name_too_long_or_forbidden(self, app: App) -> None:
+        with pytest.raises(ValidationError, match=r"^handler: must be at most 63 characters, got 64$"):
+            app.register("h" * 64, lambda ctx: None)
+        with pytest.raises(ValidationError, match=r"^handler: 'a/b' has forbidden characters"):
+            app.register("a/b", lambda ctx: None)
+        with pytest.raises(ValidationError, match=r"^handler: 'images.resize' is already registered$"):
+            app.register("images.resize", lambda ctx: None)
+
+    def test_task_options_checked_at_registration(self, app: App) -> None:
+        with pytest.raises(ValidationError, match=r"^timeout: must be between 1 and 604800"):
+            app.register("t", lambda ctx: None, timeout=-3)
+        with pytest.raises(ValidationError, match=r"^concurrency: must be between 1 and 10000, got 0$"):
+            app.register("t", lambda ctx: None, concurrency=0)
+
+    def test_unregister(self, app: App) -> None:
+        app.unregister("reports.nightly")
+        with pytest.raises(UnknownHandler):
+            prepare(app, handler="reports.nightly")
+        with pytest.raises(UnknownHandler, match=r"known handlers: images\.resize"):
+            app.unregister("reports.nightly")
+
+
+class TestPrecedence:
+    def test_enqueue_argument_then_task_option_then_app_default(self) -> None:
+        a = App(database_url=URL, default_timeout=50, default_max_attempts=4)
+        a.register("opt", lambda ctx: None, queue="q1", timeout=20, priority=3)
+        a.register("bare", lambda ctx: None)
+        p = a._prepare(EnqueueRequest("opt"))
+        assert (p.queue, p.timeout, p.priority, p.max_attempts) == ("q1", 20, 3, 4)
+        p = a._prepare(EnqueueRequest("opt", queue="q2", timeout=5, priority=-1, max_attempts=9))
+        assert (p.queue, p.timeout, p.priority, p.max_attempts) == ("q2", 5, -1, 9)
+        p = a._prepare(EnqueueRequest("bare"))
+        assert (p.queue, p.timeout, p.priority, p.max_attempts) == ("default", 50, 0, 4)
+
+
+class TestSettings:
+    @pytest.mark.parametrize(
+        ("url", "message"),
+        [
+            ("mysql://u@h/db", r"KUBETASKS_DATABASE_URL: must be a postgresql:// URL"),
+            ("postgresql://u@h:notaport/db", r"KUBETASKS_DATABASE_URL: malformed database URL"),
+            ("postgresql:///db", r"KUBETASKS_DATABASE_URL: names no host"),
+            ("not a url", r"KUBETASKS_DATABASE_URL: must be a postgresql:// URL"),
+        ],
+    )
+    def test_malformed_database_url(self, url: str, message: str) -> None:
+        with pytest.raises(ConfigError, match=message):
+            Settings.load(env={}, database_url=url)
+
+    def test_missing_database_url(self) -> None:
+        with pytest.raises(ConfigError, match=r"^KUBETASKS_DATABASE_URL: is not set"):
+            Settings.load(env={})
+
+    def test_env_parsing_and_bounds(self) -> None:
+        s = Settings.load(
+            env={
+                "KUBETASKS_DATABASE_URL": URL,
+                "KUBETASKS_QUEUES": "high, low",
+                "KUBETASKS_CONCURRENCY": "25",
+                "POD_NAME": "web-7d9f-x2k",
+            }
+        )
+        assert s.queues == ("high", "low") and s.concurrency == 25 and s.pod_id == "web-7d9f-x2k"
+        with pytest.raises(ConfigError, match=r"^KUBETASKS_CONCURRENCY: must be a number, got 'lots'$"):
+            Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_CONCURRENCY": "lots"})
+        with pytest.raises(ConfigError, match=r"^KUBETASKS_LEASE_TTL: must exceed 1.5 x"):
+            Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_LEASE_TTL": "6"})
+        with pytest.raises(ValidationError, match=r"^KUBETASKS_QUEUES: 'a b' has forbidden characters"):
+            Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_QUEUES": "a b"})
+
+    def test_arguments_beat_environment(self) -> None:
+        s = Settings.load(env={"KUBETASKS_DATABASE_URL": "mysql://bad", "KUBETASKS_CONCURRENCY": "3"},
+                          database_url=URL, concurrency=7)  # fmt: skip
+        assert s.database_url == URL and s.concurrency == 7
