@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Start a throwaway Kubernetes control plane on free loopback ports:
+# etcd + kube-apiserver (+ kube-controller-manager when it starts cleanly).
+# State, certificates, pid files and logs live under $ROOT/.run/cluster/;
+# the admin kubeconfig is written to $ROOT/.run/kubeconfig (printed at the end).
+# Idempotent: when the cluster is already running and healthy, says so.
+#
+# Env: KUBETASKS_CONTROLLER_MANAGER=0 to skip kube-controller-manager.
+#      KUBETASKS_UP_TIMEOUT=seconds to wait for readiness (default 120).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$HERE/env.sh"
+RUN="$KUBETASKS_RUN"
+PKI="$RUN/pki"
+KCFG="$KUBETASKS_KUBECONFIG"
+TIMEOUT="${KUBETASKS_UP_TIMEOUT:-120}"
+T0=$SECONDS
+say() { echo "[up $(( SECONDS - T0 ))s] $*"; }
+die() { echo "[up] ERROR: $*" >&2; exit 1; }
+
+alive() {  # alive <name>: pid file exists and the process is that binary
+  local f="$RUN/$1.pid" pid
+  [ -f "$f" ] || return 1
+  pid="$(cat "$f")"
+  [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q -- "$1"
+}
+
+readyz() {  # readyz -> 0 when the apiserver answers ok
+  [ -f "$RUN/cluster.env" ] || return 1
+  # shellcheck disable=SC1091
+  . "$RUN/cluster.env"
+  [ "$(curl -s --max-time 3 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
+       "https://127.0.0.1:$KUBETASKS_APISERVER_PORT/readyz" 2>/dev/null)" = "ok" ]
+}
+
+if alive etcd && alive kube-apiserver && [ -f "$KCFG" ] && readyz; then
+  say "already running and healthy (apiserver https://127.0.0.1:$KUBETASKS_APISERVER_PORT)"
+  echo "$KCFG"
+  exit 0
+fi
+if [ -d "$RUN" ]; then
+  say "stale or partial cluster state found; cleaning it up"
+  "$HERE/down.sh" >/dev/null
+fi
+
+"$HERE/build.sh" etcd kube-apiserver kubectl kube-controller-manager
+APISERVER="$KUBETASKS_K8S_BIN/kube-apiserver"
+KUBECTL="$KUBETASKS_KUBECTL"
+KCM="$KUBETASKS_K8S_BIN/kube-controller-manager"
+command -v openssl >/dev/null || die "openssl is required"
+command -v curl >/dev/null || die "curl is required"
+
+mkdir -p "$RUN" "$PKI"
+
+# ---- free loopback ports (all picked at once, so they are distinct) --------
+read -r ETCD_PORT ETCD_PEER_PORT API_PORT KCM_PORT < <(python3 - <<'PY'
+import socket
+socks = []
+for _ in range(4):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); socks.append(s)
+print(*[s.getsockname()[1] for s in socks])
+PY
+)
+cat > "$RUN/cluster.env" <<ENV
+KUBETASKS_ETCD_PORT=$ETCD_PORT
+KUBETASKS_APISERVER_PORT=$API_PORT
+KUBETASKS_APISERVER_URL=https://127.0.0.1:$API_PORT
+KUBETASKS_KCM_PORT=$KCM_PORT
+ENV
+
+# ---- certificates -----------------------------------------------------------
+ossl() { openssl "$@" 2>>"$RUN/openssl.log" >/dev/null; }
+ossl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=kubetasks-local-ca" \
+  -keyout "$PKI/ca.key" -out "$PKI/ca.crt" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature"
+# cert <name> <subject> <extfile-content>
+cert() {
+  printf '%s\n' "$3" > "$PKI/$1.ext"
+  ossl req -newkey rsa:2048 -nodes -subj "$2" -keyout "$PKI/$1.key" -out "$PKI/$1.csr"
+  ossl x509 -req -in "$PKI/$1.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -days 3650 -out "$PKI/$1.crt" -extfile "$PKI/$1.ext"
+}
+cert server "/CN=kube-apiserver" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+CLIENT_EXT="basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
+cert admin "/O=system:masters/CN=kubetasks-admin" "$CLIENT_EXT"
+cert kcm "/O=system:masters/CN=system:kube-controller-manager" "$CLIENT_EXT"
+ossl genrsa -out "$PKI/sa.key" 2048
+ossl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
+chmod 600 "$PKI"/*.key
+
+# kubeconfig <file> <user>
+kubeconfig() {
+  cat > "$1" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: kubetasks-local
+  cluster:
+    server: https://127.0.0.1:$API_PORT
+    certificate-authority-data: $(base64 -w0 < "$PKI/ca.crt")
+users:
+- name: $2
+  user:
+    client-certificate-data: $(base64 -w0 < "$PKI/$2.crt")
+    client-key-data: $(base64 -w0 < "$PKI/$2.key")
+contexts:
+- name: kubetasks-local
+  context: {cluster: kubetasks-local, user: $2, namespace: default}
+current-context: kubetasks-local
+KC
+  chmod 600 "$1"
+}
+
+# start <name> <binary> <args...>: detached (own session), pid file, log file
+start() {
+  local name="$1"; shift
+  setsid "$@" >"$RUN/$name.log" 2>&1 </dev/null &
+  echo $! > "$RUN/$name.pid"
+}
+
+wait_for() {  # wait_for <what> <name> <command...>
+  local what="$1" name="$2"; shift 2
+  local deadline=$(( SECONDS + TIMEOUT ))
+  until "$@" >/dev/null 2>&1; do
+    if ! alive "$name"; then
+      tail -n 30 "$RUN/$name.log" >&2 || true
+      die "$name exited while waiting for $what (log: $RUN/$name.log)"
+    fi
+    if [ $SECONDS -ge $deadline ]; then
+      tail -n 30 "$RUN/$name.log" >&2 || true
+      die "timed out after ${TIMEOUT}s waiting for $what (log: $RUN/$name.log)"
+    fi
+    sleep 0.3
+  done
+}
+
+# ---- etcd -------------------------------------------------------------------
+say "starting etcd on 127.0.0.1:$ETCD_PORT"
+start etcd "$KUBETASKS_ETCD" --name kubetasks --data-dir "$RUN/etcd" \
+  --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
+  --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+  --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+  --initial-cluster "kubetasks=http://127.0.0.1:$ETCD_PEER_PORT" \
+  --unsafe-no-fsync --log-level warn
+wait_for "etcd health" etcd sh -c "curl -sf --max-time 2 http://127.0.0.1:$ETCD_PORT/health | grep -q '\"health\":\"true\"'"
+say "etcd healthy"
+
+# ---- kube-apiserver ---------------------------------------------------------
+say "starting kube-apiserver on https://127.0.0.1:$API_PORT"
+start kube-apiserver "$APISERVER" \
+  --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+  --bind-address 127.0.0.1 --secure-port "$API_PORT" --advertise-address 127.0.0.1 \
+  --endpoint-reconciler-type none \
+  --cert-dir "$PKI/apiserver" \
+  --tls-cert-file "$PKI/server.crt" --tls-private-key-file "$PKI/server.key" \
+  --client-ca-file "$PKI/ca.crt" \
+  --service-cluster-ip-range 10.0.0.0/24 \
+  --authorization-mode RBAC \
+  --disable-admission-plugins ServiceAccount \
+  --service-account-issuer https://kubernetes.default.svc.cluster.local \
+  --service-account-key-file "$PKI/sa.pub" \
+  --service-account-signing-key-file "$PKI/sa.key" \
+  --allow-privileged=true \
+  --v 1
+kubeconfig "$KCFG" admin
+wait_for "/readyz" kube-apiserver readyz
+wait_for "namespace default" kube-apiserver "$KUBECTL" --kubeconfig "$KCFG" get namespace default
+say "kube-apiserver ready"
+
+# ---- kube-controller-manager (welcome, not essential) -----------------------
+if [ "${KUBETASKS_CONTROLLER_MANAGER:-1}" != 0 ] && [ -x "$KCM" ]; then
+  kubeconfig "$RUN/kcm.kubeconfig" kcm
+  say "starting kube-controller-manager (port $KCM_PORT)"
+  start kube-controller-manager "$KCM" \
+    --kubeconfig "$RUN/kcm.kubeconfig" \
+    --authentication-kubeconfig "$RUN/kcm.kubeconfig" \
+    --authorization-kubeconfig "$RUN/kcm.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$KCM_PORT" \
+    --cert-dir "$PKI/kcm" \
+    --leader-elect=false \
+    --use-service-account-credentials=false \
+    --service-account-private-key-file "$PKI/sa.key" \
+    --root-ca-file "$PKI/ca.crt" \
+    --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+    --controllers '*' \
+    --v 1
+  if (TIMEOUT=30 wait_for "kube-controller-manager /healthz" kube-controller-manager \
+        sh -c "curl -sk --max-time 2 https://127.0.0.1:$KCM_PORT/healthz | grep -qx ok"); then
+    say "kube-controller-manager healthy"
+  else
+    say "WARNING: kube-controller-manager did not start cleanly; continuing without it (log: $RUN/kube-controller-manager.log)"
+    if alive kube-controller-manager; then kill "$(cat "$RUN/kube-controller-manager.pid")" 2>/dev/null || true; fi
+    rm -f "$RUN/kube-controller-manager.pid"
+  fi
+else
+  say "kube-controller-manager not started"
+fi
+
+say "cluster ready in $(( SECONDS - T0 ))s; kubeconfig:"
+echo "$KCFG"
