@@ -16,6 +16,7 @@ from kubetasks.errors import (
     UnknownHandler,
     ValidationError,
 )
+from kubetasks.locks import JobLock, LockBackendError, LockLost, LockNotAcquired
 
 __all__ = [
     "App",
@@ -24,8 +25,12 @@ __all__ = [
     "EnqueueRequest",
     "Fail",
     "Input",
+    "JobLock",
     "KubetasksError",
     "LeaseLost",
+    "LockBackendError",
+    "LockLost",
+    "LockNotAcquired",
     "Retry",
     "Settings",
     "TaskContext",

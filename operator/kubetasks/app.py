@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from kubetasks import validation
+from kubetasks import locks, validation
 from kubetasks.config import Settings
 from kubetasks.context import TaskContext
 from kubetasks.errors import TaskNotFound, UnknownHandler, ValidationError
@@ -56,6 +56,7 @@ class TaskDef:
     backoff: float | None = None
     max_retry_delay: float | None = None
     concurrency: int | None = None
+    cluster_concurrency: int | None = None
     inputs: Mapping[str, Input] = field(default_factory=dict)
 
     def apply_inputs(self, payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,6 +112,7 @@ class Blueprint:
         backoff: float | None = None,
         max_retry_delay: float | None = None,
         concurrency: int | None = None,
+        cluster_concurrency: int | None = None,
         inputs: Mapping[str, Input | Mapping[str, Any]] | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated function (async, or plain: run in a thread) as a handler."""
@@ -127,6 +129,7 @@ class Blueprint:
                 backoff=backoff,
                 max_retry_delay=max_retry_delay,
                 concurrency=concurrency,
+                cluster_concurrency=cluster_concurrency,
                 inputs=inputs,
             )
             return func
@@ -146,6 +149,7 @@ class Blueprint:
         backoff: float | None = None,
         max_retry_delay: float | None = None,
         concurrency: int | None = None,
+        cluster_concurrency: int | None = None,
         inputs: Mapping[str, Input | Mapping[str, Any]] | None = None,
         replace: bool = False,
     ) -> TaskDef:
@@ -166,6 +170,9 @@ class Blueprint:
             backoff=None if backoff is None else validation.backoff(backoff),
             max_retry_delay=None if max_retry_delay is None else validation.max_retry_delay(max_retry_delay),
             concurrency=None if concurrency is None else validation.concurrency("concurrency", concurrency),
+            cluster_concurrency=None
+            if cluster_concurrency is None
+            else validation.concurrency("cluster_concurrency", cluster_concurrency),
             inputs={k: _input(v) for k, v in (inputs or {}).items()},
         )
         self.handlers[name] = td
@@ -303,6 +310,7 @@ class App(Blueprint):
         self._overrides = dict(overrides, database_url=database_url, redis_url=redis_url)
         self.strict_handlers = strict_handlers
         self._store: Store | None = None
+        self._locks: locks.LockBackend | None = None
         self._open_lock: asyncio.Lock | None = None
 
     @property
@@ -333,9 +341,13 @@ class App(Blueprint):
                 store = Store(s.database_url, max_size=s.pool_size)
                 await store.open()
                 self._store = store
+                self._locks = locks.make_backend(store, s.redis_url)
         return self
 
     async def close(self) -> None:
+        if self._locks is not None:
+            backend, self._locks = self._locks, None
+            await backend.close()
         if self._store is not None:
             store, self._store = self._store, None
             await store.close()
@@ -619,6 +631,29 @@ class App(Blueprint):
                 raise ValidationError("statuses", f"only finished statuses can be deleted, got {st!r}")
         validation.seconds("older_than", older_than, 0, 10 * 365 * 86400)
         return int(await (await self._ready_store()).run("delete_finished_tasks", list(statuses), older_than))
+
+    # -- locks -------------------------------------------------------------
+
+    def job_lock(
+        self,
+        name: str,
+        *,
+        ttl: float = 30.0,
+        wait: float | None = 0.0,
+        renew: bool = True,
+        owner: str | None = None,
+        on_lost: Callable[[str], Any] | None = None,
+    ) -> locks.JobLock:
+        """A named lock held across the cluster: ``async with app.job_lock("x", ttl=30):``.
+
+        Redis when a Redis URL is configured, else the ``job_locks`` table. Renewed
+        every ttl/3 while held; ``lock.lost`` is set if it slips away. ``wait=None``
+        waits forever; when the wait runs out, ``LockNotAcquired`` names the holder.
+        The app must be open (``await app.open()``).
+        """
+        if self._locks is None:
+            raise RuntimeError("the app is not open: `await app.open()` or `async with app:`")
+        return locks.JobLock(self._locks, name, ttl=ttl, wait=wait, renew=renew, owner=owner, on_lost=on_lost)
 
     # -- running ---------------------------------------------------------
 

@@ -13,9 +13,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetasks.errors import LeaseLost
+
 PROGRESS_INTERVAL = 0.5
 
-ProgressWriter = Callable[["TaskContext", int, str | None], Awaitable[bool]]
+#: Writes progress; returns False when the write was fenced out (the task is no
+#: longer this attempt's), None when the database could not be reached.
+ProgressWriter = Callable[["TaskContext", int, str | None], Awaitable[bool | None]]
 
 
 @dataclass
@@ -37,13 +41,21 @@ class TaskContext:
     _flusher: asyncio.Task[None] | None = field(default=None, repr=False)
     _last_write: float = field(default=-1e9, repr=False)
     _sleeping: bool = field(default=False, repr=False)
+    _taken_away: bool = field(default=False, repr=False)
 
     @property
     def is_last_attempt(self) -> bool:
         return self.attempt >= self.max_attempts
 
     async def progress(self, percent: int | float, message: str | None = None) -> None:
-        """Report progress (0-100); cheap to call often, written at most every 0.5 s."""
+        """Report progress (0-100); cheap to call often, written at most every 0.5 s.
+
+        Raises LeaseLost once a write has found the task taken away from this
+        attempt (cancelled, or recovered after this worker lost its lease), so a
+        long handler learns it should stop.
+        """
+        if self._taken_away:
+            raise LeaseLost(f"task {self.id} attempt {self.attempt} is no longer held by this worker")
         p = max(0, min(100, int(percent)))
         self._pending = (p, message)
         if self._writer is None or (self._flusher is not None and not self._flusher.done()):
@@ -66,7 +78,8 @@ class TaskContext:
         if pending is None or self._writer is None:
             return
         self._last_write = asyncio.get_running_loop().time()
-        await self._writer(self, pending[0], pending[1])
+        if await self._writer(self, pending[0], pending[1]) is False:
+            self._taken_away = True
 
     async def close(self) -> None:
         """Write the last reported progress, if any is still unwritten."""

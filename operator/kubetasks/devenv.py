@@ -77,7 +77,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _apt_install(*packages: str) -> None:
+def apt_install(*packages: str) -> None:
     if os.geteuid() != 0:
         raise DevEnvError(
             f"{', '.join(packages)} not found and not running as root: "
@@ -116,7 +116,7 @@ def find_pg_bin() -> Path | None:
 def ensure_pg_bin() -> Path:
     bindir = find_pg_bin()
     if bindir is None:
-        _apt_install("postgresql")
+        apt_install("postgresql")
         bindir = find_pg_bin()
     if bindir is None:
         raise DevEnvError("PostgreSQL server programs (initdb, pg_ctl) not found after installing")
@@ -126,7 +126,7 @@ def ensure_pg_bin() -> Path:
 def ensure_redis_bin() -> str:
     found = shutil.which("redis-server")
     if found is None:
-        _apt_install("redis-server")
+        apt_install("redis-server")
         found = shutil.which("redis-server")
     if found is None:
         raise DevEnvError("redis-server not found after installing")
@@ -157,15 +157,15 @@ def _pg_data_dir(rd: Path, os_user: str | None) -> Path:
     return Path("/var/tmp/kubetasks-dev") / digest / "pg"
 
 
-def load_state() -> DevState | None:
-    path = run_dir() / STATE_FILE
+def load_state(rd: Path | None = None) -> DevState | None:
+    path = (rd or run_dir()) / STATE_FILE
     if not path.exists():
         return None
     return DevState(**json.loads(path.read_text()))
 
 
 def _save_state(state: DevState) -> None:
-    path = run_dir() / STATE_FILE
+    path = Path(state.run_dir) / STATE_FILE
     path.write_text(json.dumps(asdict(state), indent=2))
 
 
@@ -257,11 +257,15 @@ def _init_postgres(rd: Path) -> tuple[Path, Path, str | None]:
     return bindir, data, os_user
 
 
-def up() -> DevState:
-    """Start (or find running) PostgreSQL and Redis; return where they are."""
-    rd = run_dir()
+def up(rd: Path | None = None) -> DevState:
+    """Start (or find running) PostgreSQL and Redis; return where they are.
+
+    ``rd`` picks another run directory, for a test that needs servers of its own
+    (one it may restart or kill without disturbing the others).
+    """
+    rd = (rd or run_dir()).resolve()
     rd.mkdir(parents=True, exist_ok=True)
-    state = load_state()
+    state = load_state(rd)
     if state is not None and _pg_running(state) and _redis_running(state):
         return state
     if state is None or not Path(state.pg_data, "PG_VERSION").exists():
@@ -338,15 +342,15 @@ def stop_redis(state: DevState) -> None:
             time.sleep(0.05)
 
 
-def down() -> None:
-    state = load_state()
+def down(rd: Path | None = None) -> None:
+    state = load_state(rd)
     if state is None:
         return
     stop_postgres(state)
     stop_redis(state)
     shutil.rmtree(Path(state.pg_data).parent, ignore_errors=True)
     shutil.rmtree(state.redis_dir, ignore_errors=True)
-    (run_dir() / STATE_FILE).unlink(missing_ok=True)
+    (Path(state.run_dir) / STATE_FILE).unlink(missing_ok=True)
 
 
 def env_lines(state: DevState) -> list[str]:

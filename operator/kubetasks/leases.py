@@ -36,7 +36,15 @@ from kubetasks.store import Store
 
 log = logging.getLogger("kubetasks.leases")
 
-DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+# InternalClientError: asyncpg can leave a pooled connection mid-protocol when the
+# server kills it; the pool discards that connection, and we retry like any other.
+DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 
 @dataclass

@@ -81,6 +81,8 @@ class _Outcome:
     task_id: int
     attempt: int
     worker_id: uuid.UUID
+    handler: str
+    queue: str
     result: str | None = None  # JSON text on success
     delay: float | None = None  # retry after; None with error set: failed
     error: str | None = None
@@ -365,14 +367,22 @@ class Worker:
                 self._wake.set()
 
     async def _claim(self, free: int) -> bool:
-        """Claim up to ``free`` tasks, queue by queue; True if a queue may have more."""
+        """Claim up to ``free`` tasks, queue by queue; True if a queue may have more.
+
+        Handlers with a cluster-wide limit are left out of the plain claim and
+        taken by ``claim_limited``, which counts their running tasks under a
+        per-handler lock; the others never wait on anything.
+        """
         wid = self.worker_id
         pod = self.settings.pod_id
-        blocked = [
+        handlers = self.app.handlers
+        local_full = {
             name
-            for name, td in self.app.handlers.items()
+            for name, td in handlers.items()
             if td.concurrency and self._per_handler[name] >= td.concurrency
-        ]
+        }
+        limited = [td for td in handlers.values() if td.cluster_concurrency and td.name not in local_full]
+        blocked = sorted(local_full | {td.name for td in handlers.values() if td.cluster_concurrency})
         more = False
         for q in self.queues:
             rows = await self.store.run("claim", wid, pod, q, free, blocked)
@@ -382,6 +392,18 @@ class Worker:
             if len(rows) == free:
                 more = True
             free -= len(rows)
+            for td in limited:
+                if free <= 0:
+                    break
+                want = free
+                if td.concurrency:
+                    want = min(want, td.concurrency - self._per_handler[td.name])
+                rows = await self.store.run(
+                    "claim_limited", wid, pod, q, td.name, td.cluster_concurrency, want
+                )
+                for r in rows:
+                    self._start(r, wid)
+                free -= len(rows)
             if free <= 0:
                 break
         return more
@@ -416,7 +438,7 @@ class Worker:
 
     # -- running ---------------------------------------------------------
 
-    async def _write_progress(self, ctx: TaskContext, percent: int, message: str | None) -> bool:
+    async def _write_progress(self, ctx: TaskContext, percent: int, message: str | None) -> bool | None:
         run = self._running.get(ctx.id)
         if run is None or run.dropped:
             return False
@@ -427,13 +449,20 @@ class Worker:
             )  # fmt: skip
         except DB_ERRORS as exc:
             log.warning("progress of task %d not written (%r)", ctx.id, exc)
-            return False
+            return None
+        if not n:
+            self.stats.fenced_out += 1
+            log.warning(
+                "progress of task %d attempt %d fenced out: the task was taken away", ctx.id, ctx.attempt
+            )
         return bool(n)
 
     async def _execute(self, run: _Run, row: asyncpg.Record) -> None:
         ctx = run.ctx
         td: TaskDef | None = self.app.handlers.get(ctx.handler)
-        out = _Outcome(task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id)
+        out = _Outcome(
+            task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, handler=ctx.handler, queue=ctx.queue
+        )
         try:
             if td is None:
                 known = ", ".join(sorted(self.app.handlers)) or "(none registered)"
@@ -569,6 +598,14 @@ class Worker:
                 )  # fmt: skip
             self._finish(o.task_id)
         self._wake.set()
+        # A slot of a cluster-limited handler opened: peers may be waiting for it.
+        limited_queues = {
+            o.queue
+            for o in batch
+            if (td := self.app.handlers.get(o.handler)) is not None and td.cluster_concurrency
+        }
+        for q in limited_queues:
+            await self.store.run("wake_queue", q)
 
     def _finish(self, task_id: int) -> None:
         run = self._running.pop(task_id, None)

@@ -420,3 +420,50 @@ class TestInputs:
         with pytest.raises(ValidationError, match=r"payload\.width: value 99999 refused"):
             await app.enqueue("resize", {"image": "x", "width": 99999})
         assert (await app.list_tasks()).total == 1
+
+
+class TestClusterConcurrency:
+    async def test_cluster_wide_limit_across_workers(self, app: App, db_url: str) -> None:
+        """cluster_concurrency=3 holds across three 10-slot workers (checked from recorded intervals)."""
+        intervals: list[tuple[float, float]] = []
+
+        @app.task("scarce", cluster_concurrency=3)
+        async def scarce(ctx: TaskContext) -> None:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            await asyncio.sleep(0.05)
+            intervals.append((start, loop.time()))
+
+        @app.task("plenty")
+        async def plenty(ctx: TaskContext) -> None:
+            await asyncio.sleep(0.01)
+
+        ids = await app.enqueue_many([EnqueueRequest("scarce") for _ in range(30)])
+        ids += await app.enqueue_many([EnqueueRequest("plenty") for _ in range(30)])
+        apps = [
+            App(database_url=db_url, pod_id=f"p{i}", heartbeat_interval=0.5, lease_ttl=2.0) for i in range(3)
+        ]
+        for a in apps:
+            a.add_tasks_from(app)
+        try:
+            runners = [RunningWorker(a, concurrency=10) for a in apps]
+            for r in runners:
+                await r.__aenter__()
+            try:
+                for tid in ids:
+                    await wait_status(app, tid, "succeeded", 30)
+            finally:
+                for r in runners:
+                    await r.__aexit__()
+        finally:
+            for a in apps:
+                await a.close()
+        assert len(intervals) == 30
+        points = sorted(
+            [(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda p: (p[0], p[1])
+        )
+        now = peak = 0
+        for _, d in points:
+            now += d
+            peak = max(peak, now)
+        assert peak == 3

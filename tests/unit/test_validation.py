@@ -169,6 +169,9 @@ class TestSettings:
             Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_QUEUES": "a b"})
 
     def test_arguments_beat_environment(self) -> None:
-        s = Settings.load(env={"KUBETASKS_DATABASE_URL": "mysql://bad", "KUBETASKS_CONCURRENCY": "3"},
-                          database_url=URL, concurrency=7)  # fmt: skip
+        s = Settings.load(
+            env={"KUBETASKS_DATABASE_URL": "mysql://bad", "KUBETASKS_CONCURRENCY": "3"},
+            database_url=URL,
+            concurrency=7,
+        )
         assert s.database_url == URL and s.concurrency == 7

@@ -310,3 +310,7 @@ SELECT coalesce((SELECT live FROM del), false);
 -- $1 lock name. The live holder and the seconds left on its lock, database time.
 SELECT owner, extract(epoch FROM expires_at - now())::float8 AS expires_in_s
 FROM job_locks WHERE name = $1 AND expires_at > now();
+
+-- name: claim_limited :many
+-- $1 worker_id, $2 pod_id, $3 queue, $4 handler, $5 its cluster-wide limit, $6 how many.
+SELECT * FROM claim_limited($1, $2, $3, $4, $5, $6);
