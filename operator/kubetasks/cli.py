@@ -136,7 +136,10 @@ def _worker_command(
     queues: str | None,
     concurrency: int | None,
     log_level: str,
+    *,
+    pod_services: bool,
 ) -> None:
+    from kubetasks import runtime  # noqa: PLC0415
     from kubetasks import worker as worker_module  # noqa: PLC0415
     from kubetasks.store import migrate as do_migrate  # noqa: PLC0415
 
@@ -155,7 +158,11 @@ def _worker_command(
     async def go() -> None:
         await do_migrate(app.settings.database_url)
         try:
-            await worker_module.run_until_signalled(app)
+            rt = runtime.Runtime(app, worker_module.Worker(app))
+            if pod_services:
+                for name, service in runtime_services(app):
+                    rt.add(name, service)
+            await rt.run()
         finally:
             await app.close()
 
@@ -166,6 +173,11 @@ def _worker_command(
     except ImportError:
         pass
     run_async(go)
+
+
+def runtime_services(app: App) -> list[tuple[str, Any]]:
+    """The services `kubetasks run` adds beside the worker (scheduler, health, operator)."""
+    return []
 
 
 @cli.command()
@@ -182,7 +194,7 @@ def worker(
     log_level: Annotated[str, typer.Option(envvar="KUBETASKS_LOG_LEVEL")] = "info",
 ) -> None:
     """Run workers only, until SIGTERM/SIGINT (a second signal stops at once)."""
-    _worker_command(app, database_url, queues, concurrency, log_level)
+    _worker_command(app, database_url, queues, concurrency, log_level, pod_services=False)
 
 
 @cli.command()
@@ -198,8 +210,8 @@ def run(
     ] = None,
     log_level: Annotated[str, typer.Option(envvar="KUBETASKS_LOG_LEVEL")] = "info",
 ) -> None:
-    """The one process a pod runs: migrations, then workers and lease recovery."""
-    _worker_command(app, database_url, queues, concurrency, log_level)
+    """The one process a pod runs: migrations, workers, recovery, scheduler, operator."""
+    _worker_command(app, database_url, queues, concurrency, log_level, pod_services=True)
 
 
 @cli.command()

@@ -32,7 +32,7 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -611,26 +611,3 @@ class Worker:
         run = self._running.pop(task_id, None)
         if run is not None:
             self._per_handler[run.handler] -= 1
-
-
-async def run_until_signalled(app: App, **kwargs: Any) -> Worker:
-    """Run a worker until SIGTERM/SIGINT (a second signal cuts the grace)."""
-    import signal  # noqa: PLC0415
-
-    stop, force = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            force.set()
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    w = Worker(app, **kwargs)
-    try:
-        await w.run(stop, force)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    return w
