@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from kubetasks.app import App
 from kubetasks.worker import Worker
@@ -26,7 +27,7 @@ from kubetasks.worker import Worker
 log = logging.getLogger("kubetasks.runtime")
 
 #: A service: given the process's stop event and its worker, run until stop is set.
-Service = Callable[[asyncio.Event, Worker], Awaitable[None]]
+Service = Callable[[asyncio.Event, Worker], Coroutine[Any, Any, None]]
 
 
 @dataclass
