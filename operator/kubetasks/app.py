@@ -444,13 +444,14 @@ class App(Blueprint):
         store: Store,
         p: _Prepared,
         cr: tuple[str, str, str] | None = None,
+        paused: bool = False,
     ) -> int:
         cr_uid, cr_ns, cr_name = cr if cr else (None, None, None)
         for _ in range(5):
             task_id = await store.run(
                 "enqueue", p.handler, p.queue, p.priority, p.payload, p.max_attempts, p.run_at,
                 p.delay, p.timeout, p.retry_delay, p.backoff, p.max_retry_delay, p.tags,
-                p.dedupe_key, cr_uid, cr_ns, cr_name,
+                p.dedupe_key, cr_uid, cr_ns, cr_name, paused,
             )  # fmt: skip
             if task_id is not None:
                 return int(task_id)

@@ -177,7 +177,18 @@ def _worker_command(
 
 def runtime_services(app: App) -> list[tuple[str, Any]]:
     """The services `kubetasks run` adds beside the worker (scheduler, health, operator)."""
-    return []
+    services: list[tuple[str, Any]] = []
+    from kubetasks.k8s import kube  # noqa: PLC0415
+
+    if kube.configured():
+        from kubetasks.k8s.operator import Operator  # noqa: PLC0415
+
+        services.append(("operator", Operator(app).run))
+    if app.settings.metrics_port:
+        from kubetasks import health  # noqa: PLC0415
+
+        services.append(("health", health.serve))
+    return services
 
 
 @cli.command()

@@ -109,6 +109,10 @@ class Lease:
             raise RuntimeError(f"could not register a worker for pod {self.pod_id!r}")
         self.epoch = int(row["epoch"])
         self._valid_until = sent + self.settings.lease_ttl
+        namespace = os.environ.get("POD_NAMESPACE")
+        if namespace:
+            # Lets the operator match workers against a Pod listing of that namespace.
+            await self.store.run("set_worker_namespace", self.worker_id, namespace)
         if row["superseded"]:
             log.warning(
                 "superseded previous worker(s) of pod %s: %s (released %d tasks)",

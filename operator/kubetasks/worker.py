@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import traceback
 import uuid
 from collections import Counter
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from kubetasks import leases, validation
+from kubetasks import leases, metrics, validation
 from kubetasks.app import TaskDef, call_handler
 from kubetasks.context import TaskContext
 from kubetasks.errors import Fail, Retry, ValidationError
@@ -385,7 +386,9 @@ class Worker:
         blocked = sorted(local_full | {td.name for td in handlers.values() if td.cluster_concurrency})
         more = False
         for q in self.queues:
+            t0 = time.monotonic()
             rows = await self.store.run("claim", wid, pod, q, free, blocked)
+            metrics.CLAIM_DURATION.labels(q).observe(time.monotonic() - t0)
             self.stats.claim_batches += 1
             for r in rows:
                 self._start(r, wid)
@@ -425,6 +428,7 @@ class Worker:
 
     def _start(self, r: asyncpg.Record, wid: uuid.UUID) -> None:
         self.stats.claimed += 1
+        metrics.TASKS_CLAIMED.labels(r["handler"], r["queue"]).inc()
         ctx = TaskContext(
             id=r["id"], handler=r["handler"], queue=r["queue"], payload=r["payload"],
             attempt=r["attempt"], max_attempts=r["max_attempts"], priority=r["priority"],
@@ -459,6 +463,7 @@ class Worker:
 
     async def _execute(self, run: _Run, row: asyncpg.Record) -> None:
         ctx = run.ctx
+        started = time.monotonic()
         td: TaskDef | None = self.app.handlers.get(ctx.handler)
         out = _Outcome(
             task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, handler=ctx.handler, queue=ctx.queue
@@ -489,6 +494,7 @@ class Worker:
         except Exception as exc:
             tb = traceback.format_exc()
             self._set_failure(out, row, f"{type(exc).__name__}: {exc}", tb, "retried")
+        metrics.RUN_DURATION.labels(ctx.handler).observe(time.monotonic() - started)
         if run.dropped is not None:
             self._finish(ctx.id)
             return
@@ -581,6 +587,7 @@ class Worker:
         self.stats.flush_batches += 1
         for o in batch:
             if o.task_id in written:
+                metrics.record_outcome(o.handler, o.queue, o.kind, o.delay is not None)
                 if o.kind == "succeeded":
                     self.stats.succeeded += 1
                 elif o.delay is not None:

@@ -7,14 +7,16 @@
 -- $1 handler, $2 queue, $3 priority, $4 payload (json text), $5 max_attempts,
 -- $6 run_at (NULL: now + $7), $7 delay seconds, $8 timeout_s, $9 retry_delay_s,
 -- $10 retry_backoff, $11 max_retry_delay_s, $12 tags, $13 dedupe_key, $14 cr_uid,
--- $15 cr_namespace, $16 cr_name. Nothing is returned when the dedupe key or the
--- CR uid already names a live task: the caller then looks that one up.
+-- $15 cr_namespace, $16 cr_name, $17 paused (a suspended Task object: held from
+-- the start, never claimable in between). Nothing is returned when the dedupe key
+-- or the CR uid already names a live task: the caller then looks that one up.
 INSERT INTO tasks (handler, queue, priority, payload, max_attempts, run_at, timeout_s,
                    retry_delay_s, retry_backoff, max_retry_delay_s, tags, dedupe_key,
-                   cr_uid, cr_namespace, cr_name)
+                   cr_uid, cr_namespace, cr_name, status)
 VALUES ($1, $2, $3, $4::text::jsonb, $5,
         coalesce($6::timestamptz, now() + make_interval(secs => coalesce($7::float8, 0))),
-        $8, $9, $10, $11, $12, $13, $14, $15, $16)
+        $8, $9, $10, $11, $12, $13, $14, $15, $16,
+        CASE WHEN $17::boolean THEN 'paused' ELSE 'pending' END)
 ON CONFLICT DO NOTHING
 RETURNING id;
 
@@ -314,3 +316,54 @@ FROM job_locks WHERE name = $1 AND expires_at > now();
 -- name: claim_limited :many
 -- $1 worker_id, $2 pod_id, $3 queue, $4 handler, $5 its cluster-wide limit, $6 how many.
 SELECT * FROM claim_limited($1, $2, $3, $4, $5, $6);
+
+-- name: set_worker_namespace :exec
+-- $1 worker_id, $2 namespace of its pod (POD_NAMESPACE).
+UPDATE workers SET namespace = $2 WHERE worker_id = $1;
+
+-- name: ingest_refused :val
+-- $1 handler (as written, may be unknown), $2 queue, $3 error, $4 cr_uid,
+-- $5 cr_namespace, $6 cr_name. A Task object the API server accepted but we
+-- cannot run: recorded as failed at once, with the reason, so its status says why.
+INSERT INTO tasks (handler, queue, status, error, finished_at, cr_uid, cr_namespace, cr_name)
+VALUES ($1, $2, 'failed', $3, now(), $4, $5, $6)
+ON CONFLICT (cr_uid) DO NOTHING
+RETURNING id;
+
+-- name: cr_task_by_uid :one
+-- $1 cr_uid.
+SELECT id, status, attempt FROM tasks WHERE cr_uid = $1;
+
+-- name: cr_tasks_by_ids :many
+-- $1 task ids. What a Task object's status is written from.
+SELECT id, cr_uid, cr_namespace, cr_name, handler, queue, status, attempt, max_attempts, pod_id,
+       started_at, finished_at, error, result, progress, progress_message, updated_at
+FROM tasks WHERE id = ANY ($1::bigint[]) AND cr_uid IS NOT NULL;
+
+-- name: cr_tasks_for_resync :many
+-- Every Task-object row that is unfinished or changed in the last $1 seconds.
+SELECT id FROM tasks
+WHERE cr_uid IS NOT NULL
+  AND (status IN ('pending', 'running', 'paused') OR updated_at > now() - make_interval(secs => $1));
+
+-- name: live_workers_in_namespace :many
+-- $1 namespace.
+SELECT worker_id, pod_id FROM workers WHERE namespace = $1 AND status IN ('active', 'stopping');
+
+-- name: try_status_writer_lock :val
+-- The one status writer per cluster holds this session-level advisory lock.
+SELECT pg_try_advisory_lock(hashtext('kubetasks.status_writer'));
+
+-- name: metrics_queue_depths :many
+-- Per queue with pending tasks: all pending (delayed included), the due ones, and
+-- how long the oldest due one has waited. Read by /metrics, cached ~2 s; it walks
+-- the partial index of the pending set, so it costs what that set costs.
+SELECT queue, count(*) AS pending, count(*) FILTER (WHERE run_at <= now()) AS due,
+       extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8 AS oldest_due_age_s
+FROM tasks WHERE status = 'pending'
+GROUP BY queue ORDER BY queue;
+
+-- name: health_applied_migrations :many
+-- The readiness probe's one statement: proves the database answers and lists the
+-- applied migration versions, which the caller compares with the ones it ships.
+SELECT version FROM schema_migrations ORDER BY version;

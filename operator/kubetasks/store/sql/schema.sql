@@ -19,6 +19,7 @@ CREATE TABLE workers (
     lease_expires_at timestamptz NOT NULL,
     stopped_at       timestamptz,
     stop_reason      text,
+    namespace        text,
     CONSTRAINT stopped_workers_have_time CHECK ((status IN ('dead', 'superseded')) = (stopped_at IS NOT NULL))
 );
 -- One live worker per pod: a restarted container supersedes its predecessor.
@@ -336,3 +337,23 @@ BEGIN
     RETURNING t.*;
 END;
 $$;
+
+-- Change notifications for tasks that came from a Task object (0003).
+CREATE FUNCTION notify_cr_task_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('kubetasks_cr_changed', NEW.id::text);
+    RETURN NULL;
+END;
+$$;
+-- Only rows of Task objects, and only changes a status shows: the hot path of
+-- plain enqueued tasks pays nothing but the WHEN test.
+CREATE TRIGGER tasks_notify_cr_inserted AFTER INSERT ON tasks
+    FOR EACH ROW WHEN (NEW.cr_uid IS NOT NULL) EXECUTE FUNCTION notify_cr_task_changed();
+CREATE TRIGGER tasks_notify_cr_updated AFTER UPDATE ON tasks
+    FOR EACH ROW WHEN (NEW.cr_uid IS NOT NULL AND
+        (OLD.status, OLD.attempt, OLD.progress, OLD.progress_message, OLD.pod_id)
+        IS DISTINCT FROM (NEW.status, NEW.attempt, NEW.progress, NEW.progress_message, NEW.pod_id))
+    EXECUTE FUNCTION notify_cr_task_changed();
+
+CREATE INDEX tasks_cr_unfinished ON tasks (id)
+    WHERE cr_uid IS NOT NULL AND status IN ('pending', 'running', 'paused');

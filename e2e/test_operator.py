@@ -1,0 +1,453 @@
+"""The operator end to end: a real kube-apiserver, real kubectl, real `kubetasks run` processes.
+
+Each test gets its own namespace and database. Operators run as separate
+processes with KUBECONFIG pointing at the local control plane; Pods are
+created by hand (no kubelet runs), which is all a Pod watcher needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from tests.conftest import create_db, dev_state, drop_db, template_db  # noqa: F401 - fixtures
+from tests.integration.helpers import audit
+
+from kubetasks import devenv
+
+ROOT = Path(__file__).resolve().parent.parent
+SELECTOR = "app.kubernetes.io/name=kubetasks-e2e"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    kubectl: str
+    kubeconfig: str
+
+    def run(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [self.kubectl, "--kubeconfig", self.kubeconfig, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {res.stderr}")
+        return res
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "-o", "json").stdout)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Cluster:
+    res = subprocess.run(
+        ["bash", str(ROOT / "e2e/cluster/up.sh")], capture_output=True, text=True, timeout=3000
+    )
+    if res.returncode != 0:
+        pytest.fail(f"the local control plane did not start:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    env = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f". {ROOT}/e2e/cluster/env.sh && echo $KUBETASKS_KUBECTL && echo $KUBETASKS_KUBECONFIG",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    kubectl, kubeconfig = env.stdout.split()
+    c = Cluster(kubectl, kubeconfig)
+    c.run("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    c.run("wait", "--for=condition=Established", "crd/tasks.kubetasks.dev", "crd/kopfpeerings.kopf.dev")
+    return c
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    ns = f"e2e-{uuid.uuid4().hex[:8]}"
+    cluster.run("create", "namespace", ns)
+    cluster.run(
+        "apply",
+        "-n",
+        ns,
+        "-f",
+        "-",
+        input=json.dumps(
+            {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "default"}}
+        ),
+    )
+    yield ns
+    # Finalizers are ours and held only while unfinished: nothing can hang here.
+    cluster.run("delete", "tasks", "--all", "-n", ns, "--wait=false", check=False)
+    cluster.run("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture
+async def db(dev_state: devenv.DevState, template_db: str) -> AsyncIterator[str]:  # noqa: F811
+    name = await create_db(dev_state, template_db)
+    yield dev_state.admin_url(name)
+    await drop_db(dev_state, name)
+
+
+class Operators:
+    """`kubetasks run` processes, each posing as a pod of one Deployment."""
+
+    def __init__(self, cluster: Cluster, namespace: str, db: str, tmp: Path) -> None:
+        self.cluster, self.namespace, self.db, self.tmp = cluster, namespace, db, tmp
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.sidelog = tmp / "side.log"
+
+    def pod(self, name: str) -> None:
+        self.cluster.run(
+            "apply",
+            "-n",
+            self.namespace,
+            "-f",
+            "-",
+            input=json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "kubetasks-e2e"}},
+                    "spec": {"containers": [{"name": "kubetasks", "image": "kubetasks:e2e"}]},
+                }
+            ),
+        )
+
+    def start(self, name: str, concurrency: int = 20, priority: int | None = None) -> subprocess.Popen[bytes]:
+        self.pod(name)
+        env = dict(os.environ)
+        env.update(
+            KUBECONFIG=self.cluster.kubeconfig,
+            KUBETASKS_DATABASE_URL=self.db,
+            POD_NAME=name,
+            POD_ID=name,  # kopf's peering identity
+            POD_NAMESPACE=self.namespace,
+            KUBETASKS_WATCH_NAMESPACES=self.namespace,
+            KUBETASKS_POD_SELECTOR=SELECTOR,
+            KUBETASKS_PEERING_LIFETIME="6",
+            KUBETASKS_HEARTBEAT_INTERVAL="1",
+            KUBETASKS_LEASE_TTL="10",
+            KUBETASKS_CONCURRENCY=str(concurrency),
+            SIDELOG=str(self.sidelog),
+            PYTHONPATH=str(ROOT),
+        )
+        if priority is not None:
+            env["KUBETASKS_PEERING_PRIORITY"] = str(priority)
+        with open(self.tmp / f"{name}.log", "ab") as log:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "kubetasks", "run", "--app", "tests.integration.apps.sidelog:app"],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs[name] = p
+        return p
+
+    def leader(self) -> str | None:
+        peering = self.cluster.json("get", "kopfpeering", "default", "-n", self.namespace)
+        peers = {k: v for k, v in (peering.get("status") or {}).items() if isinstance(v, dict)}
+        live = {k: v for k, v in peers.items() if k in self.procs and self.procs[k].poll() is None}
+        if not live:
+            return None
+        return max(live, key=lambda k: live[k].get("priority", 0))
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            try:
+                p.wait(40)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def operators(cluster: Cluster, namespace: str, db: str, tmp_path: Path) -> Iterator[Operators]:
+    ops = Operators(cluster, namespace, db, tmp_path)
+    yield ops
+    ops.stop_all()
+
+
+def task_manifest(name: str, handler: str = "side.work", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetasks.dev/v1alpha1",
+        "kind": "Task",
+        "metadata": {"name": name},
+        "spec": {"handler": handler, **spec},
+    }
+
+
+def apply(
+    cluster: Cluster, ns: str, manifests: list[dict[str, Any]], *extra: str
+) -> subprocess.CompletedProcess[str]:
+    doc = {"apiVersion": "v1", "kind": "List", "items": manifests}
+    return cluster.run("apply", "-n", ns, *extra, "-f", "-", input=json.dumps(doc), check=False)
+
+
+def phases(cluster: Cluster, ns: str) -> dict[str, str]:
+    items = cluster.json("get", "tasks", "-n", ns)["items"]
+    return {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "") for i in items}
+
+
+async def wait_until(cond: Any, timeout: float, what: str, interval: float = 0.1) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def wait_ready(ops: Operators, names: list[str]) -> None:
+    async def up() -> bool:
+        conn = await asyncpg.connect(ops.db)
+        try:
+            n = await conn.fetchval(
+                "SELECT count(*) FROM kubetasks.workers WHERE status='active' AND pod_id = ANY($1)", names
+            )
+        finally:
+            await conn.close()
+        return int(n) == len(names)
+
+    end = time.monotonic() + 60
+    while not await up():
+        for n in names:
+            assert ops.procs[n].poll() is None, (ops.tmp / f"{n}.log").read_text()[-3000:]
+        assert time.monotonic() < end, "operators did not register"
+        await asyncio.sleep(0.2)
+
+
+async def db_rows(db: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(db)
+    try:
+        return await conn.fetch("SELECT * FROM kubetasks.tasks ORDER BY id")
+    finally:
+        await conn.close()
+
+
+async def test_two_hundred_tasks_in_one_apply(cluster: Cluster, namespace: str, operators: Operators) -> None:
+    """200 Tasks in one `kubectl apply` all succeed, each run once; time to the last Succeeded printed."""
+    operators.start("kt-a", concurrency=50)
+    await wait_ready(operators, ["kt-a"])
+    await asyncio.sleep(1.0)  # the operator's watch is open
+    manifests = [task_manifest(f"t-{i:03d}", payload={"n": i, "ms": [5, 20]}) for i in range(200)]
+    res = apply(cluster, namespace, manifests)
+    assert res.returncode == 0, res.stderr
+    t0 = time.monotonic()
+    await wait_until(
+        lambda: list(phases(cluster, namespace).values()).count("Succeeded") == 200,
+        60,
+        "200 Succeeded",
+        interval=0.25,
+    )
+    took = time.monotonic() - t0
+    rows = await db_rows(operators.db)
+    ids = [r["id"] for r in rows]
+    result = await audit(operators.db, ids, operators.sidelog)
+    print(f"\n[e2e] 200 Tasks: apply returned -> last Succeeded in {took:.2f}s")
+    assert len(rows) == 200 and {r["status"] for r in rows} == {"succeeded"}
+    assert result.lost == set() and result.duplicated == set() and result.unexpected == set()
+    assert set(result.runs.values()) == {1} and len(result.runs) == 200
+    wide = cluster.run("get", "tasks", "-n", namespace, "-o", "wide").stdout.splitlines()
+    print("\n".join(wide[:4]))
+    assert wide[0].split()[:7] == ["NAME", "HANDLER", "QUEUE", "PHASE", "ATTEMPTS", "POD", "AGE"]
+
+
+async def test_bad_manifests_refused_by_the_api_server(cluster: Cluster, namespace: str) -> None:
+    """The API server refuses bad Tasks with a message naming the field."""
+    cases = [
+        (
+            {
+                "apiVersion": "kubetasks.dev/v1alpha1",
+                "kind": "Task",
+                "metadata": {"name": "no-handler"},
+                "spec": {"payload": {}},
+            },
+            "spec.handler: Required value",
+        ),
+        (task_manifest("prio", priority=5000), "spec.priority"),
+        (task_manifest("neg-timeout", timeoutSeconds=-1), "spec.timeoutSeconds"),
+        (task_manifest("both", runAt="2030-01-01T00:00:00Z", delaySeconds=5), "mutually exclusive"),
+        (task_manifest("bad-name", handler="has space"), "spec.handler"),
+    ]
+    for manifest, expected in cases:
+        res = cluster.run("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=False)
+        assert res.returncode != 0 and expected in res.stderr, (manifest["metadata"]["name"], res.stderr)
+    cluster.run(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(task_manifest("fixed", delaySeconds=3600))
+    )
+    res = cluster.run(
+        "patch",
+        "task",
+        "fixed",
+        "-n",
+        namespace,
+        "--type",
+        "merge",
+        "-p",
+        '{"spec":{"queue":"other"}}',
+        check=False,
+    )
+    assert res.returncode != 0 and "spec.queue: Forbidden: spec.queue is immutable" in res.stderr, res.stderr
+    ok = cluster.run(
+        "patch", "task", "fixed", "-n", namespace, "--type", "merge", "-p", '{"spec":{"suspend":true}}'
+    )
+    assert "patched" in ok.stdout
+    big = task_manifest("too-big", payload={"blob": "x" * (300 * 1024)})
+    res = cluster.run("apply", "-n", namespace, "-f", "-", input=json.dumps(big), check=False)
+    assert res.returncode != 0 and "Too long" in res.stderr, res.stderr[-500:]
+    print(f"\n[e2e] payload of 300 KiB refused: {res.stderr.strip()[-200:]}")
+
+
+async def test_unknown_handler_and_oversized_payload_end_failed(
+    cluster: Cluster, namespace: str, operators: Operators
+) -> None:
+    """Accepted by the API server but not runnable: the status says why (known handlers listed)."""
+    operators.start("kt-a")
+    await wait_ready(operators, ["kt-a"])
+    apply(cluster, namespace, [task_manifest("nobody-home", handler="images.rotate")])
+    # `kubectl create` keeps no last-applied copy, so 200 KiB reaches the API server.
+    big = task_manifest("big-payload", payload={"blob": "y" * (200 * 1024)})
+    cluster.run("create", "-n", namespace, "-f", "-", input=json.dumps(big))
+    await wait_until(
+        lambda: phases(cluster, namespace) == {"nobody-home": "Failed", "big-payload": "Failed"},
+        30,
+        "both Failed",
+    )
+    msg = {
+        n: cluster.run("get", "task", n, "-n", namespace, "-o", "jsonpath={.status.message}").stdout
+        for n in ("nobody-home", "big-payload")
+    }
+    assert msg["nobody-home"] == (
+        "handler: unknown handler 'images.rotate'; known handlers: side.sleep, side.work"
+    ), msg
+    assert msg["big-payload"].startswith(
+        "spec.payload: is 204811 bytes as JSON; the limit for a Task object is 131072"
+    )
+
+
+async def test_delete_running_task_cancels_and_suspend_resume(
+    cluster: Cluster, namespace: str, operators: Operators
+) -> None:
+    """Deleting a running Task cancels its handler and the object goes; suspend then resume ends Succeeded."""
+    operators.start("kt-a")
+    await wait_ready(operators, ["kt-a"])
+    apply(cluster, namespace, [task_manifest("long", handler="side.sleep", payload={"s": 60})])
+    await wait_until(lambda: phases(cluster, namespace).get("long") == "Running", 30, "long Running")
+    fin = cluster.run("get", "task", "long", "-n", namespace, "-o", "jsonpath={.metadata.finalizers}").stdout
+    assert "kubetasks.dev/cancel-on-delete" in fin
+    cluster.run("delete", "task", "long", "-n", namespace, "--timeout=30s")
+    rows = await db_rows(operators.db)
+    assert [r["status"] for r in rows] == ["cancelled"]
+    assert cluster.run("get", "task", "long", "-n", namespace, check=False).returncode != 0
+    await asyncio.sleep(0.5)
+    ends = [line for line in operators.sidelog.read_text().splitlines() if line.startswith("end")]
+    assert ends == [], "the cancelled handler ran to its end"
+
+    apply(cluster, namespace, [task_manifest("held", handler="side.sleep", payload={"s": 0.1}, suspend=True)])
+    await wait_until(lambda: phases(cluster, namespace).get("held") == "Paused", 30, "held Paused")
+    await asyncio.sleep(1.0)
+    assert phases(cluster, namespace)["held"] == "Paused"
+    cluster.run(
+        "patch", "task", "held", "-n", namespace, "--type", "merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    res = cluster.run("wait", "--for=condition=Succeeded", "task/held", "-n", namespace, "--timeout=30s")
+    print(f"\n[e2e] {res.stdout.strip()}")
+    describe = cluster.run("describe", "task", "held", "-n", namespace).stdout
+    print(describe[-900:])
+    assert "Succeeded" in describe and "kubetasks" in describe
+
+
+async def test_leader_killed_other_takes_over(cluster: Cluster, namespace: str, operators: Operators) -> None:
+    """Two operators: one handles events, both run tasks; kill the leader and 50 new Tasks still succeed."""
+    operators.start("kt-a")
+    operators.start("kt-b")
+    await wait_ready(operators, ["kt-a", "kt-b"])
+    await wait_until(lambda: operators.leader() is not None, 30, "a peering leader")
+    apply(cluster, namespace, [task_manifest(f"w-{i}", payload={"n": i, "ms": [50, 100]}) for i in range(60)])
+    await wait_until(
+        lambda: list(phases(cluster, namespace).values()).count("Succeeded") == 60, 60, "60 Succeeded"
+    )
+    pods = {r["pod_id"] for r in await db_rows(operators.db)}
+    assert pods == {"kt-a", "kt-b"}, f"both replicas should run tasks, got {pods}"
+    leader = operators.leader()
+    assert leader is not None
+    operators.procs[leader].kill()
+    operators.procs[leader].wait()
+    t0 = time.monotonic()
+    apply(cluster, namespace, [task_manifest(f"after-{i}", payload={"n": i}) for i in range(50)])
+    await wait_until(
+        lambda: (
+            sum(
+                1
+                for n, p in phases(cluster, namespace).items()
+                if n.startswith("after-") and p == "Succeeded"
+            )
+            == 50
+        ),
+        90,
+        "50 Succeeded after the leader died",
+    )
+    print(f"\n[e2e] leader {leader} killed: 50 new Tasks Succeeded {time.monotonic() - t0:.1f}s later")
+
+
+async def test_pod_deleted_task_runs_again_within_seconds(
+    cluster: Cluster, namespace: str, operators: Operators
+) -> None:
+    """A worker killed and its Pod deleted: its task runs again elsewhere within 2 s of the deletion."""
+    victim, leader = "kt-victim", "kt-leader"
+    operators.start(victim, priority=1)
+    await wait_ready(operators, [victim])
+    apply(
+        cluster,
+        namespace,
+        [task_manifest(f"slow-{i}", handler="side.sleep", payload={"s": 60}) for i in range(5)],
+    )
+
+    async def victim_runs_all() -> bool:
+        rows = await db_rows(operators.db)
+        return len(rows) == 5 and all(r["status"] == "running" and r["pod_id"] == victim for r in rows)
+
+    end = time.monotonic() + 30
+    while not await victim_runs_all():
+        assert time.monotonic() < end, "the victim never ran the tasks"
+        await asyncio.sleep(0.2)
+    task_id = int((await db_rows(operators.db))[0]["id"])
+    operators.start(leader, priority=100)  # the higher priority handles events from now on
+    await wait_ready(operators, [victim, leader])
+    await wait_until(lambda: operators.leader() == leader, 30, "the new replica to lead")
+    await asyncio.sleep(1.0)  # its Pod watch is open
+    operators.procs[victim].kill()
+    operators.procs[victim].wait()
+    t0 = time.monotonic()
+    cluster.run("delete", "pod", victim, "-n", namespace, "--grace-period=0", "--force", "--wait=false")
+
+    async def rerun() -> bool:
+        rows = {r["id"]: r for r in await db_rows(operators.db)}
+        return rows[task_id]["status"] == "running" and rows[task_id]["pod_id"] == leader
+
+    while not await rerun():
+        assert time.monotonic() - t0 < 10, "task not recovered within 10 s"
+        await asyncio.sleep(0.05)
+    took = time.monotonic() - t0
+    print(f"\n[e2e] pod {victim} deleted: its task ran again on {leader} {took:.2f}s later")
+    assert took <= 2.0

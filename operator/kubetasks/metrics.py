@@ -1,0 +1,303 @@
+"""Prometheus metrics: the definitions, and the values read when /metrics is scraped.
+
+Two kinds of metric live here:
+
+* **instrumented** ones, which code increments where the event happens
+  (``TASKS_CLAIMED.labels(handler, queue).inc()`` in the worker,
+  ``LOCK_ACQUISITIONS`` in the lock backends, ``CRON_TICKS`` in the scheduler).
+  They belong to ``REGISTRY``, a registry of our own -- never the client's
+  global default -- so importing kubetasks next to another library that uses
+  prometheus-client cannot clash, and a test can read the values it caused;
+* **scrape-time** ones, read from a running worker (its lease, its counters,
+  the queues in the database) by ``WorkerCollector`` each time /metrics is
+  served, so nothing has to keep them up to date in between.
+
+The instrumented metrics are process-wide: a process that runs two workers
+(a test, an embedding program) sums them. ``kubetasks run`` runs one.
+
+Every pod reports the same queue gauges (they come from the shared database);
+aggregate them with ``max by (queue)``, not ``sum``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+
+if TYPE_CHECKING:
+    from kubetasks.store import Store
+    from kubetasks.worker import Worker
+
+#: The registry every instrumented kubetasks metric belongs to.
+REGISTRY = CollectorRegistry()
+
+_TASK_LABELS = ("handler", "queue")
+
+TASKS_CLAIMED = Counter(
+    "kubetasks_tasks_claimed", "Task attempts claimed by this process.", _TASK_LABELS, registry=REGISTRY
+)
+TASKS_SUCCEEDED = Counter(
+    "kubetasks_tasks_succeeded",
+    "Attempts whose success was written (fenced writes that were refused are not counted).",
+    _TASK_LABELS,
+    registry=REGISTRY,
+)
+TASKS_FAILED = Counter(
+    "kubetasks_tasks_failed",
+    "Attempts that failed the task for good (no attempts left, Fail, or a final timeout).",
+    _TASK_LABELS,
+    registry=REGISTRY,
+)
+TASKS_RETRIED = Counter(
+    "kubetasks_tasks_retried",
+    "Attempts that failed and put the task back to pending for another attempt.",
+    _TASK_LABELS,
+    registry=REGISTRY,
+)
+TASKS_TIMED_OUT = Counter(
+    "kubetasks_tasks_timed_out",
+    "Attempts that ran out of time (also counted as retried or failed).",
+    _TASK_LABELS,
+    registry=REGISTRY,
+)
+
+#: Buckets from 1 ms (a claim, a no-op task) to 10 minutes (a long task).
+_DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
+)  # fmt: skip
+
+CLAIM_DURATION = Histogram(
+    "kubetasks_claim_duration_seconds",
+    "Time of one claim statement (one queue, up to the free slots).",
+    ("queue",),
+    buckets=_DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+RUN_DURATION = Histogram(
+    "kubetasks_task_run_duration_seconds",
+    "Time from an attempt's start to its outcome, whatever the outcome (dropped attempts excluded).",
+    ("handler",),
+    buckets=_DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+
+LOCK_ACQUISITIONS = Counter(
+    "kubetasks_lock_acquisitions",
+    "Job lock acquisition attempts; backend=redis|postgres, outcome=acquired|held|error.",
+    ("backend", "outcome"),
+    registry=REGISTRY,
+)
+CRON_TICKS = Counter(
+    "kubetasks_cron_ticks",
+    "Cron ticks seen by this process; outcome=won (this pod enqueued it), lost (another pod did), "
+    "skipped (Forbid with the job lock held, or past startingDeadlineSeconds).",
+    ("outcome",),
+    registry=REGISTRY,
+)
+
+
+def record_outcome(handler: str, queue: str, kind: str, will_retry: bool) -> None:
+    """Count a written outcome; ``kind`` is succeeded | retried | failed | timeout."""
+    if kind == "succeeded":
+        TASKS_SUCCEEDED.labels(handler, queue).inc()
+        return
+    (TASKS_RETRIED if will_retry else TASKS_FAILED).labels(handler, queue).inc()
+    if kind == "timeout":
+        TASKS_TIMED_OUT.labels(handler, queue).inc()
+
+
+# -- values read at scrape time ------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    queue: str
+    pending: int  # every pending task, delayed ones included
+    due: int  # pending and run_at <= now(): what workers could claim now
+    oldest_due_age_s: float | None  # seconds the oldest due task has waited
+
+
+@dataclass
+class QueueStats:
+    """Per-queue depth from one query, cached for ``ttl`` seconds across scrapes."""
+
+    ttl: float = 2.0
+    timeout: float = 2.0
+    depths: list[QueueDepth] = field(default_factory=list)
+    ok: bool = False
+    error: str | None = None
+    _at: float | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def refresh(self, store: Store) -> None:
+        async with self._lock:  # concurrent scrapes share one query
+            now = time.monotonic()
+            if self._at is not None and now - self._at < self.ttl:
+                return
+            try:
+                async with asyncio.timeout(self.timeout):
+                    rows = await store.run("metrics_queue_depths")
+            except Exception as exc:  # any failure: no queue figures, and why
+                self.depths, self.ok, self.error = [], False, repr(exc)
+            else:
+                self.depths = [
+                    QueueDepth(r["queue"], int(r["pending"]), int(r["due"]), r["oldest_due_age_s"])
+                    for r in rows
+                ]
+                self.ok, self.error = True, None
+            self._at = time.monotonic()
+
+
+@dataclass
+class LoopMonitor:
+    """How late the event loop wakes a sleeper: a busy or blocked loop shows here."""
+
+    interval: float = 0.5
+    lag_s: float = 0.0
+    max_lag_s: float = 0.0  # since the last scrape
+    last_tick: float = field(default_factory=time.monotonic)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            before = time.monotonic()
+            try:
+                async with asyncio.timeout(self.interval):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+            now = time.monotonic()
+            self.lag_s = max(0.0, now - before - self.interval)
+            self.max_lag_s = max(self.max_lag_s, self.lag_s)
+            self.last_tick = now
+
+    def since_tick(self) -> float:
+        return time.monotonic() - self.last_tick
+
+
+class WorkerCollector:
+    """Scrape-time metrics of one worker: lease, fencing, slots, queue depths."""
+
+    def __init__(self, worker: Worker, queues: QueueStats, loop: LoopMonitor | None = None) -> None:
+        self.worker = worker
+        self.queues = queues
+        self.loop = loop
+
+    def collect(self) -> Iterable[Metric]:
+        w = self.worker
+        s = w.stats
+        yield _counter(
+            "kubetasks_fenced_out_writes",
+            "Writes about a task refused because it was taken away (outcome dropped, progress refused).",
+            s.fenced_out,
+        )
+        yield _counter(
+            "kubetasks_worker_fenced",
+            "Times this process found its lease lost, dropped its running tasks and registered again.",
+            s.fenced_self,
+        )
+        yield _counter("kubetasks_tasks_cancelled", "Running attempts cancelled on request.", s.cancelled)
+        yield _gauge("kubetasks_tasks_running", "Attempts this process runs now.", len(w._running))
+        yield _gauge("kubetasks_worker_slots", "Tasks this process may run at once.", w.concurrency)
+        lease = w.lease
+        if lease is not None:
+            st = lease.stats
+            yield _counter(
+                "kubetasks_tasks_recovered",
+                "Tasks this process's reaper released from workers whose lease expired "
+                "(back to pending, or failed when out of attempts); not labelled by handler or queue.",
+                st.reaped_tasks,
+            )
+            yield _counter("kubetasks_lease_renewals", "Successful lease renewals (heartbeats).", st.renewals)
+            yield _counter("kubetasks_lease_renewal_failures", "Heartbeats that failed.", st.failures)
+            yield _gauge(
+                "kubetasks_lease_renewal_latency_seconds",
+                "Round trip of the latest successful heartbeat.",
+                st.last_latency_s,
+            )
+            yield _gauge(
+                "kubetasks_lease_time_left_seconds",
+                "Seconds until this process's lease surely ends unless renewed (own clock).",
+                lease.time_left(),
+            )
+            yield _gauge("kubetasks_lease_live", "1 while this process holds a live lease.", _live(w))
+        if self.loop is not None:
+            yield _gauge(
+                "kubetasks_event_loop_lag_seconds",
+                "Largest delay of the event loop in waking a timer since the previous scrape.",
+                max(self.loop.max_lag_s, self.loop.lag_s),
+            )
+            self.loop.max_lag_s = 0.0
+        yield from self._queue_metrics(w.queues)
+
+    def _queue_metrics(self, served: Sequence[str]) -> Iterator[Metric]:
+        q = self.queues
+        yield _gauge(
+            "kubetasks_queue_stats_up", "1 when the queue figures below were read from the database.", q.ok
+        )
+        if not q.ok:
+            return
+        pending = GaugeMetricFamily(
+            "kubetasks_queue_pending_tasks",
+            "Pending tasks per queue, delayed ones included.",
+            labels=["queue"],
+        )
+        due = GaugeMetricFamily(
+            "kubetasks_queue_due_tasks", "Pending tasks per queue that are due now.", labels=["queue"]
+        )
+        age = GaugeMetricFamily(
+            "kubetasks_queue_oldest_pending_age_seconds",
+            "How long the oldest due pending task of each queue has waited (0 when none is due).",
+            labels=["queue"],
+        )
+        seen = set()
+        for d in q.depths:
+            seen.add(d.queue)
+            pending.add_metric([d.queue], d.pending)
+            due.add_metric([d.queue], d.due)
+            age.add_metric([d.queue], d.oldest_due_age_s or 0.0)
+        for name in served:  # a queue this worker serves reads 0, not absent, when empty
+            if name not in seen:
+                pending.add_metric([name], 0)
+                due.add_metric([name], 0)
+                age.add_metric([name], 0.0)
+        yield from (pending, due, age)
+
+
+def _live(w: Worker) -> bool:
+    return w.lease is not None and not w.lease.lost and w.lease.time_left() > 0
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=float(value))
+
+
+class _Forward:
+    """Collects another registry's metrics into this one."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self.source = source
+
+    def collect(self) -> Iterable[Metric]:
+        return self.source.collect()
+
+
+def registry_for(*collectors: Any, process: bool = True) -> CollectorRegistry:
+    """A registry serving the instrumented metrics, process figures and ``collectors``."""
+    reg = CollectorRegistry()
+    reg.register(_Forward(REGISTRY))
+    if process:
+        ProcessCollector(namespace="kubetasks", registry=reg)
+    for c in collectors:
+        reg.register(c)
+    return reg
