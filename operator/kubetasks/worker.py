@@ -213,7 +213,9 @@ class Worker:
                 if stop.is_set():
                     break
                 if self._lost.is_set() or side["heartbeat"].done():
-                    await self._fence_and_reregister()
+                    await self._fence_and_reregister(stop)
+                    if stop.is_set():
+                        break
                     hb_stop = asyncio.Event()
                     side["heartbeat"] = asyncio.create_task(
                         self.lease.run(hb_stop), name="kubetasks-heartbeat"
@@ -234,7 +236,7 @@ class Worker:
                     run.dropped = run.dropped or "worker stopped"
                     run.task.cancel()
 
-    async def _fence_and_reregister(self) -> None:
+    async def _fence_and_reregister(self, stop: asyncio.Event) -> None:
         """Our lease is gone: stop, drop what runs, then come back as a new worker."""
         assert self.lease is not None
         self.stats.fenced_self += 1
@@ -247,13 +249,15 @@ class Worker:
         log.error("fenced: dropped %d running task(s) of worker %s; registering again", dropped, old)
         await self._wait_tasks([r.task for r in self._running.values() if r.task], 10.0)
         delay = 0.2
-        while not self._stopping:
+        while not self._stopping and not stop.is_set():
             try:
                 await self.lease.register()
                 break
             except DB_ERRORS as exc:
                 log.warning("registering again failed: %r", exc)
-                await asyncio.sleep(delay)
+                # A stop request must not wait for the database to come back.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
         self._lost.clear()
         self._claiming = True
@@ -279,7 +283,8 @@ class Worker:
         self._claiming = False
         grace = self.settings.shutdown_grace
         with contextlib.suppress(*DB_ERRORS):
-            await self.store.run("set_worker_stopping", self.worker_id)
+            async with asyncio.timeout(5):
+                await self.store.run("set_worker_stopping", self.worker_id)
         live = [r.task for r in self._running.values() if r.task is not None and not r.task.done()]
         if live:
             log.info("stopping: waiting up to %.0fs for %d running task(s)", grace, len(live))
@@ -297,7 +302,8 @@ class Worker:
         await self._wait_tasks([r.task for r in self._running.values()], 5.0)
         await self._drain_outcomes(deadline=5.0)
         try:
-            await self.store.run("stop_worker", self.worker_id, "dead", "graceful shutdown")
+            async with asyncio.timeout(10):
+                await self.store.run("stop_worker", self.worker_id, "dead", "graceful shutdown")
         except DB_ERRORS as exc:
             log.warning("could not deregister (%r); the lease will expire on its own", exc)
         log.info("worker %s stopped: %s", self.worker_id, self.stats)

@@ -1,0 +1,880 @@
+"""Cron: the due ticks of each schedule, fired once across every pod.
+
+Two halves, kept apart so the hard part can be tested without a clock:
+
+* **Pure maths** (``validate``, ``next_tick``, ``prev_tick``, ``due_ticks``):
+  croniter wrapped so every instant goes in and comes out as an aware UTC
+  datetime, and the instant "now" is always an argument. Expressions are
+  evaluated in the schedule's time zone, so daylight saving follows croniter:
+  a time skipped by the spring change fires at the first instant after the gap
+  (02:30 Berlin -> 03:00 CEST, once); a time repeated by the autumn change fires
+  at both of its instants (a daily 02:30 Berlin job runs at 00:30 and 01:30 UTC
+  on that day). A schedule is valid when its next time can be computed.
+
+* **The scheduler** (``Scheduler``), one per pod, all equal. A schedule's cursor
+  is ``greatest(last_tick_at, ticks_from)``: ticks after it and not after now
+  are due. Of the due ticks only the newest may run -- and only when it is no
+  older than ``starting_deadline_s`` -- the others are recorded as ``missed``: a
+  pod that was down, or every pod, never floods the queue on its return (at most
+  one catch-up run per schedule). Firing a tick is one transaction per
+  schedule: lock the schedule row (``FOR UPDATE``: the schedulers of one
+  schedule take turns, and a turn re-reads the cursor, so a tick another pod
+  already handled is dropped), insert ``(schedule, tick_at)`` into
+  ``cron_ticks`` with ``ON CONFLICT DO NOTHING``, and only if that insert
+  succeeded enqueue the run, in the same transaction. Time is the database's
+  ``now()`` (an injectable ``clock`` for tests); the scheduler sleeps on the
+  loop clock until the earliest next tick and is woken by NOTIFY
+  ``kubetasks_schedules`` (a trigger on ``schedules`` sends it when a schedule
+  is created, deleted or its timing changes). There is no polling interval.
+
+**concurrencyPolicy Forbid** (the default). The run, not the scheduler, must
+hold the job lock ``cron:<name>``: a scheduler only enqueues and returns, and
+the lock has to cover the time the handler really runs, on whichever pod
+claimed it. The worker cannot be changed for this, so ``@app.periodic``
+registers its handler wrapped in ``guard``: ``async with
+app.job_lock("cron:<name>", ttl=lock_ttl)`` around the user's function
+(renewed every ttl/3 while it runs; if the lock is lost the function is
+cancelled and the attempt fails). A run that starts while a dead pod's lock
+has not yet expired waits for it (at most ``lock_ttl``).
+
+At tick time, under Forbid and inside the tick's transaction, the scheduler
+refuses to enqueue -- and records the tick ``skipped`` with the holder and a
+reason -- when either (1) the schedule's last run is still unfinished in the
+``tasks`` table (pending, running or paused: also the case of a run on a
+SIGKILLed pod until recovery takes it back and it finishes), or (2) the job
+lock ``cron:<name>`` is held (by a run that is finishing, or by a dead pod's
+run until the lock expires). Check (1) is what guards CronJobLock schedules
+whose handlers are registered separately with ``@app.task`` and take no lock;
+check (2) adds the lock's word for code schedules. The row lock makes the two
+checks and the enqueue atomic per schedule, so two ticks (or a tick and
+``kubetasks schedules trigger``) never both pass. ``Allow`` skips both checks
+and takes no lock: runs may overlap.
+
+Every run is tagged ``cron:<name>`` (when that is a valid tag) and
+``tick:<UTC time>``; ``tick_of(ctx)`` reads the tick back in a handler, and
+``cron_ticks.task_id`` links each tick to its task. ``cron_ticks`` keeps the
+newest ``KEEP_TICKS`` rows per schedule; the cursor, not that history, is what
+stops a tick from running twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import math
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import asyncpg
+from croniter import croniter
+from croniter.croniter import CroniterError
+
+from kubetasks import locks, metrics, validation
+from kubetasks.app import App, Blueprint, EnqueueRequest, PeriodicDef
+from kubetasks.context import TaskContext
+from kubetasks.errors import KubetasksError, LeaseLost, ValidationError
+from kubetasks.store import Store, connect_listener
+
+log = logging.getLogger("kubetasks.cron")
+
+CHANNEL = "kubetasks_schedules"
+POLICIES = ("Forbid", "Allow")
+SOURCES = ("code", "crd")
+UNFINISHED = ("pending", "running", "paused")
+SCHEDULE_NAME_MAX = 253
+EXPR_MAX = 255
+TZ_MAX = 64
+LOCK_TTL_MIN, LOCK_TTL_MAX = 1, 86400
+DEADLINE_MAX = 10 * 365 * 86400
+#: Missed ticks recorded one row each per pass, at most; more are counted, not listed.
+MISSED_ROWS_MAX = 1000
+#: Tick rows kept per schedule (newest first).
+KEEP_TICKS = 1000
+#: Longest sleep between passes. Not a polling interval: a pass is due at the
+#: next tick or on NOTIFY; this only bounds how far the loop clock and the
+#: database clock can drift apart during one sleep.
+MAX_SLEEP = 3600.0
+#: A fixed instant to validate expressions from, so validation is pure.
+_VALIDATE_FROM = datetime(2000, 1, 1, tzinfo=UTC)
+_EPS = timedelta(microseconds=1)
+_TICK_TAG = re.compile(r"^tick:(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?)Z$")
+DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+Clock = Callable[[], Awaitable[datetime]]
+
+
+# -- pure maths --------------------------------------------------------------
+
+
+def zone(tz: object) -> ZoneInfo:
+    """The ZoneInfo of an IANA name; ``ValidationError`` on ``timezone`` otherwise."""
+    if not isinstance(tz, str) or not tz:
+        raise ValidationError("timezone", f"must be an IANA time zone name such as Europe/Berlin, got {tz!r}")
+    if len(tz) > TZ_MAX:
+        raise ValidationError("timezone", f"must be at most {TZ_MAX} characters, got {len(tz)}")
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValidationError("timezone", f"unknown time zone {tz!r}") from None
+
+
+def _aware(field_name: str, t: datetime) -> datetime:
+    if t.tzinfo is None or t.utcoffset() is None:
+        raise ValueError(f"{field_name} must be timezone-aware, got {t!r}")
+    return t.astimezone(UTC)
+
+
+def _iter(expr: str, tz: ZoneInfo, start: datetime) -> croniter:
+    return croniter(expr, start.astimezone(tz))
+
+
+def validate(expr: object, tz: object = "UTC") -> tuple[str, str]:
+    """Check a cron expression and time zone by computing a next time; returns them.
+
+    Raises ``ValidationError`` naming ``schedule`` (unparsable, out of range,
+    never fires) or ``timezone`` (unknown).
+    """
+    zi = zone(tz)
+    if not isinstance(expr, str) or not expr.strip():
+        raise ValidationError("schedule", f"must be a cron expression such as '*/5 * * * *', got {expr!r}")
+    if len(expr) > EXPR_MAX:
+        raise ValidationError("schedule", f"must be at most {EXPR_MAX} characters, got {len(expr)}")
+    try:
+        it = _iter(expr, zi, _VALIDATE_FROM)
+    except (CroniterError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValidationError("schedule", f"{expr!r} is not a valid cron expression: {exc}") from None
+    try:
+        it.get_next(datetime)
+    except (CroniterError, ValueError, OverflowError):
+        raise ValidationError("schedule", f"{expr!r} never fires") from None
+    assert isinstance(tz, str)
+    return expr, tz
+
+
+def next_tick(expr: str, tz: str, after: datetime) -> datetime:
+    """The first tick strictly after ``after``, in UTC."""
+    t = _iter(expr, zone(tz), _aware("after", after)).get_next(datetime)
+    return t.astimezone(UTC)
+
+
+def prev_tick(expr: str, tz: str, at: datetime) -> datetime:
+    """The last tick at or before ``at``, in UTC."""
+    t = _iter(expr, zone(tz), _aware("at", at) + _EPS).get_prev(datetime)
+    return t.astimezone(UTC)
+
+
+def ticks_between(expr: str, tz: str, after: datetime, until: datetime, limit: int = 10_000) -> list[datetime]:
+    """Ticks in ``(after, until]``, oldest first, at most ``limit`` (the oldest ones)."""
+    zi = zone(tz)
+    after, until = _aware("after", after), _aware("until", until)
+    it = _iter(expr, zi, after)
+    out: list[datetime] = []
+    while len(out) < limit:
+        t = it.get_next(datetime).astimezone(UTC)
+        if t > until:
+            break
+        out.append(t)
+    return out
+
+
+@dataclass(frozen=True)
+class Due:
+    """What a pass owes one schedule: the tick to run (if any) and the ticks missed.
+
+    ``missed`` is oldest first and holds at most ``limit`` ticks (the newest
+    ones); ``missed_more`` counts the older missed ticks not listed.
+    """
+
+    run: datetime | None
+    missed: tuple[datetime, ...] = ()
+    missed_more: int = 0
+
+    @property
+    def newest(self) -> datetime | None:
+        """The newest tick this pass handles (run or missed): the schedule's new cursor."""
+        if self.run is not None:
+            return self.run
+        return self.missed[-1] if self.missed else None
+
+    @property
+    def missed_count(self) -> int:
+        return len(self.missed) + self.missed_more
+
+    def __bool__(self) -> bool:
+        return self.run is not None or bool(self.missed)
+
+
+def due_ticks(
+    expr: str,
+    tz: str,
+    last: datetime,
+    now: datetime,
+    starting_deadline: float | None,
+    *,
+    limit: int = MISSED_ROWS_MAX,
+) -> Due:
+    """The ticks in ``(last, now]``: the newest runs unless older than the deadline; the rest are missed.
+
+    ``starting_deadline`` is in seconds (None: no deadline, the newest due tick
+    always runs). A tick ``t`` is too late when ``now - t > starting_deadline``.
+    At most one tick runs, however many are due.
+    """
+    zi = zone(tz)
+    last, now = _aware("last", last), _aware("now", now)
+    if now <= last:
+        return Due(None)
+    # Walk back from now: the newest ticks are the ones that matter, and an
+    # outage of any length costs at most limit + 2 steps.
+    it = _iter(expr, zi, now + _EPS)
+    newest_first: list[datetime] = []
+    while len(newest_first) < limit + 2:
+        t = it.get_prev(datetime).astimezone(UTC)
+        if t <= last:
+            break
+        newest_first.append(t)
+    if not newest_first:
+        return Due(None)
+    more = 0
+    if len(newest_first) == limit + 2:
+        # Too many to list: count the rest going forward from the cursor.
+        oldest_listed = newest_first[-1]
+        more = len(ticks_between(expr, tz, last, oldest_listed - _EPS, limit=10_000_000))
+    head = newest_first[0]
+    runs = starting_deadline is None or (now - head).total_seconds() <= starting_deadline
+    run = head if runs else None
+    missed = newest_first[1:] if runs else newest_first
+    if len(missed) > limit:
+        more += len(missed) - limit
+        missed = missed[:limit]
+    return Due(run, tuple(reversed(missed)), more)
+
+
+def tick_tag(tick_at: datetime) -> str:
+    t = _aware("tick_at", tick_at)
+    fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if t.microsecond else "%Y-%m-%dT%H:%M:%SZ"
+    return "tick:" + t.strftime(fmt)
+
+
+def tick_of(ctx: TaskContext | Sequence[str]) -> datetime | None:
+    """The tick a cron run was enqueued for (from its ``tick:`` tag), or None."""
+    tags = ctx.tags if isinstance(ctx, TaskContext) else ctx
+    for tag in tags:
+        m = _TICK_TAG.match(tag)
+        if m:
+            return datetime.fromisoformat(m.group(1)).replace(tzinfo=UTC)
+    return None
+
+
+def lock_name(schedule: str) -> str:
+    """The job lock a Forbid run holds: ``cron:<name>`` (hashed when too long for a lock name)."""
+    full = f"cron:{schedule}"
+    if len(full) <= locks.NAME_MAX:
+        return full
+    digest = hashlib.sha256(schedule.encode()).hexdigest()[:16]
+    return f"{full[: locks.NAME_MAX - 17]}~{digest}"
+
+
+def run_tags(schedule: str, tick_at: datetime) -> list[str]:
+    tags = [tick_tag(tick_at)]
+    try:
+        tags.insert(0, validation.name("tags", f"cron:{schedule}"))
+    except ValidationError:
+        pass  # a long or slash-bearing name: the tick row still links the task
+    return tags
+
+
+# -- definitions ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """One row of ``schedules`` as written: what a CronJobLock or ``@app.periodic`` declares."""
+
+    name: str
+    cron: str
+    handler: str
+    timezone: str = "UTC"
+    queue: str = "default"
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    concurrency_policy: str = "Forbid"
+    lock_ttl: int = 600
+    starting_deadline: int | None = None
+    suspend: bool = False
+    source: str = "crd"
+    cr_uid: str | None = None
+
+    def validated(self) -> ScheduleSpec:
+        validate_name(self.name)
+        validate(self.cron, self.timezone)
+        validation.name("handler", self.handler)
+        validation.name("queue", self.queue)
+        validate_policy(self.concurrency_policy)
+        validate_lock_ttl(self.lock_ttl)
+        validate_deadline(self.starting_deadline)
+        if not isinstance(self.suspend, bool):
+            raise ValidationError("suspend", f"must be true or false, got {self.suspend!r}")
+        if self.source not in SOURCES:
+            raise ValidationError("source", f"must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        if not isinstance(self.payload, Mapping):
+            raise ValidationError("payload", f"must be a JSON object, got {type(self.payload).__name__}")
+        validation.to_json("payload", dict(self.payload), validation.DEFAULT_MAX_PAYLOAD_BYTES)
+        return self
+
+
+def validate_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValidationError("name", f"must be a non-empty string, got {name!r}")
+    if len(name) > SCHEDULE_NAME_MAX:
+        raise ValidationError("name", f"must be at most {SCHEDULE_NAME_MAX} characters, got {len(name)}")
+    if any(c.isspace() or not c.isprintable() for c in name):
+        raise ValidationError("name", f"{name!r} must not contain spaces or control characters")
+    return name
+
+
+def validate_policy(policy: object) -> str:
+    if policy not in POLICIES:
+        raise ValidationError("concurrency_policy", f"must be Forbid or Allow, got {policy!r}")
+    assert isinstance(policy, str)
+    return policy
+
+
+def validate_lock_ttl(ttl: object) -> int:
+    return validation.integer("lock_ttl", ttl, LOCK_TTL_MIN, LOCK_TTL_MAX)
+
+
+def validate_deadline(deadline: object) -> int | None:
+    if deadline is None:
+        return None
+    return validation.integer("starting_deadline", deadline, 0, DEADLINE_MAX)
+
+
+def guard(owner: Blueprint, pd: PeriodicDef) -> Callable[[TaskContext], Awaitable[Any]]:
+    """The handler ``@app.periodic`` registers under Forbid: the user's function inside the job lock.
+
+    ``owner`` must be (or be merged into) an open App when the run starts.
+    The lock is waited for up to ``lock_ttl``: a holder that died lets it
+    expire within that time; a live holder is a run enqueued outside the
+    scheduler, and the attempt fails naming it.
+    """
+    func = pd.func
+    is_async = inspect.iscoroutinefunction(func)
+
+    async def body(ctx: TaskContext) -> Any:
+        if is_async:
+            return await func(ctx)
+        result = await asyncio.to_thread(func, ctx)
+        return await result if inspect.isawaitable(result) else result
+
+    async def run_locked(ctx: TaskContext) -> Any:
+        if not isinstance(owner, App):
+            raise RuntimeError(f"periodic {pd.name!r} is declared on a Blueprint that no App includes")
+        owner_token = f"{ctx.pod_id or 'pod'}/task-{ctx.id}.{ctx.attempt}/{secrets.token_hex(6)}"
+        lock = owner.job_lock(lock_name(pd.name), ttl=pd.lock_ttl, wait=pd.lock_ttl, owner=owner_token)
+        async with lock:
+            work = asyncio.ensure_future(body(ctx))
+            lost = asyncio.ensure_future(lock.lost.wait())
+            try:
+                await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+                raise
+            finally:
+                lost.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await work
+                lock.raise_if_lost()
+            return work.result()
+
+    run_locked.__name__ = getattr(func, "__name__", "periodic")
+    run_locked.__qualname__ = getattr(func, "__qualname__", run_locked.__name__)
+    return run_locked
+
+
+def periodic_def(
+    owner: Blueprint,
+    func: Callable[[TaskContext], Any],
+    cron: str,
+    *,
+    name: str,
+    timezone: str,
+    queue: str | None,
+    payload: Mapping[str, Any] | None,
+    concurrency_policy: str,
+    lock_ttl: int,
+    starting_deadline: int | None,
+    suspend: bool,
+) -> PeriodicDef:
+    """Validate ``@app.periodic``'s arguments into a PeriodicDef (the handler is registered by the caller)."""
+    validate_name(name)
+    validation.name("handler", name)
+    validate(cron, timezone)
+    if queue is not None:
+        validation.name("queue", queue)
+    validate_policy(concurrency_policy)
+    validate_lock_ttl(lock_ttl)
+    validate_deadline(starting_deadline)
+    body = dict(payload or {})
+    validation.to_json("payload", body, validation.DEFAULT_MAX_PAYLOAD_BYTES)
+    return PeriodicDef(
+        name=name, cron=cron, handler=name, func=func, timezone=timezone, queue=queue, payload=body,
+        concurrency_policy=concurrency_policy, lock_ttl=lock_ttl, starting_deadline=starting_deadline,
+        suspend=suspend,
+    )  # fmt: skip
+
+
+# -- the database side, for the scheduler, the CLI and the Kubernetes layer -----------------
+
+
+async def upsert_schedule(store: Store, spec: ScheduleSpec, *, since: datetime | None = None) -> bool:
+    """Create or update a schedule; True when created. Validates first (``ValidationError``).
+
+    A change of ``cron``, ``timezone`` or ``cr_uid``, or a resume from
+    ``suspend``, restarts the cursor at ``since`` (default: the database's
+    now), so no catch-up run comes from the old timing or the suspended time.
+    A schedule of the other source under the same name is refused.
+    """
+    s = spec.validated()
+    row = await store.run(
+        "schedule_upsert", s.name, s.cron, s.timezone, s.handler, s.queue,
+        json.dumps(dict(s.payload), separators=(",", ":")), s.concurrency_policy, s.lock_ttl,
+        s.starting_deadline, s.suspend, s.source, s.cr_uid, since,
+    )  # fmt: skip
+    if row is None:
+        other = "a CronJobLock" if s.source == "code" else "@app.periodic in the app's code"
+        raise ValidationError("name", f"schedule {s.name!r} is already defined by {other}")
+    return bool(row["created"])
+
+
+async def delete_schedule(store: Store, name: str, *, source: str | None = None) -> bool:
+    """Delete a schedule and its tick history (its runs stay); True when it existed."""
+    return bool(await store.run("schedule_delete", name, source))
+
+
+@dataclass(frozen=True)
+class TickResult:
+    """What one scheduler did with one tick (``taken``: another scheduler had it)."""
+
+    schedule: str
+    tick_at: datetime
+    outcome: str  # enqueued | skipped | taken | missed
+    task_id: int | None = None
+    holder: str | None = None
+    reason: str | None = None
+    missed: int = 0
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    tick_at: datetime
+    outcome: str
+    manual: bool
+    task_id: int | None
+    status: str | None
+    holder: str | None
+    reason: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ScheduleStatus:
+    """A schedule as ``kubetasks schedules list`` and a CronJobLock's status show it."""
+
+    name: str
+    cron: str
+    timezone: str
+    handler: str
+    queue: str
+    concurrency_policy: str
+    lock_ttl: int
+    starting_deadline: int | None
+    suspend: bool
+    source: str
+    cr_uid: str | None
+    next_at: datetime | None
+    last_tick_at: datetime | None
+    last_outcome: str | None
+    last_reason: str | None
+    last_scheduled_at: datetime | None
+    last_successful_at: datetime | None
+    last_task_id: int | None
+    last_result: str | None
+    last_error: str | None
+    holder: str | None
+    lock_expires_at: datetime | None
+    active: int
+    missed_total: int
+    history: list[RunRecord]
+
+
+async def _lock_holder(app: App, schedule: str) -> locks.Holder | None:
+    name = lock_name(schedule)
+    return await app.job_lock(name).backend.holder(name)
+
+
+async def statuses(app: App, names: Sequence[str] | None = None, *, history: int = 5) -> list[ScheduleStatus]:
+    """Every schedule (or those named) with next and last runs, result and lock holder."""
+    store = await app.open()
+    rows = await store.store.run("schedules_status", list(names) if names else None, history)
+    out = []
+    for r in rows:
+        now: datetime = r["db_now"]
+        holder: str | None = None
+        expires: datetime | None = None
+        try:
+            h = await _lock_holder(app, r["name"])
+        except locks.LockBackendError as exc:
+            holder = f"unknown ({exc})"
+        else:
+            if h is not None:
+                holder = h[0]
+                expires = None if math.isinf(h[1]) else now + timedelta(seconds=h[1])
+        nxt: datetime | None = None
+        if not r["suspend"]:
+            with contextlib.suppress(ValidationError, CroniterError, ValueError):
+                nxt = next_tick(r["cron"], r["timezone"], now)
+        hist = [
+            RunRecord(
+                tick_at=h_["tick_at"], outcome=h_["outcome"], manual=h_["manual"], task_id=h_["task_id"],
+                status=h_["status"], holder=h_["holder"], reason=h_["reason"],
+                started_at=h_["started_at"], finished_at=h_["finished_at"],
+            )  # fmt: skip
+            for h_ in (r["history"] or [])
+        ]
+        out.append(
+            ScheduleStatus(
+                name=r["name"], cron=r["cron"], timezone=r["timezone"], handler=r["handler"],
+                queue=r["queue"], concurrency_policy=r["concurrency_policy"], lock_ttl=r["lock_ttl_s"],
+                starting_deadline=r["starting_deadline_s"], suspend=r["suspend"], source=r["source"],
+                cr_uid=r["cr_uid"], next_at=nxt, last_tick_at=r["last_tick_at"],
+                last_outcome=r["last_outcome"], last_reason=r["last_reason"],
+                last_scheduled_at=r["last_scheduled_at"], last_successful_at=r["last_successful_at"],
+                last_task_id=r["last_task_id"], last_result=r["last_status"], last_error=r["last_error"],
+                holder=holder, lock_expires_at=expires, active=int(r["active"]),
+                missed_total=int(r["missed_total"]), history=hist,
+            )  # fmt: skip
+        )
+    return out
+
+
+async def _db_now(store: Store) -> datetime:
+    now: datetime = await store.run("db_now")
+    return now
+
+
+async def fire(
+    app: App,
+    name: str,
+    tick_at: datetime,
+    *,
+    due: Due | None = None,
+    manual: bool = False,
+) -> TickResult:
+    """Handle one tick of schedule ``name`` in one transaction (see the module docstring).
+
+    ``manual`` is ``kubetasks schedules trigger``: a tick at ``tick_at`` (now)
+    that respects Forbid and leaves the cursor alone.
+    """
+    store = (await app.open()).store
+    async with store.transaction() as conn:
+        s = await store.run("schedule_for_tick", name, conn=conn)
+        if s is None:
+            raise KubetasksError(f"schedule {name!r} not found")
+        if not manual:
+            cursor = max(s["ticks_from"], s["last_tick_at"] or s["ticks_from"])
+            if tick_at <= cursor:
+                return TickResult(name, tick_at, "taken")
+        missed = 0
+        if due is not None and due.missed:
+            missed = int(await store.run("cron_ticks_missed", name, list(due.missed), due.missed_more, conn=conn))
+            if due.missed_more:
+                log.warning(
+                    "schedule %s: %d more missed ticks were counted but not listed", name, due.missed_more
+                )
+        if not manual:
+            await store.run("schedule_advance", name, due.newest if due else tick_at, conn=conn)
+        if due is not None and due.run is None:
+            return TickResult(name, tick_at, "missed", missed=missed + due.missed_more)
+        won = await store.run("cron_tick_claim", name, tick_at, manual, conn=conn)
+        if not won:
+            return TickResult(name, tick_at, "taken", missed=missed)
+        holder, reason = None, None
+        if s["concurrency_policy"] == "Forbid":
+            holder, reason = await _forbid_check(app, s)
+        if reason is None:
+            try:
+                task_id = await _enqueue(app, store, conn, s, tick_at)
+            except ValidationError as exc:
+                reason = f"cannot enqueue: {exc}"
+                log.error("schedule %s: tick %s not run: %s", name, tick_at.isoformat(), exc)
+            else:
+                await store.run("cron_tick_enqueued", name, tick_at, task_id, conn=conn)
+                await store.run("cron_ticks_prune", name, KEEP_TICKS, conn=conn)
+                return TickResult(name, tick_at, "enqueued", task_id=task_id, missed=missed)
+        await store.run("cron_tick_skipped", name, tick_at, holder, reason, conn=conn)
+        return TickResult(name, tick_at, "skipped", holder=holder, reason=reason, missed=missed)
+
+
+async def _forbid_check(app: App, s: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(holder, reason) when the tick must be skipped under Forbid, else (None, None)."""
+    name = s["name"]
+    try:
+        h = await _lock_holder(app, name)
+    except locks.LockBackendError as exc:
+        return None, f"the job lock {lock_name(name)} could not be read: {exc}"
+    holder = h[0] if h else None
+    if s["last_status"] in UNFINISHED:
+        where = f" on pod {s['last_pod']}" if s["last_status"] == "running" and s["last_pod"] else ""
+        return (
+            holder or f"task {s['last_task_id']}",
+            f"run {s['last_task_id']} of an earlier tick is still {s['last_status']}{where}",
+        )
+    if h is not None:
+        left = "" if math.isinf(h[1]) else f" for another {h[1]:.1f}s"
+        return holder, f"the job lock {lock_name(name)} is held by {h[0]}{left}"
+    return None, None
+
+
+async def _enqueue(app: App, store: Store, conn: Any, s: Mapping[str, Any], tick_at: datetime) -> int:
+    p = app._prepare(
+        EnqueueRequest(s["handler"], s["payload"], queue=s["queue"], tags=run_tags(s["name"], tick_at))
+    )
+    task_id = await store.run(
+        "cron_enqueue", p.handler, p.queue, p.priority, p.payload, p.max_attempts, p.timeout,
+        p.retry_delay, p.backoff, p.max_retry_delay, p.tags, conn=conn,
+    )  # fmt: skip
+    return int(task_id)
+
+
+async def trigger(app: App, name: str) -> TickResult:
+    """Run schedule ``name`` now (``kubetasks schedules trigger``), respecting Forbid."""
+    store = (await app.open()).store
+    return await fire(app, name, await _db_now(store), manual=True)
+
+
+# -- the service -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One scheduler pass, as reported to a test's ``signals`` queue."""
+
+    now: datetime
+    results: tuple[TickResult, ...]
+    next_at: datetime | None
+
+
+class Scheduler:
+    """The cron service of one pod: ``await Scheduler(app).run(stop)``.
+
+    ``clock`` returns "now" (default: the database's ``now()``); ``signals``,
+    when given (tests), receives a ``Pass`` after every pass.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        clock: Clock | None = None,
+        signals: asyncio.Queue[Pass] | None = None,
+        max_sleep: float = MAX_SLEEP,
+    ) -> None:
+        self.app = app
+        self.clock: Clock = clock or self._db_clock
+        self.signals = signals
+        self.max_sleep = max_sleep
+        self.passes = 0
+        self._wake = asyncio.Event()
+        self._bad: set[tuple[str, str, str]] = set()
+
+    async def _db_clock(self) -> datetime:
+        return await _db_now(self.app.store)
+
+    def wake(self) -> None:
+        """Run a pass now (a schedule changed, or a test moved its clock)."""
+        self._wake.set()
+
+    async def sync_code_schedules(self) -> None:
+        """Upsert this app's ``@app.periodic`` schedules (source ``code``)."""
+        app = self.app
+        if not app.periodics:
+            return
+        since = await self.clock()
+        for pd in app.periodics.values():
+            td = app.handlers.get(pd.handler)
+            spec = ScheduleSpec(
+                name=pd.name, cron=pd.cron, handler=pd.handler, timezone=pd.timezone,
+                queue=pd.queue or (td.queue if td and td.queue else app.settings.default_queue),
+                payload=pd.payload, concurrency_policy=pd.concurrency_policy, lock_ttl=pd.lock_ttl,
+                starting_deadline=pd.starting_deadline, suspend=pd.suspend, source="code",
+            )  # fmt: skip
+            try:
+                created = await upsert_schedule(app.store, spec, since=since)
+            except ValidationError as exc:
+                log.error("periodic %s not scheduled: %s", pd.name, exc)
+                continue
+            log.info("periodic %s (%s %s) %s", pd.name, pd.cron, pd.timezone, "added" if created else "synced")
+
+    async def run_once(self) -> Pass:
+        """One pass: fire every due tick; returns what was done and the next tick's time."""
+        app = self.app
+        now = await self.clock()
+        rows = await app.store.run("schedules_all")
+        results: list[TickResult] = []
+        next_at: datetime | None = None
+        for r in rows:
+            name = r["name"]
+            if r["suspend"] or (r["source"] == "code" and name not in app.periodics):
+                continue  # code schedules fire where their code is (a rollout may have both versions)
+            try:
+                cursor = max(r["ticks_from"], r["last_tick_at"] or r["ticks_from"])
+                due = due_ticks(r["cron"], r["timezone"], cursor, now, r["starting_deadline_s"])
+                nxt = next_tick(r["cron"], r["timezone"], now)
+            except (ValidationError, CroniterError, ValueError) as exc:
+                key = (name, r["cron"], r["timezone"])
+                if key not in self._bad:
+                    self._bad.add(key)
+                    log.error("schedule %s cannot be computed, ignored until it changes: %s", name, exc)
+                continue
+            if due:
+                res = await fire(app, name, due.newest or now, due=due)
+                results.append(res)
+                self._count(res)
+            next_at = nxt if next_at is None else min(next_at, nxt)
+        self.passes += 1
+        p = Pass(now, tuple(results), next_at)
+        if self.signals is not None:
+            self.signals.put_nowait(p)
+        return p
+
+    @staticmethod
+    def _count(res: TickResult) -> None:
+        if res.missed:
+            metrics.CRON_TICKS.labels("skipped").inc(res.missed)
+        outcome = {"enqueued": "won", "taken": "lost", "skipped": "skipped"}.get(res.outcome)
+        if outcome:
+            metrics.CRON_TICKS.labels(outcome).inc()
+        if res.outcome == "enqueued":
+            log.info("schedule %s: tick %s enqueued task %s", res.schedule, res.tick_at, res.task_id)
+        elif res.outcome == "skipped":
+            log.info("schedule %s: tick %s skipped: %s", res.schedule, res.tick_at, res.reason)
+        if res.missed:
+            log.warning("schedule %s: %d tick(s) missed (past the starting deadline)", res.schedule, res.missed)
+
+    async def run(self, stop: asyncio.Event, worker: object = None) -> None:
+        """Pass, sleep until the next tick or a NOTIFY, repeat until ``stop`` is set."""
+        await self.app.open()
+        loop = asyncio.get_running_loop()
+        stopper = asyncio.create_task(self._wake_on(stop), name="kubetasks-scheduler-stop")
+        listener = asyncio.create_task(self._listen(stop), name="kubetasks-scheduler-listen")
+        error_delay = 0.2
+        synced = False
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                delay: float | None
+                try:
+                    if not synced:
+                        await self.sync_code_schedules()
+                        synced = True
+                    p = await self.run_once()
+                    error_delay = 0.2
+                    delay = None if p.next_at is None else (p.next_at - p.now).total_seconds()
+                except DB_ERRORS as exc:
+                    log.warning("scheduler pass failed (%r); again in %.1fs", exc, error_delay)
+                    delay = error_delay
+                    error_delay = min(error_delay * 2, 5.0)
+                if listener.done() and not stop.is_set():
+                    raise RuntimeError("the scheduler's LISTEN task ended") from listener.exception()
+                timeout = self.max_sleep if delay is None else min(max(delay, 0.0), self.max_sleep)
+                end = loop.time() + timeout
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(end):
+                        await self._wake.wait()
+        finally:
+            for t in (stopper, listener):
+                t.cancel()
+            for t in (stopper, listener):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
+
+    def _on_notify(self, *_args: object) -> None:
+        self._wake.set()
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        delay = 0.2
+        while not stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await connect_listener(self.app.settings.database_url)
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda _c, ev=closed: ev.set())
+                await conn.add_listener(CHANNEL, self._on_notify)
+                delay = 0.2
+                self._wake.set()  # anything changed while we were not listening
+                while not closed.is_set() and not stop.is_set():
+                    # A quiet socket can die without a FIN: probe now and then.
+                    try:
+                        async with asyncio.timeout(30):
+                            await closed.wait()
+                    except TimeoutError:
+                        async with asyncio.timeout(5):
+                            await conn.execute("SELECT 1")
+            except DB_ERRORS as exc:
+                log.warning("scheduler LISTEN connection lost (%r); reconnecting", exc)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
+            if not stop.is_set():
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+__all__ = [
+    "CHANNEL",
+    "Clock",
+    "Due",
+    "LeaseLost",
+    "Pass",
+    "ScheduleSpec",
+    "ScheduleStatus",
+    "Scheduler",
+    "TickResult",
+    "delete_schedule",
+    "due_ticks",
+    "fire",
+    "guard",
+    "lock_name",
+    "next_tick",
+    "periodic_def",
+    "prev_tick",
+    "statuses",
+    "tick_of",
+    "trigger",
+    "upsert_schedule",
+    "validate",
+]

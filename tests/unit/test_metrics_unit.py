@@ -1,0 +1,243 @@
+"""Metric definitions, the scrape-time collector and the probe server, without a database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import asyncpg
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kubetasks import metrics
+from kubetasks.health import HealthServer
+from kubetasks.leases import LeaseStats
+from kubetasks.store import queries
+from kubetasks.worker import WorkerStats
+
+SHIPPED = [v for v, _, _ in queries.migrations()]
+
+
+@dataclass
+class FakeStore:
+    """Answers the two named queries the probe server sends; counts the calls."""
+
+    applied: list[int] = field(default_factory=lambda: list(SHIPPED))
+    depths: list[dict[str, Any]] = field(default_factory=list)
+    error: BaseException | None = None
+    delay: float = 0.0
+    calls: dict[str, int] = field(default_factory=dict)
+
+    async def run(self, name: str, *args: Any) -> Any:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.error is not None:
+            raise self.error
+        if name == "health_applied_migrations":
+            return [{"version": v} for v in self.applied]
+        if name == "metrics_queue_depths":
+            return self.depths
+        raise AssertionError(f"unexpected query {name}")
+
+
+@dataclass
+class FakeLease:
+    stats: LeaseStats = field(default_factory=LeaseStats)
+    lost: bool = False
+    left: float = 10.0
+    worker_id: str = "w-1"
+
+    def time_left(self) -> float:
+        return self.left
+
+
+@dataclass
+class FakeWorker:
+    _store: FakeStore | None = field(default_factory=FakeStore)
+    lease: FakeLease | None = field(default_factory=FakeLease)
+    stats: WorkerStats = field(default_factory=WorkerStats)
+    _running: dict[int, object] = field(default_factory=dict)
+    concurrency: int = 4
+    queues: tuple[str, ...] = ("default", "images")
+
+
+def scrape(collector: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(metrics.registry_for(collector, process=False)).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def test_record_outcome_counts_by_kind() -> None:
+    def get(name: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, {"handler": "u.h", "queue": "uq"}) or 0.0
+
+    names = ("succeeded", "failed", "retried", "timed_out")
+    before = {n: get(f"kubetasks_tasks_{n}_total") for n in names}
+    metrics.record_outcome("u.h", "uq", "succeeded", False)
+    metrics.record_outcome("u.h", "uq", "retried", True)
+    metrics.record_outcome("u.h", "uq", "failed", False)
+    metrics.record_outcome("u.h", "uq", "timeout", True)  # a timeout with attempts left: retried
+    metrics.record_outcome("u.h", "uq", "timeout", False)  # the last attempt timed out: failed
+    assert get("kubetasks_tasks_succeeded_total") - before["succeeded"] == 1
+    assert get("kubetasks_tasks_retried_total") - before["retried"] == 2
+    assert get("kubetasks_tasks_failed_total") - before["failed"] == 2
+    assert get("kubetasks_tasks_timed_out_total") - before["timed_out"] == 2
+
+
+def test_metric_names_are_prefixed_and_registry_is_our_own() -> None:
+    from prometheus_client import REGISTRY as DEFAULT
+
+    names = {fam.name for fam in metrics.REGISTRY.collect()}
+    assert names >= {
+        "kubetasks_lock_acquisitions",
+        "kubetasks_cron_ticks",
+        "kubetasks_claim_duration_seconds",
+    }
+    assert all(n.startswith("kubetasks_") for n in names)
+    assert not names & {fam.name for fam in DEFAULT.collect()}
+
+
+async def test_collector_reads_worker_lease_and_queues() -> None:
+    w = FakeWorker()
+    w.stats.fenced_out = 2
+    w._running = {1: object(), 2: object()}
+    assert w.lease is not None
+    w.lease.stats = LeaseStats(renewals=7, failures=1, reaped_tasks=3, last_latency_s=0.004)
+    q = metrics.QueueStats()
+    assert w._store is not None
+    w._store.depths = [{"queue": "default", "pending": 5, "due": 2, "oldest_due_age_s": 1.5}]
+    await q.refresh(w._store)  # type: ignore[arg-type]
+    m = scrape(metrics.WorkerCollector(w, q))  # type: ignore[arg-type]
+    assert m[("kubetasks_fenced_out_writes_total", ())] == 2
+    assert m[("kubetasks_tasks_running", ())] == 2
+    assert m[("kubetasks_worker_slots", ())] == 4
+    assert m[("kubetasks_tasks_recovered_total", ())] == 3
+    assert m[("kubetasks_lease_renewals_total", ())] == 7
+    assert m[("kubetasks_lease_renewal_failures_total", ())] == 1
+    assert m[("kubetasks_lease_renewal_latency_seconds", ())] == 0.004
+    assert m[("kubetasks_lease_live", ())] == 1
+    assert m[("kubetasks_queue_pending_tasks", (("queue", "default"),))] == 5
+    assert m[("kubetasks_queue_due_tasks", (("queue", "default"),))] == 2
+    assert m[("kubetasks_queue_oldest_pending_age_seconds", (("queue", "default"),))] == 1.5
+    assert m[("kubetasks_queue_pending_tasks", (("queue", "images"),))] == 0  # served and empty
+    assert m[("kubetasks_queue_stats_up", ())] == 1
+
+
+async def test_queue_stats_are_cached_and_failures_hide_the_figures() -> None:
+    store = FakeStore(depths=[{"queue": "a", "pending": 1, "due": 1, "oldest_due_age_s": None}])
+    q = metrics.QueueStats(ttl=0.2)
+    await asyncio.gather(*(q.refresh(store) for _ in range(5)))  # type: ignore[arg-type]
+    await q.refresh(store)  # type: ignore[arg-type]
+    assert store.calls["metrics_queue_depths"] == 1
+    await asyncio.sleep(0.25)
+    store.error = OSError("connection refused")
+    await q.refresh(store)  # type: ignore[arg-type]
+    assert store.calls["metrics_queue_depths"] == 2
+    assert not q.ok and q.depths == [] and q.error is not None and "refused" in q.error
+    m = scrape(metrics.WorkerCollector(FakeWorker(), q))  # type: ignore[arg-type]
+    assert m[("kubetasks_queue_stats_up", ())] == 0
+    assert not any(name == "kubetasks_queue_pending_tasks" for name, _ in m)
+
+
+async def test_loop_monitor_sees_a_blocked_loop() -> None:
+    mon = metrics.LoopMonitor(interval=0.05)
+    stop = asyncio.Event()
+    t = asyncio.create_task(mon.run(stop))
+    await asyncio.sleep(0.01)
+    time.sleep(0.2)  # block the loop on purpose
+    await asyncio.sleep(0.1)
+    stop.set()
+    await t
+    assert mon.max_lag_s >= 0.1
+    assert mon.since_tick() < 1
+
+
+async def _probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as r:
+        return r.status, json.loads(await r.text())
+
+
+async def test_probes_report_each_check() -> None:
+    w = FakeWorker()
+    stop = asyncio.Event()
+    done = asyncio.get_running_loop().create_future()
+    worker_task = asyncio.ensure_future(done)
+    server = HealthServer(w, stop=stop, worker_task=worker_task, db_cache_s=0.0)  # type: ignore[arg-type]
+    port = await server.start("127.0.0.1", 0)
+    try:
+        code, body = await _probe(port, "/healthz")
+        assert code == 200 and body["failed"] == []
+        code, body = await _probe(port, "/readyz")
+        assert code == 200, body
+        assert body["checks"]["migrations"] == {"ok": True, "pending": []}
+
+        assert w._store is not None and w.lease is not None
+        w._store.applied = SHIPPED[:-1]
+        code, body = await _probe(port, "/readyz")
+        assert code == 503 and body["failed"] == ["migrations"]
+        assert body["checks"]["migrations"]["pending"] == SHIPPED[-1:]
+
+        w._store.applied = list(SHIPPED)
+        w.lease.lost = True
+        code, body = await _probe(port, "/readyz")
+        assert code == 503 and body["failed"] == ["lease"]
+        w.lease.lost, w.lease.left = False, -0.5
+        code, body = await _probe(port, "/readyz")
+        assert code == 503 and body["failed"] == ["lease"]
+
+        w.lease.left = 10.0
+        w._store.error = asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
+        code, body = await _probe(port, "/readyz")
+        assert code == 503 and body["failed"] == ["database"] and body["unknown"] == ["migrations"]
+        assert "starting up" in body["checks"]["database"]["error"]
+        w._store.error, w._store.delay = None, 5.0
+        server.db_timeout_s = 0.1
+        code, body = await _probe(port, "/readyz")
+        assert code == 503 and "no answer within 0.1s" in body["checks"]["database"]["error"]
+        w._store.delay = 0.0
+
+        stop.set()
+        code, body = await _probe(port, "/readyz")
+        assert code == 503 and body["failed"] == ["stopping"]
+
+        done.set_result(None)
+        await asyncio.sleep(0)
+        code, body = await _probe(port, "/healthz")
+        assert code == 503 and body["failed"] == ["worker"]
+    finally:
+        await server.close()
+
+
+async def test_readiness_is_cached() -> None:
+    w = FakeWorker()
+    server = HealthServer(w, db_cache_s=1.0)  # type: ignore[arg-type]
+    for _ in range(5):
+        assert (await server.check_db()).ok
+    assert w._store is not None and w._store.calls["health_applied_migrations"] == 1
+
+
+async def test_metrics_endpoint_serves_text_format() -> None:
+    server = HealthServer(FakeWorker())  # type: ignore[arg-type]
+    port = await server.start("127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 200
+                assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                text = await r.text()
+            headers = {"Accept": "application/openmetrics-text; version=1.0.0"}
+            async with http.get(f"http://127.0.0.1:{port}/metrics", headers=headers) as r:
+                assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+                assert (await r.text()).rstrip().endswith("# EOF")
+    finally:
+        await server.close()
+    assert "# TYPE kubetasks_lease_renewals_total counter" in text
+    assert "kubetasks_process_resident_memory_bytes" in text
