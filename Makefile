@@ -29,8 +29,8 @@ demo: venv ## the main job on a local environment
 	$(BIN)/python examples/demo.py
 
 lint: venv
-	$(BIN)/ruff check operator tests bench examples
-	$(BIN)/ruff format --check operator tests bench examples
+	$(BIN)/ruff check operator tests bench examples e2e
+	$(BIN)/ruff format --check operator tests bench examples e2e
 	$(BIN)/mypy
 	cd operator && ../$(BIN)/lint-imports --config ../pyproject.toml
 
@@ -43,11 +43,13 @@ integration: venv
 e2e: venv
 	$(BIN)/pytest e2e -q -p no:cacheprovider
 
-test: venv lint ## everything CI runs
-	$(BIN)/pytest tests -q
+test: venv lint ## everything CI runs: unit, integration (PostgreSQL, Redis), e2e (kube-apiserver, kubectl, helm)
+	bash e2e/cluster/build.sh
+	$(BIN)/pytest tests e2e -q -p no:cacheprovider
 
-bench: venv
-	$(BIN)/python bench/throughput.py
+bench: venv ## kubetasks side by side with pgqueuer and procrastinate; prints a table, writes bench/results/latest.json
+	$(BIN)/pip install -q -e '.[dev,fast,bench]'
+	$(BIN)/python bench/run.py
 
 cluster: ## a local etcd + kube-apiserver (built from Go modules on first use)
 	bash e2e/cluster/up.sh
