@@ -130,7 +130,13 @@ class Operators:
             ),
         )
 
-    def start(self, name: str, concurrency: int = 20, priority: int | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        name: str,
+        concurrency: int = 20,
+        priority: int | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         self.pod(name)
         env = dict(os.environ)
         env.update(
@@ -150,6 +156,7 @@ class Operators:
         )
         if priority is not None:
             env["KUBETASKS_PEERING_PRIORITY"] = str(priority)
+        env.update(extra or {})
         with open(self.tmp / f"{name}.log", "ab") as log:
             p = subprocess.Popen(
                 [sys.executable, "-m", "kubetasks", "run", "--app", "tests.integration.apps.sidelog:app"],
@@ -451,3 +458,33 @@ async def test_pod_deleted_task_runs_again_within_seconds(
     took = time.monotonic() - t0
     print(f"\n[e2e] pod {victim} deleted: its task ran again on {leader} {took:.2f}s later")
     assert took <= 2.0
+
+
+async def test_webhook_refuses_oversized_payload_naming_the_field(
+    cluster: Cluster, namespace: str, operators: Operators
+) -> None:
+    """With the webhook on, even a server-side apply (no annotation copy) of a 300 KiB payload is refused."""
+    port = devenv.free_port()
+    operators.start("kt-hook", extra={"KUBETASKS_WEBHOOK_PORT": str(port)})
+    await wait_ready(operators, ["kt-hook"])
+
+    def configured() -> bool:
+        res = cluster.run("get", "validatingwebhookconfiguration", "kubetasks.dev", "-o", "json", check=False)
+        return res.returncode == 0 and bool(json.loads(res.stdout).get("webhooks"))
+
+    await wait_until(configured, 30, "the webhook configuration")
+    big = task_manifest("too-big", payload={"blob": "x" * (300 * 1024)})
+    res = cluster.run(
+        "apply", "--server-side", "-n", namespace, "-f", "-", input=json.dumps(big), check=False
+    )
+    assert res.returncode != 0, res.stdout
+    assert "spec.payload: is 307211 bytes as JSON; the limit for a Task object is 131072 bytes" in res.stderr
+    print(f"\n[e2e] webhook: {res.stderr.strip()[:300]}")
+    small = task_manifest("fits", payload={"blob": "x" * 1024})
+    assert (
+        cluster.run("apply", "--server-side", "-n", namespace, "-f", "-", input=json.dumps(small)).returncode
+        == 0
+    )
+    operators.stop_all()
+    # A graceful exit removes the non-persistent entry: Tasks are never blocked by a dead URL.
+    await wait_until(lambda: not configured(), 30, "the webhook entry to go")

@@ -16,7 +16,6 @@ column), so a replayed event inserts nothing.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import kopf
 from kubetasks import validation
 from kubetasks.app import App, EnqueueRequest
 from kubetasks.errors import ValidationError
+from kubetasks.k8s import webhook
 from kubetasks.k8s.kube import FINALIZER, GROUP, VERSION, Kube, is_not_found
 from kubetasks.store import Store
 
@@ -44,11 +44,6 @@ class OperatorContext:
     pod_selector: str | None = None
     ttl_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     background: set[asyncio.Task[None]] = field(default_factory=set)
-
-
-def cr_payload_bytes(payload: Any) -> int:
-    """The size rule for Task objects: compact JSON, UTF-8, as DESIGN §7 defines it."""
-    return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 def request_from_spec(spec: Mapping[str, Any]) -> tuple[EnqueueRequest, float | None]:
@@ -75,13 +70,7 @@ async def ingest(ctx: OperatorContext, uid: str, namespace: str, name: str, spec
     """Insert the row for a Task object (or find it); a Task we cannot run is recorded failed."""
     app = ctx.app
     req, retry_delay = request_from_spec(spec)
-    error: str | None = None
-    size = cr_payload_bytes(spec.get("payload") or {})
-    if size > validation.CR_PAYLOAD_MAX_BYTES:
-        error = (
-            f"spec.payload: is {size} bytes as JSON; the limit for a Task object is "
-            f"{validation.CR_PAYLOAD_MAX_BYTES} bytes (larger payloads go through the Python API)"
-        )
+    error = webhook.payload_error(spec)  # the webhook's rule: it may not have been running
     prepared = None
     if error is None:
         try:

@@ -27,7 +27,7 @@ from typing import Any
 import kopf
 
 from kubetasks.app import App
-from kubetasks.k8s import handlers, kube, status
+from kubetasks.k8s import handlers, kube, status, webhook
 from kubetasks.store import Store
 
 log = logging.getLogger("kubetasks.k8s.operator")
@@ -100,6 +100,7 @@ class Operator:
         await self._reconcile_pods(ctx)
         registry = kopf.OperatorRegistry()
         handlers.register(registry, ctx)
+        webhook.register(registry)
         try:
             await kopf.operator(
                 registry=registry,
