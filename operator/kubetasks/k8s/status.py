@@ -134,7 +134,8 @@ class StatusWriter:
         self.parallel = parallel
         self._changed: set[int] = set()
         self._wake = asyncio.Event()
-        self._written: dict[int, tuple[str, int, str]] = {}  # id -> (phase, attempts, pod)
+        self._written: dict[int, tuple[Any, ...]] = {}  # id -> what its object's status last said
+        self._resync_soon = False
         self.is_leader = False
         self.patches = 0
 
@@ -172,11 +173,16 @@ class StatusWriter:
     async def _lead(self, stop: asyncio.Event, closed: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         next_resync = loop.time()
+        self._written.clear()  # a new leader knows nothing of what was written before
         while not stop.is_set() and not closed.is_set():
+            if self._resync_soon:
+                self._resync_soon = False
+                next_resync = min(next_resync, loop.time() + 2.0)
             if loop.time() >= next_resync:
+                # Repairs what notifications missed; rows whose object already shows
+                # their state are skipped (see _write_one), so this costs reads only.
                 rows = await self.store.run("cr_tasks_for_resync", self.resync_every * 2)
-                self._changed.update(r["id"] for r in rows)
-                self._written.clear()  # a resync rewrites whatever it finds
+                await self.write(sorted(r["id"] for r in rows), only_changed=True)
                 next_resync = loop.time() + self.resync_every
             if not self._changed:
                 self._wake.clear()
@@ -187,20 +193,22 @@ class StatusWriter:
             if batch:
                 await self.write(sorted(batch))
 
-    async def write(self, ids: list[int]) -> None:
+    async def write(self, ids: list[int], *, only_changed: bool = False) -> None:
         rows = await self.store.run("cr_tasks_by_ids", ids)
         sem = asyncio.Semaphore(self.parallel)
 
         async def one(row: asyncpg.Record) -> None:
             async with sem:
-                await self._write_one(row)
+                await self._write_one(row, only_changed=only_changed)
 
         await asyncio.gather(*(one(r) for r in rows))
 
-    async def _write_one(self, row: asyncpg.Record) -> None:
+    async def _write_one(self, row: asyncpg.Record, *, only_changed: bool = False) -> None:
         status = status_of(row)
-        key = (status["phase"], status["attempts"], status["pod"])
+        key = (status["phase"], status["attempts"], status["pod"], status["progress"], status["message"])
         prev = self._written.get(row["id"])
+        if only_changed and prev == key:
+            return
         ns, name = row["cr_namespace"], row["cr_name"]
         try:
             await self.kube.patch_status("tasks", ns, name, status)
@@ -208,8 +216,9 @@ class StatusWriter:
             if is_not_found(exc):
                 await self._object_gone(row)
                 return
-            log.warning("status of task %s/%s not written (%r); the next resync retries", ns, name, exc)
-            self._changed.add(row["id"])
+            log.warning("status of task %s/%s not written (%r); retrying shortly", ns, name, exc)
+            self._written.pop(row["id"], None)
+            self._resync_soon = True
             return
         self.patches += 1
         self._written[row["id"]] = key

@@ -1,0 +1,70 @@
+"""A task row becomes the status a Task object shows (pure mapping, no cluster)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from kubetasks.k8s.status import RESULT_SUMMARY_MAX, status_of
+from kubetasks.k8s.webhook import cr_payload_bytes, payload_error
+
+T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+T1 = datetime(2026, 11, 23, 12, 0, 5, tzinfo=UTC)
+
+
+def row(**kw: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": 7, "queue": "default", "status": "pending", "attempt": 0, "pod_id": None, "error": None,
+        "progress": None, "progress_message": None, "result": None, "started_at": None,
+        "finished_at": None, "updated_at": T0,
+    }  # fmt: skip
+    base.update(kw)
+    return base
+
+
+def conditions(st: dict[str, Any]) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in st["conditions"]}
+
+
+def test_succeeded_sets_the_condition_kubectl_wait_reads() -> None:
+    st = status_of(
+        row(status="succeeded", attempt=1, pod_id="p-1", started_at=T0, finished_at=T1, result={"ok": 1})
+    )
+    assert st["phase"] == "Succeeded" and st["attempts"] == 1 and st["pod"] == "p-1"
+    assert conditions(st) == {"Accepted": "True", "Running": "False", "Succeeded": "True", "Failed": "False"}
+    assert st["finishedAt"] == "2026-11-23T12:00:05Z" and st["result"] == {"ok": 1}
+
+
+def test_refused_task_is_failed_and_not_accepted_with_reason() -> None:
+    st = status_of(
+        row(status="failed", error="handler: unknown handler 'x'; known handlers: a", finished_at=T0)
+    )
+    assert st["phase"] == "Failed" and st["message"].startswith("handler: unknown handler 'x'")
+    assert conditions(st)["Accepted"] == "False" and conditions(st)["Failed"] == "True"
+
+
+def test_retrying_message_and_scalar_result_wrapped() -> None:
+    st = status_of(row(status="pending", attempt=2, error="ConnectionError: refused"))
+    assert st["message"] == "retrying after attempt 2: ConnectionError: refused"
+    assert status_of(row(status="succeeded", attempt=1, finished_at=T1, result="done"))["result"] == {
+        "value": "done"
+    }
+
+
+def test_large_result_is_summarised() -> None:
+    big = {"blob": "x" * (RESULT_SUMMARY_MAX + 10)}
+    st = status_of(row(status="succeeded", attempt=1, finished_at=T1, result=big))
+    assert st["result"] == {
+        "truncated": True,
+        "bytes": len('{"blob":""}') + RESULT_SUMMARY_MAX + 10,
+        "taskId": "7",
+    }
+
+
+def test_payload_rule_counts_compact_utf8_json() -> None:
+    assert cr_payload_bytes({"a": "é"}) == len('{"a":"é"}'.encode())
+    assert payload_error({"payload": {"b": "x" * 1000}}) is None
+    msg = payload_error({"payload": {"b": "x" * (128 * 1024)}})
+    assert msg is not None and msg.startswith(
+        "spec.payload: is 131080 bytes as JSON; the limit for a Task object is 131072"
+    )
