@@ -278,6 +278,10 @@ async def test_two_hundred_tasks_in_one_apply(cluster: Cluster, namespace: str, 
     assert len(rows) == 200 and {r["status"] for r in rows} == {"succeeded"}
     assert result.lost == set() and result.duplicated == set() and result.unexpected == set()
     assert set(result.runs.values()) == {1} and len(result.runs) == 200
+    one = cluster.json("get", "task", "t-000", "-n", namespace)
+    kopf_marks = [k for k in (one["metadata"].get("annotations") or {}) if "kopf" in k]
+    assert kopf_marks == [], "kopf must write nothing onto Task objects (the payload would land in annotations)"
+    assert one["metadata"].get("finalizers") in (None, []), "a finished Task keeps no finalizer"
     wide = cluster.run("get", "tasks", "-n", namespace, "-o", "wide").stdout.splitlines()
     print("\n".join(wide[:4]))
     assert wide[0].split()[:7] == ["NAME", "HANDLER", "QUEUE", "PHASE", "ATTEMPTS", "POD", "AGE"]
