@@ -45,6 +45,7 @@ e2e: venv
 
 test: venv lint ## everything CI runs: unit, integration (PostgreSQL, Redis), e2e (kube-apiserver, kubectl, helm)
 	bash e2e/cluster/build.sh
+	bash e2e/cluster/schemas.sh
 	$(BIN)/pytest tests e2e -q -p no:cacheprovider
 
 bench: venv ## kubetasks side by side with pgqueuer and procrastinate; prints a table, writes bench/results/latest.json

@@ -16,7 +16,6 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,61 +24,24 @@ import pytest
 from tests.conftest import create_db, dev_state, drop_db, template_db  # noqa: F401 - fixtures
 from tests.integration.helpers import audit
 
+from e2e.conftest import Cluster
 from kubetasks import devenv
 
 ROOT = Path(__file__).resolve().parent.parent
 SELECTOR = "app.kubernetes.io/name=kubetasks-e2e"
 
 
-@dataclass(frozen=True)
-class Cluster:
-    kubectl: str
-    kubeconfig: str
-
-    def run(
-        self, *args: str, input: str | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(
-            [self.kubectl, "--kubeconfig", self.kubeconfig, *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check and res.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {res.stderr}")
-        return res
-
-    def json(self, *args: str) -> Any:
-        return json.loads(self.run(*args, "-o", "json").stdout)
-
-
-@pytest.fixture(scope="session")
-def cluster() -> Cluster:
-    res = subprocess.run(
-        ["bash", str(ROOT / "e2e/cluster/up.sh")], capture_output=True, text=True, timeout=3000
-    )
-    if res.returncode != 0:
-        pytest.fail(f"the local control plane did not start:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    env = subprocess.run(
-        [
-            "bash",
-            "-c",
-            f". {ROOT}/e2e/cluster/env.sh && echo $KUBETASKS_KUBECTL && echo $KUBETASKS_KUBECONFIG",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    kubectl, kubeconfig = env.stdout.split()
-    c = Cluster(kubectl, kubeconfig)
-    c.run("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    c.run("wait", "--for=condition=Established", "crd/tasks.kubetasks.dev", "crd/kopfpeerings.kopf.dev")
-    return c
+@pytest.fixture(scope="module")
+def crds(cluster: Cluster) -> Cluster:
+    cluster.run("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    cluster.run("wait", "--for=condition=Established", "crd/tasks.kubetasks.dev", "crd/kopfpeerings.kopf.dev")
+    return cluster
 
 
 @pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
+def namespace(crds: Cluster) -> Iterator[str]:
+    """A fresh namespace with kopf's peering object; its Tasks and itself deleted afterwards."""
+    cluster = crds
     ns = f"e2e-{uuid.uuid4().hex[:8]}"
     cluster.run("create", "namespace", ns)
     cluster.run(
@@ -280,7 +242,7 @@ async def test_two_hundred_tasks_in_one_apply(cluster: Cluster, namespace: str, 
     assert set(result.runs.values()) == {1} and len(result.runs) == 200
     one = cluster.json("get", "task", "t-000", "-n", namespace)
     kopf_marks = [k for k in (one["metadata"].get("annotations") or {}) if "kopf" in k]
-    assert kopf_marks == [], "kopf must write nothing onto Task objects (the payload would land in annotations)"
+    assert kopf_marks == [], "kopf writes nothing onto Task objects (a payload copy would land there)"
     assert one["metadata"].get("finalizers") in (None, []), "a finished Task keeps no finalizer"
     wide = cluster.run("get", "tasks", "-n", namespace, "-o", "wide").stdout.splitlines()
     print("\n".join(wide[:4]))

@@ -5,7 +5,7 @@
 # never in the repository. Idempotent: already-built binaries are skipped.
 #
 # Usage: e2e/cluster/build.sh [etcd] [kube-apiserver] [kubectl]
-#                             [kube-controller-manager] [helm]
+#                             [kube-controller-manager] [helm] [kubeconform]
 #        (no argument = all of them)
 set -euo pipefail
 shopt -s inherit_errexit 2>/dev/null || true
@@ -105,6 +105,22 @@ GOMOD
   echo "$dir"
 }
 
+kubeconform_wrapper() {
+  local dir="$SRC/kubeconform-$KUBECONFORM_VERSION"
+  [ -f "$dir/.ready" ] && { echo "$dir"; return; }
+  mkdir -p "$dir"
+  cat > "$dir/go.mod" <<GOMOD
+module kubetasks.local/kubeconformbuild
+
+go 1.24
+
+require github.com/yannh/kubeconform $KUBECONFORM_VERSION
+GOMOD
+  echo 'package kubeconformbuild' > "$dir/doc.go"
+  touch "$dir/.ready"
+  echo "$dir"
+}
+
 # build <out> <wrapper dir> <package> <ldflags>
 build() {
   local out="$1" dir="$2" pkg="$3" ldflags="$4" t0=$SECONDS
@@ -158,5 +174,10 @@ if pick helm; then
   dir="$(helm_wrapper)"
   build "$KUBETASKS_HELM" "$dir" "helm.sh/helm/v$hmaj/cmd/helm" \
     "-s -w -X helm.sh/helm/v$hmaj/internal/version.version=$HELM_VERSION -X helm.sh/helm/v$hmaj/internal/version.gitTreeState=clean"
+fi
+if pick kubeconform; then
+  dir="$(kubeconform_wrapper)"
+  build "$KUBETASKS_KUBECONFORM" "$dir" github.com/yannh/kubeconform/cmd/kubeconform \
+    "-s -w -X main.version=$KUBECONFORM_VERSION"
 fi
 log "done (total $(( SECONDS - START ))s)"

@@ -1,0 +1,28 @@
+# kubetasks: the one process every pod of the Helm chart runs (`kubetasks run`).
+# Build:  docker build -t kubetasks:0.1.0 .
+# Your handlers: FROM kubetasks:0.1.0, COPY your package into /app (the working
+# directory, which `--app module:attr` imports from), and if it has
+# dependencies, install them as root before switching back to USER 10001.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# The chart runs the container as uid/gid 10001 with a read-only root file
+# system and a writable emptyDir at /tmp.
+RUN groupadd --system --gid 10001 kubetasks \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /app \
+      --shell /usr/sbin/nologin kubetasks
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator ./operator
+RUN pip install --no-cache-dir . && rm -rf /src
+
+WORKDIR /app
+USER 10001:10001
+# /healthz, /readyz and /metrics (KUBETASKS_METRICS_PORT; the chart sets 9090)
+EXPOSE 9090
+ENTRYPOINT ["kubetasks"]
+CMD ["run"]

@@ -1,0 +1,132 @@
+{{/* Chart name, overridable. */}}
+{{- define "kubetasks.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name of namespaced objects: <release>-<chart>, or <release> if it already contains the chart name. */}}
+{{- define "kubetasks.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of cluster-scoped objects: the full name plus the namespace, so two releases of the same name in two namespaces do not collide. */}}
+{{- define "kubetasks.clusterName" -}}
+{{- printf "%s-%s" (include "kubetasks.fullname" .) .Release.Namespace | trunc 253 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kubetasks.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "kubetasks.labels" -}}
+helm.sh/chart: {{ include "kubetasks.chart" . }}
+{{ include "kubetasks.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetasks
+{{- end }}
+
+{{/* Labels that select the Deployment's pods (immutable once installed). */}}
+{{- define "kubetasks.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetasks.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: worker
+{{- end }}
+
+{{/* The selector labels as a label selector string (k=v,k=v). */}}
+{{- define "kubetasks.podSelector" -}}
+{{- $parts := list }}
+{{- range $k, $v := (include "kubetasks.selectorLabels" . | fromYaml) }}
+{{- $parts = append $parts (printf "%s=%s" $k $v) }}
+{{- end }}
+{{- join "," $parts }}
+{{- end }}
+
+{{- define "kubetasks.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubetasks.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create=false: the existing ServiceAccount the pods run as" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetasks.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the Secret the chart creates when database.url / redis.url are given. */}}
+{{- define "kubetasks.urlSecretName" -}}
+{{- printf "%s-urls" (include "kubetasks.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Validate database values; renders nothing. */}}
+{{- define "kubetasks.validate" -}}
+{{- if not .Values.app }}
+{{- fail "app is required: the kubetasks App the pods run, as module:attribute (e.g. --set app=mypkg.tasks:app)" }}
+{{- end }}
+{{- if and .Values.database.existingSecret .Values.database.url }}
+{{- fail "set only one of database.existingSecret and database.url" }}
+{{- end }}
+{{- if not (or .Values.database.existingSecret .Values.database.url) }}
+{{- fail "database.existingSecret is required: the name of a Secret holding the PostgreSQL URL under key database.secretKey (default \"url\"), e.g. kubectl create secret generic kubetasks-db --from-literal=url=postgresql://user:pw@host:5432/db. (database.url also works but is not recommended: the password then lives in the Helm release.)" }}
+{{- end }}
+{{- if and .Values.webhook.enabled (not .Values.service.enabled) }}
+{{- fail "webhook.enabled needs service.enabled: the API server reaches the webhook through the Service" }}
+{{- end }}
+{{- if and .Values.webhook.enabled (not .Values.webhook.certSecret) (gt (int (include "kubetasks.minReplicas" .)) 1) }}
+{{- fail "webhook.enabled with more than one replica needs webhook.certSecret (tls.crt, tls.key, ca.crt shared by every pod): without it each pod makes its own CA and the API server trusts only one of them" }}
+{{- end }}
+{{- if and .Values.redis.existingSecret .Values.redis.url }}
+{{- fail "set only one of redis.existingSecret and redis.url" }}
+{{- end }}
+{{- if and .Values.keda.enabled (gt (int .Values.keda.minReplicaCount) (int .Values.keda.maxReplicaCount)) }}
+{{- fail (printf "keda.minReplicaCount (%v) exceeds keda.maxReplicaCount (%v)" .Values.keda.minReplicaCount .Values.keda.maxReplicaCount) }}
+{{- end }}
+{{- if le (float64 .Values.leaseTTL) (mulf (float64 .Values.heartbeatInterval) 1.5) }}
+{{- fail (printf "leaseTTL (%v) must exceed 1.5 x heartbeatInterval (%v)" .Values.leaseTTL .Values.heartbeatInterval) }}
+{{- end }}
+{{- end }}
+
+{{/* The database URL as a container env var, from a Secret. */}}
+{{- define "kubetasks.databaseEnv" -}}
+- name: KUBETASKS_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.database.existingSecret }}
+      name: {{ .Values.database.existingSecret }}
+      key: {{ .Values.database.secretKey }}
+      {{- else }}
+      name: {{ include "kubetasks.urlSecretName" . }}
+      key: database-url
+      {{- end }}
+{{- if or .Values.redis.existingSecret .Values.redis.url }}
+- name: KUBETASKS_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.redis.existingSecret }}
+      name: {{ .Values.redis.existingSecret }}
+      key: {{ .Values.redis.secretKey }}
+      {{- else }}
+      name: {{ include "kubetasks.urlSecretName" . }}
+      key: redis-url
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Replicas that run: KEDA's minimum when it scales, else replicaCount. */}}
+{{- define "kubetasks.minReplicas" -}}
+{{- if .Values.keda.enabled }}{{ .Values.keda.minReplicaCount }}{{ else }}{{ .Values.replicaCount }}{{ end }}
+{{- end }}

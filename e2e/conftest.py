@@ -1,0 +1,108 @@
+"""Fixtures for the e2e suites: the local control plane of e2e/cluster/.
+
+``cluster`` (session) runs ``e2e/cluster/up.sh`` -- idempotent: it reuses a
+healthy cluster -- and gives the kubeconfig and the tool paths (kubectl,
+helm, kubeconform) from ``e2e/cluster/env.sh``. If the cluster cannot start
+the tests fail with up.sh's own output; nothing is skipped. A cluster this
+session started is stopped at the end (set KUBETASKS_KEEP_CLUSTER=1 to keep
+it); one that was already running is left alone.
+
+``namespace`` gives a test a fresh namespace and deletes it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_DIR = ROOT / "e2e" / "cluster"
+
+
+def cluster_env() -> dict[str, str]:
+    """The variables e2e/cluster/env.sh exports (tool paths, versions, cache)."""
+    out = subprocess.run(
+        ["bash", "-c", f". {CLUSTER_DIR / 'env.sh'} && env -0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pairs = (item.split("=", 1) for item in out.stdout.split("\0") if "=" in item)
+    return {k: v for k, v in pairs if k.startswith(("KUBETASKS_", "K8S_", "ETCD_", "HELM_", "KUBECONFORM_"))}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    kubeconfig: str
+    kubectl: str
+    helm: str
+    kubeconform: str
+    env: dict[str, str]
+
+    def run(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """kubectl against the local cluster (as its admin)."""
+        return _run([self.kubectl, "--kubeconfig", self.kubeconfig, *args], input, check, timeout)
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.run(*args, "-o", "json").stdout)
+
+    def helm_run(
+        self, *args: str, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return _run([self.helm, "--kubeconfig", self.kubeconfig, *args], None, check, timeout)
+
+
+def _run(cmd: list[str], input: str | None, check: bool, timeout: float) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    up = subprocess.run(["bash", str(CLUSTER_DIR / "up.sh")], capture_output=True, text=True, timeout=3600)
+    if up.returncode != 0:
+        pytest.fail(
+            f"the local control plane did not start (e2e/cluster/up.sh exit {up.returncode}):\n"
+            f"{up.stdout[-4000:]}\n{up.stderr[-4000:]}",
+            pytrace=False,
+        )
+    started_here = "already running" not in up.stdout
+    build = subprocess.run(
+        ["bash", str(CLUSTER_DIR / "build.sh"), "helm", "kubeconform"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if build.returncode != 0:
+        pytest.fail(f"could not build helm/kubeconform:\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}")
+    env = cluster_env()
+    yield Cluster(
+        kubeconfig=env["KUBETASKS_KUBECONFIG"],
+        kubectl=env["KUBETASKS_KUBECTL"],
+        helm=env["KUBETASKS_HELM"],
+        kubeconform=env["KUBETASKS_KUBECONFORM"],
+        env=env,
+    )
+    if started_here and os.environ.get("KUBETASKS_KEEP_CLUSTER") != "1":
+        subprocess.run(["bash", str(CLUSTER_DIR / "down.sh")], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    """A fresh namespace, deleted after the test."""
+    ns = f"e2e-{uuid.uuid4().hex[:8]}"
+    cluster.run("create", "namespace", ns)
+    yield ns
+    cluster.run("delete", "namespace", ns, "--wait=false", check=False)

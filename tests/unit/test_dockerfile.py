@@ -1,0 +1,194 @@
+"""The Dockerfile, checked without a Docker engine (none runs here).
+
+The image's contract is read from the Dockerfile itself, and its install step
+is replayed: the build context that .dockerignore lets through is copied as
+the COPY lines say, the RUN line's `pip install` runs in a fresh virtualenv
+(non-editable, from PyPI), the sources are removed as the RUN line removes
+them, and the installed `kubetasks --help` must work.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order; continuation lines joined, comments dropped."""
+    out: list[tuple[str, str]] = []
+    buf = ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        word, _, rest = buf.partition(" ")
+        out.append((word.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+def the(name: str) -> list[str]:
+    return [args for ins, args in instructions() if ins == name]
+
+
+def pip_install_args() -> list[str]:
+    """The `pip install ...` command of the RUN step that installs kubetasks."""
+    for run in the("RUN"):
+        for part in run.split("&&"):
+            words = shlex.split(part)
+            if words[:2] == ["pip", "install"]:
+                return words
+    raise AssertionError("no RUN step runs `pip install`")
+
+
+def dockerignored(rel: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last matching pattern wins; `!` re-includes; a match on a parent dir counts."""
+    ignored = False
+    parts = rel.split("/")
+    for pat in patterns:
+        neg = pat.startswith("!")
+        p = pat[1:] if neg else pat
+        p = p.rstrip("/")
+        hit = any(
+            fnmatch.fnmatchcase("/".join(parts[: i + 1]), p)
+            or (p.startswith("**/") and fnmatch.fnmatchcase(parts[i], p[3:]))
+            for i in range(len(parts))
+        )
+        if hit:
+            ignored = not neg
+    return ignored
+
+
+def build_context(dest: Path) -> None:
+    """Copy what the build would see: the repository minus .dockerignore."""
+    patterns = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for rel in tracked:
+        if not dockerignored(rel, patterns) and (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+
+
+class TestDockerfile:
+    def test_image_contract(self) -> None:
+        """python:3.11-slim, non-root uid 10001, ENTRYPOINT kubetasks, CMD run, metrics port exposed."""
+        assert the("FROM") == ["python:3.11-slim"]
+        assert the("USER") == ["10001:10001"]
+        assert json.loads(the("ENTRYPOINT")[-1]) == ["kubetasks"]
+        assert json.loads(the("CMD")[-1]) == ["run"]
+        assert the("EXPOSE") == ["9090"]
+        assert any("useradd" in r and "--uid 10001" in r for r in the("RUN"))
+        assert pip_install_args() == ["pip", "install", "--no-cache-dir", "."]
+        # USER comes after every RUN: nothing runs as root at start-up
+        order = [ins for ins, _ in instructions()]
+        assert order.index("USER") > max(i for i, ins in enumerate(order) if ins == "RUN")
+
+    def test_build_context_is_small(self, tmp_path: Path) -> None:
+        """.dockerignore lets in pyproject.toml, README.md and operator/ only (no .venv, .run or tests)."""
+        build_context(tmp_path)
+        top = sorted(p.name for p in tmp_path.iterdir())
+        assert top == ["README.md", "operator", "pyproject.toml"], top
+        assert not list(tmp_path.rglob("__pycache__"))
+        assert (tmp_path / "operator" / "kubetasks" / "store" / "sql" / "schema.sql").is_file()
+
+    @pytest.mark.timeout(280)
+    def test_the_install_step_works(self, tmp_path: Path) -> None:
+        """Replaying COPY + `pip install --no-cache-dir .` into a fresh venv gives a working `kubetasks`."""
+        context = tmp_path / "context"
+        context.mkdir()
+        build_context(context)
+        src = tmp_path / "image" / "src"  # WORKDIR /src
+        src.mkdir(parents=True)
+        assert "/src" in the("WORKDIR")
+        for args in the("COPY"):
+            *sources, target = shlex.split(args)
+            into_dir = target.endswith("/") or len(sources) > 1
+            for s in sources:
+                dest = src / target / Path(s).name if into_dir else src / target
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if (context / s).is_dir():
+                    shutil.copytree(context / s, dest)
+                else:
+                    shutil.copy2(context / s, dest)
+        assert (src / "pyproject.toml").is_file() and (src / "operator" / "kubetasks" / "cli.py").is_file()
+
+        base = shutil.which("python3.11") or sys.executable  # the image is python:3.11
+        venv = tmp_path / "venv"
+        subprocess.run([base, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+        py, bin_dir = venv / "bin" / "python", venv / "bin"
+        version = subprocess.run(
+            [str(py), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        print(f"\nvenv python {version}; replaying: {' '.join(pip_install_args())} (cwd {src})")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "PYTHON", "VIRTUAL_ENV"))}
+        env.update(
+            PATH=f"{bin_dir}:{env.get('PATH', '')}",
+            PYTHONDONTWRITEBYTECODE="1",
+            PIP_DISABLE_PIP_VERSION_CHECK="1",
+        )
+        pip = [str(py), "-m", *pip_install_args()]
+        res = subprocess.run(pip, cwd=src, env=env, capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        shutil.rmtree(src)  # `&& rm -rf /src`: the install must not depend on the sources
+
+        app_dir = tmp_path / "image" / "app"  # WORKDIR /app
+        app_dir.mkdir()
+        helped = subprocess.run(
+            [str(bin_dir / "kubetasks"), "--help"],
+            cwd=app_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert helped.returncode == 0, helped.stderr
+        assert "run" in helped.stdout and "migrate" in helped.stdout, helped.stdout
+        run_help = subprocess.run(
+            [str(bin_dir / "kubetasks"), "run", "--help"],
+            cwd=app_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run_help.returncode == 0 and "KUBETASKS_APP" in run_help.stdout, run_help.stdout
+        data = subprocess.run(
+            [
+                str(py),
+                "-c",
+                "from importlib.resources import files; import kubetasks, sys;"
+                "assert 'site-packages' in kubetasks.__file__, kubetasks.__file__;"
+                "assert (files('kubetasks') / 'store' / 'sql' / 'schema.sql').is_file()",
+            ],
+            cwd=app_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert data.returncode == 0, data.stderr
