@@ -47,6 +47,7 @@ def make_settings() -> kopf.OperatorSettings:
     s.peering.priority = int(os.environ.get("KUBETASKS_PEERING_PRIORITY") or random.randint(1, 2**30))
     s.peering.lifetime = int(os.environ.get("KUBETASKS_PEERING_LIFETIME", "10"))
     s.peering.mandatory = False
+    s.peering.name = os.environ.get("KUBETASKS_PEERING_NAME", "default")
     s.scanning.disabled = True
     s.posting.level = logging.WARNING
     s.networking.request_timeout = 60
