@@ -40,7 +40,11 @@ def step(n: int, text: str) -> None:
 
 def cluster_env() -> tuple[str, str]:
     out = subprocess.run(
-        ["bash", "-c", f". {ROOT}/e2e/cluster/env.sh && echo $KUBETASKS_KUBECTL && echo $KUBETASKS_KUBECONFIG"],
+        [
+            "bash",
+            "-c",
+            f". {ROOT}/e2e/cluster/env.sh && echo $KUBETASKS_KUBECTL && echo $KUBETASKS_KUBECONFIG",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -83,7 +87,9 @@ def main() -> int:
     step(3, "CRDs, a namespace, and `kubetasks run --app examples.app:app` in the background")
     kubectl(kc, kubeconfig, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     kubectl(kc, kubeconfig, "wait", "--for=condition=Established", "crd/tasks.kubetasks.dev")
-    kubectl(kc, kubeconfig, "delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true", "--timeout=60s")
+    kubectl(
+        kc, kubeconfig, "delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true", "--timeout=60s"
+    )
     kubectl(kc, kubeconfig, "create", "namespace", NAMESPACE)
     log_path = ROOT / ".run" / "demo-kubetasks.log"
     env = dict(
@@ -108,16 +114,24 @@ def main() -> int:
         if proc.poll() is not None:
             raise SystemExit(f"kubetasks run exited (code {proc.returncode}); see {log_path}")
         step(4, f"kubectl apply -n {NAMESPACE} -f examples/tasks/")
-        console.print(kubectl(kc, kubeconfig, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples/tasks")).strip())
+        console.print(
+            kubectl(kc, kubeconfig, "apply", "-n", NAMESPACE, "-f", str(ROOT / "examples/tasks")).strip()
+        )
         deadline = time.monotonic() + 90
         last = ""
         while True:
             table = kubectl(kc, kubeconfig, "get", "tasks", "-n", NAMESPACE, "-o", "wide")
             if table != last:
-                console.print(f"\n$ kubectl get tasks -n {NAMESPACE} -o wide\n{table.rstrip()}", highlight=False)
+                console.print(
+                    f"\n$ kubectl get tasks -n {NAMESPACE} -o wide\n{table.rstrip()}", highlight=False
+                )
                 last = table
-            items = json.loads(kubectl(kc, kubeconfig, "get", "tasks", "-n", NAMESPACE, "-o", "json"))["items"]
-            done = [(i.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Cancelled") for i in items]
+            items = json.loads(kubectl(kc, kubeconfig, "get", "tasks", "-n", NAMESPACE, "-o", "json"))[
+                "items"
+            ]
+            done = [
+                (i.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Cancelled") for i in items
+            ]
             if items and all(done):
                 break
             if proc.poll() is not None:
@@ -128,7 +142,9 @@ def main() -> int:
         ok = sum((i.get("status") or {}).get("phase") == "Succeeded" for i in items)
         retries = sum(max(0, ((i.get("status") or {}).get("attempts") or 1) - 1) for i in items)
         step(5, f"summary: {ok} of {len(items)} Tasks Succeeded ({retries} retries along the way)")
-        console.print(kubectl(kc, kubeconfig, "wait", "--for=condition=Succeeded", "task", "--all", "-n", NAMESPACE))
+        console.print(
+            kubectl(kc, kubeconfig, "wait", "--for=condition=Succeeded", "task", "--all", "-n", NAMESPACE)
+        )
         return 0 if ok == len(items) else 1
     finally:
         proc.send_signal(signal.SIGTERM)
