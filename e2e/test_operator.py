@@ -458,3 +458,124 @@ async def test_webhook_refuses_oversized_payload_naming_the_field(
     operators.stop_all()
     # A graceful exit removes the non-persistent entry: Tasks are never blocked by a dead URL.
     await wait_until(lambda: not configured(), 30, "the webhook entry to go")
+
+
+def cronjoblock(name: str, schedule: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetasks.dev/v1alpha1",
+        "kind": "CronJobLock",
+        "metadata": {"name": name},
+        "spec": {"schedule": schedule, "handler": "side.work", "payload": {"ms": [1, 5]}, **spec},
+    }
+
+
+async def count_runs(db: str, tag_prefix: str = "cron:") -> int:
+    conn = await asyncpg.connect(db)
+    try:
+        return int(
+            await conn.fetchval("SELECT count(*) FROM kubetasks.cron_ticks WHERE outcome = 'enqueued'")
+        )
+    finally:
+        await conn.close()
+
+
+async def test_cronjoblock_status_patch_suspend_delete(
+    cluster: Cluster, namespace: str, operators: Operators
+) -> None:
+    """A CronJobLock's status fills in; a schedule change and suspend take effect; deleting it stops runs."""
+    operators.start("kt-cron")
+    await wait_ready(operators, ["kt-cron"])
+    apply(cluster, namespace, [cronjoblock("every-2s", "* * * * * */2", lockTTLSeconds=30)])
+
+    def status() -> dict[str, Any]:
+        return cluster.json("get", "cronjoblock", "every-2s", "-n", namespace).get("status") or {}
+
+    await wait_until(lambda: status().get("lastResult") == "Succeeded", 30, "a first successful run")
+    st = status()
+    assert st["nextScheduleTime"] and st["lastScheduleTime"] and st["lastSuccessfulTime"]
+    assert {c["type"]: c["status"] for c in st["conditions"]} == {"Ready": "True"}
+    table = cluster.run("get", "cronjoblocks", "-n", namespace).stdout
+    print(f"\n[e2e] $ kubectl get cronjoblocks\n{table.rstrip()}")
+    assert table.split("\n")[0].split()[:4] == ["NAME", "SCHEDULE", "SUSPEND", "HOLDER"]
+
+    cluster.run("patch", "cronjoblock", "every-2s", "-n", namespace, "--type", "merge",
+                "-p", '{"spec":{"schedule":"* * * * * */3"}}')  # fmt: skip
+    await wait_until(
+        lambda: "*/3" in cluster.run("get", "cronjoblock", "every-2s", "-n", namespace).stdout,
+        10,
+        "the new schedule",
+    )
+
+    def seconds_of_new_ticks() -> set[int]:
+        return {int(h["scheduledTime"][17:19]) for h in status().get("history", []) if h.get("scheduledTime")}
+
+    await wait_until(lambda: any(s % 3 == 0 and s % 2 == 1 for s in seconds_of_new_ticks()), 20,
+                     "a tick only the new schedule has")  # fmt: skip
+
+    cluster.run("patch", "cronjoblock", "every-2s", "-n", namespace, "--type", "merge",
+                "-p", '{"spec":{"suspend":true}}')  # fmt: skip
+    await asyncio.sleep(4)  # one tick of slack for the change to reach the scheduler
+    before = await count_runs(operators.db)
+    await asyncio.sleep(6)
+    assert await count_runs(operators.db) == before, "a suspended CronJobLock still ran"
+
+    cluster.run("patch", "cronjoblock", "every-2s", "-n", namespace, "--type", "merge",
+                "-p", '{"spec":{"suspend":false}}')  # fmt: skip
+    await wait_until(lambda: status().get("nextScheduleTime") is not None, 10, "resumed")
+    await asyncio.sleep(4)
+    assert await count_runs(operators.db) > before, "resuming did not bring runs back"
+
+    cluster.run("delete", "cronjoblock", "every-2s", "-n", namespace)
+    await asyncio.sleep(2)
+    after_delete = await count_runs(operators.db)
+    await asyncio.sleep(6)
+    assert await count_runs(operators.db) == after_delete, "runs followed the deletion"
+
+
+async def test_cronjoblock_that_never_fires_is_not_ready(
+    cluster: Cluster, namespace: str, operators: Operators
+) -> None:
+    """A schedule that never fires is accepted by the schema but shown Ready=False with the reason."""
+    operators.start("kt-cron")
+    await wait_ready(operators, ["kt-cron"])
+    apply(
+        cluster,
+        namespace,
+        [cronjoblock("feb-31", "0 0 31 2 *"), cronjoblock("mars", "0 3 * * *", timeZone="Mars/Base")],
+    )
+
+    def ready(name: str) -> dict[str, Any] | None:
+        st = cluster.json("get", "cronjoblock", name, "-n", namespace).get("status") or {}
+        return next((c for c in st.get("conditions", []) if c["type"] == "Ready"), None)
+
+    await wait_until(
+        lambda: ready("feb-31") is not None and ready("mars") is not None, 30, "Ready conditions"
+    )
+    feb, mars = ready("feb-31"), ready("mars")
+    assert feb is not None and feb["status"] == "False" and feb["reason"] == "InvalidSchedule"
+    assert feb["message"] == "spec.schedule: '0 0 31 2 *' never fires", feb
+    assert mars is not None and mars["status"] == "False"
+    assert mars["message"].startswith("spec.timeZone: unknown time zone 'Mars/Base'"), mars
+
+
+async def test_task_object_as_workflow_root_shows_children(
+    cluster: Cluster, namespace: str, operators: Operators
+) -> None:
+    """A Task whose handler fans out shows Waiting with its children's counts, then Succeeded with the sum."""
+    operators.start("kt-flow")
+    await wait_ready(operators, ["kt-flow"])
+    apply(cluster, namespace, [task_manifest("fan", handler="side.fanout", payload={"n": 8})])
+
+    def status() -> dict[str, Any]:
+        return cluster.json("get", "task", "fan", "-n", namespace).get("status") or {}
+
+    def waiting_on(n: int) -> bool:
+        st = status()
+        return st.get("phase") == "Waiting" and sum((st.get("children") or {}).values()) == n
+
+    await wait_until(lambda: waiting_on(8), 30, "the root Waiting on 8 children")
+    print(f"\n[e2e] workflow root while waiting: children={status()['children']}")
+    await wait_until(lambda: status().get("phase") == "Succeeded", 60, "the root Succeeded")
+    st = status()
+    assert st["result"] == {"sum": 28, "children": 8}
+    assert st.get("children") == {"succeeded": 8}

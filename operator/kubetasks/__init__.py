@@ -17,10 +17,12 @@ from kubetasks.errors import (
     ValidationError,
 )
 from kubetasks.locks import JobLock, LockBackendError, LockLost, LockNotAcquired
+from kubetasks.workflows import ChildFailed, WorkflowSummary
 
 __all__ = [
     "App",
     "Blueprint",
+    "ChildFailed",
     "ConfigError",
     "EnqueueRequest",
     "Fail",
@@ -39,4 +41,5 @@ __all__ = [
     "TaskRecord",
     "UnknownHandler",
     "ValidationError",
+    "WorkflowSummary",
 ]

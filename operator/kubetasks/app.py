@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from kubetasks import locks, validation
+import asyncpg
+
+from kubetasks import locks, validation, workflows
 from kubetasks.config import Settings
 from kubetasks.context import TaskContext
-from kubetasks.errors import TaskNotFound, UnknownHandler, ValidationError
+from kubetasks.errors import Fail, TaskNotFound, UnknownHandler, ValidationError
 from kubetasks.store import Store
 
 Handler = Callable[[TaskContext], Any]
 F = TypeVar("F", bound=Handler)
 
 _MISSING: Any = object()
-STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "paused")
+STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "paused", "suspended")
 FINISHED = ("succeeded", "failed", "cancelled")
+UNFINISHED = ("pending", "running", "paused", "suspended")  # suspended: a workflow waiting for children
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,33 @@ def _input(spec: Input | Mapping[str, Any]) -> Input:
     )
 
 
+@dataclass(frozen=True)
+class PeriodicDef:
+    """A schedule declared with ``@app.periodic``; the scheduler upserts it into ``schedules``.
+
+    The schedule and its handler share one name; ``func`` is the user's function
+    (under Forbid the registered handler wraps it in the job lock, see ``cron``).
+    """
+
+    name: str
+    cron: str
+    handler: str
+    func: Handler
+    timezone: str = "UTC"
+    queue: str | None = None
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    concurrency_policy: str = "Forbid"
+    lock_ttl: int = 600
+    starting_deadline: int | None = None
+    suspend: bool = False
+
+
 class Blueprint:
     """Task registrations without a connection; ``App`` is a Blueprint that can run."""
 
     def __init__(self) -> None:
         self.handlers: dict[str, TaskDef] = {}
+        self.periodics: dict[str, PeriodicDef] = {}
 
     def task(
         self,
@@ -187,6 +213,69 @@ class Blueprint:
             if td.name in self.handlers:
                 raise ValidationError("handler", f"{td.name!r} is already registered")
             self.handlers[td.name] = td
+        for pd in other.periodics.values():
+            if pd.name in self.periodics:
+                raise ValidationError("name", f"periodic {pd.name!r} is already declared")
+            self.periodics[pd.name] = pd
+            if pd.concurrency_policy == "Forbid":
+                from kubetasks import cron  # noqa: PLC0415 - cron imports app
+
+                # The job-lock wrapper must take its lock through this App.
+                self.handlers[pd.handler] = cron.rebound(self, pd, self.handlers[pd.handler])
+
+    def periodic(
+        self,
+        cron: str,
+        *,
+        name: str | None = None,
+        timezone: str = "UTC",
+        queue: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        concurrency_policy: str = "Forbid",
+        lock_ttl: int = 600,
+        starting_deadline: int | None = None,
+        suspend: bool = False,
+        priority: int | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> Callable[[F], F]:
+        """Run the decorated function on a cron schedule, once per tick across all pods.
+
+        ``cron`` is croniter syntax (five fields, or six with seconds last),
+        evaluated in ``timezone``. The function is also registered as a handler
+        of the same name. ``concurrency_policy="Forbid"`` (default): a run holds
+        the job lock ``cron:<name>`` (``lock_ttl`` seconds, renewed while it
+        runs) and a tick that finds a run unfinished or the lock held is
+        skipped; ``"Allow"``: runs may overlap. Ticks older than
+        ``starting_deadline`` seconds when the scheduler gets to them are
+        recorded as missed. An expression that never fires or an unknown time
+        zone raises ``ValidationError``.
+        """
+
+        def decorate(func: F) -> F:
+            from kubetasks import cron as cron_module  # noqa: PLC0415 - cron imports app
+
+            pname = name or f"{func.__module__}.{func.__qualname__}"
+            if pname in self.periodics:
+                raise ValidationError("name", f"periodic {pname!r} is already declared")
+            pd = cron_module.periodic_def(
+                self, func, cron, name=pname, timezone=timezone, queue=queue, payload=payload,
+                concurrency_policy=concurrency_policy, lock_ttl=lock_ttl,
+                starting_deadline=starting_deadline, suspend=suspend,
+            )  # fmt: skip
+            handler = cron_module.guard(self, pd) if pd.concurrency_policy == "Forbid" else func
+            self.register(
+                pd.handler,
+                handler,
+                queue=queue,
+                priority=priority,
+                timeout=timeout,
+                max_attempts=max_attempts,
+            )
+            self.periodics[pd.name] = pd
+            return func
+
+        return decorate
 
 
 @dataclass(frozen=True)
@@ -215,6 +304,8 @@ class TaskRecord:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    parent_id: int | None = None  # the task that spawned this one (workflows)
+    spawn_key: str | None = None
 
     @classmethod
     def from_row(cls, r: Mapping[str, Any]) -> TaskRecord:
@@ -241,6 +332,8 @@ class TaskRecord:
             created_at=r["created_at"],
             started_at=r["started_at"],
             finished_at=r["finished_at"],
+            parent_id=r.get("parent_id"),
+            spawn_key=r.get("spawn_key"),
         )
 
 
@@ -546,8 +639,71 @@ class App(Blueprint):
         return TaskPage([TaskRecord.from_row(r) for r in rows], total, limit, offset)
 
     async def get_attempts(self, task_id: int) -> list[dict[str, Any]]:
+        """One dict per ended attempt: attempt, worker_id, pod_id, started_at, finished_at,
+        outcome, error, duration_s."""
         rows = await (await self._ready_store()).run("get_attempts", task_id)
         return [dict(r) for r in rows]
+
+    # -- workflows and audit -------------------------------------------------
+
+    async def get_events(self, task_id: int) -> list[dict[str, Any]]:
+        """The task's history, oldest first: dicts of at, kind, attempt, worker_id, pod_id, detail.
+
+        Kinds: created, claimed, progress, retried, fenced_out, recovered, released,
+        paused, resumed, suspended, woken, cancelled, requeued, succeeded, failed.
+        """
+        rows = await (await self._ready_store()).run("get_events", task_id)
+        if not rows:
+            await self.get_task(task_id)  # raises TaskNotFound
+        return [
+            {**dict(r), "worker_id": None if r["worker_id"] is None else str(r["worker_id"])} for r in rows
+        ]
+
+    async def workflow_summary(self, root_id: int) -> workflows.WorkflowSummary:
+        """The tree under ``root_id``: counts by status, total and wall time, retries, critical path."""
+        rows = await (await self._ready_store()).run("workflow_tasks", root_id)
+        if not rows:
+            raise TaskNotFound(root_id)
+        return workflows.summarize(rows)
+
+    async def children_counts(self, task_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+        """Direct children of each task, counted by status (tasks without children are absent)."""
+        out: dict[int, dict[str, int]] = {}
+        for r in await (await self._ready_store()).run("children_counts", list(task_ids)):
+            out.setdefault(int(r["parent_id"]), {})[r["status"]] = int(r["n"])
+        return out
+
+    async def _spawn_children(
+        self, ctx: TaskContext, requests: Sequence[EnqueueRequest], keys: Sequence[str]
+    ) -> list[int] | None:
+        """Children of the running ``ctx``, one per key; None when ``ctx`` was taken away."""
+        for k in keys:
+            if not isinstance(k, str) or not 1 <= len(k) <= 255:
+                raise ValidationError("key", f"a spawn key is 1 to 255 characters, got {k!r}")
+        if len(set(keys)) != len(keys):
+            raise ValidationError("key", "the same spawn key appears twice in one call")
+        for r in requests:
+            if r.dedupe_key is not None:
+                raise ValidationError("dedupe_key", "a child task is identified by its spawn key instead")
+        ps = [self._prepare(r) for r in requests]
+        rows = await self.store.run(
+            "spawn_children", ctx.id, ctx.attempt, uuid.UUID(ctx.worker_id), list(keys),
+            [p.handler for p in ps], [p.queue for p in ps], [p.priority for p in ps],
+            [p.payload for p in ps], [p.max_attempts for p in ps], [p.run_at for p in ps],
+            [p.delay for p in ps], [p.timeout for p in ps], [p.retry_delay for p in ps],
+            [p.backoff for p in ps], [p.max_retry_delay for p in ps],
+            ["\x1f".join(p.tags) if p.tags else None for p in ps],
+        )  # fmt: skip
+        if not rows or any(r["id"] is None for r in rows):
+            return None
+        for p, r in zip(ps, rows, strict=True):
+            if r["handler"] != p.handler:
+                raise Fail(
+                    f"spawn {r['spawn_key']!r} of task {ctx.id} was {r['handler']!r} in an earlier run "
+                    f"and is {p.handler!r} now: a workflow handler must spawn the same children in the "
+                    "same order on every run (or give each a key)"
+                )
+        return [int(r["id"]) for r in rows]
 
     async def stats(self) -> dict[str, Any]:
         """Counts per queue and status, oldest due pending age, running per worker."""
@@ -581,8 +737,20 @@ class App(Blueprint):
     # -- admin verbs -----------------------------------------------------
 
     async def cancel(self, task_id: int, reason: str = "cancelled") -> bool:
-        """Cancel a pending, paused or running task; False if it had already ended."""
-        row = await (await self._ready_store()).run("cancel_task", task_id, reason)
+        """Cancel a pending, paused, suspended or running task and its unfinished descendants.
+
+        False if the task itself had already ended (its descendants are cancelled all the same).
+        """
+        store = await self._ready_store()
+        for attempt in range(5):
+            try:
+                row = await store.run("cancel_task", task_id, reason)
+                break
+            except asyncpg.DeadlockDetectedError:
+                # A child ending at this moment locks its parent after itself; the
+                # cascade locks parents first. Postgres picked us: go again.
+                if attempt == 4:
+                    raise
         if row is None:
             raise TaskNotFound(task_id)
         return bool(row["cancelled"])

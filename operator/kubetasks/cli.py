@@ -9,6 +9,7 @@ server unreachable), 2 bad usage or bad input (named field and limit).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import json
 import logging
@@ -41,6 +42,8 @@ dev_cli = typer.Typer(help="Throwaway local PostgreSQL and Redis under .run/.", 
 cli.add_typer(tasks_cli, name="tasks")
 cli.add_typer(queues_cli, name="queues")
 cli.add_typer(dev_cli, name="dev")
+schedules_cli = typer.Typer(help="Cron schedules (@app.periodic, CronJobLock).", no_args_is_help=True)
+cli.add_typer(schedules_cli, name="schedules")
 
 out = Console()
 err = Console(stderr=True)
@@ -177,7 +180,10 @@ def _worker_command(
 
 def runtime_services(app: App) -> list[tuple[str, Any]]:
     """The services `kubetasks run` adds beside the worker (scheduler, health, operator)."""
-    services: list[tuple[str, Any]] = []
+    from kubetasks import cron  # noqa: PLC0415
+
+    # Every pod schedules: code periodics and CronJobLock rows alike.
+    services: list[tuple[str, Any]] = [("scheduler", cron.Scheduler(app).run)]
     from kubetasks.k8s import kube  # noqa: PLC0415
 
     if kube.configured():
@@ -305,15 +311,16 @@ def tasks_list(
 
 @tasks_cli.command("get")
 def tasks_get(task_id: int, as_json: JsonOpt = False, database_url: DbOpt = None) -> None:
-    """Show one task, with its attempts."""
+    """Show one task, with its attempts and events."""
 
-    async def fetch(a: App) -> tuple[TaskRecord, list[dict[str, Any]]]:
-        return await a.get_task(task_id), await a.get_attempts(task_id)
+    async def fetch(a: App) -> tuple[TaskRecord, list[dict[str, Any]], list[dict[str, Any]]]:
+        return await a.get_task(task_id), await a.get_attempts(task_id), await a.get_events(task_id)
 
-    rec, attempts = _with_app(None, database_url, fetch)
+    rec, attempts, events = _with_app(None, database_url, fetch)
     if as_json:
         d = _record_json(rec)
         d["attempts"] = [{k: str(v) if v is not None else None for k, v in a.items()} for a in attempts]
+        d["events"] = [{k: str(v) if v is not None else None for k, v in e.items()} for e in events]
         out.print_json(json.dumps(d, default=str))
         return
     for k, v in _record_json(rec).items():
@@ -328,6 +335,63 @@ def tasks_get(task_id: int, as_json: JsonOpt = False, database_url: DbOpt = None
                 "" if dur is None else f"{dur:.3f}s", (a["error"] or "")[:80],
             )  # fmt: skip
         out.print(table)
+    if events:
+        et = Table("AT", "EVENT", "ATTEMPT", "POD", "DETAIL")
+        for e in events:
+            et.add_row(
+                e["at"].isoformat(timespec="milliseconds"), e["kind"],
+                "" if e["attempt"] is None else str(e["attempt"]), e["pod_id"] or "",
+                (e["detail"] or "")[:80],
+            )  # fmt: skip
+        out.print(et)
+
+
+@tasks_cli.command("tree")
+def tasks_tree(
+    task_id: int,
+    max_children: Annotated[
+        int, typer.Option(min=1, help="Children shown per task; the rest are counted by status.")
+    ] = 50,
+    as_json: JsonOpt = False,
+    database_url: DbOpt = None,
+) -> None:
+    """Show a workflow: its tree, counts by status, times, retries and critical path (marked *)."""
+    from rich.markup import escape  # noqa: PLC0415
+    from rich.tree import Tree  # noqa: PLC0415
+
+    from kubetasks import workflows  # noqa: PLC0415
+
+    summary = _with_app(None, database_url, lambda a: a.workflow_summary(task_id))
+    if as_json:
+        out.print_json(json.dumps(summary.to_dict()))
+        return
+
+    def text(node: workflows.WorkflowNode) -> str:
+        line = escape(workflows.label(node))
+        return f"[bold]* {line}[/bold]" if node.on_critical_path else f"  {line}"
+
+    view = Tree(text(summary.root))
+    stack = [(summary.root, view)]
+    while stack:
+        node, branch = stack.pop()
+        shown = sorted(node.children, key=lambda c: (not c.on_critical_path, c.id))[:max_children]
+        for child in sorted(shown, key=lambda c: c.id):
+            stack.append((child, branch.add(text(child))))
+        rest = [c for c in node.children if c not in shown]
+        if rest:
+            counts: dict[str, int] = {}
+            for c in rest:
+                counts[c.status] = counts.get(c.status, 0) + 1
+            more = ", ".join(f"{n} {st}" for st, n in sorted(counts.items()))
+            branch.add(f"  ... {len(rest)} more: {more}")
+    out.print(view)
+    out.print(
+        f"{summary.tasks} task(s): " + ", ".join(f"{n} {st}" for st, n in summary.counts.items())
+        + f"; total {summary.total_s:.3f}s, wall {summary.wall_s:.3f}s, retries {summary.retries}",
+        highlight=False,
+    )  # fmt: skip
+    path = " -> ".join(f"#{i}" for i in summary.critical_path)
+    out.print(f"critical path ({summary.critical_path_s:.3f}s): {path}", highlight=False)
 
 
 @tasks_cli.command("cancel")
@@ -401,13 +465,15 @@ def stats(as_json: JsonOpt = False, database_url: DbOpt = None) -> None:
     if as_json:
         out.print_json(json.dumps(data))
         return
-    table = Table("QUEUE", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "PAUSED", "OLDEST DUE")
+    table = Table("QUEUE", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "PAUSED", "SUSPENDED",
+                  "OLDEST DUE")  # fmt: skip
     for q, info in sorted(data["queues"].items()):
         c = info["counts"]
         age = info["oldest_pending_s"]
         table.add_row(
             q + (" (paused)" if info["paused"] else ""),
-            *(str(c.get(s, 0)) for s in ("pending", "running", "succeeded", "failed", "cancelled", "paused")),
+            *(str(c.get(s, 0)) for s in ("pending", "running", "succeeded", "failed", "cancelled", "paused",
+                                          "suspended")),
             "" if age is None else f"{age:.1f}s",
         )  # fmt: skip
     out.print(table)
@@ -451,6 +517,71 @@ def dev_down() -> None:
     """Stop the local servers and delete their data."""
     devenv.down()
     out.print("stopped")
+
+
+@schedules_cli.command("list")
+def schedules_list(
+    as_json: JsonOpt = False,
+    history: Annotated[int, typer.Option(min=0, max=100, help="Recent runs to show per schedule.")] = 0,
+    database_url: DbOpt = None,
+) -> None:
+    """Schedules with their next run, last result and job-lock holder."""
+    from kubetasks import cron  # noqa: PLC0415
+
+    rows = _with_app(None, database_url, lambda a: cron.statuses(a, history=history))
+    if as_json:
+        out.print_json(json.dumps([dataclasses.asdict(r) for r in rows], default=_json_default))
+        return
+    table = Table("NAME", "SCHEDULE", "TIMEZONE", "SUSPEND", "POLICY", "HOLDER", "LAST SCHEDULE", "NEXT",
+                  "LAST RESULT", "MISSED", "SOURCE")  # fmt: skip
+    for r in rows:
+        result = r.last_result or ""
+        if r.last_outcome == "skipped" and r.last_reason:
+            result = f"{result} (last tick skipped: {r.last_reason})".strip()
+        table.add_row(
+            r.name, r.cron, r.timezone, "true" if r.suspend else "false", r.concurrency_policy,
+            r.holder or "", _fmt_time(r.last_scheduled_at), _fmt_time(r.next_at), result,
+            str(r.missed_total), r.source,
+        )  # fmt: skip
+    out.print(table)
+    if history:
+        for r in rows:
+            if not r.history:
+                continue
+            ht = Table("TICK", "OUTCOME", "TASK", "STATUS", "HOLDER / REASON", title=r.name)
+            for h in r.history:
+                ht.add_row(
+                    _fmt_time(h.tick_at) + (" (manual)" if h.manual else ""), h.outcome,
+                    "" if h.task_id is None else str(h.task_id), h.status or "",
+                    " ".join(x for x in (h.holder, h.reason) if x),
+                )  # fmt: skip
+            out.print(ht)
+
+
+@schedules_cli.command("trigger")
+def schedules_trigger(
+    name: Annotated[str, typer.Argument(help="The schedule to run now.")],
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Run a schedule now, respecting concurrencyPolicy Forbid; prints the task id.
+
+    With --app the run gets the handler's own options (timeout, attempts);
+    without it, the App defaults. Exit code 1 when the run was refused.
+    """
+    from kubetasks import cron  # noqa: PLC0415
+
+    res = _with_app(app, database_url, lambda a: cron.trigger(a, name))
+    if res.outcome == "enqueued":
+        out.print(res.task_id)
+        return
+    holder = f" (holder {res.holder})" if res.holder else ""
+    err.print(f"schedule {name} not run: {res.reason or res.outcome}{holder}")
+    raise typer.Exit(1)
+
+
+def _json_default(v: object) -> object:
+    return v.isoformat() if isinstance(v, datetime) else str(v)
 
 
 def main() -> None:

@@ -4,16 +4,25 @@ Progress is coalesced: a handler may call ``progress()`` in a tight loop, and
 at most one fenced write per ``PROGRESS_INTERVAL`` seconds reaches the
 database, carrying the latest value. The final value is written before the
 task's outcome, so nothing reported is lost.
+
+Workflows: ``spawn``/``spawn_many`` add child tasks linked to this one and
+``wait`` returns their results once they have all ended -- until then it
+suspends the task without holding a worker (see ``kubetasks.workflows``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
-from kubetasks.errors import LeaseLost
+from kubetasks.errors import Fail, LeaseLost, ValidationError
+from kubetasks.workflows import POLICIES, TERMINAL, ChildFailed, Suspend
+
+if TYPE_CHECKING:
+    from kubetasks.app import App, EnqueueRequest
 
 PROGRESS_INTERVAL = 0.5
 
@@ -36,12 +45,16 @@ class TaskContext:
     tags: list[str] = field(default_factory=list)
     worker_id: str = ""
     pod_id: str = ""
+    parent_id: int | None = None
     _writer: ProgressWriter | None = field(default=None, repr=False)
     _pending: tuple[int, str | None] | None = field(default=None, repr=False)
     _flusher: asyncio.Task[None] | None = field(default=None, repr=False)
     _last_write: float = field(default=-1e9, repr=False)
     _sleeping: bool = field(default=False, repr=False)
+    _closing: bool = field(default=False, repr=False)
     _taken_away: bool = field(default=False, repr=False)
+    _app: App | None = field(default=None, repr=False)
+    _spawn_seq: int = field(default=0, repr=False)
 
     @property
     def is_last_attempt(self) -> bool:
@@ -58,20 +71,28 @@ class TaskContext:
             raise LeaseLost(f"task {self.id} attempt {self.attempt} is no longer held by this worker")
         p = max(0, min(100, int(percent)))
         self._pending = (p, message)
-        if self._writer is None or (self._flusher is not None and not self._flusher.done()):
-            return
-        loop = asyncio.get_running_loop()
-        wait = self._last_write + PROGRESS_INTERVAL - loop.time()
-        self._sleeping = wait > 0
-        self._flusher = loop.create_task(self._flush_after(max(0.0, wait)))
-        if wait <= 0:
-            await asyncio.sleep(0)  # let the first report go out promptly
+        if self._writer is not None and (self._flusher is None or self._flusher.done()):
+            loop = asyncio.get_running_loop()
+            wait = self._last_write + PROGRESS_INTERVAL - loop.time()
+            self._sleeping = wait > 0
+            self._flusher = loop.create_task(self._flush_after(max(0.0, wait)))
+        # Always yield: the first report goes out promptly, and a tight loop of
+        # progress() calls cannot starve the writes, the heartbeat or other tasks.
+        await asyncio.sleep(0)
 
     async def _flush_after(self, wait: float) -> None:
-        if wait > 0:
-            await asyncio.sleep(wait)
-        self._sleeping = False
-        await self.flush_progress()
+        loop = asyncio.get_running_loop()
+        while True:
+            if wait > 0:
+                self._sleeping = True
+                await asyncio.sleep(wait)
+            self._sleeping = False
+            await self.flush_progress()
+            # A report made while that write was in flight goes out one interval
+            # after it, not only at the next call or at the task's end.
+            if self._pending is None or self._closing or self._taken_away:
+                return
+            wait = self._last_write + PROGRESS_INTERVAL - loop.time()
 
     async def flush_progress(self) -> None:
         pending, self._pending = self._pending, None
@@ -83,9 +104,100 @@ class TaskContext:
 
     async def close(self) -> None:
         """Write the last reported progress, if any is still unwritten."""
+        self._closing = True
         flusher, self._flusher = self._flusher, None
         if flusher is not None and not flusher.done():
             if self._sleeping:
                 flusher.cancel()  # still waiting out the interval: write now instead
             await asyncio.gather(flusher, return_exceptions=True)
         await self.flush_progress()
+
+    # -- workflows -------------------------------------------------------
+
+    async def spawn(
+        self,
+        handler: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        key: str | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> int:
+        """Add a child task of this one and return its id; any handler, any queue.
+
+        Idempotent across runs of this handler: the n-th spawn without a ``key``
+        is ``#n``, and a key this task spawned before returns that child again.
+        Options resolve as for ``App.enqueue``; nothing is inherited.
+        """
+        from kubetasks.app import EnqueueRequest  # noqa: PLC0415 - app imports this module
+
+        req = EnqueueRequest(handler, payload, delay, run_at, priority, queue, timeout, max_attempts, tags)
+        ids = await self.spawn_many([req], keys=None if key is None else [key])
+        return ids[0]
+
+    async def spawn_many(
+        self, requests: Iterable[EnqueueRequest], *, keys: Sequence[str] | None = None
+    ) -> list[int]:
+        """Add many children in one round trip; ids in the order given (see ``spawn``)."""
+        reqs = list(requests)
+        if keys is not None and len(keys) != len(reqs):
+            raise ValidationError("keys", f"one key per request: {len(keys)} keys for {len(reqs)} requests")
+        if self._app is None:
+            raise RuntimeError("spawn() needs a task run by a kubetasks worker")
+        if self._taken_away:
+            raise LeaseLost(f"task {self.id} attempt {self.attempt} is no longer held by this worker")
+        if not reqs:
+            return []
+        if keys is None:
+            spawn_keys = [f"#{self._spawn_seq + i}" for i in range(len(reqs))]
+            self._spawn_seq += len(reqs)
+        else:
+            spawn_keys = list(keys)
+        ids = await self._app._spawn_children(self, reqs, spawn_keys)
+        if ids is None:
+            self._taken_away = True
+            raise LeaseLost(f"task {self.id} attempt {self.attempt} is no longer held by this worker")
+        return ids
+
+    async def wait(self, children: Sequence[int], *, policy: str = "fail_fast") -> list[Any]:
+        """The results of these children of this task, in order, once all have ended.
+
+        While any is unfinished the task is suspended (it holds no worker) and
+        its handler runs again from the top when they have ended. ``fail_fast``:
+        the first child that fails or is cancelled cancels the other unfinished
+        ones and raises ``ChildFailed`` (the task fails, without retry, unless
+        the handler catches it). ``collect``: a failed child's place in the list
+        holds its ``ChildFailed`` instead of a result.
+        """
+        if policy not in POLICIES:
+            raise ValidationError("policy", f"unknown policy {policy!r}; one of {', '.join(POLICIES)}")
+        if self._app is None:
+            raise RuntimeError("wait() needs a task run by a kubetasks worker")
+        ids = [int(c) for c in children]
+        if not ids:
+            return []
+        rows = {r["id"]: r for r in await self._app.store.run("children_state", ids)}
+        for i in ids:
+            r = rows.get(i)
+            if r is None or r["parent_id"] != self.id:
+                raise Fail(f"wait(): task {i} is not a child of task {self.id}")
+        failed = [rows[i] for i in ids if rows[i]["status"] in ("failed", "cancelled")]
+        unfinished = list(dict.fromkeys(i for i in ids if rows[i]["status"] not in TERMINAL))
+        if policy == "fail_fast" and failed:
+            first = failed[0]
+            for i in unfinished:
+                await self._app.cancel(i, f"sibling task {first['id']} {first['status']} (fail_fast)")
+            raise ChildFailed(first["id"], first["handler"], first["status"], first["error"])
+        if unfinished:
+            raise Suspend(ids, policy)
+        return [
+            rows[i]["result"]
+            if rows[i]["status"] == "succeeded"
+            else ChildFailed(i, rows[i]["handler"], rows[i]["status"], rows[i]["error"])
+            for i in ids
+        ]

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -79,17 +80,19 @@ from croniter import croniter
 from croniter.croniter import CroniterError
 
 from kubetasks import locks, metrics, validation
-from kubetasks.app import App, Blueprint, EnqueueRequest, PeriodicDef
+from kubetasks.app import App, Blueprint, EnqueueRequest, PeriodicDef, TaskDef
 from kubetasks.context import TaskContext
-from kubetasks.errors import KubetasksError, LeaseLost, ValidationError
+from kubetasks.errors import KubetasksError, ValidationError
 from kubetasks.store import Store, connect_listener
 
 log = logging.getLogger("kubetasks.cron")
 
 CHANNEL = "kubetasks_schedules"
+#: NOTIFY'd with the schedule's name when one of its ticks was handled (for status writers).
+TICKED_CHANNEL = "kubetasks_cron_ticked"
 POLICIES = ("Forbid", "Allow")
 SOURCES = ("code", "crd")
-UNFINISHED = ("pending", "running", "paused")
+UNFINISHED = ("pending", "running", "paused", "suspended")
 SCHEDULE_NAME_MAX = 253
 EXPR_MAX = 255
 TZ_MAX = 64
@@ -97,6 +100,8 @@ LOCK_TTL_MIN, LOCK_TTL_MAX = 1, 86400
 DEADLINE_MAX = 10 * 365 * 86400
 #: Missed ticks recorded one row each per pass, at most; more are counted, not listed.
 MISSED_ROWS_MAX = 1000
+#: Older missed ticks are counted up to this many per pass (a lower bound beyond).
+MISSED_COUNT_MAX = 10_000
 #: Tick rows kept per schedule (newest first).
 KEEP_TICKS = 1000
 #: Longest sleep between passes. Not a polling interval: a pass is due at the
@@ -178,7 +183,9 @@ def prev_tick(expr: str, tz: str, at: datetime) -> datetime:
     return t.astimezone(UTC)
 
 
-def ticks_between(expr: str, tz: str, after: datetime, until: datetime, limit: int = 10_000) -> list[datetime]:
+def ticks_between(
+    expr: str, tz: str, after: datetime, until: datetime, limit: int = 10_000
+) -> list[datetime]:
     """Ticks in ``(after, until]``, oldest first, at most ``limit`` (the oldest ones)."""
     zi = zone(tz)
     after, until = _aware("after", after), _aware("until", until)
@@ -227,12 +234,16 @@ def due_ticks(
     starting_deadline: float | None,
     *,
     limit: int = MISSED_ROWS_MAX,
+    count_limit: int = MISSED_COUNT_MAX,
 ) -> Due:
     """The ticks in ``(last, now]``: the newest runs unless older than the deadline; the rest are missed.
 
     ``starting_deadline`` is in seconds (None: no deadline, the newest due tick
     always runs). A tick ``t`` is too late when ``now - t > starting_deadline``.
-    At most one tick runs, however many are due.
+    At most one tick runs, however many are due. Past the ``limit`` newest
+    missed ticks, the older ones are counted up to ``count_limit`` (so that a
+    long outage of a fast schedule costs milliseconds, not seconds of CPU):
+    ``missed_more`` is exact below that and a lower bound at it.
     """
     zi = zone(tz)
     last, now = _aware("last", last), _aware("now", now)
@@ -253,7 +264,7 @@ def due_ticks(
     if len(newest_first) == limit + 2:
         # Too many to list: count the rest going forward from the cursor.
         oldest_listed = newest_first[-1]
-        more = len(ticks_between(expr, tz, last, oldest_listed - _EPS, limit=10_000_000))
+        more = len(ticks_between(expr, tz, last, oldest_listed - _EPS, limit=count_limit))
     head = newest_first[0]
     runs = starting_deadline is None or (now - head).total_seconds() <= starting_deadline
     run = head if runs else None
@@ -291,10 +302,9 @@ def lock_name(schedule: str) -> str:
 
 def run_tags(schedule: str, tick_at: datetime) -> list[str]:
     tags = [tick_tag(tick_at)]
-    try:
+    # A long or slash-bearing name gets no name tag: the tick row still links the task.
+    with contextlib.suppress(ValidationError):
         tags.insert(0, validation.name("tags", f"cron:{schedule}"))
-    except ValidationError:
-        pass  # a long or slash-bearing name: the tick row still links the task
     return tags
 
 
@@ -409,6 +419,11 @@ def guard(owner: Blueprint, pd: PeriodicDef) -> Callable[[TaskContext], Awaitabl
     return run_locked
 
 
+def rebound(owner: Blueprint, pd: PeriodicDef, td: TaskDef) -> TaskDef:
+    """``td`` with its job-lock wrapper taking the lock through ``owner`` (``add_tasks_from``)."""
+    return dataclasses.replace(td, func=guard(owner, pd), is_async=True)
+
+
 def periodic_def(
     owner: Blueprint,
     func: Callable[[TaskContext], Any],
@@ -475,7 +490,7 @@ class TickResult:
 
     schedule: str
     tick_at: datetime
-    outcome: str  # enqueued | skipped | taken | missed
+    outcome: str  # enqueued | skipped | missed | taken (by another scheduler) | gone (deleted)
     task_id: int | None = None
     holder: str | None = None
     reason: str | None = None
@@ -531,17 +546,49 @@ async def _lock_holder(app: App, schedule: str) -> locks.Holder | None:
     return await app.job_lock(name).backend.holder(name)
 
 
-async def statuses(app: App, names: Sequence[str] | None = None, *, history: int = 5) -> list[ScheduleStatus]:
-    """Every schedule (or those named) with next and last runs, result and lock holder."""
-    store = await app.open()
-    rows = await store.store.run("schedules_status", list(names) if names else None, history)
+async def statuses(
+    app: App,
+    names: Sequence[str] | None = None,
+    *,
+    history: int = 5,
+    store: Store | None = None,
+    lock_backend: locks.LockBackend | None = None,
+) -> list[ScheduleStatus]:
+    """Every schedule (or those named) with next and last runs, result and lock holder.
+
+    ``store`` and ``lock_backend`` let a caller on another event loop (the
+    operator's thread) use connections of its own; by default the app's.
+    """
+    if store is None or lock_backend is None:
+        await app.open()
+    store = store or app.store
+    wanted = list(names) if names else None
+    rows = await store.run("schedules_status", wanted)
+    runs: dict[str, list[RunRecord]] = {}
+    if history > 0:
+        for h in await store.run("schedules_history", wanted, history):
+            runs.setdefault(h["schedule"], []).append(
+                RunRecord(
+                    tick_at=h["tick_at"],
+                    outcome=h["outcome"],
+                    manual=h["manual"],
+                    task_id=h["task_id"],
+                    status=h["status"],
+                    holder=h["holder"],
+                    reason=h["reason"],
+                    started_at=h["started_at"],
+                    finished_at=h["finished_at"],
+                )
+            )
     out = []
     for r in rows:
         now: datetime = r["db_now"]
         holder: str | None = None
         expires: datetime | None = None
         try:
-            h = await _lock_holder(app, r["name"])
+            lname = lock_name(r["name"])
+            backend = lock_backend or app.job_lock(lname).backend
+            h = await backend.holder(lname)
         except locks.LockBackendError as exc:
             holder = f"unknown ({exc})"
         else:
@@ -552,26 +599,34 @@ async def statuses(app: App, names: Sequence[str] | None = None, *, history: int
         if not r["suspend"]:
             with contextlib.suppress(ValidationError, CroniterError, ValueError):
                 nxt = next_tick(r["cron"], r["timezone"], now)
-        hist = [
-            RunRecord(
-                tick_at=h_["tick_at"], outcome=h_["outcome"], manual=h_["manual"], task_id=h_["task_id"],
-                status=h_["status"], holder=h_["holder"], reason=h_["reason"],
-                started_at=h_["started_at"], finished_at=h_["finished_at"],
-            )  # fmt: skip
-            for h_ in (r["history"] or [])
-        ]
         out.append(
             ScheduleStatus(
-                name=r["name"], cron=r["cron"], timezone=r["timezone"], handler=r["handler"],
-                queue=r["queue"], concurrency_policy=r["concurrency_policy"], lock_ttl=r["lock_ttl_s"],
-                starting_deadline=r["starting_deadline_s"], suspend=r["suspend"], source=r["source"],
-                cr_uid=r["cr_uid"], next_at=nxt, last_tick_at=r["last_tick_at"],
-                last_outcome=r["last_outcome"], last_reason=r["last_reason"],
-                last_scheduled_at=r["last_scheduled_at"], last_successful_at=r["last_successful_at"],
-                last_task_id=r["last_task_id"], last_result=r["last_status"], last_error=r["last_error"],
-                holder=holder, lock_expires_at=expires, active=int(r["active"]),
-                missed_total=int(r["missed_total"]), history=hist,
-            )  # fmt: skip
+                name=r["name"],
+                cron=r["cron"],
+                timezone=r["timezone"],
+                handler=r["handler"],
+                queue=r["queue"],
+                concurrency_policy=r["concurrency_policy"],
+                lock_ttl=r["lock_ttl_s"],
+                starting_deadline=r["starting_deadline_s"],
+                suspend=r["suspend"],
+                source=r["source"],
+                cr_uid=r["cr_uid"],
+                next_at=nxt,
+                last_tick_at=r["last_tick_at"],
+                last_outcome=r["last_outcome"],
+                last_reason=r["last_reason"],
+                last_scheduled_at=r["last_scheduled_at"],
+                last_successful_at=r["last_successful_at"],
+                last_task_id=r["last_task_id"],
+                last_result=r["last_status"],
+                last_error=r["last_error"],
+                holder=holder,
+                lock_expires_at=expires,
+                active=int(r["active"]),
+                missed_total=int(r["missed_total"]),
+                history=runs.get(r["name"], []),
+            )
         )
     return out
 
@@ -598,14 +653,18 @@ async def fire(
     async with store.transaction() as conn:
         s = await store.run("schedule_for_tick", name, conn=conn)
         if s is None:
-            raise KubetasksError(f"schedule {name!r} not found")
+            if manual:
+                raise KubetasksError(f"schedule {name!r} not found")
+            return TickResult(name, tick_at, "gone")  # deleted since the pass read it
         if not manual:
             cursor = max(s["ticks_from"], s["last_tick_at"] or s["ticks_from"])
             if tick_at <= cursor:
                 return TickResult(name, tick_at, "taken")
         missed = 0
         if due is not None and due.missed:
-            missed = int(await store.run("cron_ticks_missed", name, list(due.missed), due.missed_more, conn=conn))
+            missed = int(
+                await store.run("cron_ticks_missed", name, list(due.missed), due.missed_more, conn=conn)
+            )
             if due.missed_more:
                 log.warning(
                     "schedule %s: %d more missed ticks were counted but not listed", name, due.missed_more
@@ -613,10 +672,12 @@ async def fire(
         if not manual:
             await store.run("schedule_advance", name, due.newest if due else tick_at, conn=conn)
         if due is not None and due.run is None:
-            return TickResult(name, tick_at, "missed", missed=missed + due.missed_more)
+            await store.run("cron_notify_ticked", name, conn=conn)
+            return TickResult(name, tick_at, "missed", missed=missed)
         won = await store.run("cron_tick_claim", name, tick_at, manual, conn=conn)
         if not won:
             return TickResult(name, tick_at, "taken", missed=missed)
+        await store.run("cron_notify_ticked", name, conn=conn)
         holder, reason = None, None
         if s["concurrency_policy"] == "Forbid":
             holder, reason = await _forbid_check(app, s)
@@ -732,7 +793,9 @@ class Scheduler:
             except ValidationError as exc:
                 log.error("periodic %s not scheduled: %s", pd.name, exc)
                 continue
-            log.info("periodic %s (%s %s) %s", pd.name, pd.cron, pd.timezone, "added" if created else "synced")
+            log.info(
+                "periodic %s (%s %s) %s", pd.name, pd.cron, pd.timezone, "added" if created else "synced"
+            )
 
     async def run_once(self) -> Pass:
         """One pass: fire every due tick; returns what was done and the next tick's time."""
@@ -778,7 +841,9 @@ class Scheduler:
         elif res.outcome == "skipped":
             log.info("schedule %s: tick %s skipped: %s", res.schedule, res.tick_at, res.reason)
         if res.missed:
-            log.warning("schedule %s: %d tick(s) missed (past the starting deadline)", res.schedule, res.missed)
+            log.warning(
+                "schedule %s: %d tick(s) missed (past the starting deadline)", res.schedule, res.missed
+            )
 
     async def run(self, stop: asyncio.Event, worker: object = None) -> None:
         """Pass, sleep until the next tick or a NOTIFY, repeat until ``stop`` is set."""
@@ -856,9 +921,9 @@ class Scheduler:
 
 __all__ = [
     "CHANNEL",
+    "TICKED_CHANNEL",
     "Clock",
     "Due",
-    "LeaseLost",
     "Pass",
     "ScheduleSpec",
     "ScheduleStatus",
@@ -872,6 +937,7 @@ __all__ = [
     "next_tick",
     "periodic_def",
     "prev_tick",
+    "rebound",
     "statuses",
     "tick_of",
     "trigger",

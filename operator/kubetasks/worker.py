@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -42,6 +43,7 @@ from kubetasks.app import TaskDef, call_handler
 from kubetasks.context import TaskContext
 from kubetasks.errors import Fail, Retry, ValidationError
 from kubetasks.store import Store, connect_listener
+from kubetasks.workflows import Suspend
 
 if TYPE_CHECKING:
     from kubetasks.app import App
@@ -64,6 +66,7 @@ class WorkerStats:
     fenced_out: int = 0
     cancelled: int = 0
     fenced_self: int = 0
+    suspended: int = 0
     claim_batches: int = 0
     flush_batches: int = 0
 
@@ -88,7 +91,10 @@ class _Outcome:
     delay: float | None = None  # retry after; None with error set: failed
     error: str | None = None
     tb: str | None = None
-    kind: str = "succeeded"  # succeeded | retried | failed | timeout
+    kind: str = "succeeded"  # succeeded | retried | failed | timeout | suspended
+    parent_id: int | None = None
+    wait_ids: list[int] = field(default_factory=list)  # suspended: the children it waits for
+    policy: str = ""
 
 
 @dataclass
@@ -439,7 +445,7 @@ class Worker:
             id=r["id"], handler=r["handler"], queue=r["queue"], payload=r["payload"],
             attempt=r["attempt"], max_attempts=r["max_attempts"], priority=r["priority"],
             tags=list(r["tags"]), worker_id=str(wid), pod_id=self.settings.pod_id,
-            _writer=self._write_progress,
+            parent_id=r["parent_id"], _writer=self._write_progress, _app=self.app,
         )  # fmt: skip
         run = _Run(ctx=ctx, worker_id=wid, handler=r["handler"])
         self._running[ctx.id] = run
@@ -465,15 +471,27 @@ class Worker:
             log.warning(
                 "progress of task %d attempt %d fenced out: the task was taken away", ctx.id, ctx.attempt
             )
+            await self._record_fenced(run.worker_id, [(ctx.id, ctx.attempt, "progress")])
         return bool(n)
+
+    async def _record_fenced(self, wid: uuid.UUID, items: list[tuple[int, int, str]]) -> None:
+        """Best effort: a fenced_out event per dropped write (rare; off the hot path)."""
+        try:
+            await self.store.run(
+                "record_fenced_out", wid, self.settings.pod_id,
+                [i for i, _, _ in items], [a for _, a, _ in items], [d for _, _, d in items],
+            )  # fmt: skip
+        except DB_ERRORS as exc:
+            log.warning("fenced_out event(s) not recorded (%r)", exc)
 
     async def _execute(self, run: _Run, row: asyncpg.Record) -> None:
         ctx = run.ctx
         started = time.monotonic()
         td: TaskDef | None = self.app.handlers.get(ctx.handler)
         out = _Outcome(
-            task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, handler=ctx.handler, queue=ctx.queue
-        )
+            task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, handler=ctx.handler,
+            queue=ctx.queue, parent_id=ctx.parent_id,
+        )  # fmt: skip
         try:
             if td is None:
                 known = ", ".join(sorted(self.app.handlers)) or "(none registered)"
@@ -497,6 +515,9 @@ class Worker:
             self._set_failure(out, row, exc.message, None, "retried", delay=exc.delay, force_retry=True)
         except Fail as exc:
             self._set_failure(out, row, exc.message, None, "failed", no_retry=True)
+        except Suspend as sus:
+            # Waiting for children: written suspended, attempt handed back, slot freed.
+            out.kind, out.wait_ids, out.policy = "suspended", sus.child_ids, sus.policy
         except Exception as exc:
             tb = traceback.format_exc()
             self._set_failure(out, row, f"{type(exc).__name__}: {exc}", tb, "retried")
@@ -576,7 +597,12 @@ class Worker:
         written: set[int] = set()
         for wid, outs in by_worker.items():
             ok = [o for o in outs if o.kind == "succeeded"]
-            bad = [o for o in outs if o.kind != "succeeded"]
+            bad = [o for o in outs if o.kind not in ("succeeded", "suspended")]
+            sus = sorted((o for o in outs if o.kind == "suspended"), key=lambda o: o.task_id)
+            # An ending child locks its parent: take parents in one order across batches.
+            if any(o.parent_id is not None for o in outs):
+                ok.sort(key=lambda o: o.parent_id or 0)
+                bad.sort(key=lambda o: o.parent_id or 0)
             if ok:
                 rows = await self.store.run(
                     "complete_succeeded", wid, [o.task_id for o in ok], [o.attempt for o in ok],
@@ -590,9 +616,23 @@ class Worker:
                     [o.kind for o in bad],
                 )  # fmt: skip
                 written.update(r["id"] for r in rows)
+            if sus:
+                rows = await self.store.run(
+                    "suspend_tasks", wid, [o.task_id for o in sus], [o.attempt for o in sus],
+                    json.dumps([o.wait_ids for o in sus]), [o.policy for o in sus],
+                )  # fmt: skip
+                written.update(r["id"] for r in rows)
         self.stats.flush_batches += 1
+        fenced: dict[uuid.UUID, list[tuple[int, int, str]]] = {}
         for o in batch:
-            if o.task_id in written:
+            if o.task_id not in written:
+                fenced.setdefault(o.worker_id, []).append((o.task_id, o.attempt, f"outcome {o.kind}"))
+        for wid, items in fenced.items():
+            await self._record_fenced(wid, items)
+        for o in batch:
+            if o.kind == "suspended" and o.task_id in written:
+                self.stats.suspended += 1
+            elif o.task_id in written:
                 metrics.record_outcome(o.handler, o.queue, o.kind, o.delay is not None)
                 if o.kind == "succeeded":
                     self.stats.succeeded += 1

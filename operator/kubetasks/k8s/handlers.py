@@ -27,12 +27,12 @@ import kopf
 from kubetasks import validation
 from kubetasks.app import App, EnqueueRequest
 from kubetasks.errors import ValidationError
-from kubetasks.k8s import webhook
+from kubetasks.k8s import cronjoblocks, webhook
 from kubetasks.k8s.kube import FINALIZER, GROUP, VERSION, Kube, is_not_found
 from kubetasks.store import Store
 
 log = logging.getLogger("kubetasks.k8s")
-UNFINISHED = ("pending", "running", "paused")
+UNFINISHED = ("pending", "running", "paused", "suspended")
 FINISHED_PHASES = ("Succeeded", "Failed", "Cancelled")
 
 
@@ -225,6 +225,10 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
     @kopf.on.event(GROUP, VERSION, "tasks", registry=registry)
     async def task_event(event: Mapping[str, Any], **_: Any) -> None:
         await on_task_event(ctx, event)
+
+    @kopf.on.event(GROUP, VERSION, "cronjoblocks", registry=registry)
+    async def cronjoblock_event(event: Mapping[str, Any], **_: Any) -> None:
+        await cronjoblocks.sync_object(ctx.store, ctx.kube, ctx.app.settings.default_queue, event)
 
     if ctx.pod_selector:
 

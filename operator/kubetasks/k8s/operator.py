@@ -27,7 +27,7 @@ from typing import Any
 import kopf
 
 from kubetasks.app import App
-from kubetasks.k8s import handlers, kube, status, webhook
+from kubetasks.k8s import cronjoblocks, handlers, kube, status, webhook
 from kubetasks.store import Store
 
 log = logging.getLogger("kubetasks.k8s.operator")
@@ -83,6 +83,10 @@ class Operator:
         try:
             asyncio.run(self._main())
         except BaseException as exc:
+            if self._stop.is_set() and isinstance(exc, asyncio.CancelledError):
+                # kopf cancels what its loop started while it ran (our writers' inner
+                # tasks among them) when it exits: expected on a stop, not a failure.
+                return
             self._error = exc
             log.exception("operator thread failed")
 
@@ -98,6 +102,11 @@ class Operator:
         writer_stop = asyncio.Event()
         self.writer = status.StatusWriter(s.database_url, store, k)
         writer = asyncio.create_task(self.writer.run(writer_stop), name="kubetasks-status-writer")
+        refresher = cronjoblocks.CronStatusRefresher(self.app, store, k)
+        writer_is_leader = self.writer
+        cron_status = asyncio.create_task(
+            refresher.run(writer_stop, lambda: writer_is_leader.is_leader), name="kubetasks-cron-status"
+        )
         await self._reconcile_pods(ctx)
         registry = kopf.OperatorRegistry()
         handlers.register(registry, ctx)
@@ -112,8 +121,7 @@ class Operator:
             )
         finally:
             writer_stop.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer, 10)
+            await asyncio.wait([writer, cron_status], timeout=10)
             for t in ctx.ttl_timers.values():
                 t.cancel()
             await store.close()

@@ -39,6 +39,8 @@ PHASES = {
     "failed": "Failed",
     "cancelled": "Cancelled",
     "paused": "Paused",
+    # A workflow parent waiting for its children (not "Suspended": that reads as spec.suspend).
+    "suspended": "Waiting",
 }
 FINISHED = {"Succeeded", "Failed", "Cancelled"}
 RESULT_SUMMARY_MAX = 4096
@@ -59,8 +61,8 @@ def summarise_result(result: Any) -> Any:
     return {"truncated": True, "bytes": len(text.encode()), "taskId": None}
 
 
-def status_of(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
-    """The status subresource for one task row."""
+def status_of(row: asyncpg.Record | dict[str, Any], children: dict[str, int] | None = None) -> dict[str, Any]:
+    """The status subresource for one task row (and, for a workflow root, its children's counts)."""
     phase = PHASES[row["status"]]
     if phase in {"Failed", "Cancelled"}:
         message = row["error"] or phase.lower()
@@ -89,7 +91,7 @@ def status_of(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
     result = summarise_result(row["result"])
     if isinstance(result, dict) and result.get("truncated"):
         result["taskId"] = str(row["id"])
-    return {
+    out = {
         "phase": phase,
         "taskId": str(row["id"]),
         "queue": row["queue"],
@@ -103,6 +105,10 @@ def status_of(row: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
         "result": result,
         "conditions": conditions,
     }
+    if children:
+        # A merge patch keeps keys it does not name: name every status, null for none.
+        out["children"] = {s: children.get(s) for s in PHASES}
+    return out
 
 
 EVENT_REASONS = {
@@ -111,6 +117,7 @@ EVENT_REASONS = {
     "Failed": ("Failed", True),
     "Cancelled": ("Cancelled", False),
     "Paused": ("Paused", False),
+    "Waiting": ("Waiting", False),
     "Pending": ("Queued", False),
 }
 
@@ -195,17 +202,25 @@ class StatusWriter:
 
     async def write(self, ids: list[int], *, only_changed: bool = False) -> None:
         rows = await self.store.run("cr_tasks_by_ids", ids)
+        children: dict[int, dict[str, int]] = {}
+        for c in await self.store.run("children_counts", [r["id"] for r in rows]):
+            children.setdefault(c["parent_id"], {})[c["status"]] = int(c["n"])
         sem = asyncio.Semaphore(self.parallel)
 
         async def one(row: asyncpg.Record) -> None:
             async with sem:
-                await self._write_one(row, only_changed=only_changed)
+                await self._write_one(row, children.get(row["id"]), only_changed=only_changed)
 
         await asyncio.gather(*(one(r) for r in rows))
 
-    async def _write_one(self, row: asyncpg.Record, *, only_changed: bool = False) -> None:
-        status = status_of(row)
-        key = (status["phase"], status["attempts"], status["pod"], status["progress"], status["message"])
+    async def _write_one(
+        self, row: asyncpg.Record, children: dict[str, int] | None = None, *, only_changed: bool = False
+    ) -> None:
+        status = status_of(row, children)
+        key = (
+            status["phase"], status["attempts"], status["pod"], status["progress"], status["message"],
+            tuple(sorted((children or {}).items())),
+        )  # fmt: skip
         prev = self._written.get(row["id"])
         if only_changed and prev == key:
             return
@@ -252,7 +267,7 @@ class StatusWriter:
 
     async def _object_gone(self, row: asyncpg.Record) -> None:
         self._written.pop(row["id"], None)
-        if row["status"] in ("pending", "running", "paused"):
+        if row["status"] in ("pending", "running", "paused", "suspended"):
             log.info(
                 "Task object %s/%s is gone: cancelling task %d",
                 row["cr_namespace"],

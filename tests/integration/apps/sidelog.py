@@ -12,7 +12,7 @@ import asyncio
 import os
 import random
 
-from kubetasks import App, TaskContext
+from kubetasks import App, EnqueueRequest, TaskContext
 
 app = App()
 LOG = os.environ.get("SIDELOG", "/tmp/kubetasks-sidelog")
@@ -43,3 +43,12 @@ async def sleep(ctx: TaskContext) -> str:
     await asyncio.sleep(float(ctx.payload.get("s", 1.0)))
     _append("end", ctx)
     return "slept"
+
+
+@app.task("side.fanout")
+async def fanout(ctx: TaskContext) -> dict[str, int]:
+    """A workflow root: n children of side.work, then their results summed."""
+    n = int(ctx.payload.get("n", 5))
+    kids = await ctx.spawn_many([EnqueueRequest("side.work", {"n": i, "ms": [200, 400]}) for i in range(n)])
+    results = await ctx.wait(kids)
+    return {"sum": sum(r["n"] for r in results), "children": n}

@@ -42,7 +42,7 @@ RETURNING id, dedupe_key;
 -- name: find_live_by_dedupe_key :many
 -- $1 dedupe keys.
 SELECT id, dedupe_key FROM tasks
-WHERE dedupe_key = ANY($1::text[]) AND status IN ('pending', 'running', 'paused');
+WHERE dedupe_key = ANY($1::text[]) AND status IN ('pending', 'running', 'paused', 'suspended');
 
 -- name: find_by_cr_uid :val
 -- $1 cr_uid.
@@ -69,7 +69,7 @@ WHERE t.id = picked.id
               WHERE w.worker_id = $1 AND w.status = 'active' AND w.lease_expires_at > now())
   AND NOT EXISTS (SELECT 1 FROM queue_state q WHERE q.queue = $3 AND q.paused)
 RETURNING t.id, t.handler, t.queue, t.priority, t.payload, t.attempt, t.max_attempts,
-          t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags;
+          t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags, t.parent_id;
 
 -- name: complete_succeeded :many
 -- $1 worker_id, $2 task ids, $3 attempts, $4 results (json text). Fenced: a row
@@ -91,7 +91,8 @@ SELECT id FROM done;
 -- name: complete_unsuccessful :many
 -- $1 worker_id, $2 task ids, $3 attempts, $4 retry delays in seconds (NULL: no
 -- retry, the task fails), $5 errors, $6 tracebacks, $7 attempt outcomes
--- (retried | failed | timeout). Fenced like complete_succeeded.
+-- (retried | failed | timeout). Fenced like complete_succeeded. Each is an event
+-- (retried, or failed), unlike a success, which task_attempts alone records.
 WITH done AS (
     UPDATE tasks t
     SET status = CASE WHEN c.delay IS NULL THEN 'failed' ELSE 'pending' END,
@@ -102,19 +103,30 @@ WITH done AS (
     FROM unnest($2::bigint[], $3::int[], $4::float8[], $5::text[], $6::text[], $7::text[])
          AS c(id, attempt, delay, error, tb, outcome)
     WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
-    RETURNING t.id, t.attempt, t.pod_id, t.started_at, c.outcome, c.error
+    RETURNING t.id, t.attempt, t.pod_id, t.started_at, c.outcome, c.error, t.status
 ), audit AS (
     INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome, error)
     SELECT id, attempt, $1, pod_id, started_at, outcome, error FROM done
+), events AS (
+    INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
+    SELECT id, CASE WHEN status = 'failed' THEN 'failed' ELSE 'retried' END, attempt, $1, pod_id, error
+    FROM done
 )
 SELECT id FROM done;
 
 -- name: set_progress :val
--- $1 task id, $2 attempt, $3 worker_id, $4 percent, $5 message. Fenced.
-WITH upd AS (
+-- $1 task id, $2 attempt, $3 worker_id, $4 percent, $5 message. Fenced. A change
+-- of the percentage is an event (at most 101 per attempt, however often it is called).
+WITH before AS (
+    SELECT progress FROM tasks WHERE id = $1
+), upd AS (
     UPDATE tasks SET progress = $4, progress_message = $5, updated_at = now()
     WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND status = 'running'
-    RETURNING 1
+    RETURNING pod_id
+), events AS (
+    INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
+    SELECT $1, 'progress', $2, $3, upd.pod_id, $4::text || '%' || coalesce(': ' || $5, '')
+    FROM upd, before WHERE before.progress IS DISTINCT FROM $4::smallint
 )
 SELECT count(*) FROM upd;
 
@@ -188,33 +200,22 @@ GROUP BY w.worker_id ORDER BY w.pod_id;
 SELECT queue FROM queue_state WHERE paused ORDER BY queue;
 
 -- name: cancel_task :one
--- $1 task id, $2 reason. A running task's worker is told through NOTIFY; its
--- own writes are fenced out by the status change either way.
-WITH old AS (
-    SELECT id, status, worker_id, attempt, pod_id, started_at FROM tasks WHERE id = $1 FOR UPDATE
-), upd AS (
-    UPDATE tasks t SET status = 'cancelled', finished_at = now(), updated_at = now(), error = $2
-    FROM old
-    WHERE t.id = old.id AND old.status IN ('pending', 'running', 'paused')
-    RETURNING t.id
-), audit AS (
-    INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome, error)
-    SELECT old.id, old.attempt, old.worker_id, old.pod_id, old.started_at, 'cancelled', $2
-    FROM old JOIN upd ON upd.id = old.id WHERE old.status = 'running'
-)
-SELECT old.status AS previous,
-       EXISTS (SELECT 1 FROM upd) AS cancelled,
-       CASE WHEN old.status = 'running'
-            THEN pg_notify('kubetasks_cancel', old.id::text || ':' || old.worker_id::text)::text
-       END AS notified
-FROM old;
+-- $1 task id, $2 reason. Cancels the task and its unfinished descendants (see
+-- cancel_tree). A running task's worker is told through NOTIFY; its own writes
+-- are fenced out by the status change either way. No row: no such task.
+SELECT previous, cancelled, descendants FROM cancel_tree($1, $2);
 
 -- name: retry_task :one
 -- $1 task id. A failed or cancelled task starts over with fresh attempts.
-UPDATE tasks SET status = 'pending', attempt = 0, run_at = now(), finished_at = NULL,
-                 error = NULL, traceback = NULL, result = NULL, updated_at = now()
-WHERE id = $1 AND status IN ('failed', 'cancelled')
-RETURNING id;
+WITH upd AS (
+    UPDATE tasks SET status = 'pending', attempt = 0, run_at = now(), finished_at = NULL,
+                     error = NULL, traceback = NULL, result = NULL, updated_at = now()
+    WHERE id = $1 AND status IN ('failed', 'cancelled')
+    RETURNING id
+), events AS (
+    INSERT INTO task_events (task_id, kind) SELECT id, 'requeued' FROM upd
+)
+SELECT id FROM upd;
 
 -- name: retry_failed_of_handler :val
 -- $1 handler.
@@ -222,7 +223,9 @@ WITH upd AS (
     UPDATE tasks SET status = 'pending', attempt = 0, run_at = now(), finished_at = NULL,
                      error = NULL, traceback = NULL, result = NULL, updated_at = now()
     WHERE handler = $1 AND status = 'failed'
-    RETURNING queue
+    RETURNING id, queue
+), events AS (
+    INSERT INTO task_events (task_id, kind) SELECT id, 'requeued' FROM upd
 ), wake AS (
     SELECT pg_notify('kubetasks_enqueued', q.queue) FROM (SELECT DISTINCT queue FROM upd) q
 )
@@ -234,13 +237,23 @@ SELECT pg_notify('kubetasks_enqueued', $1);
 
 -- name: pause_task :one
 -- $1 task id.
-UPDATE tasks SET status = 'paused', updated_at = now()
-WHERE id = $1 AND status = 'pending' RETURNING id;
+WITH upd AS (
+    UPDATE tasks SET status = 'paused', updated_at = now()
+    WHERE id = $1 AND status = 'pending' RETURNING id
+), events AS (
+    INSERT INTO task_events (task_id, kind) SELECT id, 'paused' FROM upd
+)
+SELECT id FROM upd;
 
 -- name: resume_task :one
 -- $1 task id.
-UPDATE tasks SET status = 'pending', updated_at = now()
-WHERE id = $1 AND status = 'paused' RETURNING id, queue;
+WITH upd AS (
+    UPDATE tasks SET status = 'pending', updated_at = now()
+    WHERE id = $1 AND status = 'paused' RETURNING id, queue
+), events AS (
+    INSERT INTO task_events (task_id, kind) SELECT id, 'resumed' FROM upd
+)
+SELECT id, queue FROM upd;
 
 -- name: set_queue_paused :exec
 -- $1 queue, $2 paused.
@@ -249,9 +262,14 @@ ON CONFLICT (queue) DO UPDATE SET paused = EXCLUDED.paused, updated_at = now();
 
 -- name: delete_finished_tasks :val
 -- $1 statuses (a subset of succeeded, failed, cancelled), $2 older than seconds.
+-- A child whose parent is unfinished stays: the parent may still read its result.
+-- Events and attempts go with their task.
 WITH del AS (
     DELETE FROM tasks
     WHERE status = ANY ($1::text[]) AND finished_at < now() - make_interval(secs => $2)
+      AND (parent_id IS NULL OR NOT EXISTS (
+          SELECT 1 FROM tasks p
+          WHERE p.id = tasks.parent_id AND p.status NOT IN ('succeeded', 'failed', 'cancelled')))
     RETURNING 1
 )
 SELECT count(*) FROM del;
@@ -275,6 +293,9 @@ WITH released AS (
 ), audit AS (
     INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome, error)
     SELECT id, spent, $1, pod_id, started_at, 'released', $3 FROM released
+), events AS (
+    INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
+    SELECT id, 'released', spent, $1, pod_id, $3 FROM released
 ), wake AS (
     SELECT pg_notify('kubetasks_enqueued', q.queue) FROM (SELECT DISTINCT queue FROM released) q
 )
@@ -344,7 +365,8 @@ FROM tasks WHERE id = ANY ($1::bigint[]) AND cr_uid IS NOT NULL;
 -- Every Task-object row that is unfinished or changed in the last $1 seconds.
 SELECT id FROM tasks
 WHERE cr_uid IS NOT NULL
-  AND (status IN ('pending', 'running', 'paused') OR updated_at > now() - make_interval(secs => $1));
+  AND (status IN ('pending', 'running', 'paused', 'suspended')
+       OR updated_at > now() - make_interval(secs => $1));
 
 -- name: live_workers_in_namespace :many
 -- $1 namespace.
@@ -367,3 +389,255 @@ GROUP BY queue ORDER BY queue;
 -- The readiness probe's one statement: proves the database answers and lists the
 -- applied migration versions, which the caller compares with the ones it ships.
 SELECT version FROM schema_migrations ORDER BY version;
+
+-- name: schedule_upsert :one
+-- $1 name, $2 cron, $3 timezone, $4 handler, $5 queue, $6 payload (json text),
+-- $7 concurrency_policy, $8 lock_ttl_s, $9 starting_deadline_s, $10 suspend,
+-- $11 source (code | crd), $12 cr_uid, $13 count ticks from (NULL: now()).
+-- A change of timing or cr_uid, or a resume, restarts the cursor; a schedule
+-- of the other source under this name is left alone (nothing is returned).
+INSERT INTO schedules AS s (name, cron, timezone, handler, queue, payload, concurrency_policy,
+                            lock_ttl_s, starting_deadline_s, suspend, source, cr_uid, ticks_from)
+VALUES ($1, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11, $12, coalesce($13::timestamptz, now()))
+ON CONFLICT (name) DO UPDATE
+SET cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, handler = EXCLUDED.handler,
+    queue = EXCLUDED.queue, payload = EXCLUDED.payload,
+    concurrency_policy = EXCLUDED.concurrency_policy, lock_ttl_s = EXCLUDED.lock_ttl_s,
+    starting_deadline_s = EXCLUDED.starting_deadline_s, suspend = EXCLUDED.suspend,
+    cr_uid = EXCLUDED.cr_uid, updated_at = now(),
+    ticks_from = CASE
+        WHEN (s.cron, s.timezone, s.cr_uid) IS DISTINCT FROM (EXCLUDED.cron, EXCLUDED.timezone, EXCLUDED.cr_uid)
+          OR (s.suspend AND NOT EXCLUDED.suspend)
+        THEN greatest(EXCLUDED.ticks_from, s.last_tick_at) ELSE s.ticks_from END
+WHERE s.source = EXCLUDED.source
+RETURNING s.name, (s.xmax = 0) AS created;
+
+-- name: schedule_delete :val
+-- $1 name, $2 source (NULL: either). Its tick history goes with it; its runs stay.
+WITH del AS (
+    DELETE FROM schedules WHERE name = $1 AND ($2::text IS NULL OR source = $2) RETURNING 1
+)
+SELECT count(*) > 0 FROM del;
+
+-- name: schedules_all :many
+-- What a scheduler pass reads.
+SELECT name, cron, timezone, suspend, source, starting_deadline_s, ticks_from, last_tick_at
+FROM schedules ORDER BY name;
+
+-- name: schedule_for_tick :one
+-- $1 name. Locks the schedule for one tick's transaction: its schedulers take
+-- turns and each turn re-reads the cursor. The latest run is the Forbid guard.
+SELECT s.name, s.handler, s.queue, s.payload, s.concurrency_policy, s.lock_ttl_s,
+       s.ticks_from, s.last_tick_at, s.last_task_id, t.status AS last_status, t.pod_id AS last_pod
+FROM schedules s LEFT JOIN tasks t ON t.id = s.last_task_id
+WHERE s.name = $1
+FOR UPDATE OF s;
+
+-- name: schedule_advance :exec
+-- $1 name, $2 the newest tick handled.
+UPDATE schedules SET last_tick_at = greatest(last_tick_at, $2) WHERE name = $1;
+
+-- name: cron_ticks_missed :val
+-- $1 schedule, $2 missed tick times, $3 further missed ticks counted but not listed.
+WITH ins AS (
+    INSERT INTO cron_ticks (schedule, tick_at, outcome)
+    SELECT $1, m.t, 'missed' FROM unnest($2::timestamptz[]) AS m(t)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+), n AS (
+    SELECT count(*) + $3::bigint AS n FROM ins
+), upd AS (
+    UPDATE schedules SET missed_total = missed_total + n.n FROM n WHERE name = $1
+)
+SELECT n FROM n;
+
+-- name: cron_tick_claim :val
+-- $1 schedule, $2 tick_at, $3 manual. The one insert that succeeds runs the tick.
+INSERT INTO cron_ticks (schedule, tick_at, outcome, manual) VALUES ($1, $2, 'enqueued', $3)
+ON CONFLICT DO NOTHING
+RETURNING true;
+
+-- name: cron_enqueue :val
+-- $1 handler, $2 queue, $3 priority, $4 payload (json text), $5 max_attempts,
+-- $6 timeout_s, $7 retry_delay_s, $8 retry_backoff, $9 max_retry_delay_s, $10 tags.
+-- The run of a tick, due now, inserted in the tick's transaction.
+INSERT INTO tasks (handler, queue, priority, payload, max_attempts, timeout_s,
+                   retry_delay_s, retry_backoff, max_retry_delay_s, tags)
+VALUES ($1, $2, $3, $4::text::jsonb, $5, $6, $7, $8, $9, $10)
+RETURNING id;
+
+-- name: cron_tick_enqueued :exec
+-- $1 schedule, $2 tick_at, $3 task id.
+WITH tick AS (
+    UPDATE cron_ticks SET task_id = $3 WHERE schedule = $1 AND tick_at = $2
+)
+UPDATE schedules SET last_task_id = $3 WHERE name = $1;
+
+-- name: cron_tick_skipped :exec
+-- $1 schedule, $2 tick_at, $3 holder, $4 reason.
+UPDATE cron_ticks SET outcome = 'skipped', holder = $3, reason = $4 WHERE schedule = $1 AND tick_at = $2;
+
+-- name: cron_ticks_prune :exec
+-- $1 schedule, $2 how many of its newest ticks to keep.
+DELETE FROM cron_ticks
+WHERE schedule = $1
+  AND tick_at <= (SELECT tick_at FROM cron_ticks WHERE schedule = $1 ORDER BY tick_at DESC OFFSET $2 LIMIT 1);
+
+-- name: schedules_status :many
+-- $1 names (NULL: all). With the database's now().
+SELECT s.name, s.cron, s.timezone, s.handler, s.queue, s.concurrency_policy, s.lock_ttl_s,
+       s.starting_deadline_s, s.suspend, s.source, s.cr_uid, s.last_tick_at, s.last_task_id,
+       s.missed_total, t.status AS last_status, t.error AS last_error,
+       k.outcome AS last_outcome, k.reason AS last_reason,
+       (SELECT c.tick_at FROM cron_ticks c
+        WHERE c.schedule = s.name AND c.task_id = s.last_task_id) AS last_scheduled_at,
+       (SELECT max(c.tick_at) FROM cron_ticks c JOIN tasks r ON r.id = c.task_id
+        WHERE c.schedule = s.name AND r.status = 'succeeded') AS last_successful_at,
+       (SELECT count(*) FROM cron_ticks c JOIN tasks r ON r.id = c.task_id
+        WHERE c.schedule = s.name AND r.status IN ('pending', 'running', 'paused', 'suspended')) AS active,
+       now() AS db_now
+FROM schedules s
+LEFT JOIN tasks t ON t.id = s.last_task_id
+LEFT JOIN LATERAL (
+    SELECT c.outcome, c.reason FROM cron_ticks c WHERE c.schedule = s.name ORDER BY c.tick_at DESC LIMIT 1
+) k ON true
+WHERE $1::text[] IS NULL OR s.name = ANY ($1)
+ORDER BY s.name;
+
+-- name: schedules_history :many
+-- $1 names (NULL: all), $2 ticks per schedule, newest first (missed ticks left out).
+SELECT c.schedule, c.tick_at, c.outcome, c.manual, c.task_id, c.holder, c.reason,
+       t.status, t.started_at, t.finished_at
+FROM schedules s
+CROSS JOIN LATERAL (
+    SELECT * FROM cron_ticks c
+    WHERE c.schedule = s.name AND c.outcome <> 'missed'
+    ORDER BY c.tick_at DESC LIMIT $2
+) c
+LEFT JOIN tasks t ON t.id = c.task_id
+WHERE $1::text[] IS NULL OR s.name = ANY ($1)
+ORDER BY c.schedule, c.tick_at DESC;
+
+-- name: spawn_children :many
+-- $1 parent id, $2 its attempt, $3 worker_id (the spawn is fenced like every
+-- write of a running task, and holds the parent row FOR SHARE, so a cancel of
+-- the parent either sees these children or makes this insert nothing),
+-- $4 spawn keys, then one array per column as in enqueue_many: $5 handler,
+-- $6 queue, $7 priority, $8 payload (json text), $9 max_attempts, $10 run_at,
+-- $11 delay, $12 timeout_s, $13 retry_delay_s, $14 retry_backoff,
+-- $15 max_retry_delay_s, $16 tags (joined by \x1f). A key the parent already
+-- spawned (an earlier run of its handler) returns that child. One row per key,
+-- in order; none when the parent is no longer this attempt's.
+WITH parent AS (
+    SELECT id FROM tasks WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND status = 'running'
+    FOR SHARE
+), ins AS (
+    INSERT INTO tasks (handler, queue, priority, payload, max_attempts, run_at, timeout_s,
+                       retry_delay_s, retry_backoff, max_retry_delay_s, tags, parent_id, spawn_key)
+    SELECT c.handler, c.queue, c.priority, c.payload::jsonb, c.max_attempts,
+           coalesce(c.run_at, now() + make_interval(secs => coalesce(c.delay, 0))),
+           c.timeout_s, c.retry_delay_s, c.retry_backoff, c.max_retry_delay_s,
+           CASE WHEN c.tags IS NULL THEN '{}'::text[] ELSE string_to_array(c.tags, E'\x1f') END,
+           parent.id, c.spawn_key
+    FROM parent,
+         unnest($4::text[], $5::text[], $6::text[], $7::int[], $8::text[], $9::int[], $10::timestamptz[],
+                $11::float8[], $12::float8[], $13::float8[], $14::float8[], $15::float8[], $16::text[])
+         WITH ORDINALITY AS c(spawn_key, handler, queue, priority, payload, max_attempts, run_at, delay,
+                              timeout_s, retry_delay_s, retry_backoff, max_retry_delay_s, tags, ord)
+    ORDER BY c.ord
+    ON CONFLICT (parent_id, spawn_key) WHERE parent_id IS NOT NULL DO NOTHING
+    RETURNING id, spawn_key, handler
+)
+SELECT k.spawn_key, coalesce(ins.id, old.id) AS id, coalesce(ins.handler, old.handler) AS handler,
+       ins.id IS NOT NULL AS created
+FROM parent
+CROSS JOIN unnest($4::text[]) WITH ORDINALITY AS k(spawn_key, ord)
+LEFT JOIN ins ON ins.spawn_key = k.spawn_key
+LEFT JOIN tasks old ON old.parent_id = $1 AND old.parent_id IS NOT NULL AND old.spawn_key = k.spawn_key
+ORDER BY k.ord;
+
+-- name: children_state :many
+-- $1 task ids. What a waiting parent reads of the children it waits for.
+SELECT id, parent_id, handler, status, result, error FROM tasks WHERE id = ANY ($1::bigint[]);
+
+-- name: suspend_tasks :many
+-- $1 worker_id, $2 task ids, $3 attempts, $4 what each waits for (a JSON array
+-- of arrays of child ids), $5 policies (fail_fast | collect). Fenced; returns
+-- the ids written and whether each is now suspended or (nothing left to wait
+-- for) pending again.
+SELECT suspended_id AS id, now_status AS status FROM suspend_tasks($1, $2, $3, $4::text::jsonb, $5);
+
+-- name: record_fenced_out :exec
+-- $1 worker_id, $2 pod_id, $3 task ids, $4 attempts, $5 what was dropped. Best
+-- effort, off the hot path: a write of this worker found its task taken away.
+INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
+SELECT t.id, 'fenced_out', c.attempt, $1, $2, c.detail
+FROM unnest($3::bigint[], $4::int[], $5::text[]) AS c(id, attempt, detail)
+JOIN tasks t ON t.id = c.id;
+
+-- name: get_events :many
+-- $1 task id. The task's history, oldest first: the events table, plus the three
+-- kinds read from rows that already record them (created from the task, claimed
+-- from each attempt's start, succeeded from its attempt), which the hot path
+-- therefore never writes twice.
+SELECT e.at, e.kind, e.attempt, e.worker_id, e.pod_id, e.detail
+FROM (
+    SELECT t.created_at AS at, 'created' AS kind, NULL::integer AS attempt, NULL::uuid AS worker_id,
+           NULL::text AS pod_id, NULL::text AS detail, 0 AS rank, 0::bigint AS seq
+    FROM tasks t WHERE t.id = $1
+    UNION ALL
+    SELECT a.started_at, 'claimed', a.attempt, a.worker_id, a.pod_id, NULL, 1, a.id
+    FROM task_attempts a WHERE a.task_id = $1 AND a.started_at IS NOT NULL
+    UNION ALL
+    SELECT t.started_at, 'claimed', t.attempt, t.worker_id, t.pod_id, NULL, 1, 0
+    FROM tasks t WHERE t.id = $1 AND t.status = 'running'
+    UNION ALL
+    SELECT x.at, x.kind, x.attempt, x.worker_id, x.pod_id, x.detail, 2, x.id
+    FROM task_events x WHERE x.task_id = $1
+    UNION ALL
+    SELECT a.finished_at, 'succeeded', a.attempt, a.worker_id, a.pod_id, NULL, 3, a.id
+    FROM task_attempts a WHERE a.task_id = $1 AND a.outcome = 'succeeded'
+) e
+ORDER BY e.at, e.rank, e.seq;
+
+-- name: workflow_tasks :many
+-- $1 root task id. The root and all its descendants, parents before children,
+-- with the seconds each has spent running (its ended attempts, suspended runs
+-- included, plus the current one), and the database's now().
+WITH RECURSIVE tree AS (
+    SELECT id, 0 AS depth FROM tasks WHERE id = $1
+    UNION ALL
+    SELECT c.id, tree.depth + 1 FROM tree JOIN tasks c ON c.parent_id = tree.id AND c.parent_id IS NOT NULL
+    WHERE tree.depth < 1000
+)
+SELECT t.id, t.parent_id, t.spawn_key, t.handler, t.queue, t.status, t.attempt, t.max_attempts, t.error,
+       t.progress, t.progress_message, t.created_at, t.started_at, t.finished_at, tree.depth,
+       coalesce(a.run_s, 0)
+         + CASE WHEN t.status = 'running' THEN extract(epoch FROM now() - t.started_at)::float8 ELSE 0 END
+         AS run_s,
+       coalesce(a.runs, 0) AS runs, now() AS db_now
+FROM tree
+JOIN tasks t ON t.id = tree.id
+LEFT JOIN LATERAL (
+    SELECT sum(extract(epoch FROM x.finished_at - x.started_at))::float8 AS run_s, count(*) AS runs
+    FROM task_attempts x WHERE x.task_id = t.id
+) a ON true
+ORDER BY tree.depth, t.id;
+
+-- name: children_counts :many
+-- $1 parent task ids. Direct children per parent and status: what the Task
+-- object of a workflow root shows in its status.
+SELECT parent_id, status, count(*) AS n
+FROM tasks
+WHERE parent_id = ANY ($1::bigint[]) AND parent_id IS NOT NULL
+GROUP BY parent_id, status
+ORDER BY parent_id, status;
+
+-- name: cron_notify_ticked :exec
+-- $1 schedule. Sent (at commit) when a tick was enqueued, skipped or missed, for
+-- whoever shows schedules' status; schedulers do not listen to it.
+SELECT pg_notify('kubetasks_cron_ticked', $1);
+
+-- name: crd_schedules :many
+-- Schedules that came from CronJobLock objects.
+SELECT name, cr_uid FROM schedules WHERE source = 'crd';
