@@ -315,7 +315,7 @@ async def test_unknown_handler_and_oversized_payload_end_failed(
         for n in ("nobody-home", "big-payload")
     }
     assert msg["nobody-home"] == (
-        "handler: unknown handler 'images.rotate'; known handlers: side.sleep, side.work"
+        "handler: unknown handler 'images.rotate'; known handlers: side.fanout, side.sleep, side.work"
     ), msg
     assert msg["big-payload"].startswith(
         "spec.payload: is 204811 bytes as JSON; the limit for a Task object is 131072"
@@ -579,3 +579,18 @@ async def test_task_object_as_workflow_root_shows_children(
     st = status()
     assert st["result"] == {"sum": 28, "children": 8}
     assert st.get("children") == {"succeeded": 8}
+
+
+async def test_ttl_seconds_after_finished_deletes_the_object(
+    cluster: Cluster, namespace: str, operators: Operators
+) -> None:
+    """A finished Task with ttlSecondsAfterFinished goes away by itself; its row stays for the record."""
+    operators.start("kt-ttl")
+    await wait_ready(operators, ["kt-ttl"])
+    apply(cluster, namespace, [task_manifest("short-lived", payload={"n": 1}, ttlSecondsAfterFinished=2)])
+    await wait_until(lambda: phases(cluster, namespace).get("short-lived") == "Succeeded", 30, "Succeeded")
+    t0 = time.monotonic()
+    await wait_until(lambda: "short-lived" not in phases(cluster, namespace), 30, "the object to be deleted")
+    print(f"\n[e2e] ttlSecondsAfterFinished=2: deleted {time.monotonic() - t0:.1f}s after Succeeded was seen")
+    rows = await db_rows(operators.db)
+    assert [r["status"] for r in rows] == ["succeeded"]

@@ -348,7 +348,7 @@ UPDATE workers SET namespace = $2 WHERE worker_id = $1;
 -- cannot run: recorded as failed at once, with the reason, so its status says why.
 INSERT INTO tasks (handler, queue, status, error, finished_at, cr_uid, cr_namespace, cr_name)
 VALUES ($1, $2, 'failed', $3, now(), $4, $5, $6)
-ON CONFLICT (cr_uid) DO NOTHING
+ON CONFLICT (cr_uid) WHERE cr_uid IS NOT NULL DO NOTHING
 RETURNING id;
 
 -- name: cr_task_by_uid :one

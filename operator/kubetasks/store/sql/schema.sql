@@ -60,7 +60,7 @@ CREATE TABLE tasks (
     progress_message text,
     tags             text[] NOT NULL DEFAULT '{}',
     dedupe_key       text CONSTRAINT dedupe_key_length CHECK (length(dedupe_key) BETWEEN 1 AND 255),
-    cr_uid           text CONSTRAINT cr_uid_unique UNIQUE,
+    cr_uid           text,
     cr_namespace     text,
     cr_name          text,
     created_at       timestamptz NOT NULL DEFAULT now(),
@@ -85,8 +85,8 @@ CREATE INDEX tasks_running_by_worker ON tasks (worker_id) WHERE status = 'runnin
 CREATE UNIQUE INDEX tasks_dedupe_unfinished ON tasks (dedupe_key)
     WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running', 'paused', 'suspended');
 CREATE INDEX tasks_finished_at ON tasks (finished_at) WHERE finished_at IS NOT NULL;
-CREATE INDEX tasks_handler_status ON tasks (handler, status);
-CREATE INDEX tasks_created_at ON tasks (created_at);
+CREATE UNIQUE INDEX tasks_cr_uid ON tasks (cr_uid) WHERE cr_uid IS NOT NULL;
+CREATE INDEX tasks_running_by_handler ON tasks (handler) WHERE status = 'running';
 
 -- The audit trail: one row per ended attempt.
 CREATE TABLE task_attempts (
