@@ -1,0 +1,63 @@
+"""The claim reads the pending index however many tasks wait or have finished."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import asyncpg
+
+from kubetasks import App
+
+
+async def test_claim_is_an_index_scan_on_a_large_table(app: App, db_url: str) -> None:
+    """With 200,000 pending and 200,000 finished tasks the claim scans the pending index, never the table."""
+    conn = await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
+    try:
+        await conn.execute(
+            "INSERT INTO tasks (handler, queue, payload) "
+            "SELECT 'h', 'default', '{}'::jsonb FROM generate_series(1, 200000)"
+        )
+        await conn.execute(
+            "INSERT INTO tasks (handler, queue, status, finished_at, attempt) "
+            "SELECT 'h', 'default', 'succeeded', now(), 1 FROM generate_series(1, 200000)"
+        )
+        await conn.execute("ANALYZE tasks")
+        wid = uuid.uuid4()
+        await conn.fetchrow(
+            "SELECT * FROM register_worker($1, 'plan-pod', 'h', 1, ARRAY['default'], 50, 30)", wid
+        )
+        claim = app.store.queries["claim"].sql
+        tx = conn.transaction()
+        await tx.start()
+        rows = await conn.fetch(
+            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim}", wid, "plan-pod", "default", 50, []
+        )
+        plan = json.loads(rows[0][0])[0]
+        await tx.rollback()  # EXPLAIN ANALYZE really claimed 50 tasks: undo it
+    finally:
+        await conn.close()
+
+    nodes: list[dict[str, object]] = []
+
+    def walk(node: dict[str, object]) -> None:
+        nodes.append(node)
+        for child in node.get("Plans", []):  # type: ignore[union-attr]
+            walk(child)  # type: ignore[arg-type]
+
+    walk(plan["Plan"])
+    scans = {
+        (n["Node Type"], n.get("Relation Name"), n.get("Index Name"))
+        for n in nodes
+        if "Scan" in str(n["Node Type"])
+    }
+    assert not any(t == "Seq Scan" and rel == "tasks" for t, rel, _ in scans), scans
+    assert ("Index Scan", "tasks", "tasks_pending_claim") in scans, scans
+    limit = next(n for n in nodes if n["Node Type"] == "Limit")
+    assert limit["Actual Rows"] == 50
+    # Buffers stay proportional to the batch, not to the 400,000 rows.
+    assert (
+        int(plan["Plan"].get("Shared Hit Blocks", 0)) + int(plan["Plan"].get("Shared Read Blocks", 0)) < 5000
+    )
+    ms = plan["Execution Time"]
+    print(f"\n[plan] claim of 50 from 200k pending + 200k finished: {ms:.2f} ms, scans {sorted(scans)}")
