@@ -159,7 +159,9 @@ def _worker_command(
     app.configure(**overrides)
 
     async def go() -> None:
-        await do_migrate(app.settings.database_url)
+        from kubetasks.store import retry_connection_errors  # noqa: PLC0415
+
+        await retry_connection_errors(lambda: do_migrate(app.settings.database_url), what="migrating")
         try:
             rt = runtime.Runtime(app, worker_module.Worker(app))
             if pod_services:

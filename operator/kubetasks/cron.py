@@ -83,7 +83,8 @@ from kubetasks import locks, metrics, validation
 from kubetasks.app import App, Blueprint, EnqueueRequest, PeriodicDef, TaskDef
 from kubetasks.context import TaskContext
 from kubetasks.errors import KubetasksError, ValidationError
-from kubetasks.store import Store, connect_listener
+from kubetasks.store import Store
+from kubetasks.store import listen as store_listen
 
 log = logging.getLogger("kubetasks.cron")
 
@@ -890,33 +891,11 @@ class Scheduler:
         self._wake.set()
 
     async def _listen(self, stop: asyncio.Event) -> None:
-        delay = 0.2
-        while not stop.is_set():
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await connect_listener(self.app.settings.database_url)
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda _c, ev=closed: ev.set())
-                await conn.add_listener(CHANNEL, self._on_notify)
-                delay = 0.2
-                self._wake.set()  # anything changed while we were not listening
-                while not closed.is_set() and not stop.is_set():
-                    # A quiet socket can die without a FIN: probe now and then.
-                    try:
-                        async with asyncio.timeout(30):
-                            await closed.wait()
-                    except TimeoutError:
-                        async with asyncio.timeout(5):
-                            await conn.execute("SELECT 1")
-            except DB_ERRORS as exc:
-                log.warning("scheduler LISTEN connection lost (%r); reconnecting", exc)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.terminate()
-            if not stop.is_set():
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        await store_listen.listen(
+            self.app.settings.database_url, [CHANNEL], self._on_notify, stop,
+            on_connect=self._wake.set,  # anything changed while we were not listening
+            what="scheduler",
+        )  # fmt: skip
 
 
 __all__ = [

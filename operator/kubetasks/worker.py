@@ -42,7 +42,8 @@ from kubetasks import leases, metrics, validation
 from kubetasks.app import TaskDef, call_handler
 from kubetasks.context import TaskContext
 from kubetasks.errors import Fail, Retry, ValidationError
-from kubetasks.store import Store, connect_listener
+from kubetasks.store import Store, retry_connection_errors
+from kubetasks.store import listen as store_listen
 from kubetasks.workflows import Suspend
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ class Worker:
         """Work until ``stop`` is set, then shut down gracefully (``force`` cuts the grace)."""
         stop = stop or asyncio.Event()
         force = force or asyncio.Event()
-        await self.app.open()
+        await retry_connection_errors(self.app.open, what="opening the pool")
         self._store = self.app.store
         for td in self.app.handlers.values():
             if td.concurrency:
@@ -189,7 +190,7 @@ class Worker:
             self.store, self.settings, self.queues, self.concurrency,
             on_lost=self._on_lease_lost, on_due=self.wake,
         )  # fmt: skip
-        await self.lease.register()
+        await retry_connection_errors(self.lease.register, what="registering the worker")
         log.info(
             "worker %s (pod %s) serving queues %s with %d slots",
             self.worker_id, self.lease.pod_id, ",".join(self.queues), self.concurrency,
@@ -212,12 +213,13 @@ class Worker:
                 done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
                 stop_w.cancel()
                 lost_w.cancel()
+                if stop.is_set():
+                    break  # the listener also ends on stop: that is no failure
                 for name, t in side.items():
                     if t in done and name != "heartbeat":
                         exc = t.exception() if not t.cancelled() else None
-                        raise RuntimeError(f"worker side task {name} ended unexpectedly") from exc
-                if stop.is_set():
-                    break
+                        how = "was cancelled" if t.cancelled() else "returned" if exc is None else "failed"
+                        raise RuntimeError(f"worker side task {name} {how} unexpectedly") from exc
                 if self._lost.is_set() or side["heartbeat"].done():
                     await self._fence_and_reregister(stop)
                     if stop.is_set():
@@ -317,34 +319,11 @@ class Worker:
     # -- LISTEN ----------------------------------------------------------
 
     async def _listen(self, stop: asyncio.Event) -> None:
-        delay = 0.2
-        while not stop.is_set() and not self._stopping:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await connect_listener(self.settings.database_url)
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda _c, ev=closed: ev.set())
-                await conn.add_listener(CHANNEL_ENQUEUED, self._on_notify)  # type: ignore[arg-type]
-                await conn.add_listener(CHANNEL_CANCEL, self._on_notify)  # type: ignore[arg-type]
-                delay = 0.2
-                self._wake.set()  # anything enqueued while we were not listening
-                while not closed.is_set() and not stop.is_set():
-                    # A quiet socket can die without a FIN: probe now and then.
-                    try:
-                        async with asyncio.timeout(30):
-                            await closed.wait()
-                    except TimeoutError:
-                        async with asyncio.timeout(5):
-                            await conn.execute("SELECT 1")
-            except (*DB_ERRORS,) as exc:
-                log.warning("LISTEN connection lost (%r); reconnecting", exc)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.terminate()
-            if not stop.is_set():
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        await store_listen.listen(
+            self.settings.database_url, [CHANNEL_ENQUEUED, CHANNEL_CANCEL], self._on_notify, stop,
+            on_connect=self._wake.set,  # anything enqueued while we were not listening
+            what="worker",
+        )  # fmt: skip
 
     # -- claiming --------------------------------------------------------
 

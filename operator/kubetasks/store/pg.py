@@ -9,15 +9,18 @@ query costs one round trip after its first use.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
 from kubetasks.store import queries
 
+log = logging.getLogger("kubetasks.store")
 SCHEMA = "kubetasks"
 SERVER_SETTINGS = {"search_path": SCHEMA, "application_name": "kubetasks"}
 
@@ -45,6 +48,37 @@ async def connect_listener(dsn: str) -> asyncpg.Connection:
     conn = await asyncpg.connect(dsn, server_settings=SERVER_SETTINGS)
     await _init_connection(conn)
     return conn
+
+
+CONNECTION_ERRORS = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CannotConnectNowError,
+    OSError,
+    TimeoutError,
+)
+
+T = TypeVar("T")
+
+
+async def retry_connection_errors(op: Callable[[], Awaitable[T]], *, what: str, within: float = 60.0) -> T:
+    """Run ``op``, again and again while the database is unreachable or drops the
+    connection, for up to ``within`` seconds: a pod starting while PostgreSQL
+    restarts (or while a connection is cut) should wait, not crash-loop."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    delay = 0.1
+    while True:
+        try:
+            return await op()
+        except CONNECTION_ERRORS as exc:
+            if loop.time() + delay > end:
+                raise
+            log.warning("%s: database unreachable (%r); retrying in %.1fs", what, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 class Store:
