@@ -11,8 +11,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+
+from kubetasks import App
+from kubetasks.worker import Worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,6 +64,25 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait(10)
+
+
+class RunningWorker:
+    """A Worker in this event loop, started on enter and stopped gracefully on exit."""
+
+    def __init__(self, app: App, **kw: Any) -> None:
+        self.worker = Worker(app, **kw)
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Worker:
+        self.task = asyncio.create_task(self.worker.run(self.stop))
+        await asyncio.wait_for(self.worker.ready.wait(), 10)
+        return self.worker
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 30)
 
 
 async def wait_for(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:

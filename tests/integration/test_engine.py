@@ -6,32 +6,13 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
 
 import asyncpg
 import pytest
 
 from kubetasks import App, EnqueueRequest, Fail, Input, Retry, TaskContext
 from kubetasks.errors import TaskNotFound
-from kubetasks.worker import Worker
-from tests.integration.helpers import wait_for
-
-
-class RunningWorker:
-    def __init__(self, app: App, **kw: Any) -> None:
-        self.worker = Worker(app, **kw)
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Worker:
-        self.task = asyncio.create_task(self.worker.run(self.stop))
-        await asyncio.wait_for(self.worker.ready.wait(), 10)
-        return self.worker
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop.set()
-        assert self.task is not None
-        await asyncio.wait_for(self.task, 30)
+from tests.integration.helpers import RunningWorker, wait_for
 
 
 async def status_of(app: App, task_id: int) -> str:

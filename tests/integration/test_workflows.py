@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from kubetasks import App, EnqueueRequest, Fail, TaskContext
-from kubetasks.worker import Worker
+from tests.integration import helpers
 from tests.integration.apps import flowapp
 from tests.integration.helpers import ROOT, audit, read_sidelog, start_worker, stop, wait_for
 
@@ -33,22 +33,12 @@ def report(title: str, **figures: object) -> None:
     print(f"\n[workflows] {title}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
-class RunningWorker:
+class RunningWorker(helpers.RunningWorker):
+    """The shared in-process worker, serving the workflow test queues by default."""
+
     def __init__(self, app: App, **kw: Any) -> None:
         kw.setdefault("queues", ["parents", "kids", "default"])
-        self.worker = Worker(app, **kw)
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Worker:
-        self.task = asyncio.create_task(self.worker.run(self.stop))
-        await asyncio.wait_for(self.worker.ready.wait(), 10)
-        return self.worker
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.stop.set()
-        assert self.task is not None
-        await asyncio.wait_for(self.task, 30)
+        super().__init__(app, **kw)
 
 
 @pytest.fixture
