@@ -25,12 +25,24 @@ async def test_two_thousand_tasks_four_processes_each_exactly_once(
     """2,000 tasks over 4 worker processes: every task's handler ends once and succeeds once."""
     app.strict_handlers = False
     sidelog = tmp_path / "side.log"
-    ids = await app.enqueue_many([EnqueueRequest("side.work", {"n": i, "ms": [0, 5]}) for i in range(2000)])
     procs = [
         start_worker(db_url, pod=f"pod-{i}", sidelog=sidelog, concurrency=20, log_path=tmp_path / f"w{i}.log")
         for i in range(4)
     ]
     try:
+        # Enqueue only once all four are up, so a slow process start cannot leave one idle.
+        async def all_registered() -> bool:
+            conn = await asyncpg.connect(db_url)
+            try:
+                n = await conn.fetchval("SELECT count(*) FROM kubetasks.workers WHERE status = 'active'")
+            finally:
+                await conn.close()
+            return int(n) == 4
+
+        await wait_for(all_registered, 60, "four registered workers")
+        ids = await app.enqueue_many(
+            [EnqueueRequest("side.work", {"n": i, "ms": [0, 5]}) for i in range(2000)]
+        )
 
         async def drained() -> bool:
             return await count_status(db_url, "succeeded") == 2000
