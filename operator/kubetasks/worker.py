@@ -133,6 +133,9 @@ class Worker:
         self._stopping = False
         self._claiming = False
         self._timer_at: float | None = None
+        # Held while free slots are counted and claimed, by the claim loop or by the
+        # flusher claiming with its completions: two claims must not fill one slot.
+        self._claim_lock = asyncio.Lock()
         self._store: Store | None = None
         self.lease: leases.Lease | None = None
         self.ready = asyncio.Event()
@@ -342,11 +345,12 @@ class Worker:
                 self._timer_at = None
             if not self._claiming or self._stopping:
                 continue
-            free = self.concurrency - len(self._running)
-            if free <= 0:
-                continue
             try:
-                full = await self._claim(free)
+                async with self._claim_lock:
+                    free = self.concurrency - len(self._running)
+                    if free <= 0:
+                        continue
+                    full = await self._claim(free)
                 error_delay = 0.1
             except DB_ERRORS as exc:
                 log.warning("claim failed (%r); retrying", exc)
@@ -367,14 +371,7 @@ class Worker:
         """
         wid = self.worker_id
         pod = self.settings.pod_id
-        handlers = self.app.handlers
-        local_full = {
-            name
-            for name, td in handlers.items()
-            if td.concurrency and self._per_handler[name] >= td.concurrency
-        }
-        limited = [td for td in handlers.values() if td.cluster_concurrency and td.name not in local_full]
-        blocked = sorted(local_full | {td.name for td in handlers.values() if td.cluster_concurrency})
+        limited, blocked = self._claim_filters()
         more = False
         for q in self.queues:
             t0 = time.monotonic()
@@ -401,6 +398,18 @@ class Worker:
             if free <= 0:
                 break
         return more
+
+    def _claim_filters(self) -> tuple[list[TaskDef], list[str]]:
+        """Handlers with a cluster-wide limit (claimed one by one) and the names the plain claim skips."""
+        handlers = self.app.handlers
+        local_full = {
+            name
+            for name, td in handlers.items()
+            if td.concurrency and self._per_handler[name] >= td.concurrency
+        }
+        limited = [td for td in handlers.values() if td.cluster_concurrency and td.name not in local_full]
+        blocked = sorted(local_full | {td.name for td in handlers.values() if td.cluster_concurrency})
+        return limited, blocked
 
     async def _release_orphans(self) -> None:
         """After a failed claim the UPDATE may have committed unseen: hand back what we do not run."""
@@ -574,6 +583,7 @@ class Worker:
         for o in batch:
             by_worker.setdefault(o.worker_id, []).append(o)
         written: set[int] = set()
+        claim_with: list[_Outcome] = []
         for wid, outs in by_worker.items():
             ok = [o for o in outs if o.kind == "succeeded"]
             bad = [o for o in outs if o.kind not in ("succeeded", "suspended")]
@@ -582,7 +592,9 @@ class Worker:
             if any(o.parent_id is not None for o in outs):
                 ok.sort(key=lambda o: o.parent_id or 0)
                 bad.sort(key=lambda o: o.parent_id or 0)
-            if ok:
+            if ok and wid == self.worker_id and self._claiming and not self._stopping:
+                claim_with = ok  # written last, together with the next claim
+            elif ok:
                 rows = await self.store.run(
                     "complete_succeeded", wid, [o.task_id for o in ok], [o.attempt for o in ok],
                     [o.result for o in ok],
@@ -601,6 +613,10 @@ class Worker:
                     json.dumps([o.wait_ids for o in sus]), [o.policy for o in sus],
                 )  # fmt: skip
                 written.update(r["id"] for r in rows)
+        wake = True
+        if claim_with:
+            written_now, wake = await self._complete_and_claim(claim_with, len(batch))
+            written.update(written_now)
         self.stats.flush_batches += 1
         fenced: dict[uuid.UUID, list[tuple[int, int, str]]] = {}
         for o in batch:
@@ -629,7 +645,8 @@ class Worker:
                     o.task_id, o.attempt, o.worker_id,
                 )  # fmt: skip
             self._finish(o.task_id)
-        self._wake.set()
+        if wake:
+            self._wake.set()
         # A slot of a cluster-limited handler opened: peers may be waiting for it.
         limited_queues = {
             o.queue
@@ -638,6 +655,44 @@ class Worker:
         }
         for q in limited_queues:
             await self.store.run("wake_queue", q)
+
+    async def _complete_and_claim(self, ok: list[_Outcome], ending: int) -> tuple[set[int], bool]:
+        """Write successes of the current worker and claim the next tasks in one statement.
+
+        A busy worker then pays one round trip and one commit per batch rather
+        than two. The claim counts the ``ending`` tasks of this batch as free
+        slots and takes the first queue only; returns the written ids and
+        whether the claim loop still has to look (other queues, handlers the
+        plain claim skips, or the claim loop was mid-claim and this one waited
+        for nothing).
+        """
+        wid = self.worker_id
+        ids, attempts, results = [o.task_id for o in ok], [o.attempt for o in ok], [o.result for o in ok]
+        if self._claim_lock.locked():
+            rows = await self.store.run("complete_succeeded", wid, ids, attempts, results)
+            return {r["id"] for r in rows}, True
+        async with self._claim_lock:
+            free = max(0, self.concurrency - len(self._running) + ending)
+            limited, blocked = self._claim_filters()
+            q = self.queues[0]
+            t0 = time.monotonic()
+            try:
+                rows = await self.store.run(
+                    "complete_and_claim", wid, ids, attempts, results, self.settings.pod_id, q, free, blocked
+                )
+            except DB_ERRORS:
+                # The statement may have committed unseen: what it claimed is handed back.
+                await self._release_orphans()
+                raise
+            metrics.CLAIM_DURATION.labels(q).observe(time.monotonic() - t0)
+            self.stats.claim_batches += 1
+            written: set[int] = set()
+            for r in rows:
+                if r["claimed"]:
+                    self._start(r, wid)
+                else:
+                    written.add(r["id"])
+        return written, len(self.queues) > 1 or bool(limited) or bool(blocked)
 
     def _finish(self, task_id: int) -> None:
         run = self._running.pop(task_id, None)

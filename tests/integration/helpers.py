@@ -123,7 +123,7 @@ async def audit(db_url: str, ids: list[int], sidelog: Path) -> Audit:
             "SELECT id, status, attempt, worker_id::text AS w FROM tasks WHERE id = ANY($1)", ids
         )
         att = await conn.fetch(
-            "SELECT task_id, count(*) AS n FROM task_attempts WHERE outcome = 'succeeded' "
+            "SELECT task_id, count(*) AS n FROM task_attempts_all WHERE outcome = 'succeeded' "
             "AND task_id = ANY($1) GROUP BY task_id",
             ids,
         )

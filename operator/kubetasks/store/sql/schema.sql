@@ -88,7 +88,8 @@ CREATE INDEX tasks_finished_at ON tasks (finished_at) WHERE finished_at IS NOT N
 CREATE UNIQUE INDEX tasks_cr_uid ON tasks (cr_uid) WHERE cr_uid IS NOT NULL;
 CREATE INDEX tasks_running_by_handler ON tasks (handler) WHERE status = 'running';
 
--- The audit trail: one row per ended attempt.
+-- The audit trail: one row per ended attempt, except a successful one, which
+-- the task row records (0007); task_attempts_all shows both.
 CREATE TABLE task_attempts (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     task_id     bigint NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
@@ -99,9 +100,22 @@ CREATE TABLE task_attempts (
     finished_at timestamptz NOT NULL DEFAULT now(),
     outcome     text NOT NULL CONSTRAINT outcome_known CHECK (outcome IN (
         'succeeded', 'failed', 'retried', 'timeout', 'worker_lost', 'released', 'cancelled', 'suspended')),
-    error       text
+    error       text,
+    CONSTRAINT success_lives_in_task_row CHECK (outcome <> 'succeeded')
 );
 CREATE INDEX task_attempts_task ON task_attempts (task_id, attempt);
+
+-- Every attempt of every task: the ended ones that did not succeed, plus the
+-- successful one, read from the task row. id is NULL for the latter, which is
+-- always a task's last attempt (sort with NULLS LAST).
+CREATE VIEW task_attempts_all AS
+SELECT a.id, a.task_id, a.attempt, a.worker_id, a.pod_id, a.started_at, a.finished_at, a.outcome, a.error
+FROM task_attempts a
+UNION ALL
+SELECT NULL::bigint, t.id, t.attempt, t.worker_id, t.pod_id, t.started_at, t.finished_at,
+       'succeeded'::text, NULL::text
+FROM tasks t
+WHERE t.status = 'succeeded';
 
 CREATE TABLE queue_state (
     queue      text PRIMARY KEY CONSTRAINT queue_name CHECK (queue ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
