@@ -69,6 +69,7 @@ class WorkerStats:
     fenced_self: int = 0
     suspended: int = 0
     claim_batches: int = 0
+    claims_with_outcomes: int = 0
     flush_batches: int = 0
 
 
@@ -686,6 +687,7 @@ class Worker:
                 raise
             metrics.CLAIM_DURATION.labels(q).observe(time.monotonic() - t0)
             self.stats.claim_batches += 1
+            self.stats.claims_with_outcomes += 1
             written: set[int] = set()
             for r in rows:
                 if r["claimed"]:

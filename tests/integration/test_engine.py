@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -95,6 +96,50 @@ class TestClaim:
             await conn.close()
         assert rows == []
 
+    async def test_claim_leaves_the_session_committing_synchronously(self, app: App, db_url: str) -> None:
+        """The claim commits without waiting for the WAL flush, for its own transaction only:
+        the pooled connection goes on committing completions synchronously."""
+        app.register("solo", lambda ctx: None)
+        await app.enqueue("solo", {})
+        conn = await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
+        try:
+            wid = await register_raw_worker(conn, "pod-s")
+            await conn.execute("SET synchronous_commit = on")  # the test server may run with it off
+            rows = await conn.fetch(app.store.queries["claim"].sql, wid, "pod-s", "default", 10, [])
+            assert len(rows) == 1
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+        finally:
+            await conn.close()
+
+    async def test_completions_claim_the_next_batch_within_the_concurrency(self, app: App) -> None:
+        """A busy worker claims with its completions: never more running than its concurrency,
+        per-handler limits still hold, and every task runs once."""
+        running = Counter[str]()
+        peak = Counter[str]()
+        ran: Counter[int] = Counter()
+
+        async def body(ctx: TaskContext) -> None:
+            running["all"] += 1
+            running[ctx.handler] += 1
+            peak["all"] = max(peak["all"], running["all"])
+            peak[ctx.handler] = max(peak[ctx.handler], running[ctx.handler])
+            ran[ctx.id] += 1
+            await asyncio.sleep(0.001 * (ctx.id % 7))
+            running["all"] -= 1
+            running[ctx.handler] -= 1
+
+        app.register("free", body)
+        app.register("capped", body, concurrency=2)
+        reqs = [EnqueueRequest("capped" if i % 3 == 0 else "free") for i in range(300)]
+        ids = await app.enqueue_many(reqs)
+        async with RunningWorker(app, concurrency=5) as worker:
+            for tid in ids:
+                await wait_status(app, tid, "succeeded", 30)
+        assert peak["all"] == 5 and peak["capped"] == 2, peak
+        assert sorted(ran) == sorted(ids) and set(ran.values()) == {1}
+        assert worker.stats.claims_with_outcomes > 0
+        assert worker.stats.succeeded == 300
+
     async def test_priority_then_run_at_then_id(self, app: App, seen: list[int]) -> None:
         """Higher priority first; equal priority in run_at order; then insertion order."""
         await app.enqueue("record", {"n": 1}, priority=0)
@@ -155,6 +200,38 @@ class TestOutcomes:
         gap2 = (attempts[2]["started_at"] - attempts[1]["finished_at"]).total_seconds()
         assert 0.25 <= gap1 < 1.0, gap1  # 0.3 s +-10 %
         assert 0.5 <= gap2 < 1.5, gap2  # 0.6 s +-10 %
+
+    async def test_success_attempt_is_read_from_the_task_row(self, app: App, db_url: str) -> None:
+        """A retried then successful task lists both attempts, in order, though only the
+        retried one is a task_attempts row; the table refuses a success row."""
+
+        @app.task("second.time", retry_delay=0.0)
+        async def second_time(ctx: TaskContext) -> str:
+            if ctx.attempt == 1:
+                raise RuntimeError("first")
+            return "ok"
+
+        async with RunningWorker(app):
+            tid = await app.enqueue("second.time", {})
+            await wait_status(app, tid, "succeeded")
+        rec = await app.get_task(tid)
+        attempts = await app.get_attempts(tid)
+        assert [(a["attempt"], a["outcome"]) for a in attempts] == [(1, "retried"), (2, "succeeded")]
+        last = attempts[-1]
+        assert (last["started_at"], last["finished_at"], str(last["worker_id"])) == (
+            rec.started_at, rec.finished_at, str(rec.worker_id),
+        )  # fmt: skip
+        kinds = [e["kind"] for e in await app.get_events(tid)]
+        assert kinds == ["created", "claimed", "retried", "claimed", "succeeded"], kinds
+        conn = await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM task_attempts WHERE task_id = $1", tid) == 1
+            with pytest.raises(asyncpg.CheckViolationError, match="success_lives_in_task_row"):
+                await conn.execute(
+                    "INSERT INTO task_attempts (task_id, attempt, outcome) VALUES ($1, 2, 'succeeded')", tid
+                )
+        finally:
+            await conn.close()
 
     async def test_timeout_cancels_and_counts_an_attempt(self, app: App) -> None:
         """A handler over its timeout is cancelled; the attempt counts; the last one fails the task."""
