@@ -22,6 +22,7 @@ aggregate them with ``max by (queue)``, not ``sum``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -103,14 +104,41 @@ CRON_TICKS = Counter(
 )
 
 
+@dataclass(frozen=True)
+class TaskCounters:
+    """The per-task series of one (handler, queue): looked up once, not per task."""
+
+    claimed: Counter
+    succeeded: Counter
+    retried: Counter
+    failed: Counter
+    timed_out: Counter
+    run_duration: Histogram
+
+
+@functools.cache
+def task_counters(handler: str, queue: str) -> TaskCounters:
+    """``labels()`` hashes and locks on every call; a worker counts several series per
+    task, so at thousands of tasks a second the children are kept (handlers x queues)."""
+    return TaskCounters(
+        claimed=TASKS_CLAIMED.labels(handler, queue),
+        succeeded=TASKS_SUCCEEDED.labels(handler, queue),
+        retried=TASKS_RETRIED.labels(handler, queue),
+        failed=TASKS_FAILED.labels(handler, queue),
+        timed_out=TASKS_TIMED_OUT.labels(handler, queue),
+        run_duration=RUN_DURATION.labels(handler),
+    )
+
+
 def record_outcome(handler: str, queue: str, kind: str, will_retry: bool) -> None:
     """Count a written outcome; ``kind`` is succeeded | retried | failed | timeout."""
+    c = task_counters(handler, queue)
     if kind == "succeeded":
-        TASKS_SUCCEEDED.labels(handler, queue).inc()
+        c.succeeded.inc()
         return
-    (TASKS_RETRIED if will_retry else TASKS_FAILED).labels(handler, queue).inc()
+    (c.retried if will_retry else c.failed).inc()
     if kind == "timeout":
-        TASKS_TIMED_OUT.labels(handler, queue).inc()
+        c.timed_out.inc()
 
 
 # -- values read at scrape time ------------------------------------------

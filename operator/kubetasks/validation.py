@@ -150,6 +150,8 @@ def _find_nul(value: Any, path: str) -> str | None:
 
 def to_json(field: str, value: object, max_bytes: int) -> str:
     """Serialise for a jsonb column, refusing what PostgreSQL or JSON cannot hold."""
+    if value is None:
+        return "null"  # most handlers return nothing: skip the encoder
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -429,7 +429,7 @@ class Worker:
 
     def _start(self, r: asyncpg.Record, wid: uuid.UUID) -> None:
         self.stats.claimed += 1
-        metrics.TASKS_CLAIMED.labels(r["handler"], r["queue"]).inc()
+        metrics.task_counters(r["handler"], r["queue"]).claimed.inc()
         ctx = TaskContext(
             id=r["id"], handler=r["handler"], queue=r["queue"], payload=r["payload"],
             attempt=r["attempt"], max_attempts=r["max_attempts"], priority=r["priority"],
@@ -510,7 +510,7 @@ class Worker:
         except Exception as exc:
             tb = traceback.format_exc()
             self._set_failure(out, row, f"{type(exc).__name__}: {exc}", tb, "retried")
-        metrics.RUN_DURATION.labels(ctx.handler).observe(time.monotonic() - started)
+        metrics.task_counters(ctx.handler, ctx.queue).run_duration.observe(time.monotonic() - started)
         if run.dropped is not None:
             self._finish(ctx.id)
             return
