@@ -1,7 +1,7 @@
 """kubetasks side by side with pgqueuer and procrastinate on the same PostgreSQL.
 
     python bench/run.py            # full: 20,000 jobs, 3 repetitions, 30 s latency, 60 s idle
-    python bench/run.py --quick    # 5,000 jobs, 1 repetition, 10 s latency, 30 s idle
+    python bench/run.py --quick    # 5,000 jobs, 1 repetition, 10 s latency, 30 s idle, scale 1 rep
 
 Measurements (DESIGN.md §8):
 
@@ -14,7 +14,13 @@ Measurements (DESIGN.md §8):
 * latency at idle: one worker process (C=10), one job at a time at 50/s,
   enqueue -> handler start (same host clock);
 * idle cost: 4 idle worker processes, transactions/s per process from
-  pg_stat_database.
+  pg_stat_database;
+* scale (bench/scale.py): kubetasks jobs/s at 2x50 with 10k / 100k / 1M
+  pending and 1M finished tasks, and the claim's EXPLAIN (ANALYZE, BUFFERS);
+* recovery (bench/recovery.py): a worker running 50 long tasks SIGKILLed,
+  time until all 50 run again (same pod re-registers; silent death, lease TTL);
+* k8s (bench/k8s.py): N Task objects in one kubectl apply through the
+  operator on the local control plane (e2e/cluster), time to all Succeeded.
 
 Writes bench/results/latest.json and prints one table. Needs the `bench`
 extra (pgqueuer, procrastinate, psycopg) and a PostgreSQL: `--admin-url`, or
@@ -44,7 +50,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bench import ceiling as sql_ceiling  # noqa: E402
-from bench import harness, systems  # noqa: E402
+from bench import harness, recovery, scale, systems  # noqa: E402
+from bench import k8s as k8s_bench  # noqa: E402
 from bench.harness import Databases, Workers, cpu_seconds, machine_cpu, running  # noqa: E402
 
 console = Console()
@@ -58,6 +65,7 @@ TARGETS = {
     "latency_p50_ms": 3.0,
     "latency_p99_ms": 10.0,
     "idle_tps_per_process": 0.5,
+    "scale_ratio_1m_vs_10k": 0.8,
 }
 # DESIGN.md §8, measured earlier on a 2-vCPU machine; shown for comparison only.
 DESIGN_REFERENCE = {
@@ -259,7 +267,8 @@ async def idle(dbs: Databases, system: systems.System, procs: int, seconds: floa
 
 async def profile_kubetasks(dbs: Databases, n: int, w: int, c: int, rate: int = 250) -> dict[str, Any]:
     """One extra kubetasks drain with py-spy sampling worker 0; top frames by own and total time."""
-    pyspy = shutil.which("py-spy")
+    # The venv's bin/ need not be on PATH (python bench/run.py from a shell without it).
+    pyspy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if pyspy is None:
         return {"error": "py-spy not installed (pip install py-spy)"}
     system = systems.Kubetasks()
@@ -392,6 +401,20 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
             "latency": {"rate_per_s": a.latency_rate, "seconds": a.latency_seconds, "concurrency": 10},
             "idle": {"processes": a.idle_processes, "seconds": a.idle_seconds},
             "ceiling": {"processes": 2, "modes": a.ceiling_modes, "batches": [1, 10]},
+            "scale": {
+                "pending_sizes": a.scale_sizes,
+                "finished": a.scale_finished,
+                "drained_per_run": a.scale_drain,
+                "repetitions": a.scale_reps,
+                "workers": 2,
+                "concurrency": 50,
+            },
+            "recovery": {
+                "tasks": a.recovery_tasks,
+                "lease_ttl_s": a.recovery_ttl,
+                "heartbeat_interval_s": a.recovery_heartbeat,
+            },
+            "k8s": {"tasks": a.k8s_tasks, "concurrency": 50},
             "worker_settings": {s.name: {f"{w}x{c}": s.settings(c) for w, c in configs} for s in chosen},
         },
         "design_reference": DESIGN_REFERENCE,
@@ -491,6 +514,30 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
             )
             res["idle"][s.name] = r
             log(f"idle {s.name:13} {r['tps_per_process']} transactions/s per process")
+    if "scale" in a.measure:
+        res["scale"] = await guarded(
+            "scale",
+            scale.measure(
+                dbs,
+                a.scale_sizes,
+                a.scale_finished,
+                a.scale_drain,
+                2,
+                50,
+                a.scale_reps,
+                log,
+                all_systems["kubetasks"],
+            ),
+            {"by_size": {}},
+        )
+    if "recovery" in a.measure:
+        res["recovery"] = await guarded(
+            "recovery", recovery.measure(dbs, a.recovery_tasks, a.recovery_ttl, a.recovery_heartbeat, log), {}
+        )
+    if "k8s" in a.measure:
+        res["k8s"] = await guarded("k8s", k8s_bench.measure(dbs, a.k8s_tasks, 50, log), {})
+        if "error" in res["k8s"]:
+            log(f"k8s: n/a: {res['k8s']['error'][:300]}")
     if "profile" in a.measure:
         pn = max(a.jobs, 50000)
         log(f"profiling one kubetasks worker with py-spy during a 2x50 drain of {pn:,} jobs")
@@ -513,14 +560,26 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
             "latency_p95_ms": res["latency"].get("kubetasks", {}).get("p95_ms"),
             "latency_p99_ms": res["latency"].get("kubetasks", {}).get("p99_ms"),
             "idle_tps_per_process": res["idle"].get("kubetasks", {}).get("tps_per_process"),
+            "jobs_per_s_10k_pending": None,
+            "jobs_per_s_100k_pending": None,
+            "jobs_per_s_1m_pending": None,
+            "scale_ratio_1m_vs_10k": None,
+            "recovery_same_pod_s": res.get("recovery", {}).get("recovery_same_pod_s"),
+            "recovery_silent_death_s": res.get("recovery", {}).get("recovery_silent_death_s"),
+            "recovery_lease_ttl_s": res.get("recovery", {}).get("lease_ttl_s"),
+            "task_objects_per_s": res.get("k8s", {}).get("tasks_per_s"),
+            "task_objects_apply_to_all_succeeded_s": res.get("k8s", {}).get("apply_to_all_succeeded_s"),
         }
     )
+    if "scale" in res:
+        res.update(scale.summary(res["scale"]))
     res["target_status"] = {
         "vs_pgqueuer_2x50": _ge(res["kubetasks_vs_pgqueuer"], TARGETS["vs_pgqueuer_2x50"]),
         "vs_procrastinate_2x50": _ge(res["kubetasks_vs_procrastinate"], TARGETS["vs_procrastinate_2x50"]),
         "latency_p50_ms": _le(res["latency_p50_ms"], TARGETS["latency_p50_ms"]),
         "latency_p99_ms": _le(res["latency_p99_ms"], TARGETS["latency_p99_ms"]),
         "idle_tps_per_process": _le(res["idle_tps_per_process"], TARGETS["idle_tps_per_process"]),
+        "scale_ratio_1m_vs_10k": _ge(res["scale_ratio_1m_vs_10k"], TARGETS["scale_ratio_1m_vs_10k"]),
     }
     res["machine"]["loadavg_at_end"] = harness.loadavg()
     return res
@@ -628,12 +687,89 @@ def report(res: dict[str, Any]) -> Table:
             "",
             f"≤0.5 {mark(res['target_status']['idle_tps_per_process'])}",
         )
+    blank = [""] * (len(names) - 1)
+    sc = res.get("scale")
+    if sc is not None:
+        t.add_section()
+        if "error" in sc and not sc.get("by_size"):
+            t.add_row("scale (pending tasks)", "n/a", *blank, "", "", sc["error"][:80])
+        for label, r in sc.get("by_size", {}).items():
+            t.add_row(
+                f"jobs/s 2×50, {label} pending + {sc.get('finished', 0) / 1e6:g}M finished",
+                fmt(r.get("jobs_per_s")),
+                *blank,
+                "",
+                "",
+                "runs: " + ", ".join(fmt(x) for x in r.get("jobs_per_s_runs", [])),
+            )
+        for key, v in res.items():
+            if key.startswith("scale_ratio_"):
+                hi, lo = key.removeprefix("scale_ratio_").split("_vs_")
+                target = ""
+                if key in TARGETS:
+                    target = f"≥{TARGETS[key]:g} {mark(res['target_status'].get(key, 'n/a'))}"
+                t.add_row(f"  jobs/s {hi} pending ÷ {lo} pending", fmt(v, 2), *blank, "", "", target)
+        for label, r in sc.get("by_size", {}).items():
+            c = r.get("claim")
+            if not c:
+                continue
+            shape = "index scan, no seq scan" if r.get("plan_ok_every_run") else "[red]NOT index-only[/red]"
+            t.add_row(
+                f"  claim EXPLAIN ANALYZE, {label} pending: ms",
+                fmt(c["median_execution_ms"], 2),
+                *blank,
+                "",
+                "",
+                f"{shape}; cost {c['total_cost']:.0f}; buffers hit {c['median_shared_hit_blocks']:.0f} "
+                f"read {c['median_shared_read_blocks']:.0f}",
+            )
+    rec = res.get("recovery")
+    if rec is not None:
+        t.add_section()
+        same, silent = rec.get("same_pod", {}), rec.get("silent_death", {})
+        t.add_row(
+            f"recovery s: {rec.get('tasks', 50)} running tasks, SIGKILL, same pod re-registers",
+            fmt(same.get("seconds"), 2),
+            *blank,
+            "",
+            "",
+            same.get("error", "")[:80]
+            or f"+{same.get('process_start_s', 0):.2f} s process start in a real restart",
+        )
+        t.add_row(
+            f"recovery s: SIGKILL, silent death, lease TTL {rec.get('lease_ttl_s', 0):g} s",
+            fmt(silent.get("seconds"), 2),
+            *blank,
+            "",
+            "",
+            silent.get("error", "")[:80]
+            or f"{silent.get('after_lease_expiry_s', 0):.2f} s after the lease expired "
+            f"(heartbeat {rec.get('heartbeat_interval_s', 0):g} s)",
+        )
+    k = res.get("k8s")
+    if k is not None:
+        t.add_section()
+        if "tasks_per_s" in k:
+            t.add_row(
+                f"Task objects/s: {k['tasks']} in 1 kubectl apply → all Succeeded",
+                fmt(k["tasks_per_s"], 1),
+                *blank,
+                "",
+                "",
+                f"{k['apply_to_all_succeeded_s']:.2f} s (apply {k.get('apply_s', 0):.2f} s)",
+            )
+        else:
+            t.add_row(
+                "Task objects/s (local control plane)", "n/a", *blank, "", "", str(k.get("error", ""))[:80]
+            )
     return t
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="5,000 jobs, 1 repetition, 10 s latency, 30 s idle")
+    p.add_argument(
+        "--quick", action="store_true", help="5,000 jobs, 1 repetition, 10 s latency, 30 s idle, scale 1 rep"
+    )
     p.add_argument("--jobs", type=int, help="jobs per throughput run (full 20,000; quick 5,000)")
     p.add_argument("--reps", type=int, help="repetitions (full 3; quick 1)")
     p.add_argument("--workers", type=_ints, default=[1, 2], help="worker processes, e.g. 1,2")
@@ -648,9 +784,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--measure",
         type=_names,
-        default=["throughput", "ceiling", "latency", "idle"],
-        help="any of throughput,ceiling,latency,idle,profile",
+        default=["throughput", "ceiling", "latency", "idle", "scale", "recovery", "k8s"],
+        help="any of throughput,ceiling,latency,idle,scale,recovery,k8s,profile (default: all but profile)",
     )
+    p.add_argument(
+        "--scale-sizes",
+        type=_ints,
+        default=[10_000, 100_000, 1_000_000],
+        help="pending tasks for the scale measurement (default 10000,100000,1000000)",
+    )
+    p.add_argument("--scale-finished", type=int, default=1_000_000, help="finished tasks in the table")
+    p.add_argument("--scale-drain", type=int, help="tasks drained per scale run (full 50,000; quick 20,000)")
+    p.add_argument("--scale-reps", type=int, help="scale repetitions (full 5; quick 1)")
+    p.add_argument("--recovery-tasks", type=int, default=50)
+    p.add_argument(
+        "--recovery-ttl", type=float, default=5.0, help="KUBETASKS_LEASE_TTL for the recovery runs"
+    )
+    p.add_argument(
+        "--recovery-heartbeat",
+        type=float,
+        default=1.0,
+        help="KUBETASKS_HEARTBEAT_INTERVAL for the recovery runs",
+    )
+    p.add_argument("--k8s-tasks", type=int, default=200, help="Task objects in the one kubectl apply")
     p.add_argument(
         "--ceiling-modes",
         type=_names,
@@ -708,6 +864,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.reps = a.reps or (1 if a.quick else 3)
     a.latency_seconds = a.latency_seconds or (10.0 if a.quick else 30.0)
     a.idle_seconds = a.idle_seconds or (30.0 if a.quick else 60.0)
+    a.scale_drain = a.scale_drain or (20000 if a.quick else 50000)
+    a.scale_reps = a.scale_reps or (1 if a.quick else 5)
     if a.profile and "profile" not in a.measure:
         a.measure.append("profile")
     if a.systems is None:

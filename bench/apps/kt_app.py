@@ -1,7 +1,8 @@
-"""The kubetasks side of the benchmark: a no-op handler and a latency probe."""
+"""The kubetasks side of the benchmark: a no-op handler, a latency probe, and a long sleep (recovery)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -36,3 +37,9 @@ async def noop(task: TaskContext) -> None:
 @app.task("latency", max_attempts=1)
 async def latency(task: TaskContext) -> None:
     record(float(task.payload["t"]), bool(task.payload.get("w")))
+
+
+@app.task("sleep", max_attempts=3)
+async def sleep(task: TaskContext) -> None:
+    """Holds a slot for ``s`` seconds (bench/recovery.py kills the worker meanwhile)."""
+    await asyncio.sleep(float(task.payload.get("s", 60.0)))

@@ -1,0 +1,479 @@
+"""Scale: kubetasks' throughput and the claim's plan with a large pending set (DESIGN §8, issue 8 item 3).
+
+This module owns the ``scale`` measurement: one database seeded with SQL
+(``INSERT ... SELECT generate_series``) with F finished tasks (succeeded, as a
+worker leaves them: with a ``task_attempts`` row each when the schema keeps
+one for a success; since migration 0007 it does not) and, per size S, the
+pending set topped up to S + D rows; then D of them are drained by W worker
+processes at concurrency C, exactly as the throughput measurement starts them.
+So during the measured drain at least S tasks are always pending. Jobs/s =
+D / (first start -> D-th finish) of the drained tasks, database timestamps.
+
+At each size, before the drain (after ``VACUUM ANALYZE; CHECKPOINT``) and
+again right after it (its dead index entries still there), the claim
+statement of ``queries.sql`` is run under ``EXPLAIN (ANALYZE, BUFFERS)`` in a
+transaction that registers a worker and is rolled back: plan text, whether it
+reads the pending index without a sequential scan of ``tasks``, total cost,
+execution time, shared buffers hit/read.
+
+All sizes share one database. Before each run the tasks earlier drains
+finished are deleted (the finished count stays F) and the pending set is set
+to size + D (rows added, or the newest removed). After one unmeasured warm-up
+drain, every repetition runs the sizes in a rotated order; the median counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from bench import harness, systems
+from bench.harness import Databases, Workers, cpu_seconds, running
+
+SEED_WORKER = uuid.UUID("00000000-0000-4000-8000-00000000bee5")
+SEED_POD = "bench-seed"
+EXPLAIN_POD = "bench-explain"
+HANDLER = "noop"  # bench/apps/kt_app.py: max_attempts=1, the App's other defaults
+QUEUE = "default"
+
+# Columns as App.enqueue_many writes them for a no-op task (tests/integration/test_bench_scale.py checks).
+_PENDING_SQL = """
+INSERT INTO kubetasks.tasks (handler, queue, priority, payload, max_attempts, run_at, timeout_s,
+                             retry_delay_s, retry_backoff, max_retry_delay_s, tags)
+SELECT $1, $2, 0, '{}'::jsonb, 1, now(), 300, 1, 2, 3600, '{}'::text[]
+FROM generate_series(1, $3::bigint)"""
+
+# Finished a day ago or earlier, 100 us apart, each having run 1 ms.
+_FINISHED_SQL = """
+INSERT INTO kubetasks.tasks (handler, queue, priority, payload, status, attempt, max_attempts, run_at,
+                             timeout_s, retry_delay_s, retry_backoff, max_retry_delay_s, tags, result,
+                             worker_id, pod_id, created_at, updated_at, started_at, finished_at)
+SELECT $1, $2, 0, '{}'::jsonb, 'succeeded', 1, 1, s.ts, 300, 1, 2, 3600, '{}'::text[], 'null'::jsonb,
+       $3::uuid, $4, s.ts, s.ts + interval '2 ms', s.ts + interval '1 ms', s.ts + interval '2 ms'
+FROM (SELECT now() - interval '1 day' - ($5::bigint - g) * interval '100 microseconds' AS ts
+      FROM generate_series(1, $5::bigint) g) s"""
+
+_ATTEMPTS_SQL = """
+INSERT INTO kubetasks.task_attempts (task_id, attempt, worker_id, pod_id, started_at, finished_at, outcome)
+SELECT id, 1, worker_id, pod_id, started_at, finished_at, 'succeeded'
+FROM kubetasks.tasks WHERE pod_id = $1 AND status = 'succeeded'"""
+
+_SEED_WORKER_SQL = """
+INSERT INTO kubetasks.workers (worker_id, pod_id, epoch, hostname, pid, queues, concurrency, status,
+                               started_at, heartbeat_at, lease_expires_at, stopped_at, stop_reason)
+VALUES ($1, $2, 1, 'bench', 0, ARRAY[$3], 50, 'dead', now() - interval '2 days', now() - interval '1 day',
+        now() - interval '1 day', now() - interval '1 day', 'bench seed')
+ON CONFLICT DO NOTHING"""
+
+
+def size_label(n: int) -> str:
+    """10000 -> 10k, 1000000 -> 1m (the suffix of the JSON keys)."""
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}m"
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000}k"
+    return str(n)
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    return await asyncpg.connect(url, server_settings={"search_path": "kubetasks"})
+
+
+async def seed_finished(conn: asyncpg.Connection, n: int) -> bool:
+    """``n`` succeeded no-op tasks and the (dead) worker that ran them, plus a ``task_attempts`` row
+    each where the schema keeps one for a success. Returns whether it did (migration 0007 keeps a
+    success in the task row only: CHECK (outcome <> 'succeeded'))."""
+    await conn.execute(_SEED_WORKER_SQL, SEED_WORKER, SEED_POD, QUEUE)
+    await conn.execute(_FINISHED_SQL, HANDLER, QUEUE, SEED_WORKER, SEED_POD, n)
+    try:
+        async with conn.transaction():
+            await conn.execute(_ATTEMPTS_SQL, SEED_POD)
+    except asyncpg.CheckViolationError:
+        return False
+    return True
+
+
+async def add_pending(conn: asyncpg.Connection, n: int) -> None:
+    if n > 0:
+        await conn.execute(_PENDING_SQL, HANDLER, QUEUE, n)
+
+
+async def counts(conn: asyncpg.Connection) -> dict[str, int]:
+    rows = await conn.fetch("SELECT status, count(*) AS n FROM kubetasks.tasks GROUP BY status")
+    out = {r["status"]: int(r["n"]) for r in rows}
+    out["task_attempts"] = int(await conn.fetchval("SELECT count(*) FROM kubetasks.task_attempts"))
+    return out
+
+
+async def set_pending(conn: asyncpg.Connection, target: int) -> int:
+    """Make exactly ``target`` tasks pending: drop what earlier drains finished, add or remove pending ones.
+
+    Returns how many pending rows were added (negative: removed)."""
+    await conn.execute(
+        "DELETE FROM kubetasks.tasks WHERE status <> 'pending' AND pod_id IS DISTINCT FROM $1", SEED_POD
+    )
+    await conn.execute("DELETE FROM kubetasks.workers WHERE pod_id <> $1 AND status <> 'active'", SEED_POD)
+    have = int(await conn.fetchval("SELECT count(*) FROM kubetasks.tasks WHERE status = 'pending'"))
+    if have < target:
+        await add_pending(conn, target - have)
+    elif have > target:
+        await conn.execute(
+            "DELETE FROM kubetasks.tasks WHERE id IN "
+            "(SELECT id FROM kubetasks.tasks WHERE status = 'pending' ORDER BY id DESC LIMIT $1)",
+            have - target,
+        )
+    return target - have
+
+
+# -- the claim's plan ----------------------------------------------------------------
+
+
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    out = [plan]
+    for child in plan.get("Plans", []):
+        out.extend(_nodes(child))
+    return out
+
+
+def plan_facts(plan: dict[str, Any]) -> dict[str, Any]:
+    """What matters in one ``EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)`` of the claim."""
+    top = plan["Plan"]
+    nodes = _nodes(top)
+    scans = sorted(
+        {
+            f"{n['Node Type']} on {n.get('Relation Name', '?')}"
+            + (f" using {n['Index Name']}" if n.get("Index Name") else "")
+            for n in nodes
+            if "Scan" in str(n["Node Type"])
+        }
+    )
+    pending_scan = next(
+        (
+            n
+            for n in nodes
+            if n["Node Type"] in ("Index Scan", "Index Only Scan")
+            and n.get("Index Name") == "tasks_pending_claim"
+        ),
+        None,
+    )
+    seq_on_tasks = any(n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks" for n in nodes)
+    limit = next((n for n in nodes if n["Node Type"] == "Limit"), None)
+    out: dict[str, Any] = {
+        "index_scan_on_pending_index": pending_scan is not None,
+        "seq_scan_on_tasks": seq_on_tasks,
+        "plan_ok": pending_scan is not None and not seq_on_tasks,
+        "scans": scans,
+        "total_cost": top.get("Total Cost"),
+        "startup_cost": top.get("Startup Cost"),
+        "execution_ms": round(float(plan.get("Execution Time", 0.0)), 3),
+        "planning_ms": round(float(plan.get("Planning Time", 0.0)), 3),
+        "shared_hit_blocks": int(top.get("Shared Hit Blocks", 0)),
+        "shared_read_blocks": int(top.get("Shared Read Blocks", 0)),
+        "claimed_rows": int(top.get("Actual Rows", 0)),
+        "limit_rows": int(limit["Actual Rows"]) if limit else None,
+    }
+    if pending_scan is not None:
+        out["pending_index_scan"] = {
+            "actual_rows": pending_scan.get("Actual Rows"),
+            "shared_hit_blocks": int(pending_scan.get("Shared Hit Blocks", 0)),
+            "shared_read_blocks": int(pending_scan.get("Shared Read Blocks", 0)),
+            "total_cost": pending_scan.get("Total Cost"),
+        }
+    return out
+
+
+async def explain_claim(url: str, want: int) -> dict[str, Any]:
+    """EXPLAIN (ANALYZE, BUFFERS) of the claim for ``want`` tasks, rolled back (nothing stays claimed).
+
+    A worker is registered in the same transaction so the lease EXISTS passes. One JSON run for the
+    figures, then one text run (a second execution: its figures differ a little) for the record."""
+    from kubetasks.store import queries
+
+    claim = queries.load()["claim"].sql
+    conn = await connect(url)
+    try:
+        out: dict[str, Any] = {"want": want}
+        for fmt in ("JSON", "TEXT"):
+            wid = uuid.uuid4()
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await conn.fetchrow(
+                    "SELECT * FROM register_worker($1, $2, 'bench', 0, ARRAY[$3], $4, 60)",
+                    wid,
+                    EXPLAIN_POD,
+                    QUEUE,
+                    want,
+                )
+                rows = await conn.fetch(
+                    f"EXPLAIN (ANALYZE, BUFFERS, FORMAT {fmt}) {claim}", wid, EXPLAIN_POD, QUEUE, want, []
+                )
+            finally:
+                await tx.rollback()
+            if fmt == "JSON":
+                raw = rows[0][0]
+                out.update(plan_facts((json.loads(raw) if isinstance(raw, str) else raw)[0]))
+            else:
+                out["plan_text"] = "\n".join(r[0] for r in rows)
+        return out
+    finally:
+        await conn.close()
+
+
+# -- a partial drain -------------------------------------------------------------------
+
+
+async def drain_some(
+    dbs: Databases,
+    name: str,
+    url: str,
+    system: systems.Kubetasks,
+    n: int,
+    w: int,
+    c: int,
+    timeout: float,
+) -> dict[str, Any]:
+    """W workers at concurrency C take ``n`` tasks out of a larger pending set; then they are stopped.
+
+    Window: first start -> n-th finish among the tasks finished since the start (database
+    timestamps), so stopping the workers afterwards is outside it."""
+    out: dict[str, Any] = {"workers": w, "concurrency": c, "jobs": n}
+    workers = Workers(
+        [system.worker_argv(c) for _ in range(w)],
+        [system.worker_env(url, i) for i in range(w)],
+        f"scale-{w}x{c}",
+    )
+    conn = await connect(url)
+    try:
+        async with running(workers):
+            t0_db = await conn.fetchval("SELECT clock_timestamp()")
+            pg_before = {p: cpu_seconds(p) for p in await dbs.backend_pids(name)}
+            busy0, total0 = harness.machine_cpu()
+            workers.go()
+            t_go = time.monotonic()
+            while True:
+                await asyncio.sleep(0.1)
+                done = await conn.fetchval(
+                    "SELECT count(*) FROM kubetasks.tasks WHERE finished_at >= $1 AND status = 'succeeded'",
+                    t0_db,
+                )
+                if done >= n:
+                    break
+                workers.check_alive()
+                if time.monotonic() - t_go > timeout:
+                    out["error"] = f"{done} of {n} finished after {timeout:.0f}s"
+                    break
+            out["wall_s_from_go"] = round(time.monotonic() - t_go, 3)
+            busy1, total1 = harness.machine_cpu()
+            out["machine_cpu_busy_pct"] = round(100 * (busy1 - busy0) / max(1.0, total1 - total0), 1)
+            out["worker_cpu_s"] = round(workers.cpu_since_go(), 3)
+            out["pg_backend_cpu_s"] = round(
+                sum(cpu_seconds(p) - pg_before.get(p, 0.0) for p in await dbs.backend_pids(name)), 3
+            )
+            errors = workers.errors_in_logs()
+        r = await conn.fetchrow(
+            """
+            WITH d AS (
+                SELECT started_at, finished_at, attempt FROM kubetasks.tasks
+                WHERE finished_at >= $1 AND status = 'succeeded' ORDER BY finished_at LIMIT $2
+            )
+            SELECT min(started_at) AS first_start, max(finished_at) AS last_finish, count(*) AS done,
+                   percentile_disc(0.1) WITHIN GROUP (ORDER BY finished_at) AS p10,
+                   percentile_disc(0.9) WITHIN GROUP (ORDER BY finished_at) AS p90,
+                   count(*) FILTER (WHERE attempt <> 1) AS reruns
+            FROM d""",
+            t0_db,
+            n,
+        )
+        out["finished_incl_shutdown"] = int(
+            await conn.fetchval(
+                "SELECT count(*) FROM kubetasks.tasks WHERE finished_at >= $1 AND status = 'succeeded'", t0_db
+            )
+        )
+    finally:
+        await conn.close()
+    if errors:
+        out["log_errors"] = errors
+    assert r is not None
+    done = int(r["done"] or 0)
+    out["done"] = done
+    out["reruns"] = int(r["reruns"] or 0)
+    if done != n and "error" not in out:
+        out["error"] = f"{done} of {n} finished"
+    if r["first_start"] is not None and r["last_finish"] is not None:
+        secs = (r["last_finish"] - r["first_start"]).total_seconds()
+        if secs > 0:
+            out["seconds"] = round(secs, 4)
+            out["jobs_per_s"] = round(done / secs, 1)
+            steady = (r["p90"] - r["p10"]).total_seconds()
+            if steady > 0:
+                out["steady_jobs_per_s"] = round(0.8 * done / steady, 1)
+            out["worker_cpu_ms_per_1k"] = round(1e6 * out["worker_cpu_s"] / max(1, done), 1)
+            out["pg_cpu_ms_per_1k"] = round(1e6 * out["pg_backend_cpu_s"] / max(1, done), 1)
+    return out
+
+
+# -- the measurement ------------------------------------------------------------------
+
+
+async def one_size(
+    dbs: Databases,
+    name: str,
+    url: str,
+    conn: asyncpg.Connection,
+    system: systems.Kubetasks,
+    size: int,
+    drain_n: int,
+    w: int,
+    c: int,
+    log: Callable[[str], None],
+    tag: str,
+) -> dict[str, Any]:
+    """Top the pending set up to size + drain_n, EXPLAIN the claim, drain drain_n, EXPLAIN again."""
+    label = size_label(size)
+    res: dict[str, Any] = {"pending": size}
+    t = time.monotonic()
+    res["pending_rows_added"] = await set_pending(conn, size + drain_n)
+    res["seed_pending_s"] = round(time.monotonic() - t, 1)
+    t = time.monotonic()
+    await _vacuum(conn)
+    res["vacuum_checkpoint_s"] = round(time.monotonic() - t, 1)
+    res["table_before"] = await counts(conn)
+    res["table_size_mb"] = round(
+        int(await conn.fetchval("SELECT pg_total_relation_size('kubetasks.tasks')")) / 2**20, 1
+    )
+    res["pending_index_size_mb"] = round(
+        int(await conn.fetchval("SELECT pg_relation_size('kubetasks.tasks_pending_claim')")) / 2**20, 2
+    )
+    res["claim_plan"] = p = await _guard(explain_claim(url, c))
+    shape = "index scan on tasks_pending_claim" if p.get("plan_ok") else f"PLAN NOT OK {p.get('scans')}"
+    log(
+        f"scale {tag} {label:>4} pending + {res['table_before'].get('succeeded', 0):,} finished: "
+        f"claim {shape}, "
+        f"cost {p.get('total_cost')}, {p.get('execution_ms')} ms, "
+        f"buffers hit {p.get('shared_hit_blocks')} read {p.get('shared_read_blocks')}"
+    )
+    res["drain"] = d = await _guard(drain_some(dbs, name, url, system, drain_n, w, c, 60 + drain_n / 50))
+    if "jobs_per_s" in d and "error" not in d:
+        res["jobs_per_s"] = d["jobs_per_s"]
+    res["claim_plan_after_drain"] = pa = await _guard(explain_claim(url, c))
+    res["table_after"] = await counts(conn)
+    log(
+        f"scale {tag} {label:>4} pending: "
+        f"{d.get('error') or format(d['jobs_per_s'], ',.0f') + ' jobs/s'} ({w}x{c}, {drain_n:,} drained); "
+        f"claim right after the drain {pa.get('execution_ms')} ms, buffers hit {pa.get('shared_hit_blocks')}"
+    )
+    return res
+
+
+async def measure(
+    dbs: Databases,
+    sizes: list[int],
+    finished: int,
+    drain_n: int,
+    w: int,
+    c: int,
+    reps: int,
+    log: Callable[[str], None],
+    system: systems.Kubetasks | None = None,
+) -> dict[str, Any]:
+    """The ``scale`` section of the results; see the module docstring."""
+    system = system or systems.Kubetasks()
+    sizes = sorted(sizes)
+    out: dict[str, Any] = {
+        "sizes": sizes,
+        "finished": finished,
+        "drained_per_run": drain_n,
+        "repetitions": reps,
+        "workers": w,
+        "concurrency": c,
+        "method": (
+            f"one database: {finished:,} succeeded tasks seeded with SQL; per run the "
+            f"pending set is set to size + {drain_n:,} with SQL, VACUUM ANALYZE; CHECKPOINT, then {w}x{c} "
+            f"workers take {drain_n:,} of them, so at least `size` stay pending throughout. Jobs/s = "
+            f"{drain_n:,} / (first start -> {drain_n:,}-th finish), database timestamps. Sizes in rotated "
+            "order per repetition after one unmeasured warm-up drain; median of the repetitions"
+        ),
+        "by_size": {size_label(s): {"pending": s, "runs": []} for s in sizes},
+    }
+    t_all = time.monotonic()
+    async with dbs.fresh("scale") as (name, url):
+        await system.setup(url)
+        conn = await connect(url)
+        try:
+            t = time.monotonic()
+            log(f"scale: seeding {finished:,} finished tasks")
+            out["finished_have_attempt_rows"] = await seed_finished(conn, finished)
+            out["seed_finished_s"] = round(time.monotonic() - t, 1)
+            warm = min(drain_n, 5000)
+            await set_pending(conn, sizes[0] + warm)
+            await _vacuum(conn)
+            wd = await _guard(drain_some(dbs, name, url, system, warm, w, c, 60 + warm / 50))
+            out["warm_up"] = {"jobs": warm, "jobs_per_s": wd.get("jobs_per_s"), "error": wd.get("error")}
+            for rep in range(reps):
+                k = rep % len(sizes)
+                for size in sizes[k:] + sizes[:k]:
+                    run = await one_size(
+                        dbs, name, url, conn, system, size, drain_n, w, c, log, f"{rep + 1}/{reps}"
+                    )
+                    if rep > 0:  # the plan text of the first repetition is enough
+                        for key in ("claim_plan", "claim_plan_after_drain"):
+                            run[key].pop("plan_text", None)
+                    out["by_size"][size_label(size)]["runs"].append(run)
+        finally:
+            await conn.close()
+    for res in out["by_size"].values():
+        runs = res["runs"]
+        rates = [r["jobs_per_s"] for r in runs if "jobs_per_s" in r]
+        res["jobs_per_s"] = round(statistics.median(rates), 1) if rates else None
+        res["jobs_per_s_runs"] = rates
+        plans = [r["claim_plan"] for r in runs if "error" not in r["claim_plan"]]
+        after = [r["claim_plan_after_drain"] for r in runs if "error" not in r["claim_plan_after_drain"]]
+        res["plan_ok_every_run"] = bool(plans) and all(p["plan_ok"] for p in plans + after)
+        if plans:
+            res["claim"] = {
+                "total_cost": plans[0]["total_cost"],
+                "median_execution_ms": round(statistics.median(p["execution_ms"] for p in plans), 3),
+                "median_shared_hit_blocks": statistics.median(p["shared_hit_blocks"] for p in plans),
+                "median_shared_read_blocks": statistics.median(p["shared_read_blocks"] for p in plans),
+                "plan_text": plans[0].get("plan_text"),
+            }
+        if after:
+            res["claim_after_drain"] = {
+                "median_execution_ms": round(statistics.median(p["execution_ms"] for p in after), 3),
+                "median_shared_hit_blocks": statistics.median(p["shared_hit_blocks"] for p in after),
+            }
+    out["seconds_total"] = round(time.monotonic() - t_all, 1)
+    return out
+
+
+async def _vacuum(conn: asyncpg.Connection) -> None:
+    await conn.execute("VACUUM ANALYZE")
+    await conn.execute("CHECKPOINT")
+
+
+async def _guard(coro: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return await coro
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+
+
+def summary(scale: dict[str, Any]) -> dict[str, Any]:
+    """Top-level keys: jobs_per_s_<size>_pending and scale_ratio_<largest>_vs_<smallest>."""
+    out: dict[str, Any] = {}
+    by = scale.get("by_size", {})
+    for label, res in by.items():
+        out[f"jobs_per_s_{label}_pending"] = res.get("jobs_per_s")
+    labels = [size_label(s) for s in sorted(scale.get("sizes", []))]
+    if len(labels) >= 2:
+        lo, hi = by.get(labels[0], {}).get("jobs_per_s"), by.get(labels[-1], {}).get("jobs_per_s")
+        out[f"scale_ratio_{labels[-1]}_vs_{labels[0]}"] = round(hi / lo, 3) if lo and hi else None
+    return out
