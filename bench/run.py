@@ -229,7 +229,16 @@ async def latency(
                     break
                 await asyncio.sleep(0.1)
             workers.check_alive()
-    vals = [1000 * float(a) for a, w in (ln.split() for ln in lines) if w == "0"]
+            finished = await _finish_times(url, system)
+    fields = [ln.split() for ln in lines]
+    vals = [1000 * float(f[0]) for f in fields if f[1] == "0"]
+    # enqueue -> completion written: the completing transaction's now() minus t.
+    done_ms = [
+        1000 * (finished[int(f[2])] - float(f[3])) for f in fields if f[1] == "0" and int(f[2]) in finished
+    ]
+    out["completion_samples"] = len(done_ms)
+    for q in (50, 95, 99):
+        out[f"completion_p{q}_ms"] = round(harness.percentile(done_ms, q), 2) if done_ms else None
     out["samples"] = len(vals)
     out["missing"] = total - len(lines)
     if vals:
@@ -240,6 +249,20 @@ async def latency(
     else:
         out["error"] = "no samples"
     return out
+
+
+async def _finish_times(url: str, system: systems.System) -> dict[int, float]:
+    """Job id -> epoch seconds its completion was written, once the queue has drained."""
+    conn = await asyncpg.connect(url)
+    try:
+        end = time.monotonic() + 10
+        while not await conn.fetchval(system.done_sql) and time.monotonic() < end:  # noqa: ASYNC110 - polls the database
+            await asyncio.sleep(0.1)
+        # A system may write completions after the job left its queue table (batched logs).
+        await asyncio.sleep(1.0)
+        return {int(r["job_id"]): float(r["finished"]) for r in await conn.fetch(system.finished_sql)}
+    finally:
+        await conn.close()
 
 
 async def idle(dbs: Databases, system: systems.System, procs: int, seconds: float) -> dict[str, Any]:
@@ -559,6 +582,8 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
             "latency_p50_ms": res["latency"].get("kubetasks", {}).get("p50_ms"),
             "latency_p95_ms": res["latency"].get("kubetasks", {}).get("p95_ms"),
             "latency_p99_ms": res["latency"].get("kubetasks", {}).get("p99_ms"),
+            "completion_latency_p50_ms": res["latency"].get("kubetasks", {}).get("completion_p50_ms"),
+            "completion_latency_p99_ms": res["latency"].get("kubetasks", {}).get("completion_p99_ms"),
             "idle_tps_per_process": res["idle"].get("kubetasks", {}).get("tps_per_process"),
             "jobs_per_s_10k_pending": None,
             "jobs_per_s_100k_pending": None,
@@ -676,6 +701,11 @@ def report(res: dict[str, Any]) -> Table:
                 "",
                 "",
                 target,
+            )
+        for q in ("p50", "p95", "p99"):
+            t.add_row(
+                f"enqueue→completion written {q} ms",
+                *[fmt(lat.get(n, {}).get(f"completion_{q}_ms"), 1) for n in names],
             )
         t.add_section()
     idl = res["idle"]

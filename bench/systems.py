@@ -57,6 +57,9 @@ class System:
 
     done_sql = ""
     timing_sql = ""
+    # (job_id, finished): when each succeeded job's completion was written, as epoch
+    # seconds of the database's now() in the transaction that wrote it.
+    finished_sql = ""
 
     async def timing(self, conn: asyncpg.Connection) -> Timing:
         r = await conn.fetchrow(self.timing_sql)
@@ -130,6 +133,10 @@ class Kubetasks(System):
         return {"KUBETASKS_DATABASE_URL": url, "KUBETASKS_POD_ID": f"bench-{index}", **self.extra_env}
 
     done_sql = "SELECT NOT EXISTS (SELECT 1 FROM kubetasks.tasks WHERE status IN ('pending', 'running'))"
+    finished_sql = (
+        "SELECT id AS job_id, extract(epoch FROM finished_at)::float8 AS finished "
+        "FROM kubetasks.tasks WHERE status = 'succeeded'"
+    )
     timing_sql = """
         SELECT min(started_at) AS first_start, max(finished_at) AS last_finish,
                count(*) FILTER (WHERE status = 'succeeded') AS done,
@@ -207,6 +214,10 @@ class PgQueuer(System):
         return {"PGDSN": url}
 
     done_sql = "SELECT NOT EXISTS (SELECT 1 FROM pgqueuer)"
+    finished_sql = (
+        "SELECT job_id, extract(epoch FROM max(created))::float8 AS finished "
+        "FROM pgqueuer_log WHERE status = 'successful' GROUP BY job_id"
+    )
     timing_sql = """
         SELECT min(created) FILTER (WHERE status = 'picked') AS first_start,
                max(created) FILTER (WHERE status = 'successful') AS last_finish,
@@ -281,6 +292,10 @@ class Procrastinate(System):
         return {"BENCH_PC_DSN": url}
 
     done_sql = "SELECT NOT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE status IN ('todo', 'doing'))"
+    finished_sql = (
+        "SELECT job_id, extract(epoch FROM max(at))::float8 AS finished "
+        "FROM procrastinate_events WHERE type = 'succeeded' GROUP BY job_id"
+    )
     timing_sql = """
         SELECT min(at) FILTER (WHERE type = 'started') AS first_start,
                max(at) FILTER (WHERE type = 'succeeded') AS last_finish,

@@ -36,7 +36,7 @@ async def noop(task: TaskContext) -> None:
 
 @app.task("latency", max_attempts=1)
 async def latency(task: TaskContext) -> None:
-    record(float(task.payload["t"]), bool(task.payload.get("w")))
+    record(float(task.payload["t"]), bool(task.payload.get("w")), task.id)
 
 
 @app.task("sleep", max_attempts=3)

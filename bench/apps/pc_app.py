@@ -18,6 +18,7 @@ async def noop() -> None:
     return None
 
 
-@app.task(name="latency")
-async def latency(t: float, w: bool = False) -> None:
-    record(t, w)
+@app.task(name="latency", pass_context=True)
+async def latency(context: procrastinate.JobContext, t: float, w: bool = False) -> None:
+    assert context.job.id is not None
+    record(t, w, context.job.id)

@@ -27,7 +27,7 @@ async def create() -> AsyncIterator[PgQueuer]:
     @pgq.entrypoint("latency")
     async def latency(job: Job) -> None:
         data = json.loads(job.payload or b"{}")
-        record(float(data["t"]), bool(data.get("w")))
+        record(float(data["t"]), bool(data.get("w")), int(job.id))
 
     try:
         yield pgq
