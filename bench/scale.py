@@ -60,11 +60,6 @@ SELECT $1, $2, 0, '{}'::jsonb, 'succeeded', 1, 1, s.ts, 300, 1, 2, 3600, '{}'::t
 FROM (SELECT now() - interval '1 day' - ($5::bigint - g) * interval '100 microseconds' AS ts
       FROM generate_series(1, $5::bigint) g) s"""
 
-_ATTEMPTS_SQL = """
-INSERT INTO kubetasks.task_attempts (task_id, attempt, worker_id, pod_id, started_at, finished_at, outcome)
-SELECT id, 1, worker_id, pod_id, started_at, finished_at, 'succeeded'
-FROM kubetasks.tasks WHERE pod_id = $1 AND status = 'succeeded'"""
-
 _SEED_WORKER_SQL = """
 INSERT INTO kubetasks.workers (worker_id, pod_id, epoch, hostname, pid, queues, concurrency, status,
                                started_at, heartbeat_at, lease_expires_at, stopped_at, stop_reason)
@@ -86,18 +81,11 @@ async def connect(url: str) -> asyncpg.Connection:
     return await asyncpg.connect(url, server_settings={"search_path": "kubetasks"})
 
 
-async def seed_finished(conn: asyncpg.Connection, n: int) -> bool:
-    """``n`` succeeded no-op tasks and the (dead) worker that ran them, plus a ``task_attempts`` row
-    each where the schema keeps one for a success. Returns whether it did (migration 0007 keeps a
-    success in the task row only: CHECK (outcome <> 'succeeded'))."""
+async def seed_finished(conn: asyncpg.Connection, n: int) -> None:
+    """``n`` succeeded no-op tasks and the (dead) worker that ran them. A success has no
+    ``task_attempts`` row (migration 0007: the task row records it), so none is seeded."""
     await conn.execute(_SEED_WORKER_SQL, SEED_WORKER, SEED_POD, QUEUE)
     await conn.execute(_FINISHED_SQL, HANDLER, QUEUE, SEED_WORKER, SEED_POD, n)
-    try:
-        async with conn.transaction():
-            await conn.execute(_ATTEMPTS_SQL, SEED_POD)
-    except asyncpg.CheckViolationError:
-        return False
-    return True
 
 
 async def add_pending(conn: asyncpg.Connection, n: int) -> None:
@@ -410,7 +398,7 @@ async def measure(
         try:
             t = time.monotonic()
             log(f"scale: seeding {finished:,} finished tasks")
-            out["finished_have_attempt_rows"] = await seed_finished(conn, finished)
+            await seed_finished(conn, finished)
             out["seed_finished_s"] = round(time.monotonic() - t, 1)
             warm = min(drain_n, 5000)
             await set_pending(conn, sizes[0] + warm)

@@ -100,17 +100,19 @@ CREATE TABLE task_attempts (
     finished_at timestamptz NOT NULL DEFAULT now(),
     outcome     text NOT NULL CONSTRAINT outcome_known CHECK (outcome IN (
         'succeeded', 'failed', 'retried', 'timeout', 'worker_lost', 'released', 'cancelled', 'suspended')),
-    error       text,
-    CONSTRAINT success_lives_in_task_row CHECK (outcome <> 'succeeded')
+    error       text
 );
 CREATE INDEX task_attempts_task ON task_attempts (task_id, attempt);
 
 -- Every attempt of every task: the ended ones that did not succeed, plus the
 -- successful one, read from the task row. id is NULL for the latter, which is
--- always a task's last attempt (sort with NULLS LAST).
+-- always a task's last attempt (sort with NULLS LAST). A success row that a pod
+-- of the previous version still writes during a rolling upgrade is ignored
+-- rather than refused: refusing it would fail that pod's completions.
 CREATE VIEW task_attempts_all AS
 SELECT a.id, a.task_id, a.attempt, a.worker_id, a.pod_id, a.started_at, a.finished_at, a.outcome, a.error
 FROM task_attempts a
+WHERE a.outcome <> 'succeeded'
 UNION ALL
 SELECT NULL::bigint, t.id, t.attempt, t.worker_id, t.pod_id, t.started_at, t.finished_at,
        'succeeded'::text, NULL::text

@@ -10,17 +10,15 @@ DELETE FROM task_attempts a
 USING tasks t
 WHERE a.task_id = t.id AND a.outcome = 'succeeded' AND t.status = 'succeeded' AND a.attempt = t.attempt;
 
--- Anything else recorded as succeeded (none is expected) is kept as a retried attempt.
-UPDATE task_attempts SET outcome = 'retried' WHERE outcome = 'succeeded';
-
-ALTER TABLE task_attempts ADD CONSTRAINT success_lives_in_task_row CHECK (outcome <> 'succeeded');
-
 -- Every attempt of every task: the ended ones that did not succeed, plus the
 -- successful one, read from the task row. id is NULL for the latter, which is
--- always a task's last attempt (sort with NULLS LAST).
+-- always a task's last attempt (sort with NULLS LAST). A success row that a pod
+-- of the previous version still writes during a rolling upgrade is ignored
+-- rather than refused: refusing it would fail that pod's completions.
 CREATE VIEW task_attempts_all AS
 SELECT a.id, a.task_id, a.attempt, a.worker_id, a.pod_id, a.started_at, a.finished_at, a.outcome, a.error
 FROM task_attempts a
+WHERE a.outcome <> 'succeeded'
 UNION ALL
 SELECT NULL::bigint, t.id, t.attempt, t.worker_id, t.pod_id, t.started_at, t.finished_at,
        'succeeded'::text, NULL::text
