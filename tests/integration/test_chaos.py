@@ -171,7 +171,8 @@ async def test_connections_killed_mid_claim_and_mid_completion(app: App, db_url:
     """pg_terminate_backend on every worker connection, again and again, while 1,000 tasks drain."""
     app.strict_handlers = False
     sidelog = tmp_path / "side.log"
-    ids = await app.enqueue_many([EnqueueRequest("side.work", {"n": i, "ms": [1, 20]}) for i in range(1000)])
+    # Tasks long enough that the drain spans many rounds of kills (a fast drain once ended after two).
+    ids = await app.enqueue_many([EnqueueRequest("side.work", {"n": i, "ms": [10, 60]}) for i in range(1000)])
     dbname = db_url.rsplit("/", 1)[1]
     procs = [
         start_worker(db_url, pod=f"pod-{i}", sidelog=sidelog, concurrency=10, log_path=tmp_path / f"w{i}.log")
