@@ -201,7 +201,9 @@ async def explain_claim(url: str, want: int) -> dict[str, Any]:
                     want,
                 )
                 rows = await conn.fetch(
-                    f"EXPLAIN (ANALYZE, BUFFERS, FORMAT {fmt}) {claim}", wid, EXPLAIN_POD, QUEUE, want, []
+                    f"EXPLAIN (ANALYZE, BUFFERS, FORMAT {fmt}) {claim}",
+                    *(wid, EXPLAIN_POD, QUEUE, want, []),
+                    *([], [], []),  # no successes to write first
                 )
             finally:
                 await tx.rollback()

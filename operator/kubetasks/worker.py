@@ -375,15 +375,10 @@ class Worker:
         limited, blocked = self._claim_filters()
         more = False
         for q in self.queues:
-            t0 = time.monotonic()
-            rows = await self.store.run("claim", wid, pod, q, free, blocked)
-            metrics.CLAIM_DURATION.labels(q).observe(time.monotonic() - t0)
-            self.stats.claim_batches += 1
-            for r in rows:
-                self._start(r, wid)
-            if len(rows) == free:
+            _, n = await self._run_claim(wid, q, free, blocked)
+            if n == free:
                 more = True
-            free -= len(rows)
+            free -= n
             for td in limited:
                 if free <= 0:
                     break
@@ -596,11 +591,7 @@ class Worker:
             if ok and wid == self.worker_id and self._claiming and not self._stopping:
                 claim_with = ok  # written last, together with the next claim
             elif ok:
-                rows = await self.store.run(
-                    "complete_succeeded", wid, [o.task_id for o in ok], [o.attempt for o in ok],
-                    [o.result for o in ok],
-                )  # fmt: skip
-                written.update(r["id"] for r in rows)
+                written.update((await self._run_claim(wid, self.queues[0], 0, [], ok))[0])
             if bad:
                 rows = await self.store.run(
                     "complete_unsuccessful", wid, [o.task_id for o in bad], [o.attempt for o in bad],
@@ -668,33 +659,43 @@ class Worker:
         for nothing).
         """
         wid = self.worker_id
-        ids, attempts, results = [o.task_id for o in ok], [o.attempt for o in ok], [o.result for o in ok]
         if self._claim_lock.locked():
-            rows = await self.store.run("complete_succeeded", wid, ids, attempts, results)
-            return {r["id"] for r in rows}, True
+            written, _ = await self._run_claim(wid, self.queues[0], 0, [], ok)
+            return written, True
         async with self._claim_lock:
             free = max(0, self.concurrency - len(self._running) + ending)
             limited, blocked = self._claim_filters()
-            q = self.queues[0]
-            t0 = time.monotonic()
             try:
-                rows = await self.store.run(
-                    "complete_and_claim", wid, ids, attempts, results, self.settings.pod_id, q, free, blocked
-                )
+                written, _ = await self._run_claim(wid, self.queues[0], free, blocked, ok)
             except DB_ERRORS:
                 # The statement may have committed unseen: what it claimed is handed back.
                 await self._release_orphans()
                 raise
+            self.stats.claims_with_outcomes += 1
+        return written, len(self.queues) > 1 or bool(limited) or bool(blocked)
+
+    async def _run_claim(
+        self, wid: uuid.UUID, q: str, free: int, blocked: list[str], ok: Sequence[_Outcome] = ()
+    ) -> tuple[set[int], int]:
+        """The claim statement: write ``ok`` (successes of worker ``wid``), then claim up to
+        ``free`` tasks of queue ``q`` and start them; the written ids and how many were claimed."""
+        t0 = time.monotonic()
+        rows = await self.store.run(
+            "claim", wid, self.settings.pod_id, q, free, blocked,
+            [o.task_id for o in ok], [o.attempt for o in ok], [o.result for o in ok],
+        )  # fmt: skip
+        if free:
             metrics.CLAIM_DURATION.labels(q).observe(time.monotonic() - t0)
             self.stats.claim_batches += 1
-            self.stats.claims_with_outcomes += 1
-            written: set[int] = set()
-            for r in rows:
-                if r["claimed"]:
-                    self._start(r, wid)
-                else:
-                    written.add(r["id"])
-        return written, len(self.queues) > 1 or bool(limited) or bool(blocked)
+        written: set[int] = set()
+        claimed = 0
+        for r in rows:
+            if r["claimed"]:
+                claimed += 1
+                self._start(r, wid)
+            else:
+                written.add(r["id"])
+        return written, claimed
 
     def _finish(self, task_id: int) -> None:
         run = self._running.pop(task_id, None)

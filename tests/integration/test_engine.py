@@ -63,7 +63,7 @@ class TestClaim:
             async def claimer(conn: asyncpg.Connection, wid: uuid.UUID, i: int) -> list[int]:
                 stmt = await conn.prepare(claim)
                 await go.wait()
-                rows = await stmt.fetch(wid, f"pod-{i}", "default", 1, [])
+                rows = await stmt.fetch(wid, f"pod-{i}", "default", 1, [], [], [], [])
                 return [r["id"] for r in rows]
 
             tasks = [
@@ -91,7 +91,8 @@ class TestClaim:
             await conn.execute(
                 "UPDATE workers SET lease_expires_at = now() - interval '1 s' WHERE worker_id = $1", wid
             )
-            rows = await conn.fetch(app.store.queries["claim"].sql, wid, "pod-x", "default", 10, [])
+            claim = app.store.queries["claim"].sql
+            rows = await conn.fetch(claim, wid, "pod-x", "default", 10, [], [], [], [])
         finally:
             await conn.close()
         assert rows == []
@@ -105,7 +106,8 @@ class TestClaim:
         try:
             wid = await register_raw_worker(conn, "pod-s")
             await conn.execute("SET synchronous_commit = on")  # the test server may run with it off
-            rows = await conn.fetch(app.store.queries["claim"].sql, wid, "pod-s", "default", 10, [])
+            claim = app.store.queries["claim"].sql
+            rows = await conn.fetch(claim, wid, "pod-s", "default", 10, [], [], [], [])
             assert len(rows) == 1
             assert await conn.fetchval("SHOW synchronous_commit") == "on"
         finally:

@@ -393,7 +393,7 @@ class TestAudit:
 
         wid = uuid.uuid4()
         await flow.store.run("register_worker", wid, "pod-gone", "h", 1, ["nowhere"], 1, 30.0)
-        rows = await flow.store.run("claim", wid, "pod-gone", "nowhere", 1, [])
+        rows = await flow.store.run("claim", wid, "pod-gone", "nowhere", 1, [], [], [], [])
         assert [r["id"] for r in rows] == [tid]
         assert await flow.store.run("release_worker", wid, True, "worker lost: test") == 1
         events = await flow.get_events(tid)

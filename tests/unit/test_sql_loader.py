@@ -34,7 +34,7 @@ def test_duplicate_and_bad_kind_and_empty() -> None:
 
 def test_shipped_queries_load() -> None:
     q = queries.load()
-    for name in ("enqueue", "claim", "complete_succeeded", "complete_unsuccessful", "heartbeat"):
+    for name in ("enqueue", "claim", "complete_unsuccessful", "heartbeat"):
         assert name in q
     assert all(";" not in v.sql.rstrip()[-1:] for v in q.values())
 

@@ -49,15 +49,31 @@ WHERE dedupe_key = ANY($1::text[]) AND status IN ('pending', 'running', 'paused'
 SELECT id FROM tasks WHERE cr_uid = $1;
 
 -- name: claim :many
--- $1 worker_id, $2 pod_id, $3 queue, $4 how many, $5 handlers not to take now.
--- Takes the due pending tasks of one queue in claim order, for a worker whose
--- lease is live, unless the queue is paused; counts the attempt.
--- Committed without waiting for the WAL flush (synchronous_commit off for this
--- transaction only): a claim lost in a server crash leaves its tasks pending, to
--- be claimed again, and a completion's synchronous commit flushes the WAL up to
--- itself, so no durable outcome can follow a claim that was not made durable.
+-- $1 worker_id, $2 pod_id, $3 queue, $4 how many, $5 handlers not to take now,
+-- $6 task ids, $7 attempts, $8 results (json text): successes of this worker to
+-- write first, in the same statement (empty arrays: none).
+-- Writes the successes, fenced: a row is written only while it is still this
+-- attempt of this worker and running (the attempt record is the task row itself,
+-- see task_attempts_all). Then takes the due pending tasks of one queue in claim
+-- order, for a worker whose lease is live, unless the queue is paused, and
+-- counts the attempt. One statement, so a busy worker pays one round trip and one
+-- commit per batch; the two sets cannot meet (running vs pending). Rows: the
+-- written ids with `claimed` false, then the claimed tasks with `claimed` true.
+-- A claim with no successes commits without waiting for the WAL flush
+-- (synchronous_commit off for this transaction only): a claim lost in a server
+-- crash leaves its tasks pending, to be claimed again, and a completion's
+-- synchronous commit flushes the WAL up to itself, so no durable outcome can
+-- follow a claim that was not made durable.
 WITH sync AS MATERIALIZED (
-    SELECT set_config('synchronous_commit', 'off', true) AS v
+    SELECT set_config('synchronous_commit', CASE WHEN cardinality($6::bigint[]) = 0 THEN 'off'
+                                                 ELSE current_setting('synchronous_commit') END, true) AS v
+), done AS (
+    UPDATE tasks t
+    SET status = 'succeeded', result = c.result::jsonb, finished_at = now(), updated_at = now(),
+        error = NULL, traceback = NULL
+    FROM unnest($6::bigint[], $7::int[], $8::text[]) AS c(id, attempt, result)
+    WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
+    RETURNING t.id
 ), picked AS (
     SELECT id FROM tasks
     WHERE status = 'pending' AND queue = $3 AND run_at <= now()
@@ -65,63 +81,15 @@ WITH sync AS MATERIALIZED (
     ORDER BY priority DESC, run_at, id
     LIMIT $4
     FOR UPDATE SKIP LOCKED
-)
-UPDATE tasks t
-SET status = 'running', attempt = t.attempt + 1, worker_id = $1, pod_id = $2,
-    started_at = now(), updated_at = now(), progress = NULL, progress_message = NULL
-FROM picked, sync
-WHERE t.id = picked.id
-  AND EXISTS (SELECT 1 FROM workers w
-              WHERE w.worker_id = $1 AND w.status = 'active' AND w.lease_expires_at > now())
-  AND NOT EXISTS (SELECT 1 FROM queue_state q WHERE q.queue = $3 AND q.paused)
-RETURNING t.id, t.handler, t.queue, t.priority, t.payload, t.attempt, t.max_attempts,
-          t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags, t.parent_id;
-
--- name: complete_succeeded :many
--- $1 worker_id, $2 task ids, $3 attempts, $4 results (json text). Fenced: a row
--- is written only while it is still this attempt of this worker and running.
--- Returns the ids that were written; the others were taken away. The attempt
--- record is the task row itself (task_attempts_all).
-WITH done AS (
-    UPDATE tasks t
-    SET status = 'succeeded', result = c.result::jsonb, finished_at = now(), updated_at = now(),
-        error = NULL, traceback = NULL
-    FROM unnest($2::bigint[], $3::int[], $4::text[]) AS c(id, attempt, result)
-    WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
-    RETURNING t.id
-)
-SELECT id FROM done;
-
--- name: complete_and_claim :many
--- $1 worker_id, $2 task ids, $3 attempts, $4 results (json text), $5 pod_id,
--- $6 queue, $7 how many to claim, $8 handlers not to take now. complete_succeeded
--- and claim in one statement, so a busy worker pays one round trip and one
--- commit per batch instead of two. The sets cannot meet: one is running, the
--- other pending. Rows: the written ids with `claimed` false, then the claimed
--- tasks with `claimed` true (synchronous commit, for the completions).
-WITH done AS (
-    UPDATE tasks t
-    SET status = 'succeeded', result = c.result::jsonb, finished_at = now(), updated_at = now(),
-        error = NULL, traceback = NULL
-    FROM unnest($2::bigint[], $3::int[], $4::text[]) AS c(id, attempt, result)
-    WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
-    RETURNING t.id
-), picked AS (
-    SELECT id FROM tasks
-    WHERE status = 'pending' AND queue = $6 AND run_at <= now()
-      AND handler <> ALL ($8::text[])
-    ORDER BY priority DESC, run_at, id
-    LIMIT $7
-    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE tasks t
-    SET status = 'running', attempt = t.attempt + 1, worker_id = $1, pod_id = $5,
+    SET status = 'running', attempt = t.attempt + 1, worker_id = $1, pod_id = $2,
         started_at = now(), updated_at = now(), progress = NULL, progress_message = NULL
-    FROM picked
+    FROM picked, sync
     WHERE t.id = picked.id
       AND EXISTS (SELECT 1 FROM workers w
                   WHERE w.worker_id = $1 AND w.status = 'active' AND w.lease_expires_at > now())
-      AND NOT EXISTS (SELECT 1 FROM queue_state q WHERE q.queue = $6 AND q.paused)
+      AND NOT EXISTS (SELECT 1 FROM queue_state q WHERE q.queue = $3 AND q.paused)
     RETURNING t.id, t.handler, t.queue, t.priority, t.payload, t.attempt, t.max_attempts,
               t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags, t.parent_id
 )
@@ -136,7 +104,7 @@ SELECT true, * FROM claimed;
 -- name: complete_unsuccessful :many
 -- $1 worker_id, $2 task ids, $3 attempts, $4 retry delays in seconds (NULL: no
 -- retry, the task fails), $5 errors, $6 tracebacks, $7 attempt outcomes
--- (retried | failed | timeout). Fenced like complete_succeeded. Each is an event
+-- (retried | failed | timeout). Fenced like the successes of claim. Each is an event
 -- (retried, or failed), unlike a success, which the task row alone records.
 WITH done AS (
     UPDATE tasks t
