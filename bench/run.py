@@ -146,13 +146,9 @@ async def drain(
     out.update({k: int(v) if isinstance(v, int) else v for k, v in tm.extra.items()})
     if tm.done != n and "error" not in out:
         out["error"] = f"{tm.done} of {n} jobs finished"
-    if tm.first_start is not None and tm.last_finish is not None and tm.seconds > 0:
-        out["seconds"] = round(tm.seconds, 4)
-        out["jobs_per_s"] = round(tm.done / tm.seconds, 1)
-        if tm.p10 is not None and tm.p90 is not None and tm.steady_seconds > 0:
-            out["steady_jobs_per_s"] = round(0.8 * tm.done / tm.steady_seconds, 1)
-        out["worker_cpu_ms_per_1k"] = round(1000 * out["worker_cpu_s"] / max(1, tm.done) * 1000, 1)
-        out["pg_cpu_ms_per_1k"] = round(1000 * out["pg_backend_cpu_s"] / max(1, tm.done) * 1000, 1)
+    rates = tm.rates(out["worker_cpu_s"], out["pg_backend_cpu_s"])
+    if rates:
+        out.update(rates)
         out["xacts_per_1k"] = round(1000 * out["xacts"] / max(1, tm.done), 1)
     return out
 

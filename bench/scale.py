@@ -297,16 +297,8 @@ async def drain_some(
     out["reruns"] = int(r["reruns"] or 0)
     if done != n and "error" not in out:
         out["error"] = f"{done} of {n} finished"
-    if r["first_start"] is not None and r["last_finish"] is not None:
-        secs = (r["last_finish"] - r["first_start"]).total_seconds()
-        if secs > 0:
-            out["seconds"] = round(secs, 4)
-            out["jobs_per_s"] = round(done / secs, 1)
-            steady = (r["p90"] - r["p10"]).total_seconds()
-            if steady > 0:
-                out["steady_jobs_per_s"] = round(0.8 * done / steady, 1)
-            out["worker_cpu_ms_per_1k"] = round(1e6 * out["worker_cpu_s"] / max(1, done), 1)
-            out["pg_cpu_ms_per_1k"] = round(1e6 * out["pg_backend_cpu_s"] / max(1, done), 1)
+    tm = systems.Timing(r["first_start"], r["last_finish"], done, r["p10"], r["p90"], {})
+    out.update(tm.rates(out["worker_cpu_s"], out["pg_backend_cpu_s"]))
     return out
 
 

@@ -38,6 +38,17 @@ class Timing:
     def steady_seconds(self) -> float:
         return float((self.p90 - self.p10).total_seconds())
 
+    def rates(self, worker_cpu_s: float, pg_cpu_s: float) -> dict[str, float]:
+        """jobs/s over the window, the steady 10-90 % rate, and CPU per 1,000 jobs (empty: no window)."""
+        if self.first_start is None or self.last_finish is None or self.seconds <= 0:
+            return {}
+        out = {"seconds": round(self.seconds, 4), "jobs_per_s": round(self.done / self.seconds, 1)}
+        if self.p10 is not None and self.p90 is not None and self.steady_seconds > 0:
+            out["steady_jobs_per_s"] = round(0.8 * self.done / self.steady_seconds, 1)
+        out["worker_cpu_ms_per_1k"] = round(1e6 * worker_cpu_s / max(1, self.done), 1)
+        out["pg_cpu_ms_per_1k"] = round(1e6 * pg_cpu_s / max(1, self.done), 1)
+        return out
+
 
 class System:
     name = ""
