@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-from kubetasks import App, Fail, Input, TaskContext
+from kubetasks import App, Fail, Input, SyncTaskContext, TaskContext
 
 app = App()
 
@@ -31,8 +31,8 @@ async def resize(task: TaskContext) -> dict[str, object]:
 
 
 @app.task("reports.checksum", retry_delay=0.5)
-def checksum(task: TaskContext) -> str:
-    """A plain function runs in a thread: hash some text."""
+def checksum(task: SyncTaskContext) -> str:
+    """A plain function runs in a child process of the worker: hash some text."""
     return hashlib.sha256(str(task.payload.get("text", "")).encode()).hexdigest()[:16]
 
 

@@ -17,6 +17,7 @@ from kubetasks.errors import (
     ValidationError,
 )
 from kubetasks.locks import JobLock, LockBackendError, LockLost, LockNotAcquired
+from kubetasks.subprocs import SyncTaskContext
 from kubetasks.workflows import ChildFailed, WorkflowSummary
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "LockNotAcquired",
     "Retry",
     "Settings",
+    "SyncTaskContext",
     "TaskContext",
     "TaskNotFound",
     "TaskPage",

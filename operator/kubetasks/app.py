@@ -9,7 +9,6 @@ option > App default, and everything is validated before the one INSERT.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,13 +17,14 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from kubetasks import locks, validation, workflows
+from kubetasks import locks, subprocs, validation, workflows
 from kubetasks.config import Settings
 from kubetasks.context import TaskContext
 from kubetasks.errors import Fail, TaskNotFound, UnknownHandler, ValidationError
 from kubetasks.store import Store
 
-Handler = Callable[[TaskContext], Any]
+#: A handler: ``async def f(task: TaskContext)``, or ``def f(task: SyncTaskContext)`` run in a child process.
+Handler = Callable[[TaskContext], Any] | Callable[[subprocs.SyncTaskContext], Any]
 F = TypeVar("F", bound=Handler)
 
 _MISSING: Any = object()
@@ -141,7 +141,8 @@ class Blueprint:
         cluster_concurrency: int | None = None,
         inputs: Mapping[str, Input | Mapping[str, Any]] | None = None,
     ) -> Callable[[F], F]:
-        """Register the decorated function (async, or plain: run in a thread) as a handler."""
+        """Register the decorated function as a handler: ``async def`` runs on the worker's loop,
+        a plain ``def`` in a child process (see ``kubetasks.subprocs``)."""
 
         def decorate(func: F) -> F:
             self.register(
@@ -184,10 +185,11 @@ class Blueprint:
             raise ValidationError("handler", f"{name!r} is already registered")
         if not callable(func):
             raise ValidationError("handler", f"{name!r}: the handler must be callable")
+        is_async = subprocs.is_async_handler(func)
         td = TaskDef(
             name=name,
             func=func,
-            is_async=inspect.iscoroutinefunction(func),
+            is_async=is_async,
             queue=None if queue is None else validation.name("queue", queue),
             priority=None if priority is None else validation.priority(priority),
             timeout=None if timeout is None else validation.timeout(timeout),
@@ -201,6 +203,8 @@ class Blueprint:
             else validation.concurrency("cluster_concurrency", cluster_concurrency),
             inputs={k: _input(v) for k, v in (inputs or {}).items()},
         )
+        if not is_async:
+            subprocs.check_runnable(name, func)
         self.handlers[name] = td
         return td
 
@@ -263,6 +267,8 @@ class Blueprint:
                 concurrency_policy=concurrency_policy, lock_ttl=lock_ttl,
                 starting_deadline=starting_deadline, suspend=suspend,
             )  # fmt: skip
+            if not subprocs.is_async_handler(func):
+                subprocs.check_runnable(pname, func)
             handler = cron_module.guard(self, pd) if pd.concurrency_policy == "Forbid" else func
             self.register(
                 pd.handler,
@@ -847,13 +853,10 @@ def _as_list(v: str | Sequence[str] | None) -> list[str] | None:
 
 
 async def call_handler(td: TaskDef, ctx: TaskContext) -> Any:
-    """Run a handler: coroutine functions on the loop, plain functions in a thread."""
+    """Run a handler: coroutine functions on the loop, plain functions in a child process."""
     if td.is_async:
-        return await td.func(ctx)
-    result = await asyncio.to_thread(td.func, ctx)
-    if inspect.isawaitable(result):
-        return await result
-    return result
+        return await td.func(ctx)  # type: ignore[arg-type]
+    return await subprocs.run(td.func, ctx)
 
 
 AsyncHandler = Callable[[TaskContext], Awaitable[Any]]

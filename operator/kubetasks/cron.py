@@ -63,7 +63,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -79,8 +78,8 @@ import asyncpg
 from croniter import croniter
 from croniter.croniter import CroniterError
 
-from kubetasks import locks, metrics, validation
-from kubetasks.app import App, Blueprint, EnqueueRequest, PeriodicDef, TaskDef
+from kubetasks import locks, metrics, subprocs, validation
+from kubetasks.app import App, Blueprint, EnqueueRequest, Handler, PeriodicDef, TaskDef
 from kubetasks.context import TaskContext
 from kubetasks.errors import KubetasksError, ValidationError
 from kubetasks.store import Store
@@ -383,13 +382,12 @@ def guard(owner: Blueprint, pd: PeriodicDef) -> Callable[[TaskContext], Awaitabl
     scheduler, and the attempt fails naming it.
     """
     func = pd.func
-    is_async = inspect.iscoroutinefunction(func)
+    is_async = subprocs.is_async_handler(func)
 
     async def body(ctx: TaskContext) -> Any:
         if is_async:
-            return await func(ctx)
-        result = await asyncio.to_thread(func, ctx)
-        return await result if inspect.isawaitable(result) else result
+            return await func(ctx)  # type: ignore[arg-type]
+        return await subprocs.run(func, ctx)  # a child process: killed if the lock is lost
 
     async def run_locked(ctx: TaskContext) -> Any:
         if not isinstance(owner, App):
@@ -427,7 +425,7 @@ def rebound(owner: Blueprint, pd: PeriodicDef, td: TaskDef) -> TaskDef:
 
 def periodic_def(
     owner: Blueprint,
-    func: Callable[[TaskContext], Any],
+    func: Handler,
     cron: str,
     *,
     name: str,

@@ -16,9 +16,9 @@ Shape of one process (every pod runs the same):
 A slot is freed only once its outcome is written, so a process never holds
 more than ``concurrency`` tasks, written or not.
 
-WARNING: handlers run on this event loop. A plain (non-async) handler runs in
-a thread; its timeout marks the attempt failed, but Python cannot stop the
-thread, which runs on to its end with its result discarded.
+WARNING: async handlers run on this event loop. A plain (non-async) handler
+runs in a child process (``subprocs``), killed before the outcome of a task
+it no longer holds is written (timeout, cancel, fencing, shutdown hand-back).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from kubetasks import leases, metrics, validation
+from kubetasks import leases, metrics, subprocs, validation
 from kubetasks.app import TaskDef, call_handler
 from kubetasks.context import TaskContext
 from kubetasks.errors import Fail, Retry, ValidationError
@@ -139,6 +139,9 @@ class Worker:
         self._claim_lock = asyncio.Lock()
         self._store: Store | None = None
         self.lease: leases.Lease | None = None
+        self.subprocs = subprocs.Pool(
+            app, max_idle=self.concurrency, lease_left=lambda: self.lease.time_left() if self.lease else None
+        )
         self.ready = asyncio.Event()
 
     # -- wiring ----------------------------------------------------------
@@ -187,6 +190,8 @@ class Worker:
         force = force or asyncio.Event()
         await retry_connection_errors(self.app.open, what="opening the pool")
         self._store = self.app.store
+        await self.subprocs.start()  # refuses a sync handler a child cannot import, before registering
+        sync_token = subprocs.CURRENT.set(self.subprocs)  # tasks started below run sync handlers there
         for td in self.app.handlers.values():
             if td.concurrency:
                 self._sems[td.name] = asyncio.Semaphore(td.concurrency)
@@ -247,6 +252,8 @@ class Worker:
                 if run.task is not None and not run.task.done():
                     run.dropped = run.dropped or "worker stopped"
                     run.task.cancel()
+            self.subprocs.kill_all()
+            subprocs.CURRENT.reset(sync_token)
 
     async def _fence_and_reregister(self, stop: asyncio.Event) -> None:
         """Our lease is gone: stop, drop what runs, then come back as a new worker."""
@@ -312,6 +319,7 @@ class Worker:
         for run in list(self._running.values()):
             self._drop(run, "released at shutdown")
         await self._wait_tasks([r.task for r in self._running.values()], 5.0)
+        await self.subprocs.close()  # no sync handler's process outlives the hand-back below
         await self._drain_outcomes(deadline=5.0)
         try:
             async with asyncio.timeout(10):

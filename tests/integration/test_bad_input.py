@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 
 from kubetasks import App, EnqueueRequest, ValidationError
+from tests.handlers import noop
 
 
 async def test_refused_enqueues_write_nothing(app: App) -> None:
     """Every refused enqueue leaves the tasks table empty; a refused batch inserts none of its rows."""
-    app.register("ok", lambda ctx: None)
+    app.register("ok", noop)
     bad_calls = [
         dict(handler="missing"),
         dict(handler="ok", payload={"s": {1}}),

@@ -11,8 +11,9 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from kubetasks import App, EnqueueRequest, Fail, Input, Retry, TaskContext
+from kubetasks import App, EnqueueRequest, Fail, Input, Retry, SyncTaskContext, TaskContext
 from kubetasks.errors import TaskNotFound
+from tests.handlers import noop, one
 from tests.integration.helpers import RunningWorker, wait_for
 
 
@@ -47,10 +48,14 @@ async def register_raw_worker(conn: asyncpg.Connection, pod: str) -> uuid.UUID:
     return wid
 
 
+def plain_good(ctx: SyncTaskContext) -> str:
+    return "fine"
+
+
 class TestClaim:
     async def test_fifty_claimers_one_task_exactly_one_wins(self, app: App, db_url: str) -> None:
         """Fifty workers claiming at the same instant: the one pending task goes to exactly one."""
-        app.register("solo", lambda ctx: None)
+        app.register("solo", noop)
         task_id = await app.enqueue("solo", {})
         claim = app.store.queries["claim"].sql
         conns = [
@@ -83,7 +88,7 @@ class TestClaim:
 
     async def test_claim_refused_without_live_lease(self, app: App, db_url: str) -> None:
         """A worker whose lease has expired cannot claim, even before it is reaped."""
-        app.register("solo", lambda ctx: None)
+        app.register("solo", noop)
         await app.enqueue("solo", {})
         conn = await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
         try:
@@ -100,7 +105,7 @@ class TestClaim:
     async def test_claim_leaves_the_session_committing_synchronously(self, app: App, db_url: str) -> None:
         """The claim commits without waiting for the WAL flush, for its own transaction only:
         the pooled connection goes on committing completions synchronously."""
-        app.register("solo", lambda ctx: None)
+        app.register("solo", noop)
         await app.enqueue("solo", {})
         conn = await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
         try:
@@ -287,9 +292,7 @@ class TestOutcomes:
         async def bad_result(ctx: TaskContext) -> object:
             return {"when": object()}
 
-        @app.task("good")
-        def good(ctx: TaskContext) -> str:  # a plain function runs in a thread
-            return "fine"
+        app.register("good", plain_good)  # a plain function runs in a child process
 
         async with RunningWorker(app):
             a = await app.enqueue("bad.result", {})
@@ -303,7 +306,7 @@ class TestOutcomes:
 
     async def test_unknown_handler_fails_listing_known(self, app: App) -> None:
         """A task whose handler this worker does not know fails with the known handlers listed."""
-        app.register("known.one", lambda ctx: 1)
+        app.register("known.one", one)
         app.strict_handlers = False
         tid = await app.enqueue("not.registered", {})
         async with RunningWorker(app):
@@ -372,7 +375,7 @@ class TestAdmin:
 
     async def test_dedupe_key_returns_live_task(self, app: App) -> None:
         """The same dedupe key while the first is unfinished gives the same id; after it ends, a new one."""
-        app.register("d", lambda ctx: None)
+        app.register("d", noop)
         a = await app.enqueue("d", {}, dedupe_key="k1", delay=60)
         b = await app.enqueue("d", {"other": 1}, dedupe_key="k1")
         assert a == b
@@ -436,8 +439,8 @@ class TestAdmin:
 
     async def test_list_stats_and_delete(self, app: App) -> None:
         """list_tasks filters and pages; stats counts; delete_tasks removes finished ones only."""
-        app.register("a", lambda ctx: None)
-        app.register("b", lambda ctx: None)
+        app.register("a", noop)
+        app.register("b", noop)
         await app.enqueue_many([EnqueueRequest("a", tags=["x", "y"]) for _ in range(5)])
         await app.enqueue_many([EnqueueRequest("b", queue="other", tags=["x"]) for _ in range(3)])
         page = await app.list_tasks(handler="a", limit=2)

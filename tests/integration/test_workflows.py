@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 
 from kubetasks import App, EnqueueRequest, Fail, TaskContext
+from tests.handlers import noop
 from tests.integration import helpers
 from tests.integration.apps import flowapp
 from tests.integration.helpers import ROOT, audit, read_sidelog, start_worker, stop, wait_for
@@ -383,7 +384,7 @@ class TestAudit:
 
     async def test_admin_events(self, flow: App) -> None:
         """paused, resumed, cancelled, requeued are recorded; recovered when a worker is lost."""
-        flow.register("noop", lambda ctx: None, queue="nowhere")
+        flow.register("noop", noop, queue="nowhere")
         tid = await flow.enqueue("noop", {})
         assert await flow.pause_task(tid) and await flow.resume_task(tid)
         assert await flow.cancel(tid, "stop")

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from kubetasks import App, Blueprint, TaskContext, ValidationError
+from kubetasks import App, Blueprint, SyncTaskContext, TaskContext, ValidationError
 from kubetasks.cron import (
     Due,
     ScheduleSpec,
@@ -28,6 +28,7 @@ from kubetasks.cron import (
     ticks_between,
     validate,
 )
+from tests.handlers import noop
 
 BERLIN = "Europe/Berlin"
 NEW_YORK = "America/New_York"
@@ -113,6 +114,9 @@ class TestValidate:
             assert ei.value.field == field_name, change
 
 
+def free(ctx: SyncTaskContext) -> None: ...
+
+
 class TestPeriodicDecorator:
     def test_registers_schedule_and_handler(self) -> None:
         """``@app.periodic`` declares the schedule and registers a handler of the same name."""
@@ -131,9 +135,7 @@ class TestPeriodicDecorator:
     def test_allow_registers_the_function_itself(self) -> None:
         bp = Blueprint()
 
-        @bp.periodic("* * * * *", name="free", concurrency_policy="Allow")
-        def free(ctx: TaskContext) -> None: ...
-
+        bp.periodic("* * * * *", name="free", concurrency_policy="Allow")(free)
         assert bp.handlers["free"].func is free
         assert not bp.handlers["free"].is_async
 
@@ -155,20 +157,20 @@ class TestPeriodicDecorator:
         args: dict[str, object] = {"cron": "* * * * *", "name": "job"} | kwargs
         cron = args.pop("cron")
         with pytest.raises(ValidationError) as ei:
-            bp.periodic(cron, **args)(lambda ctx: None)  # type: ignore[arg-type]
+            bp.periodic(cron, **args)(noop)  # type: ignore[arg-type]
         assert ei.value.field == field_name
         assert not bp.periodics and not bp.handlers
 
     def test_duplicate_name_is_refused(self) -> None:
         bp = Blueprint()
-        bp.periodic("* * * * *", name="job")(lambda ctx: None)
+        bp.periodic("* * * * *", name="job")(noop)
         with pytest.raises(ValidationError, match="already declared"):
-            bp.periodic("*/2 * * * *", name="job")(lambda ctx: None)
+            bp.periodic("*/2 * * * *", name="job")(noop)
 
     def test_blueprint_periodics_merge_into_the_app(self) -> None:
         """Merged Forbid periodics take their lock through the App they were merged into."""
         bp = Blueprint()
-        bp.periodic("* * * * *", name="job")(lambda ctx: None)
+        bp.periodic("* * * * *", name="job")(noop)
         app = App(database_url="postgresql://x@localhost/db")
         app.add_tasks_from(bp)
         assert app.periodics["job"] is bp.periodics["job"]

@@ -8,6 +8,7 @@ from datetime import datetime
 import pytest
 
 from kubetasks import App, ConfigError, EnqueueRequest, Settings, UnknownHandler, ValidationError
+from tests.handlers import noop
 
 URL = "postgresql://u@127.0.0.1:1/db"
 
@@ -100,17 +101,17 @@ class TestEnqueueRefusals:
 
     def test_handler_name_too_long_or_forbidden(self, app: App) -> None:
         with pytest.raises(ValidationError, match=r"^handler: must be at most 63 characters, got 64$"):
-            app.register("h" * 64, lambda ctx: None)
+            app.register("h" * 64, noop)
         with pytest.raises(ValidationError, match=r"^handler: 'a/b' has forbidden characters"):
-            app.register("a/b", lambda ctx: None)
+            app.register("a/b", noop)
         with pytest.raises(ValidationError, match=r"^handler: 'images.resize' is already registered$"):
-            app.register("images.resize", lambda ctx: None)
+            app.register("images.resize", noop)
 
     def test_task_options_checked_at_registration(self, app: App) -> None:
         with pytest.raises(ValidationError, match=r"^timeout: must be between 1 and 604800"):
-            app.register("t", lambda ctx: None, timeout=-3)
+            app.register("t", noop, timeout=-3)
         with pytest.raises(ValidationError, match=r"^concurrency: must be between 1 and 10000, got 0$"):
-            app.register("t", lambda ctx: None, concurrency=0)
+            app.register("t", noop, concurrency=0)
 
     def test_unregister(self, app: App) -> None:
         app.unregister("reports.nightly")
@@ -123,8 +124,8 @@ class TestEnqueueRefusals:
 class TestPrecedence:
     def test_enqueue_argument_then_task_option_then_app_default(self) -> None:
         a = App(database_url=URL, default_timeout=50, default_max_attempts=4)
-        a.register("opt", lambda ctx: None, queue="q1", timeout=20, priority=3)
-        a.register("bare", lambda ctx: None)
+        a.register("opt", noop, queue="q1", timeout=20, priority=3)
+        a.register("bare", noop)
         p = a._prepare(EnqueueRequest("opt"))
         assert (p.queue, p.timeout, p.priority, p.max_attempts) == ("q1", 20, 3, 4)
         p = a._prepare(EnqueueRequest("opt", queue="q2", timeout=5, priority=-1, max_attempts=9))
