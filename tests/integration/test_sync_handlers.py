@@ -173,6 +173,42 @@ async def test_cancel_kills_the_handler_within_2s(app: App, db_url: str, tmp_pat
         stop(proc)
 
 
+async def test_task_taken_away_kills_the_handler_within_2s_of_the_fenced_write(
+    app: App, db_url: str, tmp_path: Path
+) -> None:
+    """The task is taken from the worker behind its back (as a peer's recovery would): the next
+    progress write is fenced, and the handler, which ignores that, is killed within 2 s of it."""
+    app.strict_handlers = False
+    side = tmp_path / "side.log"
+    proc = worker(db_url, tmp_path, "fenced", 2)
+    try:
+        tid = await app.enqueue("sync.stubborn", {"s": 8}, timeout=60)
+        await wait_started(side, [tid], 30)
+        await asyncio.sleep(0.3)
+        conn = await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
+        try:
+            taken = await conn.execute(
+                "UPDATE tasks SET status = 'pending', worker_id = NULL, pod_id = NULL, "
+                "run_at = now() + interval '1 hour' WHERE id = $1 AND status = 'running'",
+                tid,
+            )
+        finally:
+            await conn.close()
+        assert taken == "UPDATE 1"
+
+        async def fenced() -> bool:
+            return any(e["kind"] == "fenced_out" for e in await app.get_events(tid))
+
+        await wait_for(fenced, 20, "the worker to find its progress write fenced")
+        fenced_at = next(e["at"] for e in await app.get_events(tid) if e["kind"] == "fenced_out").timestamp()
+        await asyncio.sleep(KILL_WITHIN + 1.0)
+        last = last_of(read_side(side), tid)
+        assert last.at <= fenced_at + KILL_WITHIN, f"ran on {last.at - fenced_at:.2f}s after the fenced write"
+        assert last.kind != "end"
+    finally:
+        stop(proc)
+
+
 async def test_graceful_shutdown_kills_the_handler_before_handing_back(
     app: App, db_url: str, tmp_path: Path
 ) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-from kubetasks import App, EnqueueRequest, Fail, Retry, SyncTaskContext
+from kubetasks import App, EnqueueRequest, Fail, LeaseLost, Retry, SyncTaskContext
 
 app = App()
 LOG = os.environ.get("SIDELOG", "/tmp/kubetasks-sync-sidelog")
@@ -52,6 +52,23 @@ def spin(task: SyncTaskContext) -> None:
     end = time.monotonic() + float(task.payload.get("s", 1e9))
     while time.monotonic() < end:
         side("tick", task)
+        time.sleep(0.02)
+    side("end", task)
+
+
+@app.task("sync.stubborn", max_attempts=1)
+def stubborn(task: SyncTaskContext) -> None:
+    """Reports progress every 20 ms and carries on when told the task is no longer its own."""
+    side("start", task)
+    end = time.monotonic() + float(task.payload.get("s", 1e9))
+    i = 0
+    while time.monotonic() < end:
+        side("tick", task)
+        i += 1
+        try:
+            task.progress(i % 100, "working")
+        except LeaseLost:
+            side("told", task)
         time.sleep(0.02)
     side("end", task)
 
