@@ -794,6 +794,7 @@ class Pool:
 
     async def start(self) -> None:
         """Check every sync handler can be found by a child; start the server if there is one."""
+        self._closing = False
         funcs = self.sync_handlers()
         for name, func in funcs.items():
             check_resolves(name, func)
