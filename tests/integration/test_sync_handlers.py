@@ -137,8 +137,13 @@ async def test_quick_sync_tasks_start_while_slow_ones_run(app: App, db_url: str,
         )
         for tid in quick:
             await wait_status(app, tid, "succeeded", 20)
-        pids = {(await app.get_task(t)).result["pid"] for t in quick}
-        assert len(pids) >= 1
+        starts = read_side(side)
+        for tid in quick:
+            claimed = await epoch(
+                db_url, "SELECT extract(epoch FROM started_at) FROM tasks WHERE id = $1", tid
+            )
+            began = last_of([ln for ln in starts if ln.kind == "start"], tid).at
+            assert began - claimed < 1.0, f"task {tid} started {began - claimed:.2f}s after it was claimed"
         for tid in slow:
             await app.cancel(tid)
     finally:
