@@ -6,6 +6,8 @@ reading it is usually looking at a manifest or a call site, not our code.
 
 from __future__ import annotations
 
+import math
+
 
 class KubetasksError(Exception):
     """Base of every error kubetasks raises on purpose."""
@@ -44,18 +46,54 @@ class LeaseLost(KubetasksError):
     """This worker no longer owns the task (or its lease): the write was not applied."""
 
 
-class Retry(Exception):
-    """Raise in a handler to run the task again after ``delay`` seconds (counts an attempt)."""
+#: The longest delay ``Retry`` accepts: a year, like an enqueue's delay.
+RETRY_DELAY_MAX_S = 365 * 24 * 3600.0
 
-    def __init__(self, delay: float | None = None, message: str = "retry requested") -> None:
+
+def _message(field: str, value: object) -> str:
+    """A handler's message: a string, or an exception (read as "Type: text")."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {value}"
+    raise ValidationError(field, f"must be a string (or an exception), got {type(value).__name__}: {value!r}")
+
+
+class Retry(Exception):
+    """Raise in a handler to run the task again after ``delay`` seconds (counts an attempt).
+
+    ``delay`` is a number of seconds from 0 to a year (None: the task's backoff);
+    ``message`` a string or an exception. Anything else raises ``ValidationError``
+    here, in the handler, naming the argument -- so a typo such as
+    ``Retry("busy")`` fails the attempt with a clear error instead of reaching
+    the worker.
+    """
+
+    def __init__(self, delay: float | None = None, message: str | BaseException = "retry requested") -> None:
+        if delay is not None:
+            if isinstance(delay, bool) or not isinstance(delay, int | float):
+                raise ValidationError(
+                    "delay",
+                    f"Retry(delay=...) must be a number of seconds, got {type(delay).__name__}: {delay!r}",
+                )
+            if not (math.isfinite(delay) and 0 <= delay <= RETRY_DELAY_MAX_S):
+                raise ValidationError(
+                    "delay",
+                    f"Retry(delay=...) must be between 0 and {RETRY_DELAY_MAX_S:g} seconds, got {delay!r}",
+                )
+            delay = float(delay)
         self.delay = delay
-        self.message = message
-        super().__init__(message)
+        self.message = _message("message", message)
+        super().__init__(self.message)
 
 
 class Fail(Exception):
-    """Raise in a handler to fail the task now, without further attempts."""
+    """Raise in a handler to fail the task now, without further attempts.
 
-    def __init__(self, message: str = "failed by handler") -> None:
-        self.message = message
-        super().__init__(message)
+    ``message`` is a string or an exception (``raise Fail(exc)`` records
+    "Type: text"); anything else raises ``ValidationError`` naming the argument.
+    """
+
+    def __init__(self, message: str | BaseException = "failed by handler") -> None:
+        self.message = _message("message", message)
+        super().__init__(self.message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -79,8 +79,8 @@ def max_attempts(value: object) -> int:
     return integer("max_attempts", value, MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX)
 
 
-def delay(value: object) -> float:
-    return seconds("delay", value, 0.0, DELAY_MAX)
+def delay(value: object, field: str = "delay") -> float:
+    return seconds(field, value, 0.0, DELAY_MAX)
 
 
 def retry_delay(value: object) -> float:
@@ -130,22 +130,49 @@ def dedupe_key(value: object) -> str | None:
     return value
 
 
-def _find_nul(value: Any, path: str) -> str | None:
+def _has_lone_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _find_str(value: Any, path: str, bad: Callable[[str], bool]) -> str | None:
+    """The path of the first string (or key) under ``value`` that ``bad`` refuses."""
     if isinstance(value, str):
-        return path if "\x00" in value else None
+        return path if bad(value) else None
     if isinstance(value, Mapping):
         for k, v in value.items():
-            if isinstance(k, str) and "\x00" in k:
+            if isinstance(k, str) and bad(k):
                 return f"{path} (a key)"
-            found = _find_nul(v, f"{path}.{k}")
+            found = _find_str(v, f"{path}.{k}", bad)
             if found:
                 return found
     elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
-            found = _find_nul(v, f"{path}[{i}]")
+            found = _find_str(v, f"{path}[{i}]", bad)
             if found:
                 return found
     return None
+
+
+def _find_nul(value: Any, path: str) -> str | None:
+    return _find_str(value, path, lambda s: "\x00" in s)
+
+
+def clean_text(value: str, max_chars: int, *, keep: str = "head") -> str:
+    """Text PostgreSQL can always store: NUL and lone surrogates (a file name decoded
+    with surrogateescape, say) written as visible escapes, at most ``max_chars``
+    characters (the start, or with ``keep="tail"`` the end)."""
+    if len(value) > max_chars:
+        value = value[:max_chars] if keep == "head" else value[-max_chars:]
+    value = value.replace("\x00", "\\x00")
+    if _has_lone_surrogate(value):
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(value) > max_chars:
+        value = value[:max_chars] if keep == "head" else value[-max_chars:]
+    return value
 
 
 def to_json(field: str, value: object, max_bytes: int) -> str:
@@ -156,16 +183,23 @@ def to_json(field: str, value: object, max_bytes: int) -> str:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValidationError(field, f"is not JSON-serialisable: {exc}") from None
-    size = len(text.encode())
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        # A lone surrogate (text decoded with surrogateescape): not UTF-8, so not storable.
+        raise ValidationError(
+            _find_str(value, field, _has_lone_surrogate) or field,
+            "contains a lone surrogate (text that is not valid Unicode), which PostgreSQL cannot store",
+        ) from None
     if size > max_bytes:
         raise ValidationError(field, f"is {size} bytes as JSON; the limit is {max_bytes} bytes")
     # PostgreSQL's jsonb cannot store \u0000; json.dumps writes it escaped, so
     # only a walk finds it (and says where).
     if "\\u0000" in text:
-        where = _find_nul(value, field)
-        if where:
+        nul_at = _find_nul(value, field)
+        if nul_at:
             raise ValidationError(
-                where, "contains the NUL character (\\u0000), which PostgreSQL cannot store"
+                nul_at, "contains the NUL character (\\u0000), which PostgreSQL cannot store"
             )
     return text
 

@@ -63,6 +63,20 @@ class TestEnqueueRefusals:
         with pytest.raises(ValidationError, match=rf"^{where}: contains the NUL character"):
             prepare(app, payload=payload)
 
+    @pytest.mark.parametrize(
+        ("payload", "where"),
+        [
+            ({"name": b"report-\xff.csv".decode("utf-8", "surrogateescape")}, "payload.name"),
+            ({"deep": {"list": ["ok", "\udcff"]}}, r"payload.deep.list\[1\]"),
+            ({"\ud800": 1}, r"payload \(a key\)"),
+        ],
+    )
+    def test_payload_with_a_lone_surrogate(self, app: App, payload: dict[str, object], where: str) -> None:
+        """Text decoded with surrogateescape is not UTF-8: refused naming where it is, not a
+        UnicodeEncodeError from deep inside."""
+        with pytest.raises(ValidationError, match=rf"^{where}: contains a lone surrogate"):
+            prepare(app, payload=payload)
+
     def test_escaped_backslash_u0000_text_is_fine(self, app: App) -> None:
         prepare(app, payload={"literal": "\\u0000"})
 
@@ -176,3 +190,19 @@ class TestSettings:
             concurrency=7,
         )
         assert s.database_url == URL and s.concurrency == 7
+
+
+class TestCleanText:
+    def test_nul_and_lone_surrogates_become_visible_escapes(self) -> None:
+        from kubetasks.validation import clean_text
+
+        out = clean_text("a\x00b " + b"\xff".decode("utf-8", "surrogateescape"), 100)
+        assert out == "a\\x00b \\udcff"
+        out.encode("utf-8")
+
+    def test_capped_at_the_start_or_the_end(self) -> None:
+        from kubetasks.validation import clean_text
+
+        assert clean_text("x" * 10 + "\x00", 5) == "xxxxx"
+        assert clean_text("\x00" + "y" * 10, 5, keep="tail") == "yyyyy"
+        assert len(clean_text("\x00" * 100, 50)) == 50
