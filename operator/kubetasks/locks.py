@@ -5,9 +5,12 @@ lock under a random owner token, renews it every ``ttl / 3`` while the body runs
 and releases it on exit; ``LockNotAcquired`` is raised when ``wait`` runs out
 first. Two backends give the same API (``make_backend`` picks one):
 
-* Redis: ``SET key owner NX PX ttl``; renew and release are Lua scripts that act
-  only while the key still holds our owner token, so nobody releases or
-  extends a lock another owner holds.
+* Redis: a Lua script doing ``SET key owner NX PX ttl`` that also answers yes
+  when the key already holds our own token (so a command retried after a lost
+  reply -- the client retries once -- never reports our own lock as someone
+  else's); renew and release are Lua scripts that act only while the key
+  still holds our owner token, so nobody releases or extends a lock another
+  owner holds.
 * PostgreSQL (no Redis configured): one ``job_locks`` row per name, taken by an
   ``INSERT ... ON CONFLICT DO UPDATE ... WHERE expires_at <= now()``, renewed and
   released with the owner in the WHERE.
@@ -174,6 +177,18 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + host))
 
 
+# Idempotent for its owner: a retry after a reply lost on the way back finds our token.
+_ACQUIRE_LUA = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return 1
+end
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    redis.call('pexpire', KEYS[1], ARGV[2])
+    return 1
+end
+return 0
+"""
+
 _RENEW_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('pexpire', KEYS[1], ARGV[2])
@@ -228,6 +243,7 @@ class RedisLockBackend:
             retry=Retry(NoBackoff(), 1),
             max_connections=max_connections,
         )
+        self._acquire = self._client.register_script(_ACQUIRE_LUA)
         self._renew = self._client.register_script(_RENEW_LUA)
         self._release = self._client.register_script(_RELEASE_LUA)
         self._holder = self._client.register_script(_HOLDER_LUA)
@@ -244,10 +260,10 @@ class RedisLockBackend:
         validate_name(name)
         ms = _ms(validate_ttl(ttl_s))
         try:
-            ok = await self._client.set(self.key(name), owner, nx=True, px=ms)
+            n = await self._acquire(keys=[self.key(name)], args=[owner, ms])
         except (RedisError, OSError) as exc:
             raise self._error("acquire", name, exc) from exc
-        return bool(ok)
+        return int(n) == 1
 
     async def renew(self, name: str, owner: str, ttl_s: float) -> bool:
         validate_name(name)
