@@ -114,7 +114,7 @@ class PeriodicDef:
     queue: str | None = None
     payload: Mapping[str, Any] = field(default_factory=dict)
     concurrency_policy: str = "Forbid"
-    lock_ttl: int = 600
+    lock_ttl: int = validation.DEFAULT_LOCK_TTL_S
     starting_deadline: int | None = None
     suspend: bool = False
 
@@ -236,7 +236,7 @@ class Blueprint:
         queue: str | None = None,
         payload: Mapping[str, Any] | None = None,
         concurrency_policy: str = "Forbid",
-        lock_ttl: int = 600,
+        lock_ttl: int | None = None,
         starting_deadline: int | None = None,
         suspend: bool = False,
         priority: int | None = None,
@@ -248,12 +248,15 @@ class Blueprint:
         ``cron`` is croniter syntax (five fields, or six with seconds last),
         evaluated in ``timezone``. The function is also registered as a handler
         of the same name. ``concurrency_policy="Forbid"`` (default): a run holds
-        the job lock ``cron:<name>`` (``lock_ttl`` seconds, renewed while it
-        runs) and a tick that finds a run unfinished or the lock held is
+        the job lock ``cron:<name>`` (``lock_ttl`` seconds, renewed every third
+        of it while it runs; 60 by default, or half the ``timeout`` when that
+        is shorter) and a tick that finds a run unfinished or the lock held is
         skipped; ``"Allow"``: runs may overlap. Ticks older than
         ``starting_deadline`` seconds when the scheduler gets to them are
         recorded as missed. An expression that never fires or an unknown time
-        zone raises ``ValidationError``.
+        zone raises ``ValidationError``, and so does a ``lock_ttl`` that is not
+        shorter than ``timeout``: a run recovered after its pod died waits up to
+        ``lock_ttl`` for that pod's lock, within its own timeout.
         """
 
         def decorate(func: F) -> F:
@@ -262,9 +265,24 @@ class Blueprint:
             pname = name or f"{func.__module__}.{func.__qualname__}"
             if pname in self.periodics:
                 raise ValidationError("name", f"periodic {pname!r} is already declared")
+            ttl = lock_ttl
+            if ttl is None:
+                ttl = validation.DEFAULT_LOCK_TTL_S
+                if isinstance(timeout, int | float) and timeout <= 2 * ttl:
+                    ttl = max(1, int(timeout // 2))
+            elif (
+                concurrency_policy == "Forbid"
+                and isinstance(timeout, int | float)
+                and cron_module.validate_lock_ttl(ttl) >= timeout
+            ):
+                raise ValidationError(
+                    "lock_ttl",
+                    f"must be shorter than the timeout ({timeout:g}s), got {ttl}: a run recovered "
+                    "after its pod died waits up to lock_ttl for that pod's lock",
+                )
             pd = cron_module.periodic_def(
                 self, func, cron, name=pname, timezone=timezone, queue=queue, payload=payload,
-                concurrency_policy=concurrency_policy, lock_ttl=lock_ttl,
+                concurrency_policy=concurrency_policy, lock_ttl=ttl,
                 starting_deadline=starting_deadline, suspend=suspend,
             )  # fmt: skip
             if not subprocs.is_async_handler(func):

@@ -35,7 +35,9 @@ registers its handler wrapped in ``guard``: ``async with
 app.job_lock("cron:<name>", ttl=lock_ttl)`` around the user's function
 (renewed every ttl/3 while it runs; if the lock is lost the function is
 cancelled and the attempt fails). A run that starts while a dead pod's lock
-has not yet expired waits for it (at most ``lock_ttl``).
+has not yet expired waits for it (at most ``lock_ttl``, 60 s by default: so
+that wait ends well within the task's timeout, 300 s by default; a
+``lock_ttl`` not shorter than an explicit ``timeout`` is refused).
 
 At tick time, under Forbid and inside the tick's transaction, the scheduler
 refuses to enqueue -- and records the tick ``skipped`` with the holder and a
@@ -322,7 +324,7 @@ class ScheduleSpec:
     queue: str = "default"
     payload: Mapping[str, Any] = field(default_factory=dict)
     concurrency_policy: str = "Forbid"
-    lock_ttl: int = 600
+    lock_ttl: int = validation.DEFAULT_LOCK_TTL_S
     starting_deadline: int | None = None
     suspend: bool = False
     source: str = "crd"

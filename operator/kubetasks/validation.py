@@ -32,6 +32,10 @@ CONCURRENCY_MAX = 10000
 #: that client-side `kubectl apply` spends on its copy of the object.
 CR_PAYLOAD_MAX_BYTES = 128 * 1024
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+#: A Forbid schedule's job lock, renewed every third of it while its run lasts.
+#: Short, because a run recovered after its pod died waits for the dead pod's
+#: lock to expire, and that wait must end well within the task's timeout.
+DEFAULT_LOCK_TTL_S = 60
 
 
 def name(field: str, value: object) -> str:

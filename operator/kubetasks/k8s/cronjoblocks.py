@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from kubetasks import cron, locks
+from kubetasks import cron, locks, validation
 from kubetasks.errors import ValidationError
 from kubetasks.k8s.kube import GROUP, VERSION, Kube, is_not_found
 from kubetasks.store import Store
@@ -56,7 +56,7 @@ def spec_of(
         queue=str(spec.get("queue") or default_queue),
         payload=spec.get("payload") or {},
         concurrency_policy=str(spec.get("concurrencyPolicy") or "Forbid"),
-        lock_ttl=int(spec.get("lockTTLSeconds") or 600),
+        lock_ttl=int(spec.get("lockTTLSeconds") or validation.DEFAULT_LOCK_TTL_S),
         starting_deadline=spec.get("startingDeadlineSeconds"),
         suspend=bool(spec.get("suspend", False)),
         source="crd",
