@@ -330,6 +330,12 @@ class TaskRecord:
     finished_at: datetime | None
     parent_id: int | None = None  # the task that spawned this one (workflows)
     spawn_key: str | None = None
+    #: Runs that did not count against max_attempts; ``attempt`` is the latest run's number.
+    uncharged: int = 0
+
+    @property
+    def attempts_spent(self) -> int:
+        return self.attempt - self.uncharged
 
     @classmethod
     def from_row(cls, r: Mapping[str, Any]) -> TaskRecord:
@@ -358,6 +364,7 @@ class TaskRecord:
             finished_at=r["finished_at"],
             parent_id=r.get("parent_id"),
             spawn_key=r.get("spawn_key"),
+            uncharged=r.get("uncharged") or 0,
         )
 
 

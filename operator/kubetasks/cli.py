@@ -304,7 +304,7 @@ def tasks_list(
     table = Table("ID", "HANDLER", "QUEUE", "STATUS", "ATTEMPTS", "PROGRESS", "POD", "CREATED")
     for r in page.items:
         table.add_row(
-            str(r.id), r.handler, r.queue, r.status, f"{r.attempt}/{r.max_attempts}",
+            str(r.id), r.handler, r.queue, r.status, f"{r.attempts_spent}/{r.max_attempts}",
             "" if r.progress is None else f"{r.progress}%", r.pod_id or "", _fmt_time(r.created_at),
         )  # fmt: skip
     out.print(table)

@@ -33,7 +33,14 @@ ProgressWriter = Callable[["TaskContext", int, str | None], Awaitable[bool | Non
 
 @dataclass
 class TaskContext:
-    """The running task: identity, input and a way to report progress."""
+    """The running task: identity, input and a way to report progress.
+
+    ``attempt`` is this run's number: every claim of the task takes a new one
+    and none is ever reused, so (id, attempt) names one run. ``uncharged`` of
+    the runs so far did not count against ``max_attempts`` (handed back at a
+    graceful shutdown, a workflow that waited for its children, ...):
+    ``attempts_spent`` is the count that does.
+    """
 
     id: int
     handler: str
@@ -46,6 +53,7 @@ class TaskContext:
     worker_id: str = ""
     pod_id: str = ""
     parent_id: int | None = None
+    uncharged: int = 0
     _writer: ProgressWriter | None = field(default=None, repr=False)
     _pending: tuple[int, str | None] | None = field(default=None, repr=False)
     _flusher: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -57,8 +65,13 @@ class TaskContext:
     _spawn_seq: int = field(default=0, repr=False)
 
     @property
+    def attempts_spent(self) -> int:
+        """Attempts counted against ``max_attempts``, this one included."""
+        return self.attempt - self.uncharged
+
+    @property
     def is_last_attempt(self) -> bool:
-        return self.attempt >= self.max_attempts
+        return self.attempts_spent >= self.max_attempts
 
     async def progress(self, percent: int | float, message: str | None = None) -> None:
         """Report progress (0-100); cheap to call often, written at most every 0.5 s.

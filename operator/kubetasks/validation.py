@@ -83,8 +83,8 @@ def max_attempts(value: object) -> int:
     return integer("max_attempts", value, MAX_ATTEMPTS_MIN, MAX_ATTEMPTS_MAX)
 
 
-def delay(value: object, field: str = "delay") -> float:
-    return seconds(field, value, 0.0, DELAY_MAX)
+def delay(value: object) -> float:
+    return seconds("delay", value, 0.0, DELAY_MAX)
 
 
 def retry_delay(value: object) -> float:

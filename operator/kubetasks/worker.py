@@ -11,14 +11,32 @@ Shape of one process (every pod runs the same):
   previous batch was in flight goes out in the next single statement. Every
   write names task id, attempt and worker id and requires ``running``; a row
   that does not match was taken away, and its outcome is dropped and counted;
-* the **lease** (``leases.py``) and a LISTEN connection.
+* the **lease** (``leases.py``), in a thread of its own, and a LISTEN connection.
 
 A slot is freed only once its outcome is written, so a process never holds
-more than ``concurrency`` tasks, written or not.
+more than ``concurrency`` tasks, written or not -- and a slot is always freed:
+whatever a handler returns or raises (a result that is not JSON, ``Fail``
+given the wrong type, an exception whose text PostgreSQL cannot store) ends
+as an outcome, and an outcome that still cannot be written is split from its
+batch and written as a failure with a cleaned error, so one bad row never
+holds up the others.
+
+Outcome writes that fail on the connection (reset, restart, failover) are
+retried with their batch; those that fail on their data are written row by
+row, and a row that still fails is written as ``failed`` ("outcome could not
+be stored: ...") with the attempt counted.
+
+Orphans: a claim whose reply was lost may have committed. Tasks running under
+this worker that it does not run (found after a failed claim, and reported by
+every heartbeat) are handed back without charge -- only while this process
+holds its claim lock, so a claim in flight is never mistaken for one.
 
 WARNING: async handlers run on this event loop. A plain (non-async) handler
 runs in a child process (``subprocs``), killed before the outcome of a task
 it no longer holds is written (timeout, cancel, fencing, shutdown hand-back).
+An ``async`` handler that blocks the loop does not stop the lease (it renews
+from its own thread), but a loop blocked past the longest running task's
+timeout plus the lease ttl makes the process exit (see ``leases``).
 """
 
 from __future__ import annotations
@@ -27,12 +45,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -55,6 +74,14 @@ CHANNEL_ENQUEUED = "kubetasks_enqueued"
 CHANNEL_CANCEL = "kubetasks_cancel"
 ERROR_MAX_CHARS = 4000
 DB_ERRORS = leases.DB_ERRORS
+#: Errors that say the row's data will fail again however often it is sent; any
+#: other database error is taken to be about the connection and retried.
+DATA_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+)
+TICK_S = leases.WATCHDOG_EVERY_S
 
 
 @dataclass
@@ -68,6 +95,8 @@ class WorkerStats:
     cancelled: int = 0
     fenced_self: int = 0
     suspended: int = 0
+    orphans_released: int = 0
+    unstorable: int = 0
     claim_batches: int = 0
     claims_with_outcomes: int = 0
     flush_batches: int = 0
@@ -78,6 +107,7 @@ class _Run:
     ctx: TaskContext
     worker_id: uuid.UUID
     handler: str
+    timeout: float
     task: asyncio.Task[None] | None = None
     dropped: str | None = None  # why the outcome must not be written
 
@@ -95,6 +125,7 @@ class _Outcome:
     tb: str | None = None
     kind: str = "succeeded"  # succeeded | retried | failed | timeout | suspended
     parent_id: int | None = None
+    uncharged: int = 0
     wait_ids: list[int] = field(default_factory=list)  # suspended: the children it waits for
     policy: str = ""
 
@@ -104,10 +135,30 @@ class _Buffers:
     outcomes: list[_Outcome] = field(default_factory=list)
 
 
+#: Writes some outcomes of one worker in one statement; returns the ids written.
+Writer = Callable[[list["_Outcome"]], Awaitable[set[int]]]
+
+
 def retry_delay(attempt: int, base: float, backoff: float, cap: float) -> float:
     """Exponential backoff with +-10 % jitter, capped; attempt counts from 1."""
-    raw = base * backoff ** max(0, attempt - 1)
+    raw = base * backoff ** min(max(0, attempt - 1), 64)
     return min(cap, raw) * random.uniform(0.9, 1.1)
+
+
+def bounded_delay(delay: float) -> float:
+    """A retry delay the database can add to now(): finite, 0 s to a year."""
+    d = float(delay)
+    if math.isnan(d):
+        return validation.DELAY_MAX
+    return min(max(0.0, d), validation.DELAY_MAX)
+
+
+def _clean(text: object, *, tail: bool = False, limit: int = ERROR_MAX_CHARS) -> str:
+    try:
+        s = text if isinstance(text, str) else str(text)
+    except Exception as exc:  # a __str__ that raises
+        s = f"<unprintable {type(text).__name__}: {type(exc).__name__}>"
+    return validation.clean_text(s, limit, keep="tail" if tail else "head")
 
 
 class Worker:
@@ -137,6 +188,11 @@ class Worker:
         # Held while free slots are counted and claimed, by the claim loop or by the
         # flusher claiming with its completions: two claims must not fill one slot.
         self._claim_lock = asyncio.Lock()
+        self._orphans_reported = False
+        # Tasks whose outcome could not be written at all: still running under this
+        # worker in the database, and never handed back as orphans (they ran).
+        self._abandoned: set[int] = set()
+        self._loop_beat = time.monotonic()
         self._store: Store | None = None
         self.lease: leases.Lease | None = None
         self.subprocs = subprocs.Pool(
@@ -182,6 +238,41 @@ class Worker:
     def _on_lease_lost(self, why: str) -> None:
         self._lost.set()
 
+    def _on_gone(self, gone: list[tuple[int, int, str]]) -> None:
+        """The heartbeat found these runs no longer running under this worker: drop them."""
+        wid = self.worker_id
+        for task_id, attempt, status in gone:
+            run = self._running.get(task_id)
+            if run is None or run.worker_id != wid or run.ctx.attempt != attempt:
+                continue
+            if run.task is None or run.task.done():
+                continue  # finished: its outcome is being written (and fenced if need be)
+            if self._drop(run, "cancelled" if status == "cancelled" else f"taken away ({status})"):
+                log.warning("task %d attempt %d is %s in the database: stopped its handler",
+                            task_id, attempt, status)  # fmt: skip
+
+    def _on_orphans(self, _pairs: list[tuple[int, int]]) -> None:
+        """The heartbeat found tasks running under this worker that it does not run."""
+        self._orphans_reported = True
+        self._wake.set()  # the claim loop hands them back under its claim lock
+
+    def _running_pairs(self, wid: uuid.UUID) -> list[tuple[int, int]]:
+        """(task, attempt) of every run of worker ``wid`` (called from the lease thread)."""
+        runs = self._running.copy()  # one C-level copy: safe against the loop changing it
+        return [(tid, r.ctx.attempt) for tid, r in runs.items() if r.worker_id == wid]
+
+    def _stall_limit(self) -> float:
+        """How long the loop may go without running before the process exits (lease thread)."""
+        runs = self._running.copy()
+        longest = max((r.timeout for r in runs.values()), default=self.settings.default_timeout)
+        return longest + self.settings.lease_ttl
+
+    async def _tick(self) -> None:
+        """Proves to the lease thread's watchdog that this loop runs."""
+        while True:
+            self._loop_beat = time.monotonic()
+            await asyncio.sleep(TICK_S)
+
     # -- main ------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event | None = None, force: asyncio.Event | None = None) -> None:
@@ -195,26 +286,29 @@ class Worker:
         for td in self.app.handlers.values():
             if td.concurrency:
                 self._sems[td.name] = asyncio.Semaphore(td.concurrency)
-        self.lease = leases.Lease(
-            self.store, self.settings, self.queues, self.concurrency,
-            on_lost=self._on_lease_lost, on_due=self.wake,
+        hooks = leases.LeaseHooks(
+            on_lost=self._on_lease_lost, on_due=self.wake, on_gone=self._on_gone,
+            on_orphans=self._on_orphans, running=self._running_pairs,
+            loop_beat=lambda: self._loop_beat, stall_limit=self._stall_limit,
         )  # fmt: skip
-        await retry_connection_errors(self.lease.register, what="registering the worker")
-        log.info(
-            "worker %s (pod %s) serving queues %s with %d slots",
-            self.worker_id, self.lease.pod_id, ",".join(self.queues), self.concurrency,
-        )  # fmt: skip
-        hb_stop = asyncio.Event()
-        side = {
-            "heartbeat": asyncio.create_task(self.lease.run(hb_stop), name="kubetasks-heartbeat"),
-            "listener": asyncio.create_task(self._listen(stop), name="kubetasks-listener"),
-            "flusher": asyncio.create_task(self._flusher(), name="kubetasks-flusher"),
-            "claimer": asyncio.create_task(self._claim_loop(), name="kubetasks-claimer"),
-        }
-        self._claiming = True
-        self._wake.set()
-        self.ready.set()
+        self.lease = leases.Lease(self.settings, self.queues, self.concurrency, hooks)
+        side: dict[str, asyncio.Task[None]] = {}
         try:
+            await retry_connection_errors(self.lease.register, what="registering the worker")
+            log.info(
+                "worker %s (pod %s) serving queues %s with %d slots",
+                self.worker_id, self.lease.identity, ",".join(self.queues), self.concurrency,
+            )  # fmt: skip
+            side = {
+                "ticker": asyncio.create_task(self._tick(), name="kubetasks-ticker"),
+                "listener": asyncio.create_task(self._listen(stop), name="kubetasks-listener"),
+                "flusher": asyncio.create_task(self._flusher(), name="kubetasks-flusher"),
+                "claimer": asyncio.create_task(self._claim_loop(), name="kubetasks-claimer"),
+            }
+            self.lease.arm_watchdog()
+            self._claiming = True
+            self._wake.set()
+            self.ready.set()
             while True:
                 stop_w = asyncio.create_task(stop.wait())
                 lost_w = asyncio.create_task(self._lost.wait())
@@ -225,21 +319,16 @@ class Worker:
                 if stop.is_set():
                     break  # the listener also ends on stop: that is no failure
                 for name, t in side.items():
-                    if t in done and name != "heartbeat":
+                    if t in done:
                         exc = t.exception() if not t.cancelled() else None
                         how = "was cancelled" if t.cancelled() else "returned" if exc is None else "failed"
                         raise RuntimeError(f"worker side task {name} {how} unexpectedly") from exc
-                if self._lost.is_set() or side["heartbeat"].done():
+                if self._lost.is_set():
                     await self._fence_and_reregister(stop)
                     if stop.is_set():
                         break
-                    hb_stop = asyncio.Event()
-                    side["heartbeat"] = asyncio.create_task(
-                        self.lease.run(hb_stop), name="kubetasks-heartbeat"
-                    )
             await self._shutdown(force)
         finally:
-            hb_stop.set()
             self._stopping = True
             self._wake.set()
             self._flush.set()
@@ -254,6 +343,7 @@ class Worker:
                     run.task.cancel()
             self.subprocs.kill_all()
             subprocs.CURRENT.reset(sync_token)
+            await self.lease.stop()
 
     async def _fence_and_reregister(self, stop: asyncio.Event) -> None:
         """Our lease is gone: stop, drop what runs, then come back as a new worker."""
@@ -352,22 +442,31 @@ class Worker:
             self._wake.clear()
             if self._timer_at is not None and self._timer_at <= loop.time():
                 self._timer_at = None
+            if self._orphans_reported and not self._stopping:
+                self._orphans_reported = False
+                async with self._claim_lock:
+                    await self._release_orphans()
             if not self._claiming or self._stopping:
                 continue
-            try:
-                async with self._claim_lock:
+            failed: BaseException | None = None
+            async with self._claim_lock:
+                try:
                     free = self.concurrency - len(self._running)
                     if free <= 0:
                         continue
                     full = await self._claim(free)
-                error_delay = 0.1
-            except DB_ERRORS as exc:
-                log.warning("claim failed (%r); retrying", exc)
+                except DB_ERRORS as exc:
+                    failed = exc
+                    # The claim may have committed unseen. Hand back what we do not run
+                    # while still holding the lock: no other claim of ours is in flight.
+                    await self._release_orphans()
+            if failed is not None:
+                log.warning("claim failed (%r); retrying", failed)
                 await asyncio.sleep(error_delay)
                 error_delay = min(error_delay * 2, 2.0)
-                await self._release_orphans()
                 self._wake.set()
                 continue
+            error_delay = 0.1
             if full:
                 self._wake.set()
 
@@ -416,18 +515,22 @@ class Worker:
         return limited, blocked
 
     async def _release_orphans(self) -> None:
-        """After a failed claim the UPDATE may have committed unseen: hand back what we do not run."""
+        """Hand back tasks running under this worker that it does not run (a claim whose
+        reply was lost). Call with ``_claim_lock`` held: a claim in flight has committed
+        tasks that are not in ``_running`` yet, and must not be mistaken for orphans."""
+        assert self._claim_lock.locked()
         if self.lease is None or self.lease.lost:
             return
+        keep = [*self._running, *self._abandoned]
         try:
-            n = await self.store.run(
-                "release_orphans", self.worker_id, list(self._running), "claim reply lost"
-            )
+            n = await self.store.run("release_orphans", self.worker_id, keep, "claim reply lost")
         except DB_ERRORS as exc:
             log.warning("could not check for orphaned claims (%r); retrying later", exc)
+            self._orphans_reported = True
             self._wake.set()
             return
         if n:
+            self.stats.orphans_released += int(n)
             log.warning("handed back %d task(s) claimed by a statement whose reply was lost", n)
 
     def _start(self, r: asyncpg.Record, wid: uuid.UUID) -> None:
@@ -437,10 +540,12 @@ class Worker:
             id=r["id"], handler=r["handler"], queue=r["queue"], payload=r["payload"],
             attempt=r["attempt"], max_attempts=r["max_attempts"], priority=r["priority"],
             tags=list(r["tags"]), worker_id=str(wid), pod_id=self.settings.pod_id,
-            parent_id=r["parent_id"], _writer=self._write_progress, _app=self.app,
+            parent_id=r["parent_id"], uncharged=r.get("uncharged") or 0,
+            _writer=self._write_progress, _app=self.app,
         )  # fmt: skip
-        run = _Run(ctx=ctx, worker_id=wid, handler=r["handler"])
+        run = _Run(ctx=ctx, worker_id=wid, handler=r["handler"], timeout=float(r["timeout_s"]))
         self._running[ctx.id] = run
+        self._abandoned.discard(ctx.id)
         self._per_handler[run.handler] += 1
         run.task = asyncio.create_task(self._execute(run, r), name=f"kubetasks-task-{ctx.id}")
 
@@ -453,7 +558,7 @@ class Worker:
         try:
             n = await self.store.run(
                 "set_progress", ctx.id, ctx.attempt, run.worker_id, percent,
-                None if message is None else message[:ERROR_MAX_CHARS],
+                None if message is None else _clean(message),
             )  # fmt: skip
         except DB_ERRORS as exc:
             log.warning("progress of task %d not written (%r)", ctx.id, exc)
@@ -477,52 +582,76 @@ class Worker:
             log.warning("fenced_out event(s) not recorded (%r)", exc)
 
     async def _execute(self, run: _Run, row: asyncpg.Record) -> None:
+        """Run the handler and queue its outcome; the slot is freed whatever happens."""
         ctx = run.ctx
-        started = time.monotonic()
-        td: TaskDef | None = self.app.handlers.get(ctx.handler)
-        out = _Outcome(
-            task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, handler=ctx.handler,
-            queue=ctx.queue, parent_id=ctx.parent_id,
-        )  # fmt: skip
+        queued = False
         try:
-            if td is None:
-                known = ", ".join(sorted(self.app.handlers)) or "(none registered)"
-                raise Fail(f"unknown handler {ctx.handler!r}; known handlers: {known}")
-            sem = self._sems.get(td.name)
-            async with sem if sem is not None else contextlib.nullcontext():
-                async with asyncio.timeout(float(row["timeout_s"])):
-                    result = await call_handler(td, ctx)
-            try:
-                out.result = validation.to_json("result", result, self.settings.max_payload_bytes)
-            except ValidationError as exc:
-                raise Fail(f"handler returned a result that cannot be stored: {exc}") from None
+            out = await self._run_handler(run, row)
+            if out is not None and run.dropped is None:
+                try:
+                    await ctx.close()
+                except DB_ERRORS as exc:
+                    log.warning("last progress of task %d not written (%r)", ctx.id, exc)
+                if run.dropped is None:
+                    self._outcomes.append(out)
+                    queued = True
+                    self._flush.set()
         except asyncio.CancelledError:
             if run.dropped is None:
                 raise
-            self._finish(ctx.id)
-            return  # the task was taken away: write nothing
-        except TimeoutError:
-            self._set_failure(out, row, f"timed out after {float(row['timeout_s']):g}s", None, "timeout")
-        except Retry as exc:
-            self._set_failure(out, row, exc.message, None, "retried", delay=exc.delay, force_retry=True)
-        except Fail as exc:
-            self._set_failure(out, row, exc.message, None, "failed", no_retry=True)
-        except Suspend as sus:
-            # Waiting for children: written suspended, attempt handed back, slot freed.
-            out.kind, out.wait_ids, out.policy = "suspended", sus.child_ids, sus.policy
-        except Exception as exc:
-            tb = traceback.format_exc()
-            self._set_failure(out, row, f"{type(exc).__name__}: {exc}", tb, "retried")
-        metrics.task_counters(ctx.handler, ctx.queue).run_duration.observe(time.monotonic() - started)
-        if run.dropped is not None:
-            self._finish(ctx.id)
-            return
+        finally:
+            if not queued:
+                self._finish(ctx.id)  # taken away (nothing to write) or torn down
+
+    async def _run_handler(self, run: _Run, row: asyncpg.Record) -> _Outcome | None:
+        """The handler's outcome; None when the run was taken away (nothing is written)."""
+        ctx = run.ctx
+        started = time.monotonic()
+        out = _Outcome(
+            task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, handler=ctx.handler,
+            queue=ctx.queue, parent_id=ctx.parent_id, uncharged=ctx.uncharged,
+        )  # fmt: skip
         try:
-            await ctx.close()
-        except DB_ERRORS as exc:
-            log.warning("last progress of task %d not written (%r)", ctx.id, exc)
-        self._outcomes.append(out)
-        self._flush.set()
+            try:
+                td: TaskDef | None = self.app.handlers.get(ctx.handler)
+                if td is None:
+                    known = ", ".join(sorted(self.app.handlers)) or "(none registered)"
+                    raise Fail(f"unknown handler {ctx.handler!r}; known handlers: {known}")
+                sem = self._sems.get(td.name)
+                async with sem if sem is not None else contextlib.nullcontext():
+                    async with asyncio.timeout(run.timeout):
+                        result = await call_handler(td, ctx)
+                try:
+                    out.result = validation.to_json("result", result, self.settings.max_payload_bytes)
+                except ValidationError as exc:
+                    raise Fail(f"handler returned a result that cannot be stored: {exc}") from None
+            except asyncio.CancelledError:
+                if run.dropped is not None:
+                    return None  # the task was taken away: write nothing
+                # Cancelled from inside the handler, not by us: an ordinary failure.
+                self._set_failure(out, row, "the handler was cancelled", traceback.format_exc(), "retried")
+            except TimeoutError:
+                self._set_failure(out, row, f"timed out after {run.timeout:g}s", None, "timeout")
+            except Retry as exc:
+                self._set_failure(out, row, exc.message, None, "retried", delay=exc.delay, force_retry=True)
+            except Fail as exc:
+                self._set_failure(out, row, exc.message, None, "failed", no_retry=True)
+            except Suspend as sus:
+                # Waiting for children: written suspended, attempt handed back, slot freed.
+                out.kind, out.wait_ids, out.policy = "suspended", sus.child_ids, sus.policy
+            except BaseException as exc:  # SystemExit and KeyboardInterrupt from a handler too
+                self._set_failure(out, row, f"{type(exc).__name__}: {exc}", traceback.format_exc(), "retried")
+        except Exception as exc:
+            # Recording the outcome itself failed (a Retry/Fail subclass with odd
+            # attributes, an exception whose __str__ raises): the task still fails.
+            log.exception("could not record the outcome of task %d attempt %d", ctx.id, ctx.attempt)
+            out = _Outcome(
+                task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, handler=ctx.handler,
+                queue=ctx.queue, parent_id=ctx.parent_id, uncharged=ctx.uncharged, kind="failed",
+                error=_clean(f"could not record the handler's outcome: {type(exc).__name__}: {exc}"),
+            )  # fmt: skip
+        metrics.task_counters(ctx.handler, ctx.queue).run_duration.observe(time.monotonic() - started)
+        return None if run.dropped is not None else out
 
     def _set_failure(
         self,
@@ -536,21 +665,22 @@ class Worker:
         no_retry: bool = False,
         force_retry: bool = False,
     ) -> None:
-        out.error = error[:ERROR_MAX_CHARS]
-        out.tb = None if tb is None else tb[-ERROR_MAX_CHARS * 4 :]
-        attempts_left = out.attempt < int(row["max_attempts"])
-        if no_retry or not attempts_left:
+        out.error = _clean(error)
+        out.tb = None if tb is None else _clean(tb, tail=True, limit=ERROR_MAX_CHARS * 4)
+        spent = out.attempt - out.uncharged
+        max_attempts = int(row["max_attempts"])
+        if no_retry or spent >= max_attempts:
             out.delay = None
             out.kind = "timeout" if kind == "timeout" else "failed"
-            if not no_retry and not attempts_left and force_retry:
-                out.error = f"{out.error} (no attempts left: {out.attempt} of {row['max_attempts']})"
+            if not no_retry and force_retry:
+                out.error = _clean(f"{out.error} (no attempts left: {spent} of {max_attempts})")
             return
         if delay is None:
             delay = retry_delay(
-                out.attempt, float(row["retry_delay_s"]), float(row["retry_backoff"]),
+                spent, float(row["retry_delay_s"]), float(row["retry_backoff"]),
                 float(row["max_retry_delay_s"]),
             )  # fmt: skip
-        out.delay = max(0.0, float(delay))
+        out.delay = bounded_delay(delay)
         out.kind = "timeout" if kind == "timeout" else "retried"
 
     # -- writing outcomes --------------------------------------------------
@@ -567,26 +697,38 @@ class Worker:
         delay = 0.05
         while self._outcomes:
             batch, self._outcomes = self._outcomes, []
-            try:
-                await self._write_batch(batch)
+            again, exc = await self._write_batch(batch)
+            if not again:
                 delay = 0.05
-            except DB_ERRORS as exc:
-                self._outcomes[:0] = batch
-                if end is not None and loop.time() > end:
-                    log.error("dropping %d unwritten outcome(s) at shutdown: %r", len(batch), exc)
-                    self._outcomes.clear()
-                    for o in batch:
-                        self._finish(o.task_id)
-                    return
-                log.warning("writing %d outcome(s) failed (%r); retrying", len(batch), exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                continue
+            self._outcomes[:0] = again
+            if end is not None and loop.time() > end:
+                log.error("dropping %d unwritten outcome(s) at shutdown: %r", len(again), exc)
+                self._outcomes.clear()
+                for o in again:
+                    self._finish(o.task_id)
+                return
+            log.warning("writing %d outcome(s) failed (%r); retrying", len(again), exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
-    async def _write_batch(self, batch: list[_Outcome]) -> None:
+    async def _write_batch(self, batch: list[_Outcome]) -> tuple[list[_Outcome], BaseException | None]:
+        """Write a batch, statement by statement; the outcomes to send again (their
+        statement failed on the connection) and the last such error."""
         by_worker: dict[uuid.UUID, list[_Outcome]] = {}
         for o in batch:
             by_worker.setdefault(o.worker_id, []).append(o)
         written: set[int] = set()
+        again: list[_Outcome] = []
+        errors: list[BaseException] = []
+        wake = True
+
+        async def guarded(write: Writer, outs: list[_Outcome], one: Writer | None = None) -> None:
+            w, a, e = await self._guarded(write, outs, one or write)
+            written.update(w)
+            again.extend(a)
+            errors.extend(e)
+
         claim_with: list[_Outcome] = []
         for wid, outs in by_worker.items():
             ok = [o for o in outs if o.kind == "succeeded"]
@@ -599,33 +741,32 @@ class Worker:
             if ok and wid == self.worker_id and self._claiming and not self._stopping:
                 claim_with = ok  # written last, together with the next claim
             elif ok:
-                written.update((await self._run_claim(wid, self.queues[0], 0, [], ok))[0])
+                await guarded(self._successes_writer(wid), ok)
             if bad:
-                rows = await self.store.run(
-                    "complete_unsuccessful", wid, [o.task_id for o in bad], [o.attempt for o in bad],
-                    [o.delay for o in bad], [o.error for o in bad], [o.tb for o in bad],
-                    [o.kind for o in bad],
-                )  # fmt: skip
-                written.update(r["id"] for r in rows)
+                await guarded(self._failures_writer(wid), bad)
             if sus:
-                rows = await self.store.run(
-                    "suspend_tasks", wid, [o.task_id for o in sus], [o.attempt for o in sus],
-                    json.dumps([o.wait_ids for o in sus]), [o.policy for o in sus],
-                )  # fmt: skip
-                written.update(r["id"] for r in rows)
-        wake = True
+                await guarded(self._suspend_writer(wid), sus)
         if claim_with:
-            written_now, wake = await self._complete_and_claim(claim_with, len(batch))
-            written.update(written_now)
+
+            async def with_claim(outs: list[_Outcome]) -> set[int]:
+                nonlocal wake
+                done, wake = await self._complete_and_claim(outs, len(batch))
+                return done
+
+            await guarded(with_claim, claim_with, self._successes_writer(self.worker_id))
         self.stats.flush_batches += 1
+        retry_ids = {id(o) for o in again}
+        settled = [o for o in batch if id(o) not in retry_ids]
         fenced: dict[uuid.UUID, list[tuple[int, int, str]]] = {}
-        for o in batch:
-            if o.task_id not in written:
+        for o in settled:
+            if o.task_id not in written and o.kind != "abandoned":
                 fenced.setdefault(o.worker_id, []).append((o.task_id, o.attempt, f"outcome {o.kind}"))
         for wid, items in fenced.items():
             await self._record_fenced(wid, items)
-        for o in batch:
-            if o.kind == "suspended" and o.task_id in written:
+        for o in settled:
+            if o.kind == "abandoned":
+                self._abandoned.add(o.task_id)
+            elif o.kind == "suspended" and o.task_id in written:
                 self.stats.suspended += 1
             elif o.task_id in written:
                 metrics.record_outcome(o.handler, o.queue, o.kind, o.delay is not None)
@@ -650,11 +791,85 @@ class Worker:
         # A slot of a cluster-limited handler opened: peers may be waiting for it.
         limited_queues = {
             o.queue
-            for o in batch
+            for o in settled
             if (td := self.app.handlers.get(o.handler)) is not None and td.cluster_concurrency
         }
         for q in limited_queues:
-            await self.store.run("wake_queue", q)
+            with contextlib.suppress(*DB_ERRORS):
+                await self.store.run("wake_queue", q)
+        return again, errors[-1] if errors else None
+
+    async def _guarded(
+        self, write: Writer, outs: list[_Outcome], one: Writer
+    ) -> tuple[set[int], list[_Outcome], list[BaseException]]:
+        """Run ``write``; on a data error write the rows one by one with ``one``, and a
+        row that still fails as a failure saying why. Returns the written ids, the
+        outcomes to send again (a connection error) and those errors."""
+        try:
+            return await write(outs), [], []
+        except DATA_ERRORS as exc:
+            if len(outs) == 1 and write is one:
+                return await self._write_unstorable(outs[0], exc)
+            written: set[int] = set()
+            again: list[_Outcome] = []
+            errors: list[BaseException] = []
+            for o in outs:
+                w, a, e = await self._guarded(one, [o], one)
+                written |= w
+                again += a
+                errors += e
+            return written, again, errors
+        except DB_ERRORS as exc:
+            return set(), outs, [exc]
+
+    async def _write_unstorable(
+        self, o: _Outcome, exc: BaseException
+    ) -> tuple[set[int], list[_Outcome], list[BaseException]]:
+        """An outcome the database refuses as it is: written as a failure with a clean error
+        (the attempt counts); one it still refuses is abandoned (the task stays running
+        under this worker, and is never handed back as an orphan)."""
+        self.stats.unstorable += 1
+        was = o.kind
+        o.kind, o.delay, o.result, o.tb, o.wait_ids = "failed", None, None, None, []
+        o.error = _clean(f"outcome could not be stored ({was}): {type(exc).__name__}: {exc}")
+        log.error("outcome of task %d attempt %d could not be stored (%s): %r; writing it as failed",
+                  o.task_id, o.attempt, was, exc)  # fmt: skip
+        try:
+            return await self._failures_writer(o.worker_id)([o]), [], []
+        except DATA_ERRORS as exc2:
+            log.error("task %d attempt %d: even its failure cannot be stored (%r); leaving it running "
+                      "under worker %s", o.task_id, o.attempt, exc2, o.worker_id)  # fmt: skip
+            o.kind = "abandoned"
+            return set(), [], []
+        except DB_ERRORS as exc2:
+            return set(), [o], [exc2]
+
+    def _successes_writer(self, wid: uuid.UUID) -> Writer:
+        async def write(outs: list[_Outcome]) -> set[int]:
+            return (await self._run_claim(wid, self.queues[0], 0, [], outs))[0]
+
+        return write
+
+    def _failures_writer(self, wid: uuid.UUID) -> Writer:
+        async def write(outs: list[_Outcome]) -> set[int]:
+            rows = await self.store.run(
+                "complete_unsuccessful", wid, [o.task_id for o in outs], [o.attempt for o in outs],
+                [o.delay for o in outs], [o.error for o in outs], [o.tb for o in outs],
+                [o.kind for o in outs],
+            )  # fmt: skip
+            return {r["id"] for r in rows}
+
+        return write
+
+    def _suspend_writer(self, wid: uuid.UUID) -> Writer:
+        async def write(outs: list[_Outcome]) -> set[int]:
+            rows = await self.store.run(
+                "suspend_tasks", wid, [o.task_id for o in outs], [o.attempt for o in outs],
+                json.dumps([o.wait_ids for o in outs]), [o.policy for o in outs],
+            )  # fmt: skip
+            return {r["id"] for r in rows}
+
+        return write
 
     async def _complete_and_claim(self, ok: list[_Outcome], ending: int) -> tuple[set[int], bool]:
         """Write successes of the current worker and claim the next tasks in one statement.
@@ -676,7 +891,8 @@ class Worker:
             try:
                 written, _ = await self._run_claim(wid, self.queues[0], free, blocked, ok)
             except DB_ERRORS:
-                # The statement may have committed unseen: what it claimed is handed back.
+                # The statement may have committed unseen: what it claimed is handed back
+                # (we still hold the claim lock, so no other claim of ours is in flight).
                 await self._release_orphans()
                 raise
             self.stats.claims_with_outcomes += 1

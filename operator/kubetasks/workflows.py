@@ -69,7 +69,7 @@ class WorkflowNode:
     parent_id: int | None
     handler: str
     status: str
-    attempt: int
+    attempt: int  # the latest run's number
     run_s: float
     created_at: datetime
     finished_at: datetime | None
@@ -83,6 +83,7 @@ class WorkflowNode:
     depth: int = 0
     children: list[WorkflowNode] = field(default_factory=list)
     on_critical_path: bool = False
+    uncharged: int = 0  # runs that did not count as attempts (suspensions, graceful releases)
 
     @classmethod
     def from_row(cls, r: Mapping[str, Any]) -> WorkflowNode:
@@ -92,6 +93,7 @@ class WorkflowNode:
             handler=r["handler"],
             status=r["status"],
             attempt=int(r.get("attempt") or 0),
+            uncharged=int(r.get("uncharged") or 0),
             run_s=float(r.get("run_s") or 0.0),
             created_at=r["created_at"],
             finished_at=r.get("finished_at"),
@@ -247,7 +249,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], now: datetime | None = None) ->
         tasks=len(nodes),
         total_s=sum(n.run_s for n in nodes),
         wall_s=max(0.0, (end - root.created_at).total_seconds()),
-        retries=sum(max(0, n.attempt - 1) for n in nodes),
+        retries=sum(max(0, n.attempt - n.uncharged - 1) for n in nodes),
         critical_path=cp,
         critical_path_s=cp_s,
     )

@@ -102,22 +102,6 @@ class TestClaim:
             await conn.close()
         assert rows == []
 
-    async def test_claim_leaves_the_session_committing_synchronously(self, app: App, db_url: str) -> None:
-        """The claim commits without waiting for the WAL flush, for its own transaction only:
-        the pooled connection goes on committing completions synchronously."""
-        app.register("solo", noop)
-        await app.enqueue("solo", {})
-        conn = await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
-        try:
-            wid = await register_raw_worker(conn, "pod-s")
-            await conn.execute("SET synchronous_commit = on")  # the test server may run with it off
-            claim = app.store.queries["claim"].sql
-            rows = await conn.fetch(claim, wid, "pod-s", "default", 10, [], [], [], [])
-            assert len(rows) == 1
-            assert await conn.fetchval("SHOW synchronous_commit") == "on"
-        finally:
-            await conn.close()
-
     async def test_completions_claim_the_next_batch_within_the_concurrency(self, app: App) -> None:
         """A busy worker claims with its completions: never more running than its concurrency,
         per-handler limits still hold, and every task runs once."""

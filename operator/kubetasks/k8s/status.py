@@ -95,7 +95,8 @@ def status_of(row: asyncpg.Record | dict[str, Any], children: dict[str, int] | N
         "phase": phase,
         "taskId": str(row["id"]),
         "queue": row["queue"],
-        "attempts": row["attempt"],
+        # attempt is the latest run's number; attempts_spent what counts against maxAttempts
+        "attempts": row.get("attempts_spent", row["attempt"]),
         "pod": row["pod_id"] or "",
         "startedAt": _ts(row["started_at"]),
         "finishedAt": _ts(row["finished_at"]),

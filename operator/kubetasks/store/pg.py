@@ -50,6 +50,20 @@ async def connect_listener(dsn: str) -> asyncpg.Connection:
     return conn
 
 
+#: The server probes a quiet lease connection, so the slot lock of a process
+#: whose host vanished (no FIN ever arrives) is freed within about 40 s.
+LEASE_KEEPALIVES = {"tcp_keepalives_idle": "20", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "4"}
+
+
+async def connect_lease(dsn: str) -> asyncpg.Connection:
+    """The lease connection: heartbeats, and the session-level advisory lock that
+    says this process is alive (see ``leases``). It must reach PostgreSQL itself:
+    a transaction-pooling proxy would hand the lock to whichever client is next."""
+    conn = await asyncpg.connect(dsn, server_settings={**SERVER_SETTINGS, **LEASE_KEEPALIVES})
+    await _init_connection(conn)
+    return conn
+
+
 CONNECTION_ERRORS = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,

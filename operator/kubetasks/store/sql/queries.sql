@@ -52,27 +52,35 @@ SELECT id FROM tasks WHERE cr_uid = $1;
 -- $1 worker_id, $2 pod_id, $3 queue, $4 how many, $5 handlers not to take now,
 -- $6 task ids, $7 attempts, $8 results (json text): successes of this worker to
 -- write first, in the same statement (empty arrays: none).
--- Writes the successes, fenced: a row is written only while it is still this
--- attempt of this worker and running (the attempt record is the task row itself,
--- see task_attempts_all). Then takes the due pending tasks of one queue in claim
+-- First holds the worker's row FOR KEY SHARE (`me`), refusing everything when
+-- the worker is no longer live: whatever declares a worker dead or superseded
+-- locks that row FOR UPDATE, so it either waits for this statement's commit
+-- (and then sees, and releases, what it claimed) or this statement waits for
+-- it and finds the worker gone. The tests on `me` are uncorrelated, so the
+-- planner puts them in one-time filters evaluated before any task row is
+-- locked: the worker row is always locked first. Then writes the successes,
+-- fenced: a row is written only while it is still this attempt of this worker
+-- and running (the attempt record is the task row itself, see
+-- task_attempts_all). Then takes the due pending tasks of one queue in claim
 -- order, for a worker whose lease is live, unless the queue is paused, and
--- counts the attempt. One statement, so a busy worker pays one round trip and one
+-- counts the attempt with a new number (the fencing token: never lowered, so
+-- never reused). One statement, so a busy worker pays one round trip and one
 -- commit per batch; the two sets cannot meet (running vs pending). Rows: the
 -- written ids with `claimed` false, then the claimed tasks with `claimed` true.
--- A claim with no successes commits without waiting for the WAL flush
--- (synchronous_commit off for this transaction only): a claim lost in a server
--- crash leaves its tasks pending, to be claimed again, and a completion's
--- synchronous commit flushes the WAL up to itself, so no durable outcome can
--- follow a claim that was not made durable.
-WITH sync AS MATERIALIZED (
-    SELECT set_config('synchronous_commit', CASE WHEN cardinality($6::bigint[]) = 0 THEN 'off'
-                                                 ELSE current_setting('synchronous_commit') END, true) AS v
+-- The commit is synchronous, like every write: a claim lost in a crash or a
+-- failover would let the same attempt number start twice.
+WITH me AS MATERIALIZED (
+    SELECT w.status = 'active' AND w.lease_expires_at > now() AS may_claim
+    FROM workers w
+    WHERE w.worker_id = $1 AND w.status IN ('active', 'stopping')
+    FOR KEY SHARE
 ), done AS (
     UPDATE tasks t
     SET status = 'succeeded', result = c.result::jsonb, finished_at = now(), updated_at = now(),
         error = NULL, traceback = NULL
     FROM unnest($6::bigint[], $7::int[], $8::text[]) AS c(id, attempt, result)
     WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
+      AND EXISTS (SELECT 1 FROM me)
     RETURNING t.id
 ), picked AS (
     SELECT id FROM tasks
@@ -85,18 +93,19 @@ WITH sync AS MATERIALIZED (
     UPDATE tasks t
     SET status = 'running', attempt = t.attempt + 1, worker_id = $1, pod_id = $2,
         started_at = now(), updated_at = now(), progress = NULL, progress_message = NULL
-    FROM picked, sync
+    FROM picked
     WHERE t.id = picked.id
-      AND EXISTS (SELECT 1 FROM workers w
-                  WHERE w.worker_id = $1 AND w.status = 'active' AND w.lease_expires_at > now())
+      AND coalesce((SELECT may_claim FROM me), false)
       AND NOT EXISTS (SELECT 1 FROM queue_state q WHERE q.queue = $3 AND q.paused)
     RETURNING t.id, t.handler, t.queue, t.priority, t.payload, t.attempt, t.max_attempts,
-              t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags, t.parent_id
+              t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags, t.parent_id,
+              t.uncharged
 )
 SELECT false AS claimed, id, NULL::text AS handler, NULL::text AS queue, NULL::integer AS priority,
        NULL::jsonb AS payload, NULL::integer AS attempt, NULL::integer AS max_attempts,
        NULL::float8 AS timeout_s, NULL::float8 AS retry_delay_s, NULL::float8 AS retry_backoff,
-       NULL::float8 AS max_retry_delay_s, NULL::text[] AS tags, NULL::bigint AS parent_id
+       NULL::float8 AS max_retry_delay_s, NULL::text[] AS tags, NULL::bigint AS parent_id,
+       NULL::integer AS uncharged
 FROM done
 UNION ALL
 SELECT true, * FROM claimed;
@@ -104,18 +113,26 @@ SELECT true, * FROM claimed;
 -- name: complete_unsuccessful :many
 -- $1 worker_id, $2 task ids, $3 attempts, $4 retry delays in seconds (NULL: no
 -- retry, the task fails), $5 errors, $6 tracebacks, $7 attempt outcomes
--- (retried | failed | timeout). Fenced like the successes of claim. Each is an event
--- (retried, or failed), unlike a success, which the task row alone records.
-WITH done AS (
+-- (retried | failed | timeout). Fenced like the successes of claim, and like
+-- them refused when the worker is no longer live (its row is locked first, see
+-- claim). Each is an event (retried, or failed), unlike a success, which the
+-- task row alone records. A retry of a task with no charged attempt left fails
+-- it, and a delay is held within 0 s..1 year whatever the caller sent.
+WITH me AS MATERIALIZED (
+    SELECT 1 FROM workers w WHERE w.worker_id = $1 AND w.status IN ('active', 'stopping') FOR KEY SHARE
+), done AS (
     UPDATE tasks t
-    SET status = CASE WHEN c.delay IS NULL THEN 'failed' ELSE 'pending' END,
+    SET status = CASE WHEN c.delay IS NULL OR t.attempt - t.uncharged >= t.max_attempts
+                      THEN 'failed' ELSE 'pending' END,
         run_at = CASE WHEN c.delay IS NULL THEN t.run_at
-                      ELSE now() + make_interval(secs => c.delay) END,
-        finished_at = CASE WHEN c.delay IS NULL THEN now() END,
+                      ELSE now() + make_interval(secs => least(greatest(c.delay, 0), 31536000)) END,
+        finished_at = CASE WHEN c.delay IS NULL OR t.attempt - t.uncharged >= t.max_attempts
+                           THEN now() END,
         error = c.error, traceback = c.tb, updated_at = now()
     FROM unnest($2::bigint[], $3::int[], $4::float8[], $5::text[], $6::text[], $7::text[])
          AS c(id, attempt, delay, error, tb, outcome)
     WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
+      AND EXISTS (SELECT 1 FROM me)
     RETURNING t.id, t.attempt, t.pod_id, t.started_at, c.outcome, c.error, t.status
 ), audit AS (
     INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome, error)
@@ -130,11 +147,14 @@ SELECT id FROM done;
 -- name: set_progress :val
 -- $1 task id, $2 attempt, $3 worker_id, $4 percent, $5 message. Fenced. A change
 -- of the percentage is an event (at most 101 per attempt, however often it is called).
-WITH before AS (
+-- Refused when the worker is no longer live (its row is locked first, see claim).
+WITH me AS MATERIALIZED (
+    SELECT 1 FROM workers w WHERE w.worker_id = $3 AND w.status IN ('active', 'stopping') FOR KEY SHARE
+), before AS (
     SELECT progress FROM tasks WHERE id = $1
 ), upd AS (
     UPDATE tasks SET progress = $4, progress_message = $5, updated_at = now()
-    WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND status = 'running'
+    WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND status = 'running' AND EXISTS (SELECT 1 FROM me)
     RETURNING pod_id
 ), events AS (
     INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
@@ -143,29 +163,44 @@ WITH before AS (
 )
 SELECT count(*) FROM upd;
 
+-- name: take_pod_slot :val
+-- $1 pod_id, $2 how many slots to try. Sent on the lease connection: the first
+-- slot whose session-level advisory lock is free, now held by this session for
+-- the life of the connection (NULL: live processes hold every slot).
+SELECT take_pod_slot($1, $2);
+
+-- name: retake_pod_slot :val
+-- $1 pod_id, $2 slot. On a new lease connection: true when this session holds
+-- the slot's lock again (false: another session holds it).
+SELECT pg_try_advisory_lock(pod_slot_key($1, $2));
+
 -- name: register_worker :one
--- $1 worker_id, $2 pod_id, $3 hostname, $4 pid, $5 queues, $6 concurrency, $7 lease ttl s.
-SELECT * FROM register_worker($1, $2, $3, $4, $5, $6, $7);
+-- $1 worker_id, $2 pod_id, $3 pod slot (its lock held by this session), $4 this
+-- process's previous worker (NULL: none; its tasks are handed back uncharged),
+-- $5 hostname, $6 pid, $7 queues, $8 concurrency, $9 lease ttl s, $10 seconds
+-- without any heartbeat after which every live lease is extended first.
+SELECT * FROM register_worker($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 
 -- name: heartbeat :one
--- $1 worker_id, $2 lease ttl s, $3 queues, $4 seconds of silence that make a peer suspect.
-SELECT * FROM heartbeat($1, $2, $3, $4);
+-- $1 worker_id, $2 lease ttl s, $3 queues, $4 seconds of silence that make a peer
+-- suspect, $5 seconds without any heartbeat that mean everyone lost the database
+-- (every live lease is extended before anything is reaped), $6 task ids and
+-- $7 attempts this process runs for the worker.
+SELECT * FROM heartbeat($1, $2, $3, $4, $5, $6, $7);
 
 -- name: reap_expired_workers :many
 -- Declares expired leases dead and releases their tasks.
 SELECT * FROM reap_expired_workers();
 
 -- name: release_worker :val
--- $1 worker_id, $2 count the attempt (false for a graceful release), $3 reason.
-SELECT release_worker_tasks($1, $2, $3);
+-- $1 worker_id, $2 lost | graceful | handback (see release_worker_tasks), $3 reason.
+SELECT release_worker_tasks($1, $2::text, $3);
 
--- name: stop_worker :exec
+-- name: stop_worker :val
 -- $1 worker_id, $2 final status (dead), $3 reason. Releases what it still holds
--- without counting the attempt, then ends the worker's lease.
-WITH rel AS (SELECT release_worker_tasks($1, false, $3) AS n)
-UPDATE workers SET status = $2, stopped_at = now(), stop_reason = $3
-FROM rel
-WHERE worker_id = $1 AND status IN ('active', 'stopping');
+-- (a graceful release: uncharged, except a task's 4th and later), then ends
+-- the worker's lease; returns how many tasks were released.
+SELECT stop_worker($1, $2, $3);
 
 -- name: set_worker_stopping :exec
 -- $1 worker_id. The worker stops claiming but keeps its lease while it drains.
@@ -219,9 +254,11 @@ SELECT queue FROM queue_state WHERE paused ORDER BY queue;
 SELECT previous, cancelled, descendants FROM cancel_tree($1, $2);
 
 -- name: retry_task :one
--- $1 task id. A failed or cancelled task starts over with fresh attempts.
+-- $1 task id. A failed or cancelled task starts over with fresh attempts (every
+-- attempt so far becomes uncharged: the numbers themselves are never reused).
 WITH upd AS (
-    UPDATE tasks SET status = 'pending', attempt = 0, run_at = now(), finished_at = NULL,
+    UPDATE tasks SET status = 'pending', uncharged = attempt, graceful_releases = 0, run_at = now(),
+                     finished_at = NULL,
                      error = NULL, traceback = NULL, result = NULL, updated_at = now()
     WHERE id = $1 AND status IN ('failed', 'cancelled')
     RETURNING id
@@ -231,9 +268,10 @@ WITH upd AS (
 SELECT id FROM upd;
 
 -- name: retry_failed_of_handler :val
--- $1 handler.
+-- $1 handler. As retry_task.
 WITH upd AS (
-    UPDATE tasks SET status = 'pending', attempt = 0, run_at = now(), finished_at = NULL,
+    UPDATE tasks SET status = 'pending', uncharged = attempt, graceful_releases = 0, run_at = now(),
+                     finished_at = NULL,
                      error = NULL, traceback = NULL, result = NULL, updated_at = now()
     WHERE handler = $1 AND status = 'failed'
     RETURNING id, queue
@@ -297,12 +335,15 @@ FROM task_attempts_all WHERE task_id = $1 ORDER BY id NULLS LAST;
 SELECT now();
 
 -- name: release_orphans :val
--- $1 worker_id, $2 ids the worker is running, $3 reason. A claim whose reply
--- was lost may have committed: its tasks go back to pending, attempt handed back.
+-- $1 worker_id, $2 ids the worker is running (or gave up writing), $3 reason.
+-- Tasks running under this worker that it does not know of: a claim whose reply
+-- was lost. Back to pending, the attempt handed back uncharged (its number is
+-- not reused: the next claim takes a new one). The worker sends this only while
+-- no claim of its own is in flight.
 WITH released AS (
-    UPDATE tasks SET status = 'pending', attempt = attempt - 1, run_at = now(), updated_at = now()
+    UPDATE tasks SET status = 'pending', uncharged = uncharged + 1, run_at = now(), updated_at = now()
     WHERE worker_id = $1 AND status = 'running' AND id <> ALL ($2::bigint[])
-    RETURNING id, attempt + 1 AS spent, pod_id, started_at, queue
+    RETURNING id, attempt AS spent, pod_id, started_at, queue
 ), audit AS (
     INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome, error)
     SELECT id, spent, $1, pod_id, started_at, 'released', $3 FROM released
@@ -371,7 +412,8 @@ SELECT id, status, attempt FROM tasks WHERE cr_uid = $1;
 -- name: cr_tasks_by_ids :many
 -- $1 task ids. What a Task object's status is written from.
 SELECT id, cr_uid, cr_namespace, cr_name, handler, queue, status, attempt, max_attempts, pod_id,
-       started_at, finished_at, error, result, progress, progress_message, updated_at
+       started_at, finished_at, error, result, progress, progress_message, updated_at,
+       attempt - uncharged AS attempts_spent
 FROM tasks WHERE id = ANY ($1::bigint[]) AND cr_uid IS NOT NULL;
 
 -- name: cr_tasks_for_resync :many
@@ -538,11 +580,15 @@ ORDER BY c.schedule, c.tick_at DESC;
 -- $4 spawn keys, then one array per column as in enqueue_many: $5 handler,
 -- $6 queue, $7 priority, $8 payload (json text), $9 max_attempts, $10 run_at,
 -- $11 delay, $12 timeout_s, $13 retry_delay_s, $14 retry_backoff,
--- $15 max_retry_delay_s, $16 tags (joined by \x1f). A key the parent already
+-- $15 max_retry_delay_s, $16 tags (joined by \x1f). Refused when the worker is
+-- no longer live (its row is locked first, see claim). A key the parent already
 -- spawned (an earlier run of its handler) returns that child. One row per key,
 -- in order; none when the parent is no longer this attempt's.
-WITH parent AS (
+WITH me AS MATERIALIZED (
+    SELECT 1 FROM workers w WHERE w.worker_id = $3 AND w.status IN ('active', 'stopping') FOR KEY SHARE
+), parent AS (
     SELECT id FROM tasks WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND status = 'running'
+      AND EXISTS (SELECT 1 FROM me)
     FOR SHARE
 ), ins AS (
     INSERT INTO tasks (handler, queue, priority, payload, max_attempts, run_at, timeout_s,
@@ -627,7 +673,7 @@ WITH RECURSIVE tree AS (
     SELECT c.id, tree.depth + 1 FROM tree JOIN tasks c ON c.parent_id = tree.id AND c.parent_id IS NOT NULL
     WHERE tree.depth < 1000
 )
-SELECT t.id, t.parent_id, t.spawn_key, t.handler, t.queue, t.status, t.attempt, t.max_attempts, t.error,
+SELECT t.id, t.parent_id, t.spawn_key, t.handler, t.queue, t.status, t.attempt, t.uncharged, t.max_attempts, t.error,
        t.progress, t.progress_message, t.created_at, t.started_at, t.finished_at, tree.depth,
        coalesce(a.run_s, 0)
          + CASE WHEN t.status = 'running' THEN extract(epoch FROM now() - t.started_at)::float8 ELSE 0 END
