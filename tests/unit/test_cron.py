@@ -393,3 +393,13 @@ class TestTags:
         long_a, long_b = "a" * 253, "a" * 252 + "b"
         assert len(lock_name(long_a)) <= 255
         assert lock_name(long_a) != lock_name(long_b)
+
+
+def test_the_installed_croniter_is_one_these_tests_passed_on() -> None:
+    """pyproject pins croniter to versions whose DST maths this file passed on (6.1.0 to
+    7.0.0; 3.0.0 busy-loops, 3.0.1-6.0.0 put DST-crossing ticks an hour off): these tests
+    must be running on one of them, not on a version that slipped past the pin."""
+    from importlib.metadata import version
+
+    major, minor = (int(p) for p in version("croniter").split(".")[:2])
+    assert (6, 1) <= (major, minor) < (7, 1), version("croniter")
