@@ -5,12 +5,13 @@ lock under a random owner token, renews it every ``ttl / 3`` while the body runs
 and releases it on exit; ``LockNotAcquired`` is raised when ``wait`` runs out
 first. Two backends give the same API (``make_backend`` picks one):
 
-* Redis: a Lua script doing ``SET key owner NX PX ttl`` that also answers yes
-  when the key already holds our own token (so a command retried after a lost
-  reply -- the client retries once -- never reports our own lock as someone
-  else's); renew and release are Lua scripts that act only while the key
-  still holds our owner token, so nobody releases or extends a lock another
-  owner holds.
+* Redis: a Lua script doing ``SET key owner NX PX ttl`` that also records a
+  random id of this acquire call next to it, and answers yes when sent again
+  with that id -- so a command the client retried after its reply was lost
+  (the client retries once) never reports our own lock as someone else's,
+  while a second, separate acquire by the same owner is still refused. Renew
+  and release are Lua scripts that act only while the key still holds our
+  owner token, so nobody releases or extends a lock another owner holds.
 * PostgreSQL (no Redis configured): one ``job_locks`` row per name, taken by an
   ``INSERT ... ON CONFLICT DO UPDATE ... WHERE expires_at <= now()``, renewed and
   released with the owner in the WHERE.
@@ -177,13 +178,14 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=user + host))
 
 
-# Idempotent for its owner: a retry after a reply lost on the way back finds our token.
+# KEYS[1] the lock, KEYS[2] the id of the acquire call that took it (expiring with
+# it): the same call sent again after its reply was lost finds both and succeeds.
 _ACQUIRE_LUA = """
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    redis.call('set', KEYS[2], ARGV[3], 'PX', ARGV[2])
     return 1
 end
-if redis.call('get', KEYS[1]) == ARGV[1] then
-    redis.call('pexpire', KEYS[1], ARGV[2])
+if redis.call('get', KEYS[1]) == ARGV[1] and redis.call('get', KEYS[2]) == ARGV[3] then
     return 1
 end
 return 0
@@ -251,6 +253,10 @@ class RedisLockBackend:
     def key(self, name: str) -> str:
         return self.prefix + name
 
+    def call_key(self, name: str) -> str:
+        """Where the id of the acquire call that took ``name`` is kept (outside the lock keys)."""
+        return f"{self.prefix.rstrip(':')}#call:{name}"
+
     def _error(self, verb: str, name: str, exc: BaseException) -> LockBackendError:
         return LockBackendError(
             f"could not {verb} job lock {name!r}: {self._where} failed: {exc.__class__.__name__}: {exc}"
@@ -259,8 +265,9 @@ class RedisLockBackend:
     async def acquire(self, name: str, owner: str, ttl_s: float) -> bool:
         validate_name(name)
         ms = _ms(validate_ttl(ttl_s))
+        call_id = secrets.token_hex(8)
         try:
-            n = await self._acquire(keys=[self.key(name)], args=[owner, ms])
+            n = await self._acquire(keys=[self.key(name), self.call_key(name)], args=[owner, ms, call_id])
         except (RedisError, OSError) as exc:
             raise self._error("acquire", name, exc) from exc
         return int(n) == 1
