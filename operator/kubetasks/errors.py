@@ -86,6 +86,10 @@ class Retry(Exception):
         self.message = _message("message", message)
         super().__init__(self.message)
 
+    def __reduce__(self) -> tuple[type[Retry], tuple[float | None, str]]:
+        # args holds only the message: rebuild from both, or unpickling would read it as the delay.
+        return (type(self), (self.delay, self.message))
+
 
 class Fail(Exception):
     """Raise in a handler to fail the task now, without further attempts.
