@@ -70,6 +70,10 @@ async def register_raw(conn: asyncpg.Connection, pod: str, ttl: float = 30.0) ->
     return wid
 
 
+async def noop(ctx: TaskContext) -> None:
+    return None
+
+
 def starts(sidelog: Path) -> Counter[tuple[int, int]]:
     """How often each (task, attempt) started, from the side log."""
     return Counter((t, a) for kind, t, a, *_ in read_sidelog(sidelog) if kind == "start")
@@ -275,7 +279,7 @@ class TestFencingToken:
     async def test_a_lost_claim_reply_hands_back_a_new_number(self, app: App, db_url: str) -> None:
         """A claim whose reply never arrived is handed back; the next claim of that task gets
         attempt 2, not attempt 1 again."""
-        app.register("solo", lambda ctx: None)
+        app.register("solo", noop)
         tid = await app.enqueue("solo", {})
         claim = app.store.queries["claim"].sql
         conn = await connect(db_url)
@@ -417,7 +421,7 @@ class TestLateClaim:
     async def test_a_claim_committing_after_the_reap_is_released(self, app: App, db_url: str) -> None:
         """A claim holds its transaction open (a slow commit) while its worker's lease expires
         and a peer reaps: no task stays running under a worker that is not live."""
-        app.register("solo", lambda ctx: None)
+        app.register("solo", noop)
         ids = await app.enqueue_many([EnqueueRequest("solo") for _ in range(3)])
         claim = app.store.queries["claim"].sql
         slow = await connect(db_url)
@@ -452,7 +456,7 @@ class TestLateClaim:
     ) -> None:
         """A task running under a worker already declared dead (a previous-version pod's late
         claim): that worker's completion is refused, and a peer's heartbeat releases the task."""
-        app.register("solo", lambda ctx: None)
+        app.register("solo", noop)
         tid = await app.enqueue("solo", {})
         claim = app.store.queries["claim"].sql
         conn = await connect(db_url)
