@@ -30,6 +30,7 @@ from kubetasks.worker import Worker, _Outcome
 from tests.integration.helpers import RunningWorker, audit, read_sidelog, start_worker, stop, wait_for
 
 pytestmark = pytest.mark.chaos
+BLOCKAPP = "tests.integration.apps.blockapp:app"
 
 
 def report(title: str, **figures: object) -> None:
@@ -670,7 +671,7 @@ class TestBlockedLoop:
         sidelog = tmp_path / "side.log"
         tid = await app.enqueue("side.block", {"s": 6.0}, timeout=60)
         blocked = start_worker(
-            db_url, pod="blocked", sidelog=sidelog, concurrency=1, log_path=tmp_path / "b.log"
+            db_url, pod="blocked", sidelog=sidelog, concurrency=1, app=BLOCKAPP, log_path=tmp_path / "b.log"
         )
         peer = None
         try:
@@ -680,7 +681,7 @@ class TestBlockedLoop:
 
             await wait_for(running, 20, "the blocking task to run")
             peer = start_worker(
-                db_url, pod="peer", sidelog=sidelog, concurrency=1, log_path=tmp_path / "p.log"
+                db_url, pod="peer", sidelog=sidelog, concurrency=1, app=BLOCKAPP, log_path=tmp_path / "p.log"
             )
 
             async def done() -> bool:
@@ -705,7 +706,7 @@ class TestBlockedLoop:
         sidelog = tmp_path / "side.log"
         tid = await app.enqueue("side.block", {"s": 60.0}, timeout=2, max_attempts=2)
         wedged = start_worker(
-            db_url, pod="wedged", sidelog=sidelog, concurrency=1, log_path=tmp_path / "w.log"
+            db_url, pod="wedged", sidelog=sidelog, concurrency=1, app=BLOCKAPP, log_path=tmp_path / "w.log"
         )
         try:
 

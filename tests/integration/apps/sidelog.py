@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import time
 
 from kubetasks import App, EnqueueRequest, TaskContext
 
@@ -53,12 +52,3 @@ async def fanout(ctx: TaskContext) -> dict[str, int]:
     kids = await ctx.spawn_many([EnqueueRequest("side.work", {"n": i, "ms": [200, 400]}) for i in range(n)])
     results = await ctx.wait(kids)
     return {"sum": sum(r["n"] for r in results), "children": n}
-
-
-@app.task("side.block")
-async def block(ctx: TaskContext) -> str:
-    """An async handler that blocks its event loop (CPU-bound work done wrong)."""
-    _append("start", ctx)
-    time.sleep(float(ctx.payload.get("s", 1.0)))  # blocking on purpose
-    _append("end", ctx)
-    return "blocked"
