@@ -192,7 +192,7 @@ def runtime_services(app: App) -> list[tuple[str, Any]]:
         from kubetasks.k8s.operator import Operator  # noqa: PLC0415
 
         services.append(("operator", Operator(app).run))
-    if app.settings.metrics_port:
+    if app.settings.metrics_enabled:
         from kubetasks import health  # noqa: PLC0415
 
         services.append(("health", health.serve))

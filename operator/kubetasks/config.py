@@ -72,7 +72,12 @@ class Settings:
     default_backoff: float = 2.0
     default_max_retry_delay: float = 3600.0
     pool_size: int = 10
+    # The probe and metrics server (health.py): on when metrics_port is set, or
+    # when metrics_addr_file is (then port 0 means any free port, e.g. several
+    # hostNetwork pods on one node, and the file says where it listens).
     metrics_port: int = 0
+    metrics_addr: str = "0.0.0.0"
+    metrics_addr_file: str = ""
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -130,7 +135,20 @@ class Settings:
         validation.max_retry_delay(self.default_max_retry_delay)
         if not 1 <= self.pool_size <= 200:
             raise ConfigError("KUBETASKS_POOL_SIZE", "must be between 1 and 200")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(
+                "KUBETASKS_METRICS_PORT", f"must be between 0 and 65535, got {self.metrics_port}"
+            )
+        if not self.metrics_addr.strip() or any(c.isspace() for c in self.metrics_addr):
+            raise ConfigError(
+                "KUBETASKS_METRICS_ADDR",
+                f"must be an address to bind (0.0.0.0, an IP), got {self.metrics_addr!r}",
+            )
         return self
+
+    @property
+    def metrics_enabled(self) -> bool:
+        return bool(self.metrics_port or self.metrics_addr_file)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes).validated()

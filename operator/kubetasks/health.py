@@ -1,7 +1,12 @@
 """The probe and metrics server of `kubetasks run`: /healthz, /readyz, /metrics.
 
 Started as a runtime service when ``KUBETASKS_METRICS_PORT`` is set (0, the
-default, leaves it off), bound to 0.0.0.0 on that port.
+default, leaves it off), bound to ``KUBETASKS_METRICS_ADDR`` (0.0.0.0 unless
+told otherwise: with hostNetwork, 0.0.0.0 would be every interface of the
+node, so the chart passes the pod's IP). With ``KUBETASKS_METRICS_ADDR_FILE``
+it also starts with port 0, binds any free port, and writes its base URL
+(``http://host:port``) to that file: several hostNetwork pods on one node then
+never compete for a port, and the chart's exec probes read the file.
 
 * ``/healthz`` (liveness): 200 while the event loop keeps waking its timers
   (a loop blocked for ``LOOP_STALL_S`` fails it, and a blocked loop cannot
@@ -26,8 +31,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -42,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kubetasks.health")
 
-HOST = "0.0.0.0"  # probes and scrapes come from outside the pod
 DB_CACHE_S = 1.0
 DB_TIMEOUT_S = 1.0
 LOOP_STALL_S = 10.0
@@ -217,13 +223,31 @@ def _find_worker_task() -> asyncio.Task[Any] | None:
     return None
 
 
+def base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _write_addr_file(path: Path, url: str) -> None:
+    """Atomically: a probe never reads half a URL."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(url + "\n")
+    tmp.replace(path)
+
+
 async def serve(stop: asyncio.Event, worker: Worker) -> None:
     """Runtime service: serve the probes and metrics on KUBETASKS_METRICS_PORT until the worker ends."""
-    port = worker.settings.metrics_port
+    settings = worker.settings
+    host, port = settings.metrics_addr, settings.metrics_port
+    addr_file = Path(settings.metrics_addr_file) if settings.metrics_addr_file else None
+    if addr_file is not None:
+        # A restarted container keeps its /tmp: never let a probe read the previous process's port.
+        addr_file.unlink(missing_ok=True)
     worker_task = _find_worker_task()
     server = HealthServer(worker, stop=stop, worker_task=worker_task)
-    bound = await server.start(HOST, port)
-    log.info("serving /healthz, /readyz and /metrics on %s:%d", HOST, bound)
+    bound = await server.start(host, port)
+    log.info("serving /healthz, /readyz and /metrics on %s", base_url(host, bound))
+    if addr_file is not None:
+        _write_addr_file(addr_file, base_url(host, bound))
     done = asyncio.Event()
     monitor = asyncio.create_task(server.loop_monitor.run(done), name="kubetasks-loop-monitor")
     try:
@@ -236,3 +260,5 @@ async def serve(stop: asyncio.Event, worker: Worker) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await monitor
         await server.close()
+        if addr_file is not None:
+            addr_file.unlink(missing_ok=True)

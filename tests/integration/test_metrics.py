@@ -29,7 +29,9 @@ from tests.integration.helpers import ROOT, start_worker, stop, wait_for
 APP = "tests.integration.apps.metricsapp:app"
 
 
-def start_run(db_url: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def start_run(
+    db_url: str, port: int, log_path: Path, extra: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env.update(
         KUBETASKS_DATABASE_URL=db_url,
@@ -43,6 +45,7 @@ def start_run(db_url: str, port: int, log_path: Path) -> subprocess.Popen[bytes]
         SIDELOG=str(log_path.with_suffix(".side")),
         PYTHONPATH=str(ROOT),
     )
+    env.update(extra or {})
     with open(log_path, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "kubetasks", "run", "--app", APP],
@@ -221,3 +224,51 @@ async def _allow_connections(admin_url: str, db: str, *, allow: bool) -> None:
             )
     finally:
         await conn.close()
+
+
+async def test_port_per_process_with_an_address_file(db_url: str, tmp_path: Path) -> None:
+    """KUBETASKS_METRICS_ADDR_FILE with port 0: two processes on one host (hostNetwork pods on one
+    node) each bind a free port on the address given and write where; a stale file from a previous
+    process is never served; the file goes when the process stops."""
+    files = [tmp_path / "a" / "kubetasks-metrics", tmp_path / "b" / "kubetasks-metrics"]
+    for f in files:
+        f.parent.mkdir()
+    stale = f"http://127.0.0.1:{devenv.free_port()}"
+    files[0].write_text(stale + "\n")  # a restarted container keeps its /tmp
+    procs = [
+        start_run(
+            db_url,
+            0,
+            tmp_path / f"run-{i}.log",
+            {
+                "KUBETASKS_POD_ID": f"pod-{i}",
+                "KUBETASKS_METRICS_ADDR": "127.0.0.1",
+                "KUBETASKS_METRICS_ADDR_FILE": str(f),
+            },
+        )
+        for i, f in enumerate(files)
+    ]
+    try:
+
+        async def written() -> bool:
+            for p in procs:
+                assert p.poll() is None, f"kubetasks run exited with {p.returncode}"
+            return all(f.exists() and f.read_text().strip() != stale for f in files)
+
+        await wait_for(written, 30, "both processes to write their address")
+        urls = [f.read_text().strip() for f in files]
+        assert urls[0] != urls[1] and all(u.startswith("http://127.0.0.1:") for u in urls), urls
+        async with aiohttp.ClientSession() as http:
+            for u in urls:
+                port = int(u.rsplit(":", 1)[1])
+
+                async def ready(port: int = port) -> bool:
+                    return (await get(http, port, "/readyz"))[0] == 200
+
+                await wait_for(ready, 20, f"/readyz 200 on {u}")
+                code, text = await get(http, port, "/metrics")
+                assert code == 200 and "kubetasks_" in text
+    finally:
+        for p in procs:
+            stop(p)
+    assert [f.exists() for f in files] == [False, False], "the address file outlived its process"

@@ -183,6 +183,23 @@ class TestSettings:
         with pytest.raises(ValidationError, match=r"^KUBETASKS_QUEUES: 'a b' has forbidden characters"):
             Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_QUEUES": "a b"})
 
+    def test_metrics_server_settings(self) -> None:
+        """Off by default; on with a port, or with an address file (then port 0 is any free port)."""
+        base = {"KUBETASKS_DATABASE_URL": URL}
+        assert not Settings.load(env=base).metrics_enabled
+        s = Settings.load(env={**base, "KUBETASKS_METRICS_PORT": "9090"})
+        assert s.metrics_enabled and s.metrics_addr == "0.0.0.0"
+        s = Settings.load(
+            env={**base, "KUBETASKS_METRICS_ADDR_FILE": "/tmp/m", "KUBETASKS_METRICS_ADDR": "127.0.0.1"}
+        )
+        assert s.metrics_enabled and s.metrics_port == 0 and s.metrics_addr == "127.0.0.1"
+        with pytest.raises(
+            ConfigError, match=r"^KUBETASKS_METRICS_PORT: must be between 0 and 65535, got 70000$"
+        ):
+            Settings.load(env={**base, "KUBETASKS_METRICS_PORT": "70000"})
+        with pytest.raises(ConfigError, match=r"^KUBETASKS_METRICS_ADDR: must be an address to bind"):
+            Settings.load(env={**base, "KUBETASKS_METRICS_ADDR": "127.0.0.1 9090"})
+
     def test_arguments_beat_environment(self) -> None:
         s = Settings.load(
             env={"KUBETASKS_DATABASE_URL": "mysql://bad", "KUBETASKS_CONCURRENCY": "3"},
