@@ -128,6 +128,7 @@ VARIATIONS: dict[str, dict[str, str]] = {
         "redis.url": "redis://r:6379/0",
     },
     "webhook-single-replica": {"webhook.enabled": "true", "replicaCount": "1"},
+    "local-node": {"hostNetwork": "true", "metrics.port": "0"},
 }
 
 
@@ -218,6 +219,8 @@ class TestLintAndValues:
             ("queues[0]", "x'; DROP TABLE tasks; --", "queues"),  # unsafe in KEDA's SQL
             ("image.pullPolicy", "Sometimes", "pullPolicy"),
             ("concurrency", "0", "concurrency"),
+            ("metrics.port", "70000", "port"),
+            ("hostNetwork", "yes", "hostNetwork"),
         ],
     )
     def test_schema_refuses_bad_values(self, key: str, value: str, says: str) -> None:
@@ -354,6 +357,55 @@ class TestDeployment:
             sm["spec"]["selector"]["matchLabels"].items()
             <= one(docs, "Service")["metadata"]["labels"].items()
         )
+
+    def test_defaults_keep_the_pod_network(self) -> None:
+        """By default: no hostNetwork, the default rollout, metrics on every interface of the pod."""
+        dep = one(render(), "Deployment")
+        spec = dep["spec"]["template"]["spec"]
+        assert "hostNetwork" not in spec and "dnsPolicy" not in spec and "strategy" not in dep["spec"]
+        env = env_of([dep])
+        assert "KUBETASKS_METRICS_ADDR" not in env and "KUBETASKS_METRICS_ADDR_FILE" not in env
+
+    def test_host_network_for_a_local_node(self) -> None:
+        """hostNetwork: ClusterFirstWithHostNet, one pod at a time, metrics bound to the pod's IP."""
+        docs = render(hostNetwork="true")
+        dep = one(docs, "Deployment")
+        spec = dep["spec"]["template"]["spec"]
+        assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+        # a surge pod on a one-node cluster could wait for ever for its predecessor's ports
+        assert dep["spec"]["strategy"] == {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+        }
+        env = env_of(docs)
+        assert env["KUBETASKS_METRICS_ADDR"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        assert container(docs)["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+        assert env_of(render(hostNetwork="true", metrics__bindAddress="127.0.0.1"))[
+            "KUBETASKS_METRICS_ADDR"
+        ] == {
+            "name": "KUBETASKS_METRICS_ADDR",
+            "value": "127.0.0.1",
+        }
+
+    def test_metrics_port_zero_means_a_port_per_pod(self) -> None:
+        """metrics.port 0: no declared port, no Service port, exec probes reading the address file."""
+        docs = render_variation("local-node")
+        c = container(docs)
+        assert "ports" not in c
+        env = env_of(docs)
+        assert env["KUBETASKS_METRICS_PORT"]["value"] == "0"
+        assert env["KUBETASKS_METRICS_ADDR_FILE"]["value"] == "/tmp/kubetasks-metrics"
+        assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp"}  # the file lives on the emptyDir
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            cmd = c[probe]["exec"]["command"]
+            assert cmd[:2] == ["python3", "-c"] and "/tmp/kubetasks-metrics" in cmd[2] and path in cmd[2]
+            assert "httpGet" not in c[probe]
+            compile(cmd[2], probe, "exec")  # the probe is valid Python
+        assert "Service" not in kinds(docs)
+        svc = one(render(metrics__port="0", webhook__enabled="true", replicaCount="1"), "Service")
+        assert [p["name"] for p in svc["spec"]["ports"]] == ["webhook"]
+        err = render_fails(metrics__port="0", serviceMonitor__enabled="true")
+        assert "serviceMonitor.enabled needs a fixed metrics.port" in err
 
     def test_plain_urls_make_a_secret(self) -> None:
         """database.url / redis.url (not recommended) go into a Secret the chart creates, never into env."""

@@ -130,3 +130,32 @@ app.kubernetes.io/component: worker
 {{- define "kubetasks.minReplicas" -}}
 {{- if .Values.keda.enabled }}{{ .Values.keda.minReplicaCount }}{{ else }}{{ .Values.replicaCount }}{{ end }}
 {{- end }}
+
+{{/* Where a pod's metrics server writes its URL when metrics.port is 0 (on the /tmp emptyDir). */}}
+{{- define "kubetasks.metricsAddrFile" -}}
+/tmp/kubetasks-metrics
+{{- end }}
+
+{{/* A probe of one endpoint: an HTTP GET on the metrics port, or, with metrics.port 0 (a
+free port per pod), the same GET from inside the container at the address the server wrote. */}}
+{{- define "kubetasks.probe" -}}
+{{- $ := index . 0 }}
+{{- $path := index . 1 }}
+{{- if $.Values.metrics.port }}
+httpGet:
+  path: {{ $path }}
+  port: metrics
+{{- else }}
+exec:
+  command:
+    - python3
+    - -c
+    - |
+      import sys, urllib.error, urllib.request
+      url = open("{{ include "kubetasks.metricsAddrFile" $ }}").read().strip() + "{{ $path }}"
+      try:
+          print(urllib.request.urlopen(url, timeout=2).read().decode())
+      except urllib.error.HTTPError as e:
+          sys.exit(e.read().decode())
+{{- end }}
+{{- end }}
