@@ -3,7 +3,9 @@
 # Your handlers: FROM kubetasks:0.1.0, COPY your package into /app (the working
 # directory, which `--app module:attr` imports from), and if it has
 # dependencies, install them as root before switching back to USER 10001.
-FROM python:3.11-slim
+# Debian 12 (bookworm) and Python 3.11: what e2e/cluster/image.py builds without Docker
+# (tests/unit/test_image_recipe.py keeps the two in step).
+FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

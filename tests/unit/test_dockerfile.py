@@ -1,7 +1,9 @@
 """The Dockerfile, checked without a Docker engine (none runs here).
 
-The image's contract is read from the Dockerfile itself, and its install step
-is replayed: the build context that .dockerignore lets through is copied as
+The image's contract is read from the Dockerfile itself; e2e/cluster/image.py,
+which builds the same image without Docker for the local node, is kept in step
+with it (TestImageScript; e2e/test_node.py checks the image it built); and the
+Dockerfile's install step is replayed: the build context that .dockerignore lets through is copied as
 the COPY lines say, the RUN line's `pip install` runs in a fresh virtualenv
 (non-editable, from PyPI), the sources are removed as the RUN line removes
 them, and the installed `kubetasks --help` must work.
@@ -10,13 +12,16 @@ them, and the installed `kubetasks --help` must work.
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -93,8 +98,8 @@ def build_context(dest: Path) -> None:
 
 class TestDockerfile:
     def test_image_contract(self) -> None:
-        """python:3.11-slim, non-root uid 10001, ENTRYPOINT kubetasks, CMD run, metrics port exposed."""
-        assert the("FROM") == ["python:3.11-slim"]
+        """python:3.11-slim-bookworm, uid 10001, ENTRYPOINT kubetasks, CMD run, metrics port exposed."""
+        assert the("FROM") == ["python:3.11-slim-bookworm"]
         assert the("USER") == ["10001:10001"]
         assert json.loads(the("ENTRYPOINT")[-1]) == ["kubetasks"]
         assert json.loads(the("CMD")[-1]) == ["run"]
@@ -192,3 +197,60 @@ class TestDockerfile:
             timeout=60,
         )
         assert data.returncode == 0, data.stderr
+
+
+def image_script() -> ModuleType:
+    """e2e/cluster/image.py, loaded as a module (its recipe is in constants)."""
+    spec = importlib.util.spec_from_file_location("image_script", ROOT / "e2e" / "cluster" / "image.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class TestImageScript:
+    """The Dockerfile and e2e/cluster/image.py (the same image without Docker) stay in step."""
+
+    def test_same_debian_and_python_minor(self) -> None:
+        image = image_script()
+        m = re.fullmatch(r"python:(\d+\.\d+)-slim-(\w+)", the("FROM")[-1])
+        assert m, f"the Dockerfile's base should name its Python minor and Debian release: {the('FROM')}"
+        assert (m.group(1), m.group(2)) == (image.PYTHON_MINOR, image.SUITE)
+
+    def test_same_user_directory_environment_port_and_command(self) -> None:
+        image = image_script()
+        assert the("USER")[-1] == f"{image.UID}:{image.GID}"
+        assert the("WORKDIR")[-1] == image.WORKDIR
+        assert [int(p) for p in the("EXPOSE")[-1].split()] == list(image.EXPOSE)
+        assert json.loads(the("ENTRYPOINT")[-1]) == image.ENTRYPOINT
+        assert json.loads(the("CMD")[-1]) == image.CMD
+        env = dict(kv.split("=", 1) for args in the("ENV") for kv in shlex.split(args))
+        assert env == image.ENV
+        config = image.image_config([{"digest": "sha256:0"}])["config"]
+        assert config["User"] == the("USER")[-1] and config["WorkingDir"] == the("WORKDIR")[-1]
+        assert config["Entrypoint"] == image.ENTRYPOINT and config["Cmd"] == image.CMD
+        assert config["ExposedPorts"] == {f"{p}/tcp": {} for p in image.EXPOSE}
+        assert {e.split("=", 1)[0] for e in config["Env"]} == {"PATH", *env}
+
+    def test_same_user_account(self) -> None:
+        image = image_script()
+        words = [shlex.split(part) for run in the("RUN") for part in run.split("&&")]
+        group = next(w for w in words if w[:1] == ["groupadd"])
+        user = next(w for w in words if w[:1] == ["useradd"])
+        assert group[group.index("--gid") + 1] == str(image.GID) and group[-1] == image.USER_NAME
+        assert user[user.index("--uid") + 1] == str(image.UID) and user[user.index("--gid") + 1] == str(
+            image.GID
+        )
+        assert user[user.index("--home-dir") + 1] == image.WORKDIR
+        assert user[user.index("--shell") + 1] == image.SHELL and user[-1] == image.USER_NAME
+        assert "--system" in user and "--no-create-home" in user
+
+    def test_same_files_and_no_extras(self, tmp_path: Path) -> None:
+        image = image_script()
+        copied = sorted(s.rstrip("/") for args in the("COPY") for s in shlex.split(args)[:-1])
+        assert copied == sorted(image.SOURCES)
+        build_context(tmp_path)
+        context = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+        files = {str(p.relative_to(ROOT)) for p in image.source_files()}
+        assert files == context, "image.py builds its wheel from exactly the Dockerfile's build context"
+        assert pip_install_args()[-1] == "."  # the project itself, no [extras]: image.py installs none
