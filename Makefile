@@ -21,7 +21,7 @@ venv: $(STAMP)
 dev: venv ## start PostgreSQL and Redis on free ports under .run/
 	$(BIN)/kubetasks dev up
 
-down: ## stop everything started under .run/
+down: ## stop everything started under .run/, and the local node if this clone owns it
 	-@test -x $(BIN)/kubetasks && $(BIN)/kubetasks dev down
 	-@test -x e2e/cluster/down.sh && bash e2e/cluster/down.sh
 
@@ -43,7 +43,7 @@ integration: venv
 e2e: venv
 	$(BIN)/pytest e2e -q -p no:cacheprovider
 
-test: venv lint ## everything CI runs: unit, integration (PostgreSQL, Redis), e2e (kube-apiserver, kubectl, helm)
+test: venv lint ## everything CI runs: unit, integration (PostgreSQL, Redis), e2e (kube-apiserver, kubectl, helm, a real node)
 	bash e2e/cluster/build.sh
 	bash e2e/cluster/schemas.sh
 	$(BIN)/pytest tests e2e -q -p no:cacheprovider
@@ -52,10 +52,10 @@ bench: venv ## kubetasks side by side with pgqueuer and procrastinate; prints a 
 	$(BIN)/pip install -q -e '.[dev,fast,bench]'
 	$(BIN)/python bench/run.py
 
-cluster: ## a local etcd + kube-apiserver (built from Go modules on first use)
-	bash e2e/cluster/up.sh
+cluster: ## a local control plane and this machine's node (kubelet, containerd; built on first use)
+	bash e2e/cluster/up.sh --node
 
-cluster-down:
+cluster-down: ## the node (if this clone owns it) and the control plane
 	bash e2e/cluster/down.sh
 
 clean: down

@@ -7,7 +7,13 @@ the tests fail with up.sh's own output; nothing is skipped. A cluster this
 session started is stopped at the end (set KUBETASKS_KEEP_CLUSTER=1 to keep
 it); one that was already running is left alone.
 
-``namespace`` gives a test a fresh namespace and deletes it afterwards.
+``namespace`` gives a test a fresh namespace and deletes it afterwards. The
+ServiceAccount admission plugin is on, so no Pod is admitted in a namespace
+before the controller manager has made its ``default`` ServiceAccount:
+``wait_default_service_account`` waits for it.
+
+Pods the suites create by hand carry ``NO_NODE`` (a nodeSelector that no node
+matches): when the machine's local node runs, it never tries to run them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,6 +69,30 @@ class Cluster:
         return _run([self.helm, "--kubeconfig", self.kubeconfig, *args], None, check, timeout)
 
 
+# Timings and findings of the local-node tests, printed at the end of the session.
+NODE_REPORT: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if NODE_REPORT:
+        terminalreporter.section("local node: timings and findings")
+        for line in NODE_REPORT:
+            terminalreporter.write_line(line)
+
+
+# A nodeSelector no node has: hand-made Pods stay Pending even when the local node runs.
+NO_NODE = {"kubetasks.dev/no-node": "hand-made-pod"}
+
+
+def wait_default_service_account(cluster: Cluster, namespace: str, timeout: float = 60) -> None:
+    """Wait until the token controller has made the namespace's `default` ServiceAccount."""
+    end = time.monotonic() + timeout
+    while cluster.run("get", "serviceaccount", "default", "-n", namespace, check=False).returncode != 0:
+        if time.monotonic() > end:
+            raise AssertionError(f"no ServiceAccount default in {namespace} after {timeout:.0f}s")
+        time.sleep(0.1)
+
+
 def _run(cmd: list[str], input: str | None, check: bool, timeout: float) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
@@ -104,5 +135,6 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     """A fresh namespace, deleted after the test."""
     ns = f"e2e-{uuid.uuid4().hex[:8]}"
     cluster.run("create", "namespace", ns)
+    wait_default_service_account(cluster, ns)
     yield ns
     cluster.run("delete", "namespace", ns, "--wait=false", check=False)

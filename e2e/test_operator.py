@@ -2,7 +2,8 @@
 
 Each test gets its own namespace and database. Operators run as separate
 processes with KUBECONFIG pointing at the local control plane; Pods are
-created by hand (no kubelet runs), which is all a Pod watcher needs.
+created by hand, with a nodeSelector no node matches (they stay Pending even
+while the local node runs), which is all a Pod watcher needs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 from tests.conftest import create_db, dev_state, drop_db, template_db  # noqa: F401 - fixtures
 from tests.integration.helpers import audit
 
-from e2e.conftest import Cluster
+from e2e.conftest import NO_NODE, Cluster, wait_default_service_account
 from kubetasks import devenv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,7 @@ def namespace(crds: Cluster) -> Iterator[str]:
     cluster = crds
     ns = f"e2e-{uuid.uuid4().hex[:8]}"
     cluster.run("create", "namespace", ns)
+    wait_default_service_account(cluster, ns)
     cluster.run(
         "apply",
         "-n",
@@ -87,7 +89,10 @@ class Operators:
                     "apiVersion": "v1",
                     "kind": "Pod",
                     "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "kubetasks-e2e"}},
-                    "spec": {"containers": [{"name": "kubetasks", "image": "kubetasks:e2e"}]},
+                    "spec": {
+                        "containers": [{"name": "kubetasks", "image": "kubetasks:e2e"}],
+                        "nodeSelector": NO_NODE,  # a stand-in: the local node must never run it
+                    },
                 }
             ),
         )

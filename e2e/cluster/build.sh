@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Build etcd, kube-apiserver, kubectl, kube-controller-manager and helm from
-# their Go modules, once, into $KUBETASKS_CACHE/bin/<name>-<version>/.
+# Build etcd, kube-apiserver, kubectl, kube-controller-manager, helm and, for
+# the local node, kubelet, kube-scheduler, crictl and a pause binary from their
+# Go modules, once, into $KUBETASKS_CACHE/bin/<name>-<version>/. kubelet and
+# kube-scheduler come from the same wrapper module as the apiserver, so the
+# node runs the control plane's version.
 # Wrapper Go modules, GOMODCACHE and GOCACHE live in the cache dir as well,
 # never in the repository. Idempotent: already-built binaries are skipped.
 #
 # Usage: e2e/cluster/build.sh [etcd] [kube-apiserver] [kubectl]
 #                             [kube-controller-manager] [helm] [kubeconform]
+#                             [kubelet] [kube-scheduler] [crictl] [pause]
 #        (no argument = all of them)
 set -euo pipefail
 shopt -s inherit_errexit 2>/dev/null || true
@@ -121,6 +125,59 @@ GOMOD
   echo "$dir"
 }
 
+crictl_wrapper() {
+  local dir="$SRC/crictl-$CRICTL_VERSION"
+  [ -f "$dir/.ready" ] && { echo "$dir"; return; }
+  mkdir -p "$dir"
+  cat > "$dir/go.mod" <<GOMOD
+module kubetasks.local/crictlbuild
+
+go 1.24
+
+require sigs.k8s.io/cri-tools $CRICTL_VERSION
+GOMOD
+  echo 'package crictlbuild' > "$dir/doc.go"
+  touch "$dir/.ready"
+  echo "$dir"
+}
+
+# The pod sandbox's pause process: PID 1 of every pod, which only waits for a
+# signal and reaps children (what registry.k8s.io/pause does), built here so
+# no image is ever pulled.
+pause_wrapper() {
+  local dir="$SRC/pause-1"
+  [ -f "$dir/.ready" ] && { echo "$dir"; return; }
+  mkdir -p "$dir"
+  printf 'module kubetasks.local/pause\n\ngo 1.24\n' > "$dir/go.mod"
+  cat > "$dir/main.go" <<'GO'
+package main
+
+import (
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	sig := make(chan os.Signal, 8)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGCHLD)
+	for s := range sig {
+		if s != syscall.SIGCHLD {
+			os.Exit(0)
+		}
+		for {
+			var ws syscall.WaitStatus
+			if pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil); pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+}
+GO
+  touch "$dir/.ready"
+  echo "$dir"
+}
+
 # build <out> <wrapper dir> <package> <ldflags>
 build() {
   local out="$1" dir="$2" pkg="$3" ldflags="$4" t0=$SECONDS
@@ -163,7 +220,7 @@ if pick etcd; then
   build "$KUBETASKS_ETCD" "$dir" kubetasks.local/etcdbuild \
     "-s -w -X go.etcd.io/etcd/api/v3/version.GitSHA=$ETCD_VERSION"
 fi
-for c in kube-apiserver kubectl kube-controller-manager; do
+for c in kube-apiserver kubectl kube-controller-manager kubelet kube-scheduler; do
   pick "$c" || continue
   if [ -x "$KUBETASKS_K8S_BIN/$c" ]; then log "skip $c: already built at $KUBETASKS_K8S_BIN/$c"; continue; fi
   dir="$(k8s_wrapper)"
@@ -179,5 +236,14 @@ if pick kubeconform; then
   dir="$(kubeconform_wrapper)"
   build "$KUBETASKS_KUBECONFORM" "$dir" github.com/yannh/kubeconform/cmd/kubeconform \
     "-s -w -X main.version=$KUBECONFORM_VERSION"
+fi
+if pick crictl; then
+  dir="$(crictl_wrapper)"
+  build "$KUBETASKS_CRICTL" "$dir" sigs.k8s.io/cri-tools/cmd/crictl \
+    "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION"
+fi
+if pick pause; then
+  dir="$(pause_wrapper)"
+  build "$KUBETASKS_PAUSE" "$dir" kubetasks.local/pause "-s -w"
 fi
 log "done (total $(( SECONDS - START ))s)"

@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
 # Stop the local control plane started by up.sh and remove its data
-# ($ROOT/.run/cluster and $ROOT/.run/kubeconfig). Safe to run when nothing runs.
+# ($ROOT/.run/cluster and $ROOT/.run/kubeconfig), after the machine's local
+# node if this clone owns it (or nobody does any more): node-down.sh restores
+# the machine and compares it with the snapshot taken before the node started.
+# Safe to run when nothing runs.
 set -euo pipefail
-. "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$HERE/env.sh"
 RUN="$KUBETASKS_RUN"
+
+node_rc=0
+if [ -d "$KUBETASKS_NODE_HOME/state" ]; then
+  bash "$HERE/node-down.sh" || node_rc=$?
+fi
+if status="$(python3 "$HERE/node_lock.py" status 2>/dev/null)" \
+    && [ "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get("root"))' "$status")" = "$KUBETASKS_ROOT" ] \
+    && [ ! -d "$KUBETASKS_NODE_HOME/state" ]; then
+  python3 "$HERE/node_lock.py" release
+fi
 
 stop() {  # stop <name>: only the pid recorded by up.sh, and only if it is <name>
   local f="$RUN/$1.pid" pid i
@@ -26,3 +40,4 @@ if [ -d "$RUN" ]; then
 fi
 rm -f "$KUBETASKS_KUBECONFIG"
 echo "[down] cluster stopped and data removed"
+exit "$node_rc"

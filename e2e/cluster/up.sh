@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # Start a throwaway Kubernetes control plane on free loopback ports:
-# etcd + kube-apiserver (+ kube-controller-manager when it starts cleanly).
+# etcd + kube-apiserver + kube-controller-manager, with the ServiceAccount
+# admission plugin on (pods get their token; the controller manager's token
+# controller creates each namespace's `default` ServiceAccount, so a Pod in a
+# new namespace waits for it).
 # State, certificates, pid files and logs live under $ROOT/.run/cluster/;
 # the admin kubeconfig is written to $ROOT/.run/kubeconfig (printed at the end).
 # Idempotent: when the cluster is already running and healthy, says so.
 #
-# Env: KUBETASKS_CONTROLLER_MANAGER=0 to skip kube-controller-manager.
-#      KUBETASKS_UP_TIMEOUT=seconds to wait for readiness (default 120).
+#   up.sh          the control plane
+#   up.sh --node   and the machine's local node (node-up.sh) attached to it:
+#                  waits for the node lock if another clone uses the node, then
+#                  tears down a stale node and starts a fresh one, or reuses the
+#                  one this control plane already has.
+#
+# Env: KUBETASKS_UP_TIMEOUT=seconds to wait for readiness (default 120).
+#      KUBETASKS_NODE_WHILE_PID: the process whose life the node lock follows
+#      (default: this control plane's apiserver, i.e. until `make down`);
+#      KUBETASKS_NODE_OWNER: how the lock's owner is shown to others.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/env.sh"
@@ -33,8 +44,59 @@ readyz() {  # readyz -> 0 when the apiserver answers ok
        "https://127.0.0.1:$KUBETASKS_APISERVER_PORT/readyz" 2>/dev/null)" = "ok" ]
 }
 
-if alive etcd && alive kube-apiserver && [ -f "$KCFG" ] && readyz; then
+WANT_NODE=0
+for a in "$@"; do
+  case "$a" in
+    --node) WANT_NODE=1 ;;
+    *) die "unknown argument $a" ;;
+  esac
+done
+
+# node_up: the local node for this control plane (see the header)
+node_up() {
+  local apiserver_pid status holder ours=0
+  apiserver_pid="$(cat "$RUN/kube-apiserver.pid")"
+  # held by this control plane's own `make cluster` holder (it lives as long as our apiserver)?
+  if status="$(python3 "$HERE/node_lock.py" status)" \
+      && [ "$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get("while_pid"))' "$status")" = "$apiserver_pid" ]; then
+    ours=1
+  fi
+  if [ "$ours" = 1 ] && [ -f "$KUBETASKS_NODE_HOME/state/node.env" ] \
+      && [ "$("$KUBETASKS_KUBECTL" --kubeconfig "$KCFG" get node 127.0.0.1 \
+             -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]; then
+    say "the local node of this control plane is already running; importing the current images"
+    # shellcheck disable=SC1091
+    . "$KUBETASKS_NODE_HOME/state/node.env"
+    python3 "$HERE/image.py" build --spec "$KUBETASKS_NODE_HOME/state/images.json"
+    python3 "$HERE/image.py" import --spec "$KUBETASKS_NODE_HOME/state/images.json" --address "$KUBETASKS_NODE_SOCKET"
+    node_values
+    return 0
+  fi
+  if [ "$ours" = 1 ]; then
+    # our own lock, but no healthy node under it: start again under a new holder
+    python3 "$HERE/node_lock.py" release
+  fi
+  holder="$(python3 "$HERE/node_lock.py" acquire --while-pid "${KUBETASKS_NODE_WHILE_PID:-$apiserver_pid}" \
+    --owner "${KUBETASKS_NODE_OWNER:-make cluster}" --root "$KUBETASKS_ROOT")" || die "could not get the node lock"
+  if ! KUBETASKS_NODE_HOLDER="$holder" bash "$HERE/node-up.sh"; then
+    bash "$HERE/node-down.sh" --force >&2 || true
+    python3 "$HERE/node_lock.py" release --holder "$holder"
+    die "the local node did not come up (logs above; kept in $KUBETASKS_NODE_HOME/logs)"
+  fi
+  node_values
+}
+
+node_values() {  # .run/node-values.yaml: the chart's values for this node
+  # shellcheck disable=SC1091
+  . "$RUN/cluster.env"
+  sed "s/@APISERVER_PORT@/$KUBETASKS_APISERVER_PORT/" "$HERE/values-local-node.yaml" \
+    > "$KUBETASKS_ROOT/.run/node-values.yaml"
+  say "helm values for the local node: $KUBETASKS_ROOT/.run/node-values.yaml"
+}
+
+if alive etcd && alive kube-apiserver && alive kube-controller-manager && [ -f "$KCFG" ] && readyz; then
   say "already running and healthy (apiserver https://127.0.0.1:$KUBETASKS_APISERVER_PORT)"
+  [ "$WANT_NODE" = 1 ] && node_up
   echo "$KCFG"
   exit 0
 fi
@@ -160,9 +222,8 @@ start kube-apiserver "$APISERVER" \
   --cert-dir "$PKI/apiserver" \
   --tls-cert-file "$PKI/server.crt" --tls-private-key-file "$PKI/server.key" \
   --client-ca-file "$PKI/ca.crt" \
-  --service-cluster-ip-range 10.0.0.0/24 \
+  --service-cluster-ip-range "$KUBETASKS_SERVICE_CIDR" \
   --authorization-mode RBAC \
-  --disable-admission-plugins ServiceAccount \
   --service-account-issuer https://kubernetes.default.svc.cluster.local \
   --service-account-key-file "$PKI/sa.pub" \
   --service-account-signing-key-file "$PKI/sa.key" \
@@ -173,34 +234,29 @@ wait_for "/readyz" kube-apiserver readyz
 wait_for "namespace default" kube-apiserver "$KUBECTL" --kubeconfig "$KCFG" get namespace default
 say "kube-apiserver ready"
 
-# ---- kube-controller-manager (welcome, not essential) -----------------------
-if [ "${KUBETASKS_CONTROLLER_MANAGER:-1}" != 0 ] && [ -x "$KCM" ]; then
-  kubeconfig "$RUN/kcm.kubeconfig" kcm
-  say "starting kube-controller-manager (port $KCM_PORT)"
-  start kube-controller-manager "$KCM" \
-    --kubeconfig "$RUN/kcm.kubeconfig" \
-    --authentication-kubeconfig "$RUN/kcm.kubeconfig" \
-    --authorization-kubeconfig "$RUN/kcm.kubeconfig" \
-    --bind-address 127.0.0.1 --secure-port "$KCM_PORT" \
-    --cert-dir "$PKI/kcm" \
-    --leader-elect=false \
-    --use-service-account-credentials=false \
-    --service-account-private-key-file "$PKI/sa.key" \
-    --root-ca-file "$PKI/ca.crt" \
-    --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
-    --controllers '*' \
-    --v 1
-  if (TIMEOUT=30 wait_for "kube-controller-manager /healthz" kube-controller-manager \
-        sh -c "curl -sk --max-time 2 https://127.0.0.1:$KCM_PORT/healthz | grep -qx ok"); then
-    say "kube-controller-manager healthy"
-  else
-    say "WARNING: kube-controller-manager did not start cleanly; continuing without it (log: $RUN/kube-controller-manager.log)"
-    if alive kube-controller-manager; then kill "$(cat "$RUN/kube-controller-manager.pid")" 2>/dev/null || true; fi
-    rm -f "$RUN/kube-controller-manager.pid"
-  fi
-else
-  say "kube-controller-manager not started"
-fi
+# ---- kube-controller-manager (required: ServiceAccounts, tokens, Deployments) --
+kubeconfig "$RUN/kcm.kubeconfig" kcm
+say "starting kube-controller-manager (port $KCM_PORT)"
+start kube-controller-manager "$KCM" \
+  --kubeconfig "$RUN/kcm.kubeconfig" \
+  --authentication-kubeconfig "$RUN/kcm.kubeconfig" \
+  --authorization-kubeconfig "$RUN/kcm.kubeconfig" \
+  --bind-address 127.0.0.1 --secure-port "$KCM_PORT" \
+  --cert-dir "$PKI/kcm" \
+  --leader-elect=false \
+  --use-service-account-credentials=false \
+  --service-account-private-key-file "$PKI/sa.key" \
+  --root-ca-file "$PKI/ca.crt" \
+  --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+  --controllers '*' \
+  --v 1
+wait_for "kube-controller-manager /healthz" kube-controller-manager \
+  sh -c "curl -sk --max-time 2 https://127.0.0.1:$KCM_PORT/healthz | grep -qx ok"
+# With ServiceAccount admission on, no Pod is admitted before its namespace's `default` ServiceAccount exists.
+wait_for "ServiceAccount default/default" kube-controller-manager \
+  "$KUBECTL" --kubeconfig "$KCFG" get serviceaccount default -n default
+say "kube-controller-manager healthy"
 
-say "cluster ready in $(( SECONDS - T0 ))s; kubeconfig:"
+say "cluster ready in $(( SECONDS - T0 ))s"
+[ "$WANT_NODE" = 1 ] && node_up
 echo "$KCFG"
