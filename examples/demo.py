@@ -137,6 +137,8 @@ def main() -> int:
     t0 = time.monotonic()
     if subprocess.run(["bash", str(ROOT / "e2e/cluster/up.sh"), "--node"]).returncode:
         raise SystemExit("the control plane or the node did not start; see the messages above")
+    if subprocess.run(["bash", str(ROOT / "e2e/cluster/build.sh"), "helm"]).returncode:
+        raise SystemExit("could not build helm; run e2e/cluster/build.sh helm to see why")
     env = cluster_env()
     t = Tools(env)
     console.print(f"   ready in {time.monotonic() - t0:.0f}s; KUBECONFIG={t.kubeconfig}")

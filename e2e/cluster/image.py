@@ -276,18 +276,17 @@ def deps_layer(base_key: str, base_root: Path) -> tuple[str, Path, dict[str, obj
 
 
 def source_files() -> list[Path]:
-    files: list[Path] = []
-    for s in SOURCES:
-        p = ROOT / s
-        if p.is_file():
-            files.append(p)
-            continue
-        for f in sorted(p.rglob("*")):
-            rel = f.relative_to(ROOT).parts
-            junk = "__pycache__" in rel or any(x.endswith(".egg-info") for x in rel) or f.suffix == ".pyc"
-            if f.is_file() and not junk:
-                files.append(f)
-    return files
+    """The files of SOURCES a build sees: tracked or new, not ignored (no caches, no build output)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "--", *SOURCES],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if listed.returncode != 0:
+        raise SystemExit(f"image.py: git ls-files failed: {listed.stderr.strip()}")
+    files = {ROOT / rel for rel in listed.stdout.splitlines()}
+    return sorted(f for f in files if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc")
 
 
 def tree_hash(files: list[Path], base: Path) -> str:
