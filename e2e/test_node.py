@@ -688,6 +688,56 @@ class TestNamespacedRelease:
             "nameserver 127.0.0.1"
         ]
 
+    async def test_an_image_pull_never_leaves_the_machine(self, rel: Release) -> None:
+        """A pull from any registry, configured or not, goes to a closed loopback port, never out."""
+        images = [
+            "docker.io/library/busybox:1.36",
+            "registry.k8s.io/pause:3.10",
+            "quay.io/x/y:1",
+            "ghcr.io/x/y:1",
+        ]
+        pods = [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": f"pull-{i}"},
+                "spec": {
+                    "hostNetwork": True,
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "c", "image": img, "imagePullPolicy": "Always"}],
+                },
+            }
+            for i, img in enumerate(images)
+        ]
+        rel.kubectl(
+            "apply",
+            "-n",
+            rel.namespace,
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": pods}),
+        )
+
+        def pulls() -> dict[str, str] | None:
+            items = rel.cluster.json(
+                "get", "events", "-n", rel.namespace, "--field-selector", "reason=Failed"
+            )["items"]
+            got = {
+                e["involvedObject"]["name"]: e["message"]
+                for e in items
+                if e["involvedObject"]["name"].startswith("pull-") and "Failed to pull" in e["message"]
+            }
+            return got if len(got) == len(images) else None
+
+        try:
+            failed = await until(pulls, 60, "every pull to fail")
+        finally:
+            rel.kubectl(
+                "delete", "pods", "-n", rel.namespace, *[p["metadata"]["name"] for p in pods], "--wait=false"
+            )
+        for name, msg in failed.items():
+            assert '"http://127.0.0.1:1/v2/' in msg, (name, msg)
+
     async def test_delete_pod_drains_and_hands_back(self, rel: Release) -> None:
         """`kubectl delete pod`: preStop, SIGTERM, unfinished tasks handed back and run by the replacement."""
         [pod] = await rel.wait_ready(1)

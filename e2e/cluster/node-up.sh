@@ -27,7 +27,9 @@ say() { local ms=$(( ($(date +%s%N) - T0) / 1000000 )); printf '[node %d.%ds] %s
 die() {
   echo "[node] ERROR: $*" >&2
   for l in containerd kubelet kube-scheduler; do
-    [ -s "$LOGS/$l.log" ] && { echo "----- $LOGS/$l.log (last 40 lines)" >&2; tail -n 40 "$LOGS/$l.log" >&2; }
+    [ -s "$LOGS/$l.log" ] || continue
+    echo "----- $LOGS/$l.log (last lines that are not routine)" >&2
+    grep -vE 'level=(info|debug)|^I[0-9]{4} ' "$LOGS/$l.log" | tail -n 30 >&2
   done
   exit 1
 }
