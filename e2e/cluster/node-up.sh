@@ -203,6 +203,7 @@ oomScoreAdj: 0           # no CAP_SYS_RESOURCE: -999 would be EPERM
 podLogsDir: $S/pod-logs
 resolvConf: $S/resolv.conf
 clusterDomain: cluster.local
+clusterDNS: [127.0.0.1]  # ClusterFirst pods resolve through loopback too (and no MissingClusterDNS events)
 serializeImagePulls: false
 # images come from image.py, never from a registry: never collect them
 imageGCHighThresholdPercent: 100
