@@ -441,6 +441,17 @@ def version() -> str:
     return v
 
 
+def prune_cache(used: list[dict[str, Any]], days: float = 7) -> None:
+    """Layers no build has used for ``days`` go (clones on other branches keep theirs warm)."""
+    keep = {Path(str(layer["path"])).parent for layer in used}
+    for d in keep:
+        os.utime(d)
+    cutoff = time.time() - days * 86400  # file ages, not stored data
+    for d in CACHE.glob("*-*"):
+        if d.is_dir() and d not in keep and d.stat().st_mtime < cutoff:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def build(with_apps: bool = True) -> dict[str, object]:
     with cache_lock():
         base_key, base_root, base = base_layer()
@@ -452,6 +463,7 @@ def build(with_apps: bool = True) -> dict[str, object]:
             for v in (1, 2):
                 layers = [*core, apps_layer(v)]
                 images.append({"name": f"{APPS_REPO}:{v}", "config": image_config(layers), "layers": layers})
+        prune_cache([layer for img in images for layer in img["layers"]])  # type: ignore[attr-defined]
     return {"images": images}
 
 
