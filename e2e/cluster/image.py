@@ -16,8 +16,8 @@ cached under $KUBETASKS_IMAGES by a hash of its inputs:
                a chroot with `env -i`, so no host pip setting leaks in.
   3. kubetasks the project's wheel (built from exactly what the Dockerfile
                copies), installed into that venv without dependencies.
-  4. apps      /app/examples (make demo's app) and /app/nodeapp (the node tests'
-               app; version 2 adds a handler), for the apps images only.
+  4. apps      /app/examples (make demo's app and Tasks) and /app/nodeapp (the
+               node tests' app; version 2 adds a handler), for the apps images only.
 
 Images (names with a dot, so the CRI never rewrites them to docker.io):
   kubetasks.local/kubetasks:<version>   layers 1-3, what the Dockerfile builds
@@ -346,9 +346,12 @@ def kubetasks_layer(deps_key: str, deps_root: Path) -> tuple[str, dict[str, obje
 
 def apps_layer(version: int) -> dict[str, object]:
     """/app/examples and /app/nodeapp (version 2: app_v2.py as app.py)."""
-    files = {
-        f"examples/{f.relative_to(ROOT / 'examples')}": f for f in sorted((ROOT / "examples").rglob("*"))
-    }
+    examples = [
+        ROOT / "examples/__init__.py",
+        ROOT / "examples/app.py",
+        *sorted((ROOT / "examples/tasks").glob("*")),
+    ]
+    files = {f"examples/{f.relative_to(ROOT / 'examples')}": f for f in examples}
     node = ROOT / "e2e/nodeapp"
     for f in ("__init__.py", "side.py"):
         files[f"nodeapp/{f}"] = node / f
