@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export KUBETASKS_RUN_DIR := $(CURDIR)/.run
 
-.PHONY: venv dev down demo test lint unit integration e2e bench cluster cluster-down clean
+.PHONY: venv dev down demo test lint unit integration e2e bench cluster cluster-down clean faults
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PY) -m venv $(VENV); }
@@ -46,7 +46,13 @@ e2e: venv
 test: venv lint ## everything CI runs: unit, integration (PostgreSQL, Redis), e2e (kube-apiserver, kubectl, helm, a real node)
 	bash e2e/cluster/build.sh
 	bash e2e/cluster/schemas.sh
+	bash tests/faults/build_toxiproxy.sh >/dev/null
 	$(BIN)/pytest tests e2e -q -p no:cacheprovider
+
+RUNS ?= 1
+faults: venv ## the fault matrix (tests/faults), each scenario RUNS times; prints the table
+	bash tests/faults/build_toxiproxy.sh >/dev/null
+	FAULTS_RUNS=$(RUNS) $(BIN)/pytest tests/faults -q -p no:cacheprovider
 
 bench: venv ## kubetasks side by side with pgqueuer and procrastinate; prints a table, writes bench/results/latest.json
 	$(BIN)/pip install -q -e '.[dev,fast,bench]'

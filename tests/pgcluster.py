@@ -198,7 +198,9 @@ class PgCluster:
         if os_user:
             for p in (BASE, root):
                 shutil.chown(p, user=os_user)
-        primary = PgServer("primary", bindir, root / "primary", devenv.free_port(), os_user, dict(options or {}))
+        primary = PgServer(
+            "primary", bindir, root / "primary", devenv.free_port(), os_user, dict(options or {})
+        )
         primary.data.mkdir()
         if os_user:
             shutil.chown(primary.data, user=os_user)
@@ -254,7 +256,8 @@ class PgCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             n = self.primary.psql(
-                f"SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state LIKE '{want}'"
+                "SELECT count(*) FROM pg_stat_replication "
+                f"WHERE state = 'streaming' AND sync_state LIKE '{want}'"
             )
             if int(n or 0) >= (1 if sync else len(self.standbys)):
                 return

@@ -21,9 +21,14 @@ ENV_PREFIX = "KUBETASKS_"
 
 
 def validate_database_url(url: str, var: str = "KUBETASKS_DATABASE_URL") -> str:
+    """A postgresql:// URL, with one host or several (``host1:5432,host2:5432``, libpq's
+    syntax for failover, usually with ``?target_session_attrs=read-write``)."""
     try:
         parts = urlsplit(url)
-        _ = parts.port  # raises ValueError on a non-numeric port
+        hosts = parts.netloc.rpartition("@")[2].split(",")
+        for host in hosts:
+            # each host:port on its own: urlsplit reads only one, and would refuse "5432,host2"
+            _ = urlsplit(f"//{host}").port  # raises ValueError on a non-numeric port
     except ValueError as exc:
         raise ConfigError(var, f"malformed database URL: {exc}") from None
     if parts.scheme not in ("postgres", "postgresql"):
@@ -32,7 +37,7 @@ def validate_database_url(url: str, var: str = "KUBETASKS_DATABASE_URL") -> str:
             f"must be a postgresql:// URL (postgresql://user:password@host:5432/db), "
             f"got scheme {parts.scheme or '(none)'!r}",
         )
-    if not parts.hostname and "host=" not in parts.query:
+    if not all(urlsplit(f"//{h}").hostname for h in hosts) and "host=" not in parts.query:
         raise ConfigError(var, "names no host (postgresql://user@host:5432/db)")
     return url
 

@@ -42,7 +42,7 @@ def fault_pg() -> Iterator[PgCluster]:
     """A PostgreSQL server for the matrix alone: scenarios restart and freeze it."""
     try:
         cluster = PgCluster.start()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.fail(f"could not start PostgreSQL for the fault matrix: {exc}", pytrace=False)
     yield cluster
     cluster.stop()
@@ -67,7 +67,11 @@ def table(results: list[dict[str, object]]) -> str:
     by: dict[str, list[dict[str, object]]] = {}
     for r in results:
         by.setdefault(str(r["scenario"]), []).append(r)
-    head = f"{'scenario':<26} {'runs':>4} {'passed':>6} " + " ".join(f"{c:>14}" for c in cols) + f" {'phantom':>7}"
+    head = (
+        f"{'scenario':<26} {'runs':>4} {'passed':>6} "
+        + " ".join(f"{c:>14}" for c in cols)
+        + f" {'phantom':>7}"
+    )
     lines = [head, "-" * len(head)]
     for name, rs in by.items():
         sums = [sum(int(r[c]) for r in rs) for c in cols]  # type: ignore[call-overload]
@@ -76,7 +80,9 @@ def table(results: list[dict[str, object]]) -> str:
         lines.append(
             f"{name:<26} {len(rs):>4} {passed:>6} " + " ".join(f"{s:>14}" for s in sums) + f" {ph:>7}"
         )
-    lines.append("(figures summed over the runs; a scenario passes a run when all are 0 and its own checks hold)")
+    lines.append(
+        "(figures summed over the runs; a scenario passes a run when all are 0 and its own checks hold)"
+    )
     return "\n".join(lines)
 
 

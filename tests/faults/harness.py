@@ -25,10 +25,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import asyncpg
 
@@ -130,7 +130,9 @@ class Scenario:
         try:
             await history.install(conn)
             self._deadlocks_before = int(
-                await conn.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+                await conn.fetchval(
+                    "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+                )
                 or 0
             )
         finally:
@@ -323,10 +325,12 @@ class Scenario:
                 n += 1
                 try:
                     async with asyncio.timeout(5):
-                        tid = await app.enqueue(handler, {"n": n, "ms": list(ms)}, max_attempts=20, timeout=120)
+                        tid = await app.enqueue(
+                            handler, {"n": n, "ms": list(ms)}, max_attempts=20, timeout=120
+                        )
                     t.acked.append(tid)
                     self.acked.add(tid)
-                except Exception:  # noqa: BLE001 -- not acknowledged: the client saw the failure
+                except Exception:  # not acknowledged: the client saw the failure
                     t.errors += 1
                     await asyncio.sleep(0.1)
                 with contextlib.suppress(TimeoutError):

@@ -76,7 +76,8 @@ CREATE FUNCTION faultcheck.record() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO faultcheck.transitions
         (task_id, handler, old_status, new_status, old_attempt, new_attempt, old_worker, new_worker)
-    VALUES (NEW.id, NEW.handler, OLD.status, NEW.status, OLD.attempt, NEW.attempt, OLD.worker_id, NEW.worker_id);
+    VALUES (NEW.id, NEW.handler, OLD.status, NEW.status, OLD.attempt, NEW.attempt,
+            OLD.worker_id, NEW.worker_id);
     RETURN NULL;
 END;
 $$;
@@ -231,7 +232,8 @@ async def judge(
         "old_worker::text AS ow, new_worker::text AS nw, at FROM faultcheck.transitions ORDER BY seq"
     )
     attempts = await conn.fetch(
-        "SELECT task_id, attempt, worker_id::text AS w, outcome, error FROM kubetasks.task_attempts ORDER BY id"
+        "SELECT task_id, attempt, worker_id::text AS w, outcome, error "
+        "FROM kubetasks.task_attempts ORDER BY id"
     )
     workers = await conn.fetch(
         "SELECT worker_id::text AS w, pod_id, pid, status, stop_reason, started_at FROM kubetasks.workers"
@@ -270,7 +272,9 @@ async def judge(
     graceful = {(a["task_id"], a["attempt"]) for a in attempts if a["error"] == GRACEFUL_REASON}
     starts = Counter((r.task, r.attempt) for r in runs if r.kind == "start")
     claims = Counter(
-        (t["task_id"], t["new_attempt"]) for t in trans if t["new_status"] == "running" and t["old_status"] != "running"
+        (t["task_id"], t["new_attempt"])
+        for t in trans
+        if t["new_status"] == "running" and t["old_status"] != "running"
     )
     twice_run = {k for k, n in starts.items() if n > 1} - graceful
     twice_claim = {k for k, n in claims.items() if n > 1} - graceful

@@ -72,7 +72,8 @@ async def test_sigstop_past_ttl(run: int, tmp_path, fault_target: Target, toxi: 
         for victim in ws[:2]:
             sc.stop_signal(victim)
             await asyncio.sleep(TTL + 2.5)
-            await sc.excuse(victim, "SIGSTOPped past the TTL")  # before SIGCONT: its next lease is not excused
+            # Excused up to now, before SIGCONT: the lease it takes after waking is not.
+            await sc.excuse(victim, "SIGSTOPped past the TTL")
             sc.cont_signal(victim)
             await asyncio.sleep(2)
         sc.faults_stopped()
@@ -105,7 +106,9 @@ async def test_network_stall_all_workers(
         sc.faults_stopped()
 
 
-async def test_network_partition_one_worker(run: int, tmp_path, fault_target: Target, toxi: Toxiproxy) -> None:
+async def test_network_partition_one_worker(
+    run: int, tmp_path, fault_target: Target, toxi: Toxiproxy
+) -> None:
     """One worker's link frozen past the TTL: peers recover its tasks (the attempt counts), and when
     the link returns its held writes arrive late and must all be fenced."""
     async with Scenario("partition_one", tmp_path, fault_target, toxi) as sc:
@@ -175,7 +178,9 @@ async def test_connection_resets(run: int, tmp_path, fault_target: Target, toxi:
     at_least("resets of replies", resets["downstream"], 20)
 
 
-async def test_postgres_restart(run: int, tmp_path, fault_pg: PgCluster, fault_target: Target, toxi: Toxiproxy) -> None:
+async def test_postgres_restart(
+    run: int, tmp_path, fault_pg: PgCluster, fault_target: Target, toxi: Toxiproxy
+) -> None:
     """PostgreSQL stopped at once (like a crash), down for longer than the TTL, started again."""
     async with Scenario("pg_restart", tmp_path, fault_target, toxi) as sc:
         await sc.enqueue(600, ms=(20, 300))
@@ -194,9 +199,7 @@ async def test_failover_to_sync_standby(run: int, tmp_path, pg_pair: PgCluster, 
     acknowledged may be lost: no enqueue, no outcome (the sampler remembers every final status
     it saw on the old primary).
     """
-    target = Target(
-        admin_url=pg_pair.primary.url("{db}"), upstream_port=None, client_url=pg_pair.url("{db}")
-    )
+    target = Target(admin_url=pg_pair.primary.url("{db}"), upstream_port=None, client_url=pg_pair.url("{db}"))
     async with Scenario("failover", tmp_path, target, toxi) as sc:
         await sc.enqueue(600, ms=(20, 300))
         [sc.start_worker(f"pod-{i}", proxy=False) for i in range(3)]
@@ -262,7 +265,9 @@ async def test_two_processes_one_pod_id(run: int, tmp_path, fault_target: Target
         sc.faults_stopped()
 
         def twin_registrations(f: Figures) -> None:
-            f.extra["twin_registrations"] = sum(1 for w in f.details["workers"] if w["pod_id"].startswith("twin"))
+            f.extra["twin_registrations"] = sum(
+                1 for w in f.details["workers"] if w["pod_id"].startswith("twin")
+            )
 
         sc.derive(twin_registrations)
         sc.limit("twin_registrations", 2)

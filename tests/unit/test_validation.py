@@ -156,11 +156,25 @@ class TestSettings:
             ("postgresql://u@h:notaport/db", r"KUBETASKS_DATABASE_URL: malformed database URL"),
             ("postgresql:///db", r"KUBETASKS_DATABASE_URL: names no host"),
             ("not a url", r"KUBETASKS_DATABASE_URL: must be a postgresql:// URL"),
+            ("postgresql://u@h1:5432,h2:x/db", r"KUBETASKS_DATABASE_URL: malformed database URL"),
+            ("postgresql://u@h1:5432,:5433/db", r"KUBETASKS_DATABASE_URL: names no host"),
         ],
     )
     def test_malformed_database_url(self, url: str, message: str) -> None:
         with pytest.raises(ConfigError, match=message):
             Settings.load(env={}, database_url=url)
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "postgresql://u@127.0.0.1:5432,127.0.0.2:5433/db?target_session_attrs=read-write",
+            "postgresql://u:p@a,b:5433/db",
+            "postgresql://u@[::1]:5432,h2/db",
+        ],
+    )
+    def test_multi_host_database_url(self, url: str) -> None:
+        """libpq's failover syntax: every host is checked, and the URL reaches asyncpg as given."""
+        assert Settings.load(env={}, database_url=url).database_url == url
 
     def test_missing_database_url(self) -> None:
         with pytest.raises(ConfigError, match=r"^KUBETASKS_DATABASE_URL: is not set"):
