@@ -70,15 +70,16 @@ def table(results: list[dict[str, object]]) -> str:
     head = (
         f"{'scenario':<26} {'runs':>4} {'passed':>6} "
         + " ".join(f"{c:>14}" for c in cols)
-        + f" {'phantom':>7}"
+        + f" {'phantom':>7} {'zombie':>6}"
     )
     lines = [head, "-" * len(head)]
     for name, rs in by.items():
         sums = [sum(int(r[c]) for r in rs) for c in cols]  # type: ignore[call-overload]
         passed = sum(1 for r in rs if r["passed"])
         ph = sum(int(r["phantom"]) for r in rs)  # type: ignore[call-overload]
+        zo = sum(int(r["zombie_accepted"]) for r in rs)  # type: ignore[call-overload]
         lines.append(
-            f"{name:<26} {len(rs):>4} {passed:>6} " + " ".join(f"{s:>14}" for s in sums) + f" {ph:>7}"
+            f"{name:<26} {len(rs):>4} {passed:>6} " + " ".join(f"{s:>14}" for s in sums) + f" {ph:>7} {zo:>6}"
         )
     lines.append(
         "(figures summed over the runs; a scenario passes a run when all are 0 and its own checks hold)"

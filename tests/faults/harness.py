@@ -296,6 +296,33 @@ class Scenario:
                 raise AssertionError(f"[{self.name}] timed out after {timeout}s waiting for {what}")
             await asyncio.sleep(0.1)
 
+    async def all_busy(self, ws: list[WorkerProc], timeout: float = 60) -> None:
+        """Wait until every one of these processes holds a live lease and runs a task: a fault
+        injected before a slow process even started would hit nothing."""
+        pids = sorted({w.pid for w in ws})
+
+        async def cond() -> bool:
+            n = await self.fetchval(
+                "SELECT count(DISTINCT w.pid) FROM kubetasks.workers w JOIN kubetasks.tasks t "
+                "ON t.worker_id = w.worker_id AND t.status = 'running' "
+                "WHERE w.status = 'active' AND w.pid = ANY($1::int[])",
+                pids,
+            )
+            return int(n) == len(pids)
+
+        await self.wait_until(f"{len(pids)} worker processes to run tasks", cond, timeout)
+
+    async def silence(self, ws: list[WorkerProc]) -> float:
+        """Seconds since any worker of these processes last reached the database (a heartbeat or a
+        registration): proof that a fault cut them off, whatever the engine does about it."""
+        return float(
+            await self.fetchval(
+                "SELECT extract(epoch FROM now() - max(heartbeat_at))::float8 FROM kubetasks.workers "
+                "WHERE pid = ANY($1::int[])",
+                [w.pid for w in ws],
+            )
+        )
+
     # -- enqueueing ----------------------------------------------------------------
 
     async def enqueue(
@@ -415,13 +442,14 @@ class Scenario:
                 "scenario": self.name,
                 **f.five(),
                 "phantom": f.phantom,
+                "zombie_accepted": f.zombie_accepted,
                 "passed": not problems,
                 "problems": problems,
                 "extra": {k: v for k, v in f.extra.items()},
             }
         )
         shown = {k: v for k, v in f.extra.items()}
-        print(f"\n[faults] {self.name}: {f.five()} phantom={f.phantom} {shown}")
+        print(f"\n[faults] {self.name}: {f.five()} phantom={f.phantom} zombie={f.zombie_accepted} {shown}")
         for p in problems:
             print(f"[faults] {self.name}: {p}")
         assert not problems, f"[{self.name}] " + "; ".join(problems) + f" (logs: {self.tmp})"

@@ -35,9 +35,11 @@ attempts_spent
     or stopped on purpose (the single-worker partition and SIGSTOP), whose
     attempts count by design.
 
-Beside them, ``phantom`` (an accepted success that is not a run which ended
-on that worker with that attempt) is always asserted too, and extras are
-reported (deadlocks, live workers declared dead, registrations per pod).
+Beside them, two more are always asserted: ``phantom`` (an accepted success
+that is not a run which ended on that worker with that attempt) and
+``zombie_accepted`` (an outcome accepted from a worker more than 0.5 s after
+it was declared dead or superseded: its late writes must be refused). Extras
+are reported (deadlocks, live workers declared dead, registrations per pod).
 """
 
 from __future__ import annotations
@@ -84,6 +86,30 @@ $$;
 CREATE TRIGGER faultcheck_transitions AFTER UPDATE ON kubetasks.tasks FOR EACH ROW
     WHEN ((OLD.status, OLD.attempt, OLD.worker_id) IS DISTINCT FROM (NEW.status, NEW.attempt, NEW.worker_id))
     EXECUTE FUNCTION faultcheck.record();
+"""
+
+# A fault, not a check: claims by the workers of pods listed in faultcheck.slow_claims commit
+# ``delay_s`` late (an I/O stall at commit time). The claim statement itself -- with its lease
+# check -- runs at full speed; the sleep happens at COMMIT, in a deferred trigger, once per
+# transaction, with the claimed rows locked, exactly like a commit waiting on a slow disk.
+SLOW_CLAIMS = """
+CREATE TABLE faultcheck.slow_claims (pod_id text PRIMARY KEY, delay_s float8 NOT NULL);
+CREATE FUNCTION faultcheck.slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    d float8;
+BEGIN
+    SELECT s.delay_s INTO d FROM faultcheck.slow_claims s WHERE s.pod_id = NEW.pod_id;
+    IF d IS NOT NULL AND current_setting('faultcheck.slept', true) IS DISTINCT FROM txid_current()::text THEN
+        PERFORM set_config('faultcheck.slept', txid_current()::text, true);
+        PERFORM pg_sleep(d);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE CONSTRAINT TRIGGER faultcheck_slow_claim AFTER UPDATE ON kubetasks.tasks
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    WHEN (OLD.status = 'pending' AND NEW.status = 'running')
+    EXECUTE FUNCTION faultcheck.slow_claim();
 """
 
 STALE_SQL = """
@@ -191,6 +217,7 @@ class Figures:
     stale_running: int = 0
     attempts_spent: int = 0
     phantom: int = 0
+    zombie_accepted: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -199,8 +226,9 @@ class Figures:
 
     def problems(self) -> list[str]:
         out = [f"{k}={v}: {self.details.get(k)}" for k, v in self.five().items() if v]
-        if self.phantom:
-            out.append(f"phantom={self.phantom}: {self.details.get('phantom')}")
+        for k in ("phantom", "zombie_accepted"):
+            if getattr(self, k):
+                out.append(f"{k}={getattr(self, k)}: {self.details.get(k)}")
         return out
 
 
@@ -232,11 +260,12 @@ async def judge(
         "old_worker::text AS ow, new_worker::text AS nw, at FROM faultcheck.transitions ORDER BY seq"
     )
     attempts = await conn.fetch(
-        "SELECT task_id, attempt, worker_id::text AS w, outcome, error "
+        "SELECT task_id, attempt, worker_id::text AS w, outcome, error, finished_at "
         "FROM kubetasks.task_attempts ORDER BY id"
     )
     workers = await conn.fetch(
-        "SELECT worker_id::text AS w, pod_id, pid, status, stop_reason, started_at FROM kubetasks.workers"
+        "SELECT worker_id::text AS w, pod_id, pid, status, stop_reason, started_at, stopped_at "
+        "FROM kubetasks.workers"
     )
 
     # -- lost --------------------------------------------------------------
@@ -316,6 +345,28 @@ async def judge(
     }
     f.phantom = len(phantom)
     f.details["phantom"] = _sample(phantom)
+
+    # -- an outcome accepted from a worker already declared dead or superseded ----
+    # (the margin covers a reaper's own transaction: a write that committed while the reaper
+    # ran was still a write of a live worker)
+    stopped = {w["w"]: w["stopped_at"] for w in workers if w["stopped_at"] is not None}
+    margin = dt.timedelta(seconds=0.5)
+    zombie = {
+        (t["task_id"], t["old_attempt"])
+        for t in trans
+        if t["old_status"] == "running"
+        and t["new_status"] == "succeeded"
+        and t["ow"] in stopped
+        and t["at"] > stopped[t["ow"]] + margin
+    } | {
+        (a["task_id"], a["attempt"])
+        for a in attempts
+        if a["outcome"] in HANDLER_OUTCOMES
+        and a["w"] in stopped
+        and a["finished_at"] > stopped[a["w"]] + margin
+    }
+    f.zombie_accepted = len(zombie)
+    f.details["zombie_accepted"] = _sample(zombie)
 
     # -- extras --------------------------------------------------------------
     deadlocks = await conn.fetchval(

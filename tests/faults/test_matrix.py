@@ -18,6 +18,7 @@ from collections import Counter
 
 import pytest
 
+from tests.faults import history
 from tests.faults.harness import TTL, Scenario, Target, WorkerProc
 from tests.faults.history import Figures
 from tests.faults.toxiproxy import Toxiproxy
@@ -33,13 +34,6 @@ async def running_at_least(sc: Scenario, n: int) -> None:
     await sc.wait_until(f"{n} running tasks", cond, 60)
 
 
-async def succeeded_at_least(sc: Scenario, n: int) -> None:
-    async def cond() -> bool:
-        return await sc.count("status = 'succeeded'") >= n
-
-    await sc.wait_until(f"{n} succeeded tasks", cond, 60)
-
-
 def at_least(name: str, value: int, least: int) -> None:
     assert value >= least, f"the fault did not bite: {name}={value}, expected at least {least}"
 
@@ -50,7 +44,7 @@ async def test_sigkill(run: int, tmp_path, fault_target: Target, toxi: Toxiproxy
         await sc.enqueue(600, ms=(20, 300))
         ws = [sc.start_worker(f"pod-{i}") for i in range(4)]
         sc.trickle(0.05)
-        await running_at_least(sc, 5)
+        await sc.all_busy(ws)
         for k in range(6):
             await asyncio.sleep(2)
             i = random.randrange(len(ws))
@@ -65,13 +59,14 @@ async def test_sigkill(run: int, tmp_path, fault_target: Target, toxi: Toxiproxy
 async def test_sigstop_past_ttl(run: int, tmp_path, fault_target: Target, toxi: Toxiproxy) -> None:
     """A worker SIGSTOPped past its TTL, then SIGCONTed, twice: peers recover, its late writes bounce."""
     async with Scenario("sigstop", tmp_path, fault_target, toxi) as sc:
-        await sc.enqueue(300, ms=(300, 1500))
+        await sc.enqueue(200, ms=(300, 1500))
         ws = [sc.start_worker(f"pod-{i}") for i in range(3)]
-        sc.trickle(0.1, ms=(300, 1500))
-        await running_at_least(sc, 10)
+        sc.trickle(0.2, ms=(300, 1500))
+        await sc.all_busy(ws)
         for victim in ws[:2]:
             sc.stop_signal(victim)
             await asyncio.sleep(TTL + 2.5)
+            at_least("seconds the stopped worker was silent", int(await sc.silence([victim])), int(TTL))
             # Excused up to now, before SIGCONT: the lease it takes after waking is not.
             await sc.excuse(victim, "SIGSTOPped past the TTL")
             sc.cont_signal(victim)
@@ -92,14 +87,15 @@ async def test_network_stall_all_workers(
     Expected: 0 attempts spent -- nobody died.
     """
     async with Scenario(f"stall_all[{kind}]", tmp_path, fault_target, toxi) as sc:
-        await sc.enqueue(300, ms=(300, 1500))
+        await sc.enqueue(200, ms=(300, 1500))
         ws = [sc.start_worker(f"pod-{i}") for i in range(3)]
-        sc.trickle(0.1, ms=(300, 1500))
-        await running_at_least(sc, 10)
+        sc.trickle(0.2, ms=(300, 1500))
+        await sc.all_busy(ws)
         for w in ws:
             assert w.proxy is not None
             getattr(w.proxy, kind)()
         await asyncio.sleep(TTL * 2.5)
+        at_least("seconds the workers were silent", int(await sc.silence(ws)), int(TTL * 2))
         for w in ws:
             assert w.proxy is not None
             w.proxy.heal()
@@ -112,14 +108,15 @@ async def test_network_partition_one_worker(
     """One worker's link frozen past the TTL: peers recover its tasks (the attempt counts), and when
     the link returns its held writes arrive late and must all be fenced."""
     async with Scenario("partition_one", tmp_path, fault_target, toxi) as sc:
-        await sc.enqueue(300, ms=(300, 1500))
+        await sc.enqueue(200, ms=(300, 1500))
         ws = [sc.start_worker(f"pod-{i}") for i in range(3)]
-        sc.trickle(0.1, ms=(300, 1500))
-        await running_at_least(sc, 10)
+        sc.trickle(0.2, ms=(300, 1500))
+        await sc.all_busy(ws)
         cut = ws[0]
         assert cut.proxy is not None
         cut.proxy.freeze()
         await asyncio.sleep(TTL + 3)
+        at_least("seconds the cut-off worker was silent", int(await sc.silence([cut])), int(TTL))
         await sc.excuse(cut, "cut off alone past the TTL")
         cut.proxy.heal()
         await asyncio.sleep(2)
@@ -129,7 +126,8 @@ async def test_network_partition_one_worker(
 
 
 async def test_slow_commits(run: int, tmp_path, toxi: Toxiproxy) -> None:
-    """A synchronous standby behind a slow link: commits take 0-2.5 s, some longer than the TTL."""
+    """A synchronous standby behind a slow link: synchronous commits take 0-4 s, many longer than
+    the TTL (heartbeats, completions, registrations; a claim alone commits asynchronously)."""
     cluster = PgCluster.start()
     try:
         repl = toxi.create(f"repl-{run}-{id(cluster)}", cluster.primary.port)
@@ -138,10 +136,12 @@ async def test_slow_commits(run: int, tmp_path, toxi: Toxiproxy) -> None:
         target = Target(admin_url=cluster.primary.url("{db}"), upstream_port=cluster.primary.port)
         async with Scenario("slow_commits", tmp_path, target, toxi) as sc:
             await sc.enqueue(400, ms=(50, 400))
-            [sc.start_worker(f"pod-{i}") for i in range(3)]
+            ws = [sc.start_worker(f"pod-{i}") for i in range(3)]
             sc.trickle(0.1)
-            await running_at_least(sc, 5)
-            for latency, jitter in [(1200, 1200), (0, 0), (2500, 0), (0, 0), (800, 800)]:
+            await sc.all_busy(ws)
+            # Phases of commit latency: some below the TTL, some past it (a claim and a completion
+            # written together then commit after the lease they were checked against).
+            for latency, jitter in [(1000, 1000), (0, 0), (3500, 500), (0, 0), (2000, 1500)]:
                 toxic = repl.latency(latency, jitter, stream="downstream") if latency else None
                 await asyncio.sleep(3)
                 if toxic:
@@ -152,6 +152,37 @@ async def test_slow_commits(run: int, tmp_path, toxi: Toxiproxy) -> None:
         cluster.stop()
 
 
+async def test_claim_commits_after_reap(run: int, tmp_path, fault_target: Target, toxi: Toxiproxy) -> None:
+    """A claim checked against a live lease commits late (a commit stalled on I/O for TTL + 1.5 s)
+    while its worker is cut off: by the time the claim lands, peers have reaped that worker.
+
+    The claimed tasks must not stay `running` under the dead worker past the TTL.
+    """
+    async with Scenario("late_claim_commit", tmp_path, fault_target, toxi) as sc:
+        conn = await sc.conn()
+        try:
+            await conn.execute(history.SLOW_CLAIMS)
+        finally:
+            await conn.close()
+        await sc.enqueue(400, ms=(20, 150))
+        ws = [sc.start_worker(f"pod-{i}") for i in range(3)]
+        sc.trickle(0.1, ms=(20, 150))
+        await sc.all_busy(ws)
+        cut = ws[0]
+        assert cut.proxy is not None
+        await sc.fetchval(
+            "INSERT INTO faultcheck.slow_claims VALUES ($1, $2) RETURNING 1", cut.pod, TTL + 1.5
+        )
+        await asyncio.sleep(0.5)  # its next claim is now committing, slowly
+        cut.proxy.freeze()
+        await asyncio.sleep(TTL + 3)
+        await sc.fetchval("DELETE FROM faultcheck.slow_claims RETURNING 1")
+        await sc.excuse(cut, "cut off alone past the TTL")
+        cut.proxy.heal()
+        await asyncio.sleep(2)
+        sc.faults_stopped()
+
+
 async def test_connection_resets(run: int, tmp_path, fault_target: Target, toxi: Toxiproxy) -> None:
     """TCP resets, again and again, of requests (mid-claim, mid-completion) and of replies (committed
     but never acknowledged) on the workers' connections."""
@@ -159,7 +190,7 @@ async def test_connection_resets(run: int, tmp_path, fault_target: Target, toxi:
         await sc.enqueue(800, ms=(10, 80))
         ws = [sc.start_worker(f"pod-{i}") for i in range(3)]
         sc.trickle(0.05, ms=(10, 80))
-        await running_at_least(sc, 3)
+        await sc.all_busy(ws)
         loop = asyncio.get_running_loop()
         end = loop.time() + 15
         resets = Counter[str]()
@@ -184,9 +215,9 @@ async def test_postgres_restart(
     """PostgreSQL stopped at once (like a crash), down for longer than the TTL, started again."""
     async with Scenario("pg_restart", tmp_path, fault_target, toxi) as sc:
         await sc.enqueue(600, ms=(20, 300))
-        [sc.start_worker(f"pod-{i}") for i in range(3)]
+        ws = [sc.start_worker(f"pod-{i}") for i in range(3)]
         sc.trickle(0.05)
-        await succeeded_at_least(sc, 100)
+        await sc.all_busy(ws)
         await asyncio.to_thread(fault_pg.primary.restart, TTL + 1.5)
         await asyncio.sleep(2)
         sc.faults_stopped()
@@ -202,9 +233,9 @@ async def test_failover_to_sync_standby(run: int, tmp_path, pg_pair: PgCluster, 
     target = Target(admin_url=pg_pair.primary.url("{db}"), upstream_port=None, client_url=pg_pair.url("{db}"))
     async with Scenario("failover", tmp_path, target, toxi) as sc:
         await sc.enqueue(600, ms=(20, 300))
-        [sc.start_worker(f"pod-{i}", proxy=False) for i in range(3)]
+        ws = [sc.start_worker(f"pod-{i}", proxy=False) for i in range(3)]
         tr = sc.trickle(0.05)
-        await succeeded_at_least(sc, 100)
+        await sc.all_busy(ws)
         acked_before = len(tr.acked)
         pg_pair.primary.kill()
         await asyncio.sleep(TTL + 1)
@@ -225,7 +256,7 @@ async def test_rolling_upgrade(run: int, tmp_path, fault_target: Target, toxi: T
         old = [sc.start_worker(f"v1-{i}", version=1) for i in range(3)]
         sc.trickle(0.1)
         sc.trickle(0.2, handler="fx.new")
-        await running_at_least(sc, 3)
+        await sc.all_busy(old)
         await asyncio.sleep(2)
         for i, w in enumerate(old):
             sc.start_worker(f"v2-{i}", version=2)
@@ -256,9 +287,8 @@ async def test_two_processes_one_pod_id(run: int, tmp_path, fault_target: Target
     """
     async with Scenario("two_procs_one_pod", tmp_path, fault_target, toxi) as sc:
         await sc.enqueue(400, ms=(50, 400))
-        sc.start_worker("twin")
-        sc.start_worker("solo")
-        await running_at_least(sc, 3)
+        first = [sc.start_worker("twin"), sc.start_worker("solo")]
+        await sc.all_busy(first)
         sc.start_worker("twin")
         sc.trickle(0.1)
         await asyncio.sleep(12)
@@ -296,6 +326,7 @@ async def test_db_stall_during_heartbeat_storm(
             return int(n) == 80
 
         await sc.wait_until("80 active workers", all_active, 90)
+        await sc.all_busy(procs)
         await running_at_least(sc, 40)
         fault_pg.primary.pause()
         try:
