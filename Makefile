@@ -52,7 +52,7 @@ test: venv lint ## everything CI runs: unit, integration (PostgreSQL, Redis), e2
 RUNS ?= 1
 faults: venv ## the fault matrix (tests/faults), each scenario RUNS times; prints the table
 	bash tests/faults/build_toxiproxy.sh >/dev/null
-	FAULTS_RUNS=$(RUNS) $(BIN)/pytest tests/faults -q -p no:cacheprovider
+	FAULTS_RUNS=$(RUNS) FAULTS_STRICT=1 $(BIN)/pytest tests/faults -q -p no:cacheprovider
 
 bench: venv ## kubetasks side by side with pgqueuer and procrastinate; prints a table, writes bench/results/latest.json
 	$(BIN)/pip install -q -e '.[dev,fast,bench]'

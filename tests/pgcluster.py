@@ -107,6 +107,7 @@ class PgServer:
             "max_wal_senders": "10",
             "wal_keep_size": "256MB",
             "hot_standby": "on",
+            "track_commit_timestamp": "on",  # lets a checker order commits of different sessions
             **self.options,
         }
         line = f"-p {self.port} " + " ".join(f"-c {k}={v}" for k, v in opts.items())

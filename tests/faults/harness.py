@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from kubetasks import App, EnqueueRequest
 from kubetasks.store import migrate
@@ -41,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TTL = 2.0
 HEARTBEAT = 0.5
 DRAIN_AFTER_FAULTS = 60.0
+# FAULTS_STRICT=1 (`make faults`): a known defect fails its scenario like any other failure.
+STRICT = os.environ.get("FAULTS_STRICT", "") not in ("", "0")
 RESULTS: list[dict[str, Any]] = []
 
 
@@ -93,8 +96,11 @@ class Scenario:
         *,
         ttl: float = TTL,
         heartbeat: float = HEARTBEAT,
+        known: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.name = name
+        # known defects of this scenario (by its name before any "[variant]"): figure -> reason
+        self.known = (known or {}).get(name.split("[", maxsplit=1)[0], {})
         self.tmp = tmp
         self.target = target
         self.toxi = toxi
@@ -431,28 +437,35 @@ class Scenario:
             fn(f)
         self.figures = f
         hung = {k: v for k, v in exit_codes.items() if v == "hung at SIGTERM"}
-        extra_fail = [
-            f"{k}={f.extra[k]} (at most {most}): {f.details.get(k)}"
-            for k, most in self.limits.items()
-            if f.extra[k] > most
-        ]
-        problems = f.problems() + extra_fail + ([f"hung at SIGTERM: {hung}"] if hung else [])
+        failing = f.failing()
+        for k, most in self.limits.items():
+            if f.extra[k] > most:
+                failing[k] = f"{k}={f.extra[k]} (at most {most}): {f.details.get(k)}"
+        if hung:
+            failing["hung"] = f"hung at SIGTERM: {hung}"
+        unknown = sorted(set(failing) - set(self.known))
+        known = sorted(set(failing) & set(self.known))
+        status = "failed" if unknown else "known defect" if known else "passed"
         RESULTS.append(
             {
                 "scenario": self.name,
                 **f.five(),
                 "phantom": f.phantom,
                 "zombie_accepted": f.zombie_accepted,
-                "passed": not problems,
-                "problems": problems,
-                "extra": {k: v for k, v in f.extra.items()},
+                "status": status,
+                "problems": list(failing.values()),
+                "extra": dict(f.extra),
             }
         )
-        shown = {k: v for k, v in f.extra.items()}
-        print(f"\n[faults] {self.name}: {f.five()} phantom={f.phantom} zombie={f.zombie_accepted} {shown}")
-        for p in problems:
+        print(f"\n[faults] {self.name}: {f.five()} phantom={f.phantom} zombie={f.zombie_accepted} {f.extra}")
+        for p in failing.values():
             print(f"[faults] {self.name}: {p}")
-        assert not problems, f"[{self.name}] " + "; ".join(problems) + f" (logs: {self.tmp})"
+        where = f" (logs: {self.tmp})"
+        if unknown or (known and STRICT):
+            raise AssertionError(f"[{self.name}] " + "; ".join(failing.values()) + where)
+        if known:
+            reasons = "; ".join(f"{k}: {self.known[k]}" for k in known)
+            pytest.xfail(f"[{self.name}] known defect -- {reasons} -- " + "; ".join(failing.values()) + where)
 
     def limit(self, name: str, most: int = 0) -> None:
         """Assert, beside the five, that the extra figure ``name`` is at most ``most``."""

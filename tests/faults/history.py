@@ -37,8 +37,8 @@ attempts_spent
 
 Beside them, two more are always asserted: ``phantom`` (an accepted success
 that is not a run which ended on that worker with that attempt) and
-``zombie_accepted`` (an outcome accepted from a worker more than 0.5 s after
-it was declared dead or superseded: its late writes must be refused). Extras
+``zombie_accepted`` (an outcome of a worker committed after the commit that
+declared it dead or superseded: its late writes must be refused). Extras
 are reported (deadlocks, live workers declared dead, registrations per pod).
 """
 
@@ -86,6 +86,16 @@ $$;
 CREATE TRIGGER faultcheck_transitions AFTER UPDATE ON kubetasks.tasks FOR EACH ROW
     WHEN ((OLD.status, OLD.attempt, OLD.worker_id) IS DISTINCT FROM (NEW.status, NEW.attempt, NEW.worker_id))
     EXECUTE FUNCTION faultcheck.record();
+CREATE TABLE faultcheck.worker_stops (worker_id uuid NOT NULL, status text NOT NULL);
+CREATE FUNCTION faultcheck.record_stop() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO faultcheck.worker_stops VALUES (NEW.worker_id, NEW.status);
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER faultcheck_worker_stops AFTER UPDATE ON kubetasks.workers FOR EACH ROW
+    WHEN (OLD.status IN ('active', 'stopping') AND NEW.status NOT IN ('active', 'stopping'))
+    EXECUTE FUNCTION faultcheck.record_stop();
 """
 
 # A fault, not a check: claims by the workers of pods listed in faultcheck.slow_claims commit
@@ -114,10 +124,13 @@ CREATE CONSTRAINT TRIGGER faultcheck_slow_claim AFTER UPDATE ON kubetasks.tasks
 
 STALE_SQL = """
 SELECT t.id, t.attempt, t.worker_id::text AS w, w.status AS ws,
-       extract(epoch FROM now() - w.stopped_at)::float8 AS stopped_for
-FROM kubetasks.tasks t JOIN kubetasks.workers w ON w.worker_id = t.worker_id
+       extract(epoch FROM now() - coalesce(s.ts, w.stopped_at))::float8 AS stopped_for
+FROM kubetasks.tasks t
+JOIN kubetasks.workers w ON w.worker_id = t.worker_id
+LEFT JOIN LATERAL (SELECT min(pg_xact_commit_timestamp(x.xmin)) AS ts
+                   FROM faultcheck.worker_stops x WHERE x.worker_id = t.worker_id) s ON true
 WHERE t.status = 'running' AND w.status NOT IN ('active', 'stopping')
-  AND w.stopped_at < now() - make_interval(secs => $1)
+  AND coalesce(s.ts, w.stopped_at) < now() - make_interval(secs => $1)
 """
 
 
@@ -224,12 +237,13 @@ class Figures:
     def five(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in FIGURES}
 
-    def problems(self) -> list[str]:
-        out = [f"{k}={v}: {self.details.get(k)}" for k, v in self.five().items() if v]
-        for k in ("phantom", "zombie_accepted"):
-            if getattr(self, k):
-                out.append(f"{k}={getattr(self, k)}: {self.details.get(k)}")
-        return out
+    def failing(self) -> dict[str, str]:
+        """Each non-zero asserted figure, with examples."""
+        return {
+            k: f"{k}={getattr(self, k)}: {self.details.get(k)}"
+            for k in (*FIGURES, "phantom", "zombie_accepted")
+            if getattr(self, k)
+        }
 
 
 def _sample(items: Any, n: int = 8) -> list[Any]:
@@ -257,11 +271,12 @@ async def judge(
     }
     trans = await conn.fetch(
         "SELECT task_id, handler, old_status, new_status, old_attempt, new_attempt, "
-        "old_worker::text AS ow, new_worker::text AS nw, at FROM faultcheck.transitions ORDER BY seq"
+        "old_worker::text AS ow, new_worker::text AS nw, at, pg_xact_commit_timestamp(xmin) AS cts "
+        "FROM faultcheck.transitions ORDER BY seq"
     )
     attempts = await conn.fetch(
-        "SELECT task_id, attempt, worker_id::text AS w, outcome, error, finished_at "
-        "FROM kubetasks.task_attempts ORDER BY id"
+        "SELECT task_id, attempt, worker_id::text AS w, outcome, error, "
+        "pg_xact_commit_timestamp(xmin) AS cts FROM kubetasks.task_attempts ORDER BY id"
     )
     workers = await conn.fetch(
         "SELECT worker_id::text AS w, pod_id, pid, status, stop_reason, started_at, stopped_at "
@@ -347,23 +362,27 @@ async def judge(
     f.details["phantom"] = _sample(phantom)
 
     # -- an outcome accepted from a worker already declared dead or superseded ----
-    # (the margin covers a reaper's own transaction: a write that committed while the reaper
-    # ran was still a write of a live worker)
-    stopped = {w["w"]: w["stopped_at"] for w in workers if w["stopped_at"] is not None}
-    margin = dt.timedelta(seconds=0.5)
+    # Compared by commit time (track_commit_timestamp): a write that passed its fence before
+    # the death holds the row the death must release, so it always commits first.
+    died_at = {
+        r["w"]: r["ts"]
+        for r in await conn.fetch(
+            "SELECT worker_id::text AS w, min(pg_xact_commit_timestamp(xmin)) AS ts "
+            "FROM faultcheck.worker_stops GROUP BY worker_id"
+        )
+    }
+    late = dt.timedelta(milliseconds=10)
     zombie = {
         (t["task_id"], t["old_attempt"])
         for t in trans
         if t["old_status"] == "running"
         and t["new_status"] == "succeeded"
-        and t["ow"] in stopped
-        and t["at"] > stopped[t["ow"]] + margin
+        and t["ow"] in died_at
+        and t["cts"] > died_at[t["ow"]] + late
     } | {
         (a["task_id"], a["attempt"])
         for a in attempts
-        if a["outcome"] in HANDLER_OUTCOMES
-        and a["w"] in stopped
-        and a["finished_at"] > stopped[a["w"]] + margin
+        if a["outcome"] in HANDLER_OUTCOMES and a["w"] in died_at and a["cts"] > died_at[a["w"]] + late
     }
     f.zombie_accepted = len(zombie)
     f.details["zombie_accepted"] = _sample(zombie)
