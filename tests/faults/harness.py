@@ -194,7 +194,8 @@ class Scenario:
             KUBETASKS_LEASE_TTL=str(self.ttl),
             KUBETASKS_SHUTDOWN_GRACE="10",
             FAULTS_HISTORY=str(self.history),
-            PYTHONPATH=str(ROOT),
+            # this checkout's package first, whichever one the venv has installed
+            PYTHONPATH=f"{ROOT / 'operator'}:{ROOT}",
         )
         env.update(extra or {})
         return env
