@@ -419,6 +419,7 @@ class Scenario:
                 exit_codes[f"{w.pod}/{w.pid}"] = "hung at SIGTERM"
         conn = await self.conn()
         try:
+            await self._dump(conn)
             f = await history.judge(
                 conn,
                 acked=self.acked,
@@ -467,6 +468,27 @@ class Scenario:
         if known:
             reasons = "; ".join(f"{k}: {self.known[k]}" for k in known)
             pytest.xfail(f"[{self.name}] known defect -- {reasons} -- " + "; ".join(failing.values()) + where)
+
+    async def _dump(self, conn: asyncpg.Connection) -> None:
+        """The database's side of the history, as files beside the worker logs, to read after a failure."""
+        for name, sql in (
+            ("workers", "SELECT * FROM kubetasks.workers ORDER BY started_at"),
+            ("task_attempts", "SELECT * FROM kubetasks.task_attempts ORDER BY id"),
+            (
+                "transitions",
+                "SELECT *, pg_xact_commit_timestamp(xmin) AS committed FROM faultcheck.transitions",
+            ),
+            (
+                "worker_stops",
+                "SELECT *, pg_xact_commit_timestamp(xmin) AS committed FROM faultcheck.worker_stops",
+            ),
+        ):
+            rows = await conn.fetch(sql)
+            with open(self.tmp / f"db-{name}.tsv", "w") as out:
+                if rows:
+                    out.write("\t".join(rows[0].keys()) + "\n")
+                for r in rows:
+                    out.write("\t".join("" if v is None else str(v) for v in r.values()) + "\n")
 
     def limit(self, name: str, most: int = 0) -> None:
         """Assert, beside the five, that the extra figure ``name`` is at most ``most``."""

@@ -350,7 +350,10 @@ async def judge(
                 excused[w["w"]] = e.why
     spent = [a for a in attempts if a["outcome"] in SPENT and a["w"] not in excused]
     f.attempts_spent = len(spent)
-    f.details["attempts_spent"] = Counter(f"{a['outcome']}: {a['error']}"[:120] for a in spent).most_common(5)
+    pods = {w["w"]: w["pod_id"] for w in workers}
+    f.details["attempts_spent"] = Counter(
+        f"{a['outcome']}: {a['error']}"[:100] + f" [worker of {pods.get(a['w'])}]" for a in spent
+    ).most_common(5)
     f.extra["attempts_excused"] = sum(1 for a in attempts if a["outcome"] in SPENT and a["w"] in excused)
 
     # -- an accepted success that no run of that attempt and worker ended ----
@@ -392,9 +395,9 @@ async def judge(
         "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
     )
     f.extra["deadlocks"] = int(deadlocks or 0) - deadlocks_before
-    f.extra["live_declared_dead"] = sum(
-        1 for w in workers if w["stop_reason"] == "lease expired" and w["w"] not in excused
-    )
+    declared = [w for w in workers if w["stop_reason"] == "lease expired" and w["w"] not in excused]
+    f.extra["live_declared_dead"] = len(declared)
+    f.details["live_declared_dead"] = [(w["pod_id"], w["w"][:8], str(w["stopped_at"])) for w in declared[:8]]
     f.extra["registrations_per_pod_max"] = max(Counter(w["pod_id"] for w in workers).values(), default=0)
     f.extra["tasks"] = len(acked)
     f.extra["runs"] = sum(1 for r in runs if r.kind == "start")
