@@ -110,6 +110,7 @@ class Scenario:
         self.history = tmp / "history.log"
         self.workers: list[WorkerProc] = []
         self.died: set[int] = set()
+        self.terminated: set[int] = set()
         self.exemptions: list[history.Exemption] = []
         self.acked: set[int] = set()
         self.trickles: list[Trickle] = []
@@ -250,6 +251,7 @@ class Scenario:
 
     async def term(self, w: WorkerProc, timeout: float = 30) -> int:
         """SIGTERM: a graceful stop (a rolling upgrade, a scale-down)."""
+        self.terminated.add(w.pid)
         w.proc.send_signal(signal.SIGTERM)
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
@@ -405,6 +407,12 @@ class Scenario:
         drained_in = time.monotonic() - self.faults_end
         await asyncio.sleep(min(self.ttl, 1.0) + 0.5)  # one more sampling window for stale running rows
         await self.sampler.stop()
+        # A process that ended on its own (not killed, not stopped by the scenario) crashed.
+        crashed = {
+            f"{w.pod}/{w.pid}": w.proc.returncode
+            for w in self.workers
+            if not w.alive() and w.pid not in self.died and w.pid not in self.terminated
+        }
         exit_codes = {}
         for w in self.workers:
             if w.alive():
@@ -412,6 +420,8 @@ class Scenario:
                     os.kill(w.pid, signal.SIGCONT)
                 w.proc.send_signal(signal.SIGTERM)
         for w in self.workers:
+            if w.pid in self.died:
+                continue
             try:
                 exit_codes[f"{w.pod}/{w.pid}"] = w.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -445,6 +455,13 @@ class Scenario:
                 failing[k] = f"{k}={f.extra[k]} (at most {most}): {f.details.get(k)}"
         if hung:
             failing["hung"] = f"hung at SIGTERM: {hung}"
+        if crashed:
+            failing["crashed"] = f"worker processes exited on their own: {crashed}"
+        unclean = {
+            k: v for k, v in exit_codes.items() if v not in (0, "hung at SIGTERM") and k not in crashed
+        }
+        if unclean:
+            failing["unclean_exit"] = f"exit codes after SIGTERM: {unclean}"
         unknown = sorted(set(failing) - set(self.known))
         known = sorted(set(failing) & set(self.known))
         status = "failed" if unknown else "known defect" if known else "passed"
