@@ -25,7 +25,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("run", range(1, n + 1), ids=[f"run{i}" for i in range(1, n + 1)])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def toxi() -> Iterator[Toxiproxy]:
     logdir = ROOT / ".run" / "faults"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +37,7 @@ def toxi() -> Iterator[Toxiproxy]:
     tp.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fault_pg() -> Iterator[PgCluster]:
     """A PostgreSQL server for the matrix alone: scenarios restart and freeze it."""
     try:
