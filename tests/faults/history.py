@@ -104,6 +104,7 @@ CREATE TRIGGER faultcheck_worker_stops AFTER UPDATE ON kubetasks.workers FOR EAC
 # transaction, with the claimed rows locked, exactly like a commit waiting on a slow disk.
 SLOW_CLAIMS = """
 CREATE TABLE faultcheck.slow_claims (pod_id text PRIMARY KEY, delay_s float8 NOT NULL);
+CREATE SEQUENCE faultcheck.claims_slowed;  -- counts even a claim that then rolls back
 CREATE FUNCTION faultcheck.slow_claim() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     d float8;
@@ -111,6 +112,7 @@ BEGIN
     SELECT s.delay_s INTO d FROM faultcheck.slow_claims s WHERE s.pod_id = NEW.pod_id;
     IF d IS NOT NULL AND current_setting('faultcheck.slept', true) IS DISTINCT FROM txid_current()::text THEN
         PERFORM set_config('faultcheck.slept', txid_current()::text, true);
+        PERFORM nextval('faultcheck.claims_slowed');
         PERFORM pg_sleep(d);
     END IF;
     RETURN NULL;

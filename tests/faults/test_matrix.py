@@ -210,6 +210,10 @@ async def test_claim_commits_after_reap(run: int, tmp_path, fault_target: Target
         await sc.fetchval("DELETE FROM faultcheck.slow_claims RETURNING 1")
         await sc.excuse(cut, "cut off alone past the TTL")
         cut.proxy.heal()
+        slowed = await sc.fetchval(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM faultcheck.claims_slowed"
+        )
+        at_least("claims whose commit was held back", int(slowed), 1)
         await asyncio.sleep(2)
         sc.faults_stopped()
 
