@@ -3,8 +3,8 @@
 Every handler start and end appends ``kind task attempt worker pod pid time``
 to the file named by FAULTS_HISTORY (O_APPEND: concurrent processes never tear
 a line). That file is the history the checker judges, beside what the
-database says. ``app_v1`` serves ``fx.work``; ``app_v2`` (the next release of
-the same app) serves ``fx.work`` and ``fx.new``: a rolling upgrade from one to
+database says. ``app_v1`` serves ``fx.work`` and ``fx.spin``; ``app_v2`` (the next release of
+the same app) serves those and ``fx.new``: a rolling upgrade from one to
 the other must never have a v1 pod claim or fail an ``fx.new`` task.
 """
 
@@ -39,9 +39,21 @@ async def work(ctx: TaskContext) -> dict[str, int]:
     return {"n": int(ctx.payload.get("n", 0))}
 
 
+async def spin(ctx: TaskContext) -> dict[str, int]:
+    """Holds the event loop for payload["s"] seconds without awaiting (CPU-bound code in an
+    async handler): nothing else of this worker's loop runs meanwhile."""
+    record("start", ctx)
+    end = time.monotonic() + float(ctx.payload.get("s", 1.0))
+    while time.monotonic() < end:
+        pass
+    record("end", ctx)
+    return {"n": int(ctx.payload.get("n", 0))}
+
+
 def build(version: int, **settings: object) -> App:
     app = App(**settings)  # type: ignore[arg-type]
     app.task("fx.work")(work)
+    app.task("fx.spin")(spin)
     if version >= 2:
         app.task("fx.new")(work)
     return app

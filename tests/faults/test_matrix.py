@@ -33,6 +33,7 @@ ITEM5 = (
     " counted (re-registering over their own lease, or reaped by a peer that came back first)"
 )
 ITEM6 = "issue 13 item 6: two live processes of one pod id supersede each other for ever"
+ITEM8 = "issue 13 item 8: lease renewal runs on the event loop; a handler holding the loop loses the lease"
 ITEM7 = "issue 13 item 7: the claim ignores the worker's handlers; an old pod fails a new handler's task"
 
 # Defects of issue 13 these scenarios reproduce on the code they were written against, by the
@@ -54,6 +55,7 @@ KNOWN: dict[str, dict[str, str]] = {
         "stale_running": ITEM4,
         "zombie_accepted": ITEM4,
     },
+    "cpu_bound": {"attempts_spent": ITEM8, "started_twice": ITEM8, "zombie_accepted": ITEM8},
     "hb_storm": {"attempts_spent": ITEM5, "live_declared_dead": ITEM5, "deadlocks": ITEM5},
 }
 
@@ -287,6 +289,23 @@ async def test_failover_to_sync_standby(run: int, tmp_path, pg_pair: PgCluster, 
         await asyncio.sleep(3)
         sc.faults_stopped()
     at_least("enqueues acknowledged after the failover", len(tr.acked) - acked_before, 1)
+
+
+async def test_cpu_bound_handler(run: int, tmp_path, fault_target: Target, toxi: Toxiproxy) -> None:
+    """An async handler that holds its worker's event loop for 2 x the TTL (CPU-bound code that
+    never awaits). The process is alive and its task well within its timeout: its lease must
+    hold, nobody may run the task a second time, and no attempt may be spent."""
+    async with Scenario("cpu_bound", tmp_path, fault_target, toxi, known=KNOWN) as sc:
+        await sc.enqueue(200, ms=(50, 300))
+        ws = [sc.start_worker(f"pod-{i}") for i in range(3)]
+        sc.trickle(0.2)
+        await sc.all_busy(ws)
+        assert sc.app is not None
+        for i in range(2):
+            tid = await sc.app.enqueue("fx.spin", {"n": i, "s": TTL * 2}, max_attempts=20, timeout=60)
+            sc.acked.add(tid)
+        await asyncio.sleep(TTL * 2 + 3)
+        sc.faults_stopped()
 
 
 async def test_rolling_upgrade(run: int, tmp_path, fault_target: Target, toxi: Toxiproxy) -> None:
