@@ -8,6 +8,7 @@ the variable instead of minutes later inside a worker.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -57,6 +58,14 @@ def default_pod_id() -> str:
     return os.environ.get("POD_NAME") or socket.gethostname()
 
 
+def default_pod_namespace() -> str:
+    return os.environ.get("POD_NAMESPACE", "")
+
+
+#: Variables the Kubernetes downward API sets under their conventional names.
+_DOWNWARD = {"pod_id": "POD_NAME", "pod_namespace": "POD_NAMESPACE"}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a process needs; field names match the KUBETASKS_* variables."""
@@ -83,6 +92,32 @@ class Settings:
     metrics_port: int = 0
     metrics_addr: str = "0.0.0.0"
     metrics_addr_file: str = ""
+    # The Kubernetes side (k8s/). Unset pod_namespace: not in a pod, no pod recovery.
+    pod_namespace: str = field(default_factory=default_pod_namespace)
+    #: Namespaces whose Tasks and CronJobLocks this release handles; empty: every namespace.
+    watch_namespaces: tuple[str, ...] = ()
+    #: Label selector of this release's pods (its workers are recovered when they go).
+    pod_selector: str = ""
+    peering_name: str = "default"
+    #: kopf peering priority; 0 draws one per process (equal priorities freeze every replica).
+    peering_priority: int = 0
+    peering_lifetime: int = 10
+    #: Seconds a leader goes on without reaching PostgreSQL before it gives up leadership.
+    leader_timeout: float = 10.0
+    #: Seconds between rewrites of Task statuses still owed to their objects.
+    status_resync_interval: float = 30.0
+    #: Seconds between full comparisons of Task objects with their rows.
+    reconcile_interval: float = 60.0
+    kopf_log_level: str = "WARNING"
+    #: Port of the validating admission webhook; 0: no webhook.
+    webhook_port: int = 0
+    webhook_addr: str = "127.0.0.1"
+    #: Host name or IP in the serving certificate (default: webhook_addr).
+    webhook_host: str = ""
+    #: Directory with tls.crt, tls.key and ca.crt; empty: a throwaway CA is made.
+    webhook_cert_dir: str = ""
+    #: ValidatingWebhookConfiguration whose caBundle the operator keeps current.
+    webhook_configuration: str = ""
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -95,8 +130,8 @@ class Settings:
                 continue
             var = ENV_PREFIX + f.name.upper()
             raw = env.get(var)
-            if raw is None and f.name == "pod_id":
-                raw = env.get("POD_NAME")
+            if raw is None and f.name in _DOWNWARD:
+                raw = env.get(_DOWNWARD[f.name])
             if raw is None or raw == "":
                 continue
             values[f.name] = _parse(var, f.type, raw)
@@ -149,6 +184,19 @@ class Settings:
                 "KUBETASKS_METRICS_ADDR",
                 f"must be an address to bind (0.0.0.0, an IP), got {self.metrics_addr!r}",
             )
+        for ns in self.watch_namespaces:
+            if not _DNS_LABEL.match(ns):
+                raise ConfigError("KUBETASKS_WATCH_NAMESPACES", f"{ns!r} is not a namespace name")
+        if not 0 <= self.peering_priority < 2**31:
+            raise ConfigError("KUBETASKS_PEERING_PRIORITY", "must be between 0 and 2147483647")
+        _positive("KUBETASKS_PEERING_LIFETIME", self.peering_lifetime, 2, 3600)
+        _positive("KUBETASKS_LEADER_TIMEOUT", self.leader_timeout, 1, 300)
+        _positive("KUBETASKS_STATUS_RESYNC_INTERVAL", self.status_resync_interval, 0.5, 3600)
+        _positive("KUBETASKS_RECONCILE_INTERVAL", self.reconcile_interval, 1, 86400)
+        if self.kopf_log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ConfigError("KUBETASKS_KOPF_LOG_LEVEL", "must be debug, info, warning, error or critical")
+        if not 0 <= self.webhook_port <= 65535:
+            raise ConfigError("KUBETASKS_WEBHOOK_PORT", "must be between 0 (off) and 65535")
         return self
 
     @property
@@ -157,6 +205,9 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes).validated()
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
 def _positive(var: str, value: float, lo: float, hi: float) -> None:

@@ -330,10 +330,11 @@ class Lease:
         self._lost = False
         self._registered_once = True
         self._reap_at = None
-        namespace = os.environ.get("POD_NAMESPACE")
-        if namespace:
-            # Lets the operator match workers against a Pod listing of that namespace.
-            await self._queries.run("set_worker_namespace", self.worker_id, namespace, conn=conn)
+        if s.pod_namespace:
+            # Lets the operator match its release's workers against a Pod listing.
+            await self._queries.run(
+                "set_worker_namespace", self.worker_id, s.pod_namespace, s.pod_selector or None, conn=conn
+            )
         if row["extended"]:
             self.stats.extended += int(row["extended"])
             log.warning("nobody had reached the database for %.1fs: extended %d live lease(s)",

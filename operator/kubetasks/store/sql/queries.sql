@@ -393,8 +393,9 @@ FROM job_locks WHERE name = $1 AND expires_at > now();
 SELECT * FROM claim_limited($1, $2, $3, $4, $5, $6);
 
 -- name: set_worker_namespace :exec
--- $1 worker_id, $2 namespace of its pod (POD_NAMESPACE).
-UPDATE workers SET namespace = $2 WHERE worker_id = $1;
+-- $1 worker_id, $2 namespace of its pod (POD_NAMESPACE), $3 its release's pod
+-- label selector (NULL: none).
+UPDATE workers SET namespace = $2, pod_selector = $3 WHERE worker_id = $1;
 
 -- name: ingest_refused :val
 -- $1 handler (as written, may be unknown), $2 queue, $3 error, $4 cr_uid,
@@ -410,26 +411,66 @@ RETURNING id;
 SELECT id, status, attempt FROM tasks WHERE cr_uid = $1;
 
 -- name: cr_tasks_by_ids :many
--- $1 task ids. What a Task object's status is written from.
-SELECT id, cr_uid, cr_namespace, cr_name, handler, queue, status, attempt, max_attempts, pod_id,
-       started_at, finished_at, error, result, progress, progress_message, updated_at,
-       attempt - uncharged AS attempts_spent
-FROM tasks WHERE id = ANY ($1::bigint[]) AND cr_uid IS NOT NULL;
+-- $1 task ids, $2 namespaces (NULL: every one). What a Task object's status is
+-- written from, with the version of the status owed (NULL: none owed).
+SELECT t.id, t.cr_uid, t.cr_namespace, t.cr_name, t.handler, t.queue, t.status, t.attempt,
+       t.max_attempts, t.pod_id, t.started_at, t.finished_at, t.error, t.result, t.progress,
+       t.progress_message, t.updated_at, t.attempt - t.uncharged AS attempts_spent, o.ver AS owed_ver
+FROM tasks t LEFT JOIN cr_status_owed o ON o.task_id = t.id
+WHERE t.id = ANY ($1::bigint[]) AND t.cr_uid IS NOT NULL
+  AND ($2::text[] IS NULL OR t.cr_namespace = ANY ($2::text[]));
 
--- name: cr_tasks_for_resync :many
--- Every Task-object row that is unfinished or changed in the last $1 seconds.
-SELECT id FROM tasks
-WHERE cr_uid IS NOT NULL
-  AND (status IN ('pending', 'running', 'paused', 'suspended')
-       OR updated_at > now() - make_interval(secs => $1));
+-- name: cr_status_owed :many
+-- $1 namespaces (NULL: every one), $2 how many. Statuses not yet written, oldest first.
+SELECT o.task_id FROM cr_status_owed o JOIN tasks t ON t.id = o.task_id
+WHERE ($1::text[] IS NULL OR t.cr_namespace = ANY ($1::text[]))
+ORDER BY o.task_id LIMIT $2;
 
--- name: live_workers_in_namespace :many
--- $1 namespace.
-SELECT worker_id, pod_id FROM workers WHERE namespace = $1 AND status IN ('active', 'stopping');
+-- name: cr_status_written :exec
+-- $1 task id, $2 the owed version that was written. A change since then keeps it owed.
+DELETE FROM cr_status_owed WHERE task_id = $1 AND ver = $2;
 
--- name: try_status_writer_lock :val
--- The one status writer per cluster holds this session-level advisory lock.
-SELECT pg_try_advisory_lock(hashtext('kubetasks.status_writer'));
+-- name: cr_status_drop :exec
+-- $1 task ids whose object is gone: nothing is owed to an object that no longer exists.
+DELETE FROM cr_status_owed WHERE task_id = ANY ($1::bigint[]);
+
+-- name: cr_tasks_by_uids :many
+-- $1 object uids. Which of them have a row, and in what state.
+SELECT cr_uid, id, status FROM tasks WHERE cr_uid = ANY ($1::text[]);
+
+-- name: cr_unfinished :many
+-- $1 namespaces (NULL: every one). Unfinished rows of Task objects, to compare with a listing.
+SELECT id, cr_uid, cr_namespace, cr_name, status FROM tasks
+WHERE cr_uid IS NOT NULL AND status IN ('pending', 'running', 'paused', 'suspended')
+  AND ($1::text[] IS NULL OR cr_namespace = ANY ($1::text[]));
+
+-- name: live_workers_of_release :many
+-- $1 namespace, $2 the release's pod label selector.
+SELECT worker_id, pod_id FROM workers
+WHERE namespace = $1 AND pod_selector = $2 AND status IN ('active', 'stopping');
+
+-- name: operator_lease_take :one
+-- $1 scope, $2 holder (pod), $3 holder id (one per process), $4 seconds it lasts.
+-- Takes the lease when it is free or expired, renews it when it is ours; no
+-- row: another process holds it. A new holder starts a new term.
+INSERT INTO operator_leases AS l (scope, holder, holder_id, term, expires_at)
+VALUES ($1, $2, $3, 1, now() + make_interval(secs => $4))
+ON CONFLICT (scope) DO UPDATE
+SET holder = EXCLUDED.holder, holder_id = EXCLUDED.holder_id,
+    term = CASE WHEN l.holder_id = EXCLUDED.holder_id THEN l.term ELSE l.term + 1 END,
+    acquired_at = CASE WHEN l.holder_id = EXCLUDED.holder_id THEN l.acquired_at ELSE now() END,
+    renewed_at = now(), expires_at = EXCLUDED.expires_at
+WHERE l.holder_id = EXCLUDED.holder_id OR l.expires_at <= now()
+RETURNING term;
+
+-- name: operator_lease_release :exec
+-- $1 scope, $2 holder id. A leader stepping down lets the next one in at once.
+DELETE FROM operator_leases WHERE scope = $1 AND holder_id = $2;
+
+-- name: operator_lease_get :one
+-- $1 scope.
+SELECT scope, holder, holder_id, term, acquired_at, renewed_at, expires_at, expires_at > now() AS live
+FROM operator_leases WHERE scope = $1;
 
 -- name: metrics_queue_depths :many
 -- Per queue with pending tasks: all pending (delayed included), the due ones, and
@@ -702,5 +743,23 @@ ORDER BY parent_id, status;
 SELECT pg_notify('kubetasks_cron_ticked', $1);
 
 -- name: crd_schedules :many
--- Schedules that came from CronJobLock objects.
-SELECT name, cr_uid FROM schedules WHERE source = 'crd';
+-- $1 namespaces (NULL: every one). Schedules that came from CronJobLock objects
+-- (named <namespace>/<name>).
+SELECT name, cr_uid FROM schedules
+WHERE source = 'crd' AND ($1::text[] IS NULL OR split_part(name, '/', 1) = ANY ($1::text[]));
+
+-- name: crd_schedule_delete :val
+-- $1 name, $2 the uid of the object it came from. A schedule re-created by a
+-- newer object of the same name has another uid and stays.
+WITH del AS (
+    DELETE FROM schedules WHERE source = 'crd' AND name = $1 AND cr_uid = $2 RETURNING 1
+)
+SELECT count(*) > 0 FROM del;
+
+-- name: workers_of_pod_dead :many
+-- $1 pod, $2 its namespace, $3 its release's pod label selector, $4 reason.
+-- Declares that pod's live workers of this release dead; the caller releases
+-- their tasks next (release_worker, counting the attempt).
+UPDATE workers SET status = 'dead', stopped_at = now(), stop_reason = $4
+WHERE pod_id = $1 AND namespace = $2 AND pod_selector = $3 AND status IN ('active', 'stopping')
+RETURNING worker_id;

@@ -22,6 +22,8 @@ CREATE TABLE workers (
     namespace        text,
     -- 0008: the slot of its pod id this worker's process holds (see take_pod_slot).
     pod_slot         integer NOT NULL DEFAULT 1 CONSTRAINT pod_slot_range CHECK (pod_slot BETWEEN 1 AND 64),
+    -- The release (its pods' label selector) this worker's pod belongs to (0010).
+    pod_selector     text CONSTRAINT pod_selector_length CHECK (length(pod_selector) BETWEEN 1 AND 1024),
     CONSTRAINT stopped_workers_have_time CHECK ((status IN ('dead', 'superseded')) = (stopped_at IS NOT NULL))
 );
 -- One live worker per pod slot: a restarted process supersedes its predecessor.
@@ -575,9 +577,35 @@ BEGIN
 END;
 $$;
 
--- Change notifications for tasks that came from a Task object (0003).
+-- One operator leader per watch scope: a lease whose expiry comes from this
+-- server's clock, which a leader cut off from the database cannot hold past
+-- its expiry (a session advisory lock would outlive it) (0010).
+CREATE TABLE operator_leases (
+    scope       text PRIMARY KEY CONSTRAINT scope_length CHECK (length(scope) BETWEEN 1 AND 4096),
+    holder      text NOT NULL CONSTRAINT holder_length CHECK (length(holder) BETWEEN 1 AND 253),
+    holder_id   uuid NOT NULL,
+    term        bigint NOT NULL CONSTRAINT term_positive CHECK (term >= 1),
+    acquired_at timestamptz NOT NULL DEFAULT now(),
+    renewed_at  timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL,
+    CONSTRAINT lease_expires_after_renewal CHECK (expires_at > renewed_at)
+);
+
+-- A Task object's status is owed from the change of its row until a writer
+-- has written it; ver tells the writer whether the row changed again after
+-- it read it (0010).
+CREATE TABLE cr_status_owed (
+    task_id bigint PRIMARY KEY REFERENCES tasks (id) ON DELETE CASCADE,
+    ver     bigint NOT NULL DEFAULT 1 CONSTRAINT ver_positive CHECK (ver >= 1),
+    since   timestamptz NOT NULL DEFAULT now()
+);
+
+-- Change notifications for tasks that came from a Task object (0003), and the
+-- status they make owed (0010).
 CREATE FUNCTION notify_cr_task_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    INSERT INTO cr_status_owed AS o (task_id) VALUES (NEW.id)
+    ON CONFLICT (task_id) DO UPDATE SET ver = o.ver + 1;
     PERFORM pg_notify('kubetasks_cr_changed', NEW.id::text);
     RETURN NULL;
 END;
