@@ -9,7 +9,14 @@ zone -- is shown as ``Ready=False`` with the reason; the object itself stays.
 No finalizer is set: a schedule whose object is gone is removed when the
 status refresher next lists the objects (every few seconds), so deleting a
 CronJobLock while no operator runs still stops its runs once one is back.
-Status is refreshed by whichever process holds the status writer lock.
+Status is refreshed by the leader (leadership.py), listing the watched
+namespaces one by one (a namespaced install may not list cluster-wide).
+
+Every write is tied to the object's uid: a schedule is deleted only if it
+still came from the object that went (`kubectl replace --force` makes a new
+object, and its schedule, under the same name), the prune reads the rows
+before it lists the objects (a schedule created in between is not taken for
+an orphan), and status patches test the uid.
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubetasks import cron, locks, validation
 from kubetasks.errors import ValidationError
-from kubetasks.k8s.kube import GROUP, VERSION, Kube, is_not_found
+from kubetasks.k8s.kube import ObjectGone
 from kubetasks.store import Store
+
+if TYPE_CHECKING:
+    from kubetasks.k8s.handlers import OperatorContext
 
 log = logging.getLogger("kubetasks.k8s.cronjoblocks")
 PLURAL = "cronjoblocks"
@@ -73,25 +83,42 @@ def ready_condition(ok: bool, reason: str, message: str, at: str | None) -> dict
             "lastTransitionTime": at}  # fmt: skip
 
 
-async def sync_object(
-    store: Store, kube: Kube, default_queue: str, event: Mapping[str, Any]
-) -> tuple[bool, str] | None:
+def spec_error(namespace: str, name: str, spec: Mapping[str, Any], default_queue: str) -> str | None:
+    """What is wrong with a CronJobLock spec, naming the field; None when it is valid."""
+    try:
+        spec_of(namespace, name, "", spec, default_queue).validated()
+    except ValidationError as exc:
+        return f"spec.{_SPEC_NAMES.get(exc.field, exc.field)}: {exc.message}"
+    return None
+
+
+async def delete_schedule(store: Store, namespace: str, name: str, uid: str) -> bool:
+    """Remove the schedule of the CronJobLock with ``uid`` (not a newer one of the same name)."""
+    return bool(await store.run("crd_schedule_delete", schedule_name(namespace, name), uid))
+
+
+async def sync_object(ctx: OperatorContext, event: Mapping[str, Any]) -> tuple[bool, str] | None:
     """Apply one CronJobLock event to the schedules table; returns (ready, message) when synced."""
+    if not ctx.fence():
+        from kubetasks.k8s.handlers import NotLeading  # noqa: PLC0415 - a cycle at import time
+
+        raise NotLeading("syncing a CronJobLock")
+    store, kube = ctx.store, ctx.kube
     body = event["object"]
     meta = body["metadata"]
     ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
     if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
-        if await cron.delete_schedule(store, schedule_name(ns, name), source="crd"):
+        if await delete_schedule(store, ns, name, uid):
             log.info("CronJobLock %s/%s deleted: schedule removed", ns, name)
         return None
     spec = body.get("spec") or {}
     try:
-        await cron.upsert_schedule(store, spec_of(ns, name, uid, spec, default_queue))
+        await cron.upsert_schedule(store, spec_of(ns, name, uid, spec, ctx.app.settings.default_queue))
         ok, reason, message = True, "Scheduled", f"next ticks of {spec.get('schedule')!r} are computed"
     except ValidationError as exc:
         ok, reason = False, "InvalidSchedule"
         message = f"spec.{_SPEC_NAMES.get(exc.field, exc.field)}: {exc.message}"
-        await cron.delete_schedule(store, schedule_name(ns, name), source="crd")
+        await delete_schedule(store, ns, name, uid)
         log.warning("CronJobLock %s/%s refused: %s", ns, name, message)
     previous = next(
         (c for c in (body.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), None
@@ -106,8 +133,8 @@ async def sync_object(
             "conditions": [ready_condition(ok, reason, message, at)],
             "observedGeneration": meta.get("generation"),
         }
-        with contextlib.suppress(Exception):
-            await kube.patch_status(PLURAL, ns, name, status)
+        with contextlib.suppress(ObjectGone):
+            await kube.patch_status_keys(PLURAL, ns, name, uid, status, has_status="status" in body)
     return ok, message
 
 
@@ -144,28 +171,43 @@ def status_from(s: cron.ScheduleStatus, history_limit: int) -> dict[str, Any]:
 class CronStatusRefresher:
     """Keeps every CronJobLock's status current; removes schedules whose object is gone."""
 
-    def __init__(self, app: Any, store: Store, kube: Kube, *, every: float = 2.0) -> None:
-        self.app = app
-        self.store = store
-        self.kube = kube
+    def __init__(self, ctx: OperatorContext, *, every: float = 2.0) -> None:
+        self.ctx = ctx
+        self.app = ctx.app
+        self.store = ctx.store
+        self.kube = ctx.kube
+        self.namespaces = ctx.namespaces
+        self.fence = ctx.fence
         self.every = every
-        self.backend = locks.make_backend(store, app.settings.redis_url)
+        self.backend = locks.make_backend(ctx.store, ctx.app.settings.redis_url)
         self._last: dict[str, dict[str, Any]] = {}
+        self._had_objects = True
 
     async def refresh(self, *, prune: bool) -> bool:
         """One pass; True when any CronJobLock exists. ``prune`` also drops orphaned schedules."""
-        raw = await asyncio.to_thread(self.kube.custom.list_cluster_custom_object, GROUP, VERSION, PLURAL)
-        objects: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        by_schedule = {
-            schedule_name(o["metadata"]["namespace"], o["metadata"]["name"]): o
-            for o in objects.get("items", [])
-        }
-        if prune or by_schedule:
-            uids = {o["metadata"]["uid"] for o in by_schedule.values()}
-            for row in await self.store.run("crd_schedules"):
-                if row["cr_uid"] not in uids:
-                    await cron.delete_schedule(self.store, row["name"], source="crd")
-                    log.info("schedule %s removed: its CronJobLock no longer exists", row["name"])
+        scope = list(self.namespaces) if self.namespaces else None
+        # Rows first, objects second: a schedule created between the two reads
+        # is not among ``rows``, so it cannot be taken for an orphan. Without
+        # CronJobLocks seen lately, the rows are read only when a prune is due.
+        rows = await self.store.run("crd_schedules", scope) if prune or self._had_objects else []
+        items = await self.kube.list_objects(PLURAL, self.namespaces)
+        by_schedule = {schedule_name(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in items}
+        self._had_objects = bool(by_schedule)
+        uids = {o["metadata"]["uid"] for o in items}
+        for row in rows:
+            if (
+                row["cr_uid"] not in uids
+                and self.fence()
+                and await self.store.run("crd_schedule_delete", row["name"], row["cr_uid"])
+            ):
+                log.info("schedule %s removed: its CronJobLock no longer exists", row["name"])
+        if rows or prune:
+            # An object without its schedule (an event lost, or handled out of
+            # order with an older object of the same name) is synced again.
+            have = {r["name"]: r["cr_uid"] for r in rows}
+            for sname, obj in by_schedule.items():
+                if have.get(sname) != obj["metadata"]["uid"] and self.fence():
+                    await sync_object(self.ctx, {"type": None, "object": obj})
         if not by_schedule:
             return False
         for st in await cron.statuses(
@@ -177,33 +219,35 @@ class CronStatusRefresher:
                 int(spec.get("successfulJobsHistoryLimit", 3)), int(spec.get("failedJobsHistoryLimit", 1))
             )
             status = status_from(st, limit)
-            if self._last.get(st.name) == status:
+            meta = obj["metadata"]
+            key = f"{st.name}/{meta['uid']}"
+            if self._last.get(key) == status or not self.fence():
                 continue
             try:
-                await self.kube.patch_status(
-                    PLURAL, obj["metadata"]["namespace"], obj["metadata"]["name"], status
+                await self.kube.patch_status_keys(
+                    PLURAL, meta["namespace"], meta["name"], meta["uid"], status, has_status="status" in obj
                 )
-                self._last[st.name] = status
+                self._last[key] = status
+            except ObjectGone:
+                pass
             except Exception as exc:
-                if not is_not_found(exc):
-                    log.warning("status of CronJobLock %s not written: %r", st.name, exc)
+                log.warning("status of CronJobLock %s not written: %r", st.name, exc)
         return True
 
-    async def run(self, stop: asyncio.Event, is_leader: Any) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
         """Refresh every few seconds while CronJobLocks exist; otherwise list them only (no
         database work) and look for orphaned schedules twice a minute, to keep idle pods cheap."""
         loop = asyncio.get_running_loop()
         next_prune = loop.time()
         try:
             while not stop.is_set():
-                if is_leader():
-                    prune = loop.time() >= next_prune
-                    try:
-                        await self.refresh(prune=prune)
-                    except Exception as exc:
-                        log.warning("CronJobLock status refresh failed: %r", exc)
+                prune = loop.time() >= next_prune
+                try:
+                    await self.refresh(prune=prune)
                     if prune:
                         next_prune = loop.time() + 30.0
+                except Exception as exc:
+                    log.warning("CronJobLock status refresh failed: %r", exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.every)
         finally:

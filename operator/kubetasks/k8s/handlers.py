@@ -1,13 +1,27 @@
-"""kopf handlers: Task objects become task rows; Pods that go away release their workers.
+"""Task objects become task rows; deleted ones cancel theirs.
 
 Only ``@kopf.on.event`` handlers are used, deliberately: they are
-level-triggered (every event, including the initial listing after a restart,
-is reconciled against the database), and kopf writes nothing onto the
-objects for them -- no diff-base annotation holding a copy of the payload
+level-triggered (every event, including the initial listing when a leader
+takes over, is reconciled against the database), and kopf writes nothing onto
+the objects for them -- no diff-base annotation holding a copy of the payload
 (annotations are capped at 256 KiB per object), no progress annotations, no
-finalizer of kopf's own. The one finalizer kubetasks sets is its own, and
-only while the task is unfinished, so deleting a running Task cancels it
-even if no operator is up at that moment, and a finished Task is never held.
+finalizer.
+
+No finalizer of ours either (older versions held ``kubetasks.dev/cancel-on-delete``
+on unfinished Tasks; it is removed wherever it is seen). A finalizer that no
+operator is left to remove blocks the namespace's deletion for ever -- after
+`helm uninstall`, or while the database is down -- and cancellation does not
+need one: a deleted Task's row is cancelled on its DELETED event, and
+:func:`reconcile_all` (when a leader takes over, then every
+``reconcile_interval`` seconds) cancels every unfinished row whose object is
+no longer listed, however it went. After `helm uninstall` the rows of Tasks
+deleted with their namespace stay as they were until an operator watching that
+namespace runs again and cancels them.
+
+kopf drops a handler's error (no retry for event handlers), so transient
+failures -- the database or the API server unreachable -- are retried here
+with backoff for as long as this process leads; once it stops leading, the
+next leader's listing and reconcile pick up whatever was left.
 
 Ingestion is idempotent: the row is keyed by the object's uid (a UNIQUE
 column), so a replayed event inserts nothing.
@@ -16,24 +30,41 @@ column), so a replayed event inserts nothing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import asyncpg
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from kubetasks import validation
 from kubetasks.app import App, EnqueueRequest
 from kubetasks.errors import ValidationError
 from kubetasks.k8s import cronjoblocks, webhook
-from kubetasks.k8s.kube import FINALIZER, GROUP, VERSION, Kube, is_not_found
+from kubetasks.k8s.kube import FINALIZER, GROUP, VERSION, Kube, ObjectGone, is_transient
 from kubetasks.store import Store
+from kubetasks.store.pg import CONNECTION_ERRORS
 
 log = logging.getLogger("kubetasks.k8s")
 UNFINISHED = ("pending", "running", "paused", "suspended")
 FINISHED_PHASES = ("Succeeded", "Failed", "Cancelled")
+DELETED_REASON = "the Task object was deleted"
+#: Database errors worth retrying: the connection, not the statement, failed.
+TRANSIENT_DB = (
+    *CONNECTION_ERRORS,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.TooManyConnectionsError,
+)
+T = TypeVar("T")
+
+
+class NotLeading(Exception):
+    """This process no longer leads: the next leader takes over what was in hand."""
 
 
 @dataclass
@@ -41,9 +72,35 @@ class OperatorContext:
     app: App
     store: Store
     kube: Kube
-    pod_selector: str | None = None
+    namespaces: tuple[str, ...] = ()
+    #: True while this process may write (it leads and reached the database lately).
+    fence: Callable[[], bool] = lambda: True
     ttl_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def scope(self) -> list[str] | None:
+        """The namespaces for SQL filters; None: every namespace."""
+        return list(self.namespaces) if self.namespaces else None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_DB) or is_transient(exc)
+
+
+async def retrying(ctx: OperatorContext, what: str, op: Callable[[], Awaitable[T]]) -> T:
+    """Run ``op`` until it succeeds, backing off on transient errors, while this process leads."""
+    delay = 0.2
+    while True:
+        if not ctx.fence():
+            raise NotLeading(what)
+        try:
+            return await op()
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            log.warning("%s failed (%r); retrying in %.1fs", what, exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 def request_from_spec(spec: Mapping[str, Any]) -> tuple[EnqueueRequest, float | None]:
@@ -96,8 +153,6 @@ async def ingest(ctx: OperatorContext, uid: str, namespace: str, name: str, spec
 
 
 def _with_retry_delay(p: Any, delay: float) -> Any:
-    import dataclasses  # noqa: PLC0415
-
     return dataclasses.replace(p, retry_delay=validation.retry_delay(delay))
 
 
@@ -114,19 +169,30 @@ def _spec_field(f: str) -> str:
     return _SPEC_NAMES.get(f, f)
 
 
-async def _set_finalizer(ctx: OperatorContext, body: Mapping[str, Any], present: bool) -> None:
+async def _drop_legacy_finalizer(ctx: OperatorContext, body: Mapping[str, Any]) -> None:
+    """Remove the finalizer older versions held (guarded by the object's resourceVersion)."""
     meta = body["metadata"]
     finalizers = list(meta.get("finalizers") or [])
-    if (FINALIZER in finalizers) == present:
+    if FINALIZER not in finalizers:
         return
-    finalizers = [*finalizers, FINALIZER] if present else [f for f in finalizers if f != FINALIZER]
-    patch = {"metadata": {"finalizers": finalizers, "resourceVersion": meta["resourceVersion"]}}
+    patch = {
+        "metadata": {
+            "finalizers": [f for f in finalizers if f != FINALIZER],
+            "resourceVersion": meta["resourceVersion"],
+        }
+    }
     try:
         await ctx.kube.patch("tasks", meta["namespace"], meta["name"], patch)
-    except Exception as exc:
-        if not is_not_found(exc):
-            # A conflict means the object moved on: its next event retries.
-            log.debug("finalizer change on %s/%s deferred: %r", meta["namespace"], meta["name"], exc)
+    except ApiException as exc:
+        # Gone, or moved on (conflict): its next event -- or the reconcile -- looks again.
+        if exc.status not in (404, 409):
+            raise
+
+
+async def _cancel_deleted(ctx: OperatorContext, row: Any, ns: str, name: str) -> None:
+    if row is not None and row["status"] in UNFINISHED:
+        await ctx.store.run("cancel_task", row["id"], DELETED_REASON)
+        log.info("Task %s/%s deleted: task %d cancelled", ns, name, row["id"])
 
 
 def _schedule_ttl_delete(ctx: OperatorContext, body: Mapping[str, Any]) -> None:
@@ -145,52 +211,49 @@ def _schedule_ttl_delete(ctx: OperatorContext, body: Mapping[str, Any]) -> None:
 
     def fire() -> None:
         ctx.ttl_timers.pop(uid, None)
-        task = loop.create_task(_delete_quietly(ctx, meta["namespace"], meta["name"]))
+        task = loop.create_task(_ttl_delete(ctx, meta["namespace"], meta["name"], uid))
         ctx.background.add(task)
         task.add_done_callback(ctx.background.discard)
 
     ctx.ttl_timers[uid] = loop.call_later(wait, fire)
 
 
-async def _delete_quietly(ctx: OperatorContext, namespace: str, name: str) -> None:
+async def _ttl_delete(ctx: OperatorContext, namespace: str, name: str, uid: str) -> None:
     try:
-        await ctx.kube.delete("tasks", namespace, name)
+        await retrying(
+            ctx, f"deleting Task {namespace}/{name}", lambda: ctx.kube.delete("tasks", namespace, name, uid)
+        )
         log.info("deleted finished Task %s/%s (ttlSecondsAfterFinished)", namespace, name)
+    except (ObjectGone, NotLeading):
+        pass
     except Exception as exc:
-        if not is_not_found(exc):
-            log.warning("could not delete Task %s/%s: %r", namespace, name, exc)
+        log.warning("could not delete Task %s/%s: %r", namespace, name, exc)
 
 
-async def on_task_event(ctx: OperatorContext, event: Mapping[str, Any]) -> None:
-    body = event["object"]
+async def reconcile_task(ctx: OperatorContext, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+    """Bring the row of one Task object in line with the object (level-triggered, idempotent)."""
+    if not ctx.fence():
+        raise NotLeading("reconciling a Task")
     meta = body["metadata"]
     uid, ns, name = meta["uid"], meta["namespace"], meta["name"]
     spec = body.get("spec") or {}
     status = body.get("status") or {}
-    if event.get("type") == "DELETED":
+    if deleted:
         timer = ctx.ttl_timers.pop(uid, None)
         if timer:
             timer.cancel()
-        row = await ctx.store.run("cr_task_by_uid", uid)
-        if row is not None and row["status"] in UNFINISHED:
-            await ctx.store.run("cancel_task", row["id"], "the Task object was deleted")
+        await _cancel_deleted(ctx, await ctx.store.run("cr_task_by_uid", uid), ns, name)
         return
+    await _drop_legacy_finalizer(ctx, body)
     row = await ctx.store.run("cr_task_by_uid", uid)
     if meta.get("deletionTimestamp"):
-        if row is not None and row["status"] in UNFINISHED:
-            await ctx.store.run("cancel_task", row["id"], "the Task object was deleted")
-            log.info("Task %s/%s deleted: task %d cancelled", ns, name, row["id"])
-        await _set_finalizer(ctx, body, False)
+        await _cancel_deleted(ctx, row, ns, name)
         return
     if row is None:
         tid = await ingest(ctx, uid, ns, name, spec)
         row = await ctx.store.run("cr_task_by_uid", uid)
         log.info("Task %s/%s accepted as task %d", ns, name, tid)
-    unfinished = row["status"] in UNFINISHED
-    if unfinished and status.get("phase") not in FINISHED_PHASES:
-        await _set_finalizer(ctx, body, True)
-    elif not unfinished and status.get("phase") in FINISHED_PHASES:
-        await _set_finalizer(ctx, body, False)
+    if row["status"] not in UNFINISHED and status.get("phase") in FINISHED_PHASES:
         _schedule_ttl_delete(ctx, body)
     if spec.get("suspend") and row["status"] == "pending":
         await ctx.store.run("pause_task", row["id"])
@@ -200,20 +263,55 @@ async def on_task_event(ctx: OperatorContext, event: Mapping[str, Any]) -> None:
             await ctx.store.run("wake_queue", resumed["queue"])
 
 
-async def on_pod_event(ctx: OperatorContext, event: Mapping[str, Any]) -> None:
+async def on_task_event(ctx: OperatorContext, event: Mapping[str, Any]) -> None:
     body = event["object"]
-    name = body["metadata"]["name"]
-    phase = (body.get("status") or {}).get("phase")
-    reason = None
-    if event.get("type") == "DELETED":
-        reason = f"pod {name} was deleted"
-    elif phase == "Failed":
-        reason = f"pod {name} failed"
-    if reason is None:
-        return
-    n = await ctx.store.run("release_pod", name, reason)
-    if n:
-        log.warning("%s: released %d of its tasks", reason, n)
+    meta = body["metadata"]
+    try:
+        await retrying(
+            ctx,
+            f"Task {meta['namespace']}/{meta['name']}",
+            lambda: reconcile_task(ctx, body, deleted=event.get("type") == "DELETED"),
+        )
+    except NotLeading:
+        log.debug("Task %s/%s left to the next leader", meta["namespace"], meta["name"])
+
+
+async def reconcile_all(ctx: OperatorContext) -> dict[str, int]:
+    """Compare every Task object in scope with the rows: ingest the missing, cancel the orphaned.
+
+    Rows are read before the listing, so a row whose object is missing from
+    it really lost its object (one created after the listing has no row yet).
+    """
+    unfinished = await ctx.store.run("cr_unfinished", ctx.scope())
+    objects = await ctx.kube.list_objects("tasks", ctx.namespaces)
+    rows = {
+        r["cr_uid"]: r
+        for r in await ctx.store.run("cr_tasks_by_uids", [o["metadata"]["uid"] for o in objects])
+    }
+    counts = {"objects": len(objects), "ingested": 0, "cancelled": 0, "touched": 0}
+    for obj in objects:
+        meta, spec = obj["metadata"], obj.get("spec") or {}
+        row = rows.get(meta["uid"])
+        needs = (
+            row is None
+            or meta.get("deletionTimestamp")
+            or FINALIZER in (meta.get("finalizers") or [])
+            or (spec.get("suspend") and row["status"] == "pending")
+            or (not spec.get("suspend") and row["status"] == "paused")
+            or (spec.get("ttlSecondsAfterFinished") is not None and row["status"] not in UNFINISHED)
+        )
+        if needs:
+            counts["ingested" if row is None else "touched"] += 1
+            await reconcile_task(ctx, obj)
+    listed = {o["metadata"]["uid"] for o in objects}
+    for r in unfinished:
+        if r["cr_uid"] not in listed:
+            if not ctx.fence():
+                raise NotLeading("reconciling Task rows")
+            await ctx.store.run("cancel_task", r["id"], DELETED_REASON)
+            counts["cancelled"] += 1
+            log.info("Task %s/%s is gone: task %d cancelled", r["cr_namespace"], r["cr_name"], r["id"])
+    return counts
 
 
 def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
@@ -228,10 +326,12 @@ def register(registry: kopf.OperatorRegistry, ctx: OperatorContext) -> None:
 
     @kopf.on.event(GROUP, VERSION, "cronjoblocks", registry=registry)
     async def cronjoblock_event(event: Mapping[str, Any], **_: Any) -> None:
-        await cronjoblocks.sync_object(ctx.store, ctx.kube, ctx.app.settings.default_queue, event)
-
-    if ctx.pod_selector:
-
-        @kopf.on.event("v1", "pods", registry=registry)
-        async def pod_event(event: Mapping[str, Any], **_: Any) -> None:
-            await on_pod_event(ctx, event)
+        meta = event["object"]["metadata"]
+        try:
+            await retrying(
+                ctx,
+                f"CronJobLock {meta['namespace']}/{meta['name']}",
+                lambda: cronjoblocks.sync_object(ctx, event),
+            )
+        except NotLeading:
+            log.debug("CronJobLock %s/%s left to the next leader", meta["namespace"], meta["name"])

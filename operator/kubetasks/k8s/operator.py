@@ -1,17 +1,29 @@
-"""The operator service: kopf in a thread of its own, beside the worker.
+"""The operator service: the Kubernetes side of a pod, beside its worker.
 
-kopf's documented way to embed is its own thread and event loop: when it
-exits it cancels every task of its loop that it did not start, and it must
-not replace the process's signal handlers. So the kopf side gets its own
-small asyncpg pool (pools are bound to their loop) and shares nothing with
-the worker but the database. The status writer runs in the same thread,
-started before kopf so kopf's exit does not cancel it.
+It runs in a thread of its own with its own event loop and small database
+pools, sharing nothing with the worker but the database. In it, every
+replica:
 
-kopf peering keeps one replica handling object events; every replica runs
-workers. Each replica takes a random peering priority (equal priorities
-freeze every replica) and a short peering lifetime, so a crashed leader is
-replaced in seconds rather than the default minute. The status writer is
-elected separately, by a Postgres advisory lock.
+* watches its own release's pods and recovers the workers of those that go
+  (pods.py);
+* serves the admission webhook when ``webhook_port`` is set (webhook.py);
+* contends for the leadership of its watch scope (leadership.py).
+
+The leader alone, for as long as it holds the lease:
+
+* runs kopf, which turns Task and CronJobLock events into rows and
+  schedules (handlers.py, cronjoblocks.py). kopf's documented way to embed is
+  its own thread and loop -- on exit it cancels every task of its loop that
+  it did not start -- so each leadership term starts kopf in a fresh thread
+  (and starts it again should it stop by itself while the term lasts);
+* writes Task statuses (status.py) and CronJobLock statuses;
+* compares every Task object with the rows when it takes over and every
+  ``reconcile_interval`` seconds (handlers.reconcile_all).
+
+kopf peering stays on beneath the lease as a second fence (a frozen former
+leader's live peering record pauses the new leader's kopf until it expires).
+Each replica draws its own peering priority (equal priorities freeze every
+replica) and uses a short peering lifetime.
 """
 
 from __future__ import annotations
@@ -19,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import threading
 from typing import Any
@@ -27,44 +38,41 @@ from typing import Any
 import kopf
 
 from kubetasks.app import App
-from kubetasks.k8s import cronjoblocks, handlers, kube, status, webhook
+from kubetasks.config import Settings
+from kubetasks.k8s import cronjoblocks, handlers, kube, leadership, pods, status, webhook
 from kubetasks.store import Store
 
 log = logging.getLogger("kubetasks.k8s.operator")
 
 
-def watch_scope() -> dict[str, Any]:
-    """KUBETASKS_WATCH_NAMESPACES (comma list) or cluster-wide."""
-    raw = os.environ.get("KUBETASKS_WATCH_NAMESPACES", "").strip()
-    if raw:
-        return {"namespaces": [n.strip() for n in raw.split(",") if n.strip()]}
+def watch_scope(settings: Settings) -> dict[str, Any]:
+    """kopf's scope: the watched namespaces, or cluster-wide."""
+    if settings.watch_namespaces:
+        return {"namespaces": list(settings.watch_namespaces)}
     return {"clusterwide": True}
 
 
-def make_settings() -> kopf.OperatorSettings:
+def make_settings(settings: Settings) -> kopf.OperatorSettings:
     s = kopf.OperatorSettings()
     # Equal priorities freeze every replica: draw one per process unless told.
-    s.peering.priority = int(os.environ.get("KUBETASKS_PEERING_PRIORITY") or random.randint(1, 2**30))
-    s.peering.lifetime = int(os.environ.get("KUBETASKS_PEERING_LIFETIME", "10"))
+    s.peering.priority = settings.peering_priority or random.randint(1, 2**30)
+    s.peering.lifetime = settings.peering_lifetime
     s.peering.mandatory = False
-    s.peering.name = os.environ.get("KUBETASKS_PEERING_NAME", "default")
+    s.peering.name = settings.peering_name
     s.scanning.disabled = True
     s.posting.level = logging.WARNING
     s.networking.request_timeout = 60
     s.persistence.consistency_timeout = 0
-    selector = os.environ.get("KUBETASKS_POD_SELECTOR")
-    if selector:
-        s.watching.label_selectors["v1", "pods"] = selector
     return s
 
 
 class Operator:
     def __init__(self, app: App) -> None:
         self.app = app
+        self.settings = app.settings
         self._stop = threading.Event()
-        self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.writer: status.StatusWriter | None = None
+        self.leadership: leadership.Leadership | None = None
 
     async def run(self, stop: asyncio.Event, _worker: object = None) -> None:
         thread = threading.Thread(target=self._thread_main, name="kubetasks-operator", daemon=True)
@@ -83,60 +91,139 @@ class Operator:
         try:
             asyncio.run(self._main())
         except BaseException as exc:
-            if self._stop.is_set() and isinstance(exc, asyncio.CancelledError):
-                # kopf cancels what its loop started while it ran (our writers' inner
-                # tasks among them) when it exits: expected on a stop, not a failure.
-                return
             self._error = exc
             log.exception("operator thread failed")
 
     async def _main(self) -> None:
-        # kopf logs every handler success at INFO: one line per object event.
-        logging.getLogger("kopf").setLevel(os.environ.get("KUBETASKS_KOPF_LOG_LEVEL", "WARNING").upper())
-        s = self.app.settings
-        store = Store(s.database_url, min_size=1, max_size=4)
+        logging.getLogger("kopf").setLevel(self.settings.kopf_log_level.upper())
+        s = self.settings
+        stop = asyncio.Event()
+        bridge = asyncio.create_task(self._bridge_stop(stop), name="kubetasks-operator-stop")
+        # No connection at start: a database that is down must not stop the process.
+        store = Store(s.database_url, min_size=0, max_size=4)
         await store.open()
         k = kube.Kube()
-        selector = os.environ.get("KUBETASKS_POD_SELECTOR")
-        ctx = handlers.OperatorContext(app=self.app, store=store, kube=k, pod_selector=selector)
-        writer_stop = asyncio.Event()
-        self.writer = status.StatusWriter(s.database_url, store, k)
-        writer = asyncio.create_task(self.writer.run(writer_stop), name="kubetasks-status-writer")
-        refresher = cronjoblocks.CronStatusRefresher(self.app, store, k)
-        writer_is_leader = self.writer
-        cron_status = asyncio.create_task(
-            refresher.run(writer_stop, lambda: writer_is_leader.is_leader), name="kubetasks-cron-status"
+        self.leadership = lead = leadership.Leadership(
+            s.database_url, leadership.scope_of(s.watch_namespaces), s.pod_id, s.leader_timeout
         )
-        await self._reconcile_pods(ctx)
+        services: dict[str, asyncio.Task[None]] = {
+            "leadership": asyncio.create_task(
+                lead.run(stop, lambda term_stop: self._lead(store, k, term_stop))
+            )
+        }
+        if s.pod_selector and s.pod_namespace:
+            watcher = pods.PodWatcher(store, k, s.pod_namespace, s.pod_selector)
+            services["pods"] = asyncio.create_task(watcher.run(stop))
+        if s.webhook_port:
+            server = webhook.WebhookServer(s, k)
+            services["webhook"] = asyncio.create_task(server.run(stop))
+        try:
+            done, _ = await asyncio.wait(services.values(), return_when=asyncio.FIRST_COMPLETED)
+            for name, t in services.items():
+                if t in done and not stop.is_set():
+                    raise RuntimeError(f"operator service {name} ended unexpectedly") from t.exception()
+        finally:
+            stop.set()
+            await asyncio.wait(services.values(), timeout=25)
+            self._stop.set()  # also ends the bridge's thread when a service failed
+            bridge.cancel()
+            lead.close()
+            await store.close()
+
+    async def _bridge_stop(self, stop: asyncio.Event) -> None:
+        """The process's stop (a threading.Event) as this loop's asyncio.Event."""
+        await asyncio.to_thread(self._stop.wait)
+        stop.set()
+
+    async def _lead(self, store: Store, k: kube.Kube, term_stop: asyncio.Event) -> None:
+        """What the leader runs, until ``term_stop``."""
+        s = self.settings
+        assert self.leadership is not None
+        ctx = handlers.OperatorContext(
+            app=self.app, store=store, kube=k, namespaces=s.watch_namespaces, fence=self.leadership.valid
+        )
+        writer = status.StatusWriter(ctx, s.database_url, resync_every=s.status_resync_interval)
+        refresher = cronjoblocks.CronStatusRefresher(ctx)
+        jobs = [
+            asyncio.create_task(self._kopf(term_stop), name="kubetasks-kopf"),
+            asyncio.create_task(writer.run(term_stop), name="kubetasks-status-writer"),
+            asyncio.create_task(refresher.run(term_stop), name="kubetasks-cron-status"),
+            asyncio.create_task(self._reconcile(ctx, term_stop), name="kubetasks-reconcile"),
+        ]
+        try:
+            done, _ = await asyncio.wait([*jobs, asyncio.ensure_future(term_stop.wait())],
+                                         return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            for t in jobs:
+                if t in done and not term_stop.is_set():
+                    raise RuntimeError(f"{t.get_name()} ended while leading") from t.exception()
+        finally:
+            term_stop.set()
+            await asyncio.wait(jobs, timeout=15)
+            for t in jobs:
+                t.cancel()
+
+    async def _reconcile(self, ctx: handlers.OperatorContext, stop: asyncio.Event) -> None:
+        """Objects against rows: when the term starts, then every ``reconcile_interval`` s."""
+        delay = self.settings.reconcile_interval
+        while not stop.is_set():
+            try:
+                counts = await handlers.reconcile_all(ctx)
+                if counts["ingested"] or counts["cancelled"]:
+                    log.info("reconciled Task objects with rows: %s", counts)
+                delay = self.settings.reconcile_interval
+            except handlers.NotLeading:
+                return
+            except Exception as exc:
+                if not handlers.is_retryable(exc):
+                    log.exception("reconciling Task objects failed")
+                else:
+                    log.warning("reconciling Task objects failed (%r); again shortly", exc)
+                delay = min(self.settings.reconcile_interval, 2.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    async def _kopf(self, term_stop: asyncio.Event) -> None:
+        """kopf in a fresh thread for this term; started again if it stops by itself."""
+        while not term_stop.is_set():
+            flag = threading.Event()
+            run = threading.Thread(target=self._kopf_thread, args=(flag,), name="kubetasks-kopf", daemon=True)
+            run.start()
+            while run.is_alive() and not term_stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(term_stop.wait(), 0.5)
+            flag.set()
+            await asyncio.to_thread(run.join, 15)
+            if not term_stop.is_set():
+                log.error("kopf stopped while this process leads; starting it again")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(term_stop.wait(), 2.0)
+
+    def _kopf_thread(self, flag: threading.Event) -> None:
+        try:
+            asyncio.run(self._kopf_main(flag))
+        except BaseException as exc:
+            if not (flag.is_set() and isinstance(exc, asyncio.CancelledError)):
+                log.exception("kopf failed")
+
+    async def _kopf_main(self, flag: threading.Event) -> None:
+        s = self.settings
+        assert self.leadership is not None
+        store = Store(s.database_url, min_size=0, max_size=4)
+        await store.open()
+        ctx = handlers.OperatorContext(
+            app=self.app,
+            store=store,
+            kube=kube.Kube(),
+            namespaces=s.watch_namespaces,
+            fence=self.leadership.valid,
+        )
         registry = kopf.OperatorRegistry()
         handlers.register(registry, ctx)
-        webhook.register(registry)
         try:
             await kopf.operator(
-                registry=registry,
-                settings=make_settings(),
-                stop_flag=self._stop,
-                ready_flag=self._ready,
-                **watch_scope(),
+                registry=registry, settings=make_settings(s), stop_flag=flag, **watch_scope(s)
             )
         finally:
-            writer_stop.set()
-            await asyncio.wait([writer, cron_status], timeout=10)
             for t in ctx.ttl_timers.values():
                 t.cancel()
             await store.close()
-
-    async def _reconcile_pods(self, ctx: handlers.OperatorContext) -> None:
-        """Deletions that happened while no operator ran produce no event: compare with a listing."""
-        namespace = os.environ.get("POD_NAMESPACE")
-        if not (ctx.pod_selector and namespace):
-            return
-        try:
-            pods = set(await ctx.kube.list_pods(namespace, ctx.pod_selector))
-        except Exception as exc:
-            log.warning("could not list pods to reconcile workers: %r", exc)
-            return
-        for w in await ctx.store.run("live_workers_in_namespace", namespace):
-            if w["pod_id"] not in pods:
-                n = await ctx.store.run("release_pod", w["pod_id"], f"pod {w['pod_id']} no longer exists")
-                log.warning("pod %s is gone: released %d of its tasks", w["pod_id"], n)

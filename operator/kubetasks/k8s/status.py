@@ -1,14 +1,22 @@
 """The status writer: task rows written back into their Task objects.
 
-One writer per cluster, whichever process holds a session advisory lock on
-its own connection; the others wait to take over (a dead writer's session
-ends, and its lock with it). The writer listens for ``kubetasks_cr_changed``
-(a trigger announces every status-visible change of a row that came from a
-Task object), gathers what arrived in a short window, and patches each
-changed object once -- so a burst of two hundred completions costs two
-hundred status patches, not one per transition. A periodic resync repairs
-anything missed (a notification lost while reconnecting, a patch that
-failed). An object that no longer exists has its unfinished task cancelled.
+The leader of the watch scope writes (leadership.py). It listens for
+``kubetasks_cr_changed`` (a trigger announces every status-visible change of
+a row that came from a Task object), gathers what arrived in a short window,
+and patches each changed object once -- so a burst of two hundred
+completions costs two hundred status patches, not one per transition.
+
+A status stays owed until it is written: the same trigger records every
+change in ``cr_status_owed`` (with a version), and a write clears the mark
+only if the row has not changed again since it was read. The writer rewrites
+whatever is owed when it starts, after each LISTEN reconnection, every
+``status_resync_interval`` seconds, and sooner, with backoff, after a failed
+patch -- so an API server away for any length of time, or a leader change in
+the middle, leaves no object showing a phase its row has left.
+
+Every patch tests the object's uid (kube.py): an object re-created under the
+same name never gets the old row's status. An object that is gone has its
+unfinished task cancelled and nothing more owed.
 
 Status is derived from the row only, so writing it twice is harmless; each
 phase change also posts a Kubernetes Event on the object.
@@ -21,13 +29,16 @@ import contextlib
 import json
 import logging
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from kubetasks.k8s.kube import Kube, is_not_found
+from kubetasks.k8s.kube import ObjectGone
 from kubetasks.leases import DB_ERRORS
-from kubetasks.store import Store, connect_listener
+from kubetasks.store.listen import listen
+
+if TYPE_CHECKING:
+    from kubetasks.k8s.handlers import OperatorContext
 
 log = logging.getLogger("kubetasks.k8s.status")
 
@@ -107,9 +118,9 @@ def status_of(row: asyncpg.Record | dict[str, Any], children: dict[str, int] | N
         "conditions": conditions,
     }
     if children:
-        # A merge patch keeps keys it does not name: name every status, null for none.
-        out["children"] = {s: children.get(s) for s in PHASES}
-    return out
+        out["children"] = {s: n for s, n in children.items() if s in PHASES}
+    # The whole status is replaced: a key left out is a key cleared.
+    return {k: v for k, v in out.items() if v is not None}
 
 
 EVENT_REASONS = {
@@ -124,125 +135,138 @@ EVENT_REASONS = {
 
 
 class StatusWriter:
+    """Writes owed statuses while this process leads; see the module docstring."""
+
     def __init__(
         self,
+        ctx: OperatorContext,
         dsn: str,
-        store: Store,
-        kube: Kube,
         *,
         window: float = 0.05,
         resync_every: float = 30.0,
         parallel: int = 8,
+        batch: int = 2000,
     ) -> None:
+        self.ctx = ctx
         self.dsn = dsn
-        self.store = store
-        self.kube = kube
+        self.store = ctx.store
+        self.kube = ctx.kube
         self.window = window
         self.resync_every = resync_every
         self.parallel = parallel
+        self.batch = batch
         self._changed: set[int] = set()
         self._wake = asyncio.Event()
         self._written: dict[int, tuple[Any, ...]] = {}  # id -> what its object's status last said
-        self._resync_soon = False
-        self.is_leader = False
+        self._resync_soon = True
+        self._failures = 0
         self.patches = 0
 
     def _on_notify(self, _c: object, _pid: int, _ch: str, payload: str) -> None:
         self._changed.add(int(payload))
         self._wake.set()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Contend for the writer lock; while held, write statuses until ``stop``."""
-        while not stop.is_set():
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await connect_listener(self.dsn)
-                if not await conn.fetchval(self.store.queries["try_status_writer_lock"].sql):
-                    await conn.close()
-                    conn = None
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 2.0)
-                    continue
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda _c, ev=closed: ev.set())
-                await conn.add_listener(CHANNEL, self._on_notify)  # type: ignore[arg-type]
-                self.is_leader = True
-                log.info("this process writes Task statuses")
-                await self._lead(stop, closed)
-            except DB_ERRORS as exc:
-                log.warning("status writer lost its database connection (%r); contending again", exc)
-                await asyncio.sleep(1.0)
-            finally:
-                self.is_leader = False
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.terminate()
+    def _after_connect(self) -> None:
+        # Notifications sent while nobody listened are lost: look at what is owed.
+        self._resync_soon = True
+        self._wake.set()
 
-    async def _lead(self, stop: asyncio.Event, closed: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
+        """Write statuses until ``stop``."""
+        listen_stop = asyncio.Event()
+        listener = asyncio.create_task(
+            listen(self.dsn, ["kubetasks_cr_changed"], self._on_notify, listen_stop,
+                   on_connect=self._after_connect, what="status writer"),
+            name="kubetasks-status-listen",
+        )  # fmt: skip
         loop = asyncio.get_running_loop()
         next_resync = loop.time()
-        self._written.clear()  # a new leader knows nothing of what was written before
-        while not stop.is_set() and not closed.is_set():
-            if self._resync_soon:
-                self._resync_soon = False
-                next_resync = min(next_resync, loop.time() + 2.0)
-            if loop.time() >= next_resync:
-                # Repairs what notifications missed; rows whose object already shows
-                # their state are skipped (see _write_one), so this costs reads only.
-                rows = await self.store.run("cr_tasks_for_resync", self.resync_every * 2)
-                await self.write(sorted(r["id"] for r in rows), only_changed=True)
-                next_resync = loop.time() + self.resync_every
-            if not self._changed:
+        try:
+            while not stop.is_set():
+                if self._resync_soon:
+                    self._resync_soon = False
+                    next_resync = min(next_resync, loop.time() + self._retry_delay())
+                try:
+                    if loop.time() >= next_resync:
+                        owed = await self.store.run("cr_status_owed", self.ctx.scope(), self.batch)
+                        self._failures = 0
+                        await self.write([r["task_id"] for r in owed])
+                        more = len(owed) == self.batch
+                        next_resync = loop.time() + (0.0 if more else self.resync_every)
+                    batch, self._changed = self._changed, set()
+                    if batch:
+                        await self.write(sorted(batch))
+                except DB_ERRORS as exc:
+                    log.warning("status writer: database unreachable (%r)", exc)
+                    self._failures += 1
+                    self._resync_soon = True
+                if self._resync_soon or self._changed:
+                    next_resync = min(next_resync, loop.time() + self._retry_delay())
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, next_resync - loop.time()))
-                await asyncio.sleep(self.window)  # let a burst gather into one batch
-            batch, self._changed = self._changed, set()
-            if batch:
-                await self.write(sorted(batch))
+                if not self._changed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(_either(self._wake, stop), max(0.0, next_resync - loop.time()))
+                    await asyncio.sleep(self.window)  # let a burst gather into one batch
+        finally:
+            listen_stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listener, 5)
 
-    async def write(self, ids: list[int], *, only_changed: bool = False) -> None:
-        rows = await self.store.run("cr_tasks_by_ids", ids)
+    def _retry_delay(self) -> float:
+        return min(self.resync_every, 0.5 * 2.0 ** min(self._failures, 6))
+
+    async def write(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        rows = await self.store.run("cr_tasks_by_ids", ids, self.ctx.scope())
         children: dict[int, dict[str, int]] = {}
         for c in await self.store.run("children_counts", [r["id"] for r in rows]):
             children.setdefault(c["parent_id"], {})[c["status"]] = int(c["n"])
         sem = asyncio.Semaphore(self.parallel)
+        failed = 0
 
         async def one(row: asyncpg.Record) -> None:
+            nonlocal failed
             async with sem:
-                await self._write_one(row, children.get(row["id"]), only_changed=only_changed)
+                if not await self._write_one(row, children.get(row["id"])):
+                    failed += 1
 
         await asyncio.gather(*(one(r) for r in rows))
+        if failed:
+            self._failures += 1
+            self._resync_soon = True
+            log.warning("%d of %d Task statuses not written; they stay owed", failed, len(rows))
 
-    async def _write_one(
-        self, row: asyncpg.Record, children: dict[str, int] | None = None, *, only_changed: bool = False
-    ) -> None:
+    async def _write_one(self, row: asyncpg.Record, children: dict[str, int] | None = None) -> bool:
+        """Patch one object's status; False when it stays owed (the API server failed)."""
+        if not self.ctx.fence():
+            return False
         status = status_of(row, children)
         key = (
-            status["phase"], status["attempts"], status["pod"], status["progress"], status["message"],
+            status["phase"], status["attempts"], status["pod"], status.get("progress"), status["message"],
             tuple(sorted((children or {}).items())),
         )  # fmt: skip
         prev = self._written.get(row["id"])
-        if only_changed and prev == key:
-            return
-        ns, name = row["cr_namespace"], row["cr_name"]
+        ns, name, uid = row["cr_namespace"], row["cr_name"], row["cr_uid"]
         try:
-            await self.kube.patch_status("tasks", ns, name, status)
+            await self.kube.patch_status("tasks", ns, name, uid, status)
+        except ObjectGone:
+            await self._object_gone(row)
+            return True
         except Exception as exc:
-            if is_not_found(exc):
-                await self._object_gone(row)
-                return
-            log.warning("status of task %s/%s not written (%r); retrying shortly", ns, name, exc)
+            log.debug("status of task %s/%s not written: %r", ns, name, exc)
             self._written.pop(row["id"], None)
-            self._resync_soon = True
-            return
+            return False
         self.patches += 1
         self._written[row["id"]] = key
+        if row["owed_ver"] is not None:
+            await self.store.run("cr_status_written", row["id"], row["owed_ver"])
         if prev is None or prev[0] != key[0] or prev[1] != key[1]:
             await self._post_event(row, status, prev)
+        return True
 
     async def _post_event(
-        self, row: asyncpg.Record, status: dict[str, Any], prev: tuple[str, int, str] | None
+        self, row: asyncpg.Record, status: dict[str, Any], prev: tuple[Any, ...] | None
     ) -> None:
         phase = status["phase"]
         if prev is None and phase not in FINISHED and phase != "Running":
@@ -276,3 +300,14 @@ class StatusWriter:
                 row["id"],
             )
             await self.store.run("cancel_task", row["id"], "the Task object was deleted")
+        # Its uid will never come back: nothing is owed to it any more.
+        await self.store.run("cr_status_drop", [row["id"]])
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()

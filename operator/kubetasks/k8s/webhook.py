@@ -1,38 +1,63 @@
-"""A validating admission webhook: the API server refuses oversized Task payloads.
+"""The validating admission webhook: bad Tasks and CronJobLocks refused at apply time.
 
-No schema keyword or CEL rule can bound the serialised size of a free-form
-object (CEL cannot see preserve-unknown-fields data), so the size rule of
-DESIGN §7 -- compact JSON, UTF-8, at most 128 KiB -- is enforced here, and
-again when a Task is ingested, because a webhook is absent while no operator
-runs. The entry is registered with failurePolicy Ignore for the same reason:
-an operator that crashed must not leave every `kubectl apply` of a Task
-failing against a dead URL.
+What no schema keyword can check is checked here, on CREATE and on UPDATE,
+with the field named in the refusal:
 
-Enabled by ``KUBETASKS_WEBHOOK_PORT``. The serving certificate comes from
-``KUBETASKS_WEBHOOK_CERT_DIR`` (tls.crt, tls.key, ca.crt, e.g. a
-cert-manager Secret mounted there); without one, a throwaway CA and leaf for
-the webhook host are made with openssl (kopf's own self-signing depends on
-oscrypto, which cannot load OpenSSL 3).
+* a Task's payload size (no schema keyword or CEL rule can bound the
+  serialised size of a free-form object): compact JSON, UTF-8, at most
+  128 KiB (DESIGN §7);
+* a CronJobLock's schedule (an expression that never fires, such as
+  ``0 0 31 2 *``) and time zone (one the tz database does not know).
+
+The same rules apply again when the operator ingests an object (a Task is
+recorded failed, a CronJobLock shows Ready=False), because a webhook is
+absent while no operator runs.
+
+The chart creates the ValidatingWebhookConfiguration -- this process may only
+read and patch that one object (RBAC resourceNames), to keep its caBundle
+equal to the CA of the certificate it serves (``webhook_configuration``). Its
+failurePolicy is the chart's ``webhook.failurePolicy`` (Ignore by default: an
+operator that is down must not stop every `kubectl apply`); its
+matchConditions send only creations and spec changes here, so a webhook that
+is down never blocks an update of metadata -- labels, annotations,
+finalizers -- whatever the policy.
+
+Every replica serves (``webhook_port``), in this process's operator thread,
+with its own aiohttp server: kopf's admission server serves only where kopf
+runs, which is the leader alone. The serving certificate comes from
+``webhook_cert_dir`` (tls.crt, tls.key, ca.crt, e.g. a cert-manager Secret);
+without one, a throwaway CA and leaf for ``webhook_host`` are made with
+openssl. The API server reaches it through the chart's Service, or by URL
+(``https://127.0.0.1:<port>`` on a node without Service IPs or cluster DNS).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import ipaddress
 import json
 import logging
-import os
+import ssl
 import subprocess
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import kopf
+from aiohttp import web
 
 from kubetasks import validation
-from kubetasks.k8s.kube import GROUP, VERSION
+from kubetasks.config import Settings
+from kubetasks.k8s import cronjoblocks
+from kubetasks.k8s.kube import Kube
 
 log = logging.getLogger("kubetasks.k8s.webhook")
-CONFIGURATION_NAME = "kubetasks.dev"
+PATH = "/validate"
+#: AdmissionReviews of UPDATEs carry the object twice; the API server's own
+#: request limit is 3 MiB, so nothing it sends is refused for size here.
+MAX_REVIEW_BYTES = 8 * 1024 * 1024
 
 
 def cr_payload_bytes(payload: Any) -> int:
@@ -49,6 +74,29 @@ def payload_error(spec: dict[str, Any] | Any) -> str | None:
             f"{validation.CR_PAYLOAD_MAX_BYTES} bytes (larger payloads go through the Python API)"
         )
     return None
+
+
+def review(request: dict[str, Any], default_queue: str) -> dict[str, Any]:
+    """The AdmissionReview response for one AdmissionReview request."""
+    req = request.get("request") or {}
+    uid = req.get("uid", "")
+    kind = (req.get("kind") or {}).get("kind")
+    obj = req.get("object") or {}
+    old = req.get("oldObject") or {}
+    spec = obj.get("spec") or {}
+    error: str | None = None
+    changed = req.get("operation") == "CREATE" or spec != (old.get("spec") or {})
+    if changed and kind == "Task":
+        error = payload_error(spec)
+    elif changed and kind == "CronJobLock":
+        meta = obj.get("metadata") or {}
+        error = cronjoblocks.spec_error(
+            req.get("namespace") or meta.get("namespace") or "", meta.get("name") or "x", spec, default_queue
+        )
+    response: dict[str, Any] = {"uid": uid, "allowed": error is None}
+    if error is not None:
+        response["status"] = {"code": 422, "reason": "Invalid", "message": error}
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 
 def make_certs(directory: Path, host: str) -> tuple[Path, Path, Path]:
@@ -79,39 +127,106 @@ def make_certs(directory: Path, host: str) -> tuple[Path, Path, Path]:
     return crt, key, ca_crt
 
 
-def register(registry: kopf.OperatorRegistry) -> bool:
-    """Register the webhook when KUBETASKS_WEBHOOK_PORT is set; True if it was."""
-    port = os.environ.get("KUBETASKS_WEBHOOK_PORT")
-    if not port:
-        return False
-    addr = os.environ.get("KUBETASKS_WEBHOOK_ADDR", "127.0.0.1")
-    host = os.environ.get("KUBETASKS_WEBHOOK_HOST", addr)
-    cert_dir = os.environ.get("KUBETASKS_WEBHOOK_CERT_DIR")
-    if cert_dir and (Path(cert_dir) / "tls.crt").exists():
-        crt, key, ca = Path(cert_dir) / "tls.crt", Path(cert_dir) / "tls.key", Path(cert_dir) / "ca.crt"
-    else:
-        crt, key, ca = make_certs(Path(tempfile.mkdtemp(prefix="kubetasks-webhook-")), host)
+#: Given an admitted Task's spec, a warning for kubectl to print (None: nothing to say).
+Advice = Callable[[dict[str, Any]], Awaitable[str | None]]
 
-    @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.admission.server = kopf.WebhookServer(
-            addr=addr, port=int(port), host=host, certfile=str(crt), pkeyfile=str(key), cafile=str(ca)
+
+class WebhookServer:
+    """Serves the webhook and keeps the configuration's caBundle equal to our CA."""
+
+    def __init__(self, settings: Settings, kube: Kube | None, advise: Advice | None = None) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.advise = advise
+        self.reviews = 0
+        cert_dir = Path(settings.webhook_cert_dir) if settings.webhook_cert_dir else None
+        if cert_dir is not None and (cert_dir / "tls.crt").exists():
+            self.crt, self.key, self.ca = cert_dir / "tls.crt", cert_dir / "tls.key", cert_dir / "ca.crt"
+        else:
+            host = settings.webhook_host or settings.webhook_addr
+            self.crt, self.key, self.ca = make_certs(
+                Path(tempfile.mkdtemp(prefix="kubetasks-webhook-")), host
+            )
+        self._loaded: tuple[float, float] | None = None
+        self.ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._load()
+
+    def _load(self) -> bool:
+        """(Re)load the serving certificate when its files changed (cert-manager rotates them)."""
+        stamp = (self.crt.stat().st_mtime, self.key.stat().st_mtime)
+        if stamp == self._loaded:
+            return False
+        self.ssl.load_cert_chain(str(self.crt), str(self.key))
+        self._loaded = stamp
+        return True
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return web.json_response({"error": f"not an AdmissionReview: {exc}"}, status=400)
+        self.reviews += 1
+        out = review(body, self.settings.default_queue)
+        req = body.get("request") or {}
+        if (
+            self.advise is not None
+            and out["response"]["allowed"]
+            and (req.get("kind") or {}).get("kind") == "Task"
+        ):
+            try:
+                warning = await self.advise((req.get("object") or {}).get("spec") or {})
+            except Exception as exc:  # advice must never turn into a refusal
+                log.debug("no admission warning: %r", exc)
+                warning = None
+            if warning:
+                out["response"]["warnings"] = [warning]
+        return web.json_response(out)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        app = web.Application(client_max_size=MAX_REVIEW_BYTES)
+        app.router.add_post(PATH, self._handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(
+            runner, self.settings.webhook_addr, self.settings.webhook_port, ssl_context=self.ssl
         )
-        settings.admission.managed = CONFIGURATION_NAME
+        await site.start()
+        log.info(
+            "admission webhook on https://%s:%d%s",
+            self.settings.webhook_addr,
+            self.settings.webhook_port,
+            PATH,
+        )
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(Exception):
+                    self._load()
+                if self.kube is not None and self.settings.webhook_configuration:
+                    try:
+                        await inject_ca(self.kube, self.settings.webhook_configuration, self.ca.read_bytes())
+                    except Exception as exc:
+                        log.warning(
+                            "could not set the caBundle of %s: %r", self.settings.webhook_configuration, exc
+                        )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 30.0)
+        finally:
+            await runner.cleanup()
 
-    @kopf.on.validate(
-        GROUP,
-        VERSION,
-        "tasks",
-        id="payload-size",
-        operations=["CREATE"],
-        ignore_failures=True,
-        registry=registry,
-    )
-    def task_payload_size(spec: Any, **_: Any) -> None:
-        error = payload_error(spec)
-        if error:
-            raise kopf.AdmissionError(error, code=422)
 
-    log.info("admission webhook on https://%s:%s (configuration %s)", host, port, CONFIGURATION_NAME)
-    return True
+async def inject_ca(kube: Kube, name: str, ca_pem: bytes) -> int:
+    """Set every webhook's caBundle in configuration ``name`` to ``ca_pem``; returns how many changed."""
+    bundle = base64.b64encode(ca_pem).decode()
+    cfg = await kube.get_webhook_configuration(name)
+    ops: list[dict[str, Any]] = []
+    for i, wh in enumerate(cfg.webhooks or []):
+        if (wh.client_config.ca_bundle or "") != bundle:
+            # The test pins the entry: a concurrent edit of the list fails the patch instead.
+            ops += [
+                {"op": "test", "path": f"/webhooks/{i}/name", "value": wh.name},
+                {"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle", "value": bundle},
+            ]
+    if ops:
+        await kube.patch_webhook_configuration(name, ops)
+        log.info("caBundle of %s set for %d webhook(s)", name, len(ops) // 2)
+    return len(ops) // 2
