@@ -129,6 +129,14 @@ VARIATIONS: dict[str, dict[str, str]] = {
     },
     "webhook-single-replica": {"webhook.enabled": "true", "replicaCount": "1"},
     "local-node": {"hostNetwork": "true", "metrics.port": "0"},
+    "webhook-url-cluster-wide": {
+        "webhook.enabled": "true",
+        "webhook.mode": "url",
+        "webhook.host": "127.0.0.1",
+        "webhook.failurePolicy": "Fail",
+        "replicaCount": "1",
+        "rbac.clusterWide": "true",
+    },
 }
 
 
@@ -263,14 +271,14 @@ class TestDeployment:
         """Defaults render one object of each kind; no Secret, ServiceMonitor or ScaledObject."""
         assert kinds(render()) == sorted(
             [
-                "ClusterRole",
-                "ClusterRoleBinding",
                 "CustomResourceDefinition",
                 "CustomResourceDefinition",
                 "Deployment",
                 "KopfPeering",
                 "PodDisruptionBudget",
                 "Role",
+                "Role",
+                "RoleBinding",
                 "RoleBinding",
                 "Service",
                 "ServiceAccount",
@@ -467,66 +475,116 @@ class TestDeployment:
 
 class TestRbac:
     @pytest.mark.parametrize("variation", sorted(VARIATIONS))
-    def test_no_secrets_no_pod_delete_no_wildcards(self, variation: str) -> None:
-        """In every variation: no rule touches Secrets, none deletes Pods, no '*' anywhere."""
-        rules = rbac_rules(render_variation(variation))
+    def test_no_secrets_no_pod_writes_no_wildcards(self, variation: str) -> None:
+        """In every variation: no rule touches Secrets, Pods are only listed and watched (in the
+        release namespace), nothing is deleted but Tasks, no '*' anywhere, no RBAC escalation."""
+        docs = render_variation(variation)
+        rules = rbac_rules(docs)
         assert rules
         for r in rules:
             assert "secrets" not in r["resources"], r
             assert "*" not in r["verbs"] and "*" not in r["resources"] and "*" not in r["apiGroups"], r
-            if "pods" in r["resources"]:
-                assert set(r["verbs"]) <= {"get", "list", "watch"}, r
-            assert not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & set(r["verbs"]), r
+            assert not {"deletecollection", "escalate", "bind", "impersonate", "update"} & set(r["verbs"]), r
+            if "delete" in r["verbs"]:
+                assert r["resources"] == ["tasks"], r
+        pod_rules = [
+            (d["kind"], d["metadata"].get("namespace"), r)
+            for d in docs
+            if d["kind"] in ("Role", "ClusterRole")
+            for r in d["rules"]
+            if "pods" in r["resources"]
+        ]
+        assert pod_rules == [
+            ("Role", NS, {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]})
+        ]
 
     def test_namespaced_role(self) -> None:
-        """By default a Role in the release namespace has exactly the rules kubetasks needs."""
+        """By default a Role in the release namespace has exactly the rules kubetasks uses."""
         docs = render()
-        role = one(docs, "Role")
+        role = one(docs, "Role", "kt-kubetasks")
         assert role["metadata"]["namespace"] == NS
         got = {(tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]}
         assert got == {
-            (("kubetasks.dev",), ("tasks", "cronjoblocks"), ("get", "list", "watch", "patch")),
-            (("kubetasks.dev",), ("tasks/status", "cronjoblocks/status"), ("get", "patch")),
-            (("",), ("events",), ("create", "patch")),
-            (("",), ("pods",), ("get", "list", "watch")),
+            (("kubetasks.dev",), ("tasks", "cronjoblocks"), ("get", "list", "watch")),
+            (("kubetasks.dev",), ("tasks",), ("patch", "delete")),
+            (("kubetasks.dev",), ("tasks/status", "cronjoblocks/status"), ("patch",)),
+            (("",), ("events",), ("create",)),
             (("kopf.dev",), ("kopfpeerings",), ("get", "list", "watch", "patch")),
         }
-        binding = one(docs, "RoleBinding")
+        binding = one(docs, "RoleBinding", "kt-kubetasks")
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "Role",
             "name": "kt-kubetasks",
         }
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kt-kubetasks", "namespace": NS}]
+        pods = one(docs, "RoleBinding", "kt-kubetasks-pods")
+        assert pods["roleRef"]["name"] == "kt-kubetasks-pods" and pods["subjects"] == binding["subjects"]
         peering = one(docs, "KopfPeering")["metadata"]
         assert (peering["name"], peering["namespace"]) == ("default", NS)
 
-    def test_kopf_cluster_role(self) -> None:
-        """kopf's cluster-wide needs: list/watch CRDs and namespaces; webhook config if webhook.enabled."""
-        rules = one(render(), "ClusterRole")["rules"]
-        assert rules == [
+    def test_nothing_cluster_wide_by_default(self) -> None:
+        """kopf runs with cluster scanning off: no ClusterRole at all unless asked for."""
+        docs = render()
+        assert "ClusterRole" not in kinds(docs) and "ClusterRoleBinding" not in kinds(docs)
+
+    def test_webhook_configuration_and_its_one_permission(self) -> None:
+        """The chart creates the configuration; the operator may only get/patch that one object."""
+        docs = render_variation("webhook-single-replica")
+        cfg = one(docs, "ValidatingWebhookConfiguration")
+        name = f"kt-kubetasks-{NS}-webhook"
+        assert cfg["metadata"]["name"] == name
+        (wh,) = cfg["webhooks"]
+        assert wh["failurePolicy"] == "Ignore" and wh["sideEffects"] == "None"
+        assert wh["rules"] == [
             {
-                "apiGroups": ["apiextensions.k8s.io"],
-                "resources": ["customresourcedefinitions"],
-                "verbs": ["list", "watch"],
-            },
-            {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+                "apiGroups": ["kubetasks.dev"],
+                "apiVersions": ["*"],
+                "operations": ["CREATE", "UPDATE"],
+                "resources": ["tasks", "cronjoblocks"],
+                "scope": "Namespaced",
+            }
         ]
-        hooked = one(render_variation("webhook-single-replica"), "ClusterRole")["rules"]
-        assert hooked[-1] == {
-            "apiGroups": ["admissionregistration.k8s.io"],
-            "resources": ["validatingwebhookconfigurations"],
-            "verbs": ["create", "patch"],
+        assert wh["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NS}}
+        assert wh["matchConditions"] == [
+            {
+                "name": "creation-or-spec-change",
+                "expression": "request.operation == 'CREATE' || object.spec != oldObject.spec",
+            }
+        ]
+        assert wh["clientConfig"] == {
+            "service": {"name": "kt-kubetasks", "namespace": NS, "port": 9443, "path": "/validate"}
         }
+        role = one(docs, "ClusterRole", name)
+        assert role["rules"] == [
+            {
+                "apiGroups": ["admissionregistration.k8s.io"],
+                "resources": ["validatingwebhookconfigurations"],
+                "resourceNames": [name],
+                "verbs": ["get", "patch"],
+            }
+        ]
+        assert env_of(docs)["KUBETASKS_WEBHOOK_CONFIGURATION"]["value"] == name
+
+    def test_webhook_url_mode(self) -> None:
+        """url mode: https://<host>:<port>/validate, served on that address; no namespaceSelector
+        cluster-wide; the chosen failurePolicy."""
+        docs = render_variation("webhook-url-cluster-wide")
+        (wh,) = one(docs, "ValidatingWebhookConfiguration")["webhooks"]
+        assert wh["clientConfig"] == {"url": "https://127.0.0.1:9443/validate"}
+        assert wh["failurePolicy"] == "Fail" and "namespaceSelector" not in wh
+        env = env_of(docs)
+        assert env["KUBETASKS_WEBHOOK_ADDR"]["value"] == "127.0.0.1"
+        assert env["KUBETASKS_WEBHOOK_HOST"]["value"] == "127.0.0.1"
+        assert "needs webhook.host" in render_fails(
+            webhook__enabled="true", webhook__mode="url", replicaCount="1"
+        )
 
     def test_cluster_wide(self) -> None:
-        """rbac.clusterWide: ClusterRole/Binding (per-namespace name), ClusterKopfPeering, no Role."""
+        """rbac.clusterWide: ClusterRole/Binding (per-namespace name), ClusterKopfPeering; a Role for pods."""
         docs = render_variation("cluster-wide")
-        assert (
-            "Role" not in kinds(docs)
-            and "RoleBinding" not in kinds(docs)
-            and "KopfPeering" not in kinds(docs)
-        )
+        assert [d["metadata"]["name"] for d in docs if d["kind"] == "Role"] == ["kt-kubetasks-pods"]
+        assert "KopfPeering" not in kinds(docs)
         main = one(docs, "ClusterRole", f"kt-kubetasks-{NS}")
         assert {"clusterkopfpeerings"} in [set(r["resources"]) for r in main["rules"]]
         assert all("kopfpeerings" not in r["resources"] for r in main["rules"])

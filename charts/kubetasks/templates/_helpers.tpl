@@ -22,6 +22,11 @@
 {{- printf "%s-%s" (include "kubetasks.fullname" .) .Release.Namespace | trunc 253 | trimSuffix "-" }}
 {{- end }}
 
+{{/* Name of the ValidatingWebhookConfiguration (and of the ClusterRole that may patch it). */}}
+{{- define "kubetasks.webhookName" -}}
+{{- printf "%s-webhook" (include "kubetasks.clusterName" .) | trunc 253 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "kubetasks.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -83,8 +88,11 @@ app.kubernetes.io/component: worker
 {{- if not (or .Values.database.existingSecret .Values.database.url) }}
 {{- fail "database.existingSecret is required: the name of a Secret holding the PostgreSQL URL under key database.secretKey (default \"url\"), e.g. kubectl create secret generic kubetasks-db --from-literal=url=postgresql://user:pw@host:5432/db. (database.url also works but is not recommended: the password then lives in the Helm release.)" }}
 {{- end }}
-{{- if and .Values.webhook.enabled (not .Values.service.enabled) }}
-{{- fail "webhook.enabled needs service.enabled: the API server reaches the webhook through the Service" }}
+{{- if and .Values.webhook.enabled (eq .Values.webhook.mode "service") (not .Values.service.enabled) }}
+{{- fail "webhook.mode=service needs service.enabled: the API server reaches the webhook through the Service (or use webhook.mode=url with webhook.host)" }}
+{{- end }}
+{{- if and .Values.webhook.enabled (eq .Values.webhook.mode "url") (not .Values.webhook.host) }}
+{{- fail "webhook.mode=url needs webhook.host: the address the API server calls (https://<host>:<webhook.port>/validate), e.g. 127.0.0.1 on a node whose pods use the host network" }}
 {{- end }}
 {{- if and .Values.webhook.enabled (not .Values.webhook.certSecret) (gt (int (include "kubetasks.minReplicas" .)) 1) }}
 {{- fail "webhook.enabled with more than one replica needs webhook.certSecret (tls.crt, tls.key, ca.crt shared by every pod): without it each pod makes its own CA and the API server trusts only one of them" }}
