@@ -7,10 +7,17 @@ the tests fail with up.sh's own output; nothing is skipped. A cluster this
 session started is stopped at the end (set KUBETASKS_KEEP_CLUSTER=1 to keep
 it); one that was already running is left alone.
 
-``namespace`` gives a test a fresh namespace and deletes it afterwards. The
-ServiceAccount admission plugin is on, so no Pod is admitted in a namespace
-before the controller manager has made its ``default`` ServiceAccount:
-``wait_default_service_account`` waits for it.
+``crds`` applies crds/ once; ``namespace`` gives a test a fresh namespace and
+deletes its Tasks, CronJobLocks and itself afterwards; ``db`` a fresh
+database migrated from the session's template (PostgreSQL from `kubetasks dev`).
+
+``scenarios`` records what a fault scenario measured (time to converge after
+the outage, objects lost, statuses wrong); the session ends with a table of
+them (also written to .run/e2e-scenarios.json).
+
+The ServiceAccount admission plugin is on, so no Pod is admitted in a
+namespace before the controller manager has made its ``default``
+ServiceAccount: ``wait_default_service_account`` waits for it.
 
 Pods the suites create by hand carry ``NO_NODE`` (a nodeSelector that no node
 matches): when the machine's local node runs, it never tries to run them.
@@ -23,12 +30,15 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import create_db, dev_state, drop_db, template_db  # noqa: F401 - fixtures
+
+from kubetasks import devenv
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_DIR = ROOT / "e2e" / "cluster"
@@ -43,7 +53,8 @@ def cluster_env() -> dict[str, str]:
         check=True,
     )
     pairs = (item.split("=", 1) for item in out.stdout.split("\0") if "=" in item)
-    return {k: v for k, v in pairs if k.startswith(("KUBETASKS_", "K8S_", "ETCD_", "HELM_", "KUBECONFORM_"))}
+    prefixes = ("KUBETASKS_", "K8S_", "ETCD_", "HELM_", "KUBECONFORM_", "TOXIPROXY_")
+    return {k: v for k, v in pairs if k.startswith(prefixes)}
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class Cluster:
     kubectl: str
     helm: str
     kubeconform: str
+    toxiproxy: str
     env: dict[str, str]
 
     def run(
@@ -74,6 +86,7 @@ NODE_REPORT: list[str] = []
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    print_scenarios(terminalreporter)
     if NODE_REPORT:
         terminalreporter.section("local node: timings and findings")
         for line in NODE_REPORT:
@@ -111,30 +124,80 @@ def cluster() -> Iterator[Cluster]:
         )
     started_here = "already running" not in up.stdout
     build = subprocess.run(
-        ["bash", str(CLUSTER_DIR / "build.sh"), "helm", "kubeconform"],
+        ["bash", str(CLUSTER_DIR / "build.sh"), "helm", "kubeconform", "toxiproxy"],
         capture_output=True,
         text=True,
         timeout=3600,
     )
     if build.returncode != 0:
-        pytest.fail(f"could not build helm/kubeconform:\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}")
+        pytest.fail(
+            f"could not build helm/kubeconform/toxiproxy:\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}"
+        )
     env = cluster_env()
     yield Cluster(
         kubeconfig=env["KUBETASKS_KUBECONFIG"],
         kubectl=env["KUBETASKS_KUBECTL"],
         helm=env["KUBETASKS_HELM"],
         kubeconform=env["KUBETASKS_KUBECONFORM"],
+        toxiproxy=env["KUBETASKS_TOXIPROXY"],
         env=env,
     )
     if started_here and os.environ.get("KUBETASKS_KEEP_CLUSTER") != "1":
         subprocess.run(["bash", str(CLUSTER_DIR / "down.sh")], capture_output=True, timeout=120)
 
 
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> Cluster:
+    cluster.run("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    cluster.run("wait", "--for=condition=Established", "crd/tasks.kubetasks.dev", "crd/kopfpeerings.kopf.dev")
+    return cluster
+
+
 @pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
-    """A fresh namespace, deleted after the test."""
+def namespace(crds: Cluster) -> Iterator[str]:
+    """A fresh namespace; its objects and itself deleted afterwards."""
+    cluster = crds
     ns = f"e2e-{uuid.uuid4().hex[:8]}"
     cluster.run("create", "namespace", ns)
     wait_default_service_account(cluster, ns)
     yield ns
+    # No finalizers are held: nothing can hang here. A cluster-wide operator of a
+    # later test must not find this test's objects.
+    cluster.run("delete", "tasks,cronjoblocks", "--all", "-n", ns, "--wait=false", check=False)
+    deadline = time.monotonic() + 30
+    while cluster.run("get", "tasks,cronjoblocks", "-n", ns, "-o", "name", check=False).stdout.strip():
+        assert time.monotonic() < deadline, f"objects of {ns} were not deleted within 30 s"
+        time.sleep(0.2)
     cluster.run("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture
+async def db(dev_state: devenv.DevState, template_db: str) -> AsyncIterator[str]:  # noqa: F811
+    name = await create_db(dev_state, template_db)
+    yield dev_state.admin_url(name)
+    await drop_db(dev_state, name)
+
+
+SCENARIOS: list[dict[str, Any]] = []
+
+
+@pytest.fixture
+def scenarios() -> list[dict[str, Any]]:
+    """Append a dict per measured scenario: scenario, converge_s, lost, wrong, note."""
+    return SCENARIOS
+
+
+def print_scenarios(terminalreporter: Any) -> None:
+    if not SCENARIOS:
+        return
+    out = ROOT / ".run" / "e2e-scenarios.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(SCENARIOS, indent=2))
+    w = terminalreporter
+    w.section("Kubernetes fault scenarios (measured)")
+    w.write_line(f"{'scenario':<60} {'converged':>10} {'lost':>5} {'wrong':>6}  note")
+    for r in SCENARIOS:
+        conv = "-" if r.get("converge_s") is None else f"{r['converge_s']:.1f}s"
+        lost, wrong, note = r.get("lost", 0), r.get("wrong", 0), r.get("note", "")
+        w.write_line(f"{r['scenario']:<60} {conv:>10} {lost:>5} {wrong:>6}  {note}")
+    w.write_line(f"(also in {out})")

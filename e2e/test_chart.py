@@ -12,6 +12,7 @@ The tests of TestNamespacedRelease share one release and run in file order
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -63,8 +64,11 @@ def adopt_crds(cluster: Cluster, release: str, namespace: str) -> None:
 
 
 def can_i(cluster: Cluster, user: str, verb: str, resource: str, namespace: str | None) -> bool:
+    """``resource`` is a plural, ``plural/subresource`` (tasks/status) or ``plural:name``."""
     args = ["auth", "can-i", verb, resource, f"--as={user}"]
-    if "/" in resource:  # tasks/status -> --subresource
+    if ":" in resource:  # one object by name
+        args = ["auth", "can-i", verb, resource.replace(":", "/", 1), f"--as={user}"]
+    elif "/" in resource:  # tasks/status -> --subresource
         res, sub = resource.split("/", 1)
         args = ["auth", "can-i", verb, res, f"--subresource={sub}", f"--as={user}"]
     args += ["-n", namespace] if namespace else ["--all-namespaces"]
@@ -118,6 +122,18 @@ def as_sa(
     return subprocess.run(
         [cluster.kubectl, "--kubeconfig", str(kubeconfig), *args],
         input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def operator_call(kubeconfig: Path, code: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run one call of the operator's own client (kubetasks.k8s.kube) with ``kubeconfig``."""
+    prog = f"import asyncio, sys\nfrom kubetasks.k8s.kube import Kube\n{code}\nprint('ok')"
+    return subprocess.run(
+        [sys.executable, "-c", prog, *argv],
+        env={**os.environ, "KUBECONFIG": str(kubeconfig)},
         capture_output=True,
         text=True,
         timeout=60,
@@ -185,15 +201,15 @@ class TestNamespacedRelease:
         print("\nrelease objects:", *(f"{k}/{n}" for k, n in kinds), sep="\n  ")
         assert kinds == sorted(
             [
-                ("ClusterRole", f"{name}-{ns}-kopf"),
-                ("ClusterRoleBinding", f"{name}-{ns}-kopf"),
                 ("CustomResourceDefinition", "cronjoblocks.kubetasks.dev"),
                 ("CustomResourceDefinition", "tasks.kubetasks.dev"),
                 ("Deployment", name),
                 ("KopfPeering", "default"),
                 ("PodDisruptionBudget", name),
                 ("Role", name),
+                ("Role", f"{name}-pods"),
                 ("RoleBinding", name),
+                ("RoleBinding", f"{name}-pods"),
                 ("Service", name),
                 ("ServiceAccount", name),
             ]
@@ -236,29 +252,40 @@ class TestNamespacedRelease:
             cluster,
             ns_release.user,
             [
+                # what the code does: kopf watches, the leader's listings, TTL deletes,
+                # the old finalizer's removal, status, Events, peering, pod recovery
                 ("list", "tasks", ns, True),
                 ("watch", "tasks", ns, True),
+                ("list", "cronjoblocks", ns, True),
                 ("patch", "tasks", ns, True),
+                ("delete", "tasks", ns, True),
                 ("patch", "tasks/status", ns, True),
                 ("patch", "cronjoblocks/status", ns, True),
                 ("create", "events", ns, True),
                 ("watch", "pods", ns, True),
                 ("list", "pods", ns, True),
                 ("patch", "kopfpeerings", ns, True),
-                ("watch", "customresourcedefinitions", None, True),
-                ("list", "namespaces", None, True),
+                # and nothing else
+                ("get", "pods", ns, False),
+                ("list", "pods", "default", False),
+                ("watch", "pods", None, False),
+                ("watch", "customresourcedefinitions", None, False),
+                ("list", "namespaces", None, False),
                 ("get", "secrets", ns, False),
                 ("list", "secrets", ns, False),
                 ("delete", "pods", ns, False),
                 ("patch", "pods", ns, False),
+                ("patch", "events", ns, False),
                 ("create", "deployments", ns, False),
                 ("create", "tasks", ns, False),
-                ("delete", "tasks", ns, False),
                 ("update", "tasks", ns, False),
+                ("delete", "cronjoblocks", ns, False),
+                ("patch", "cronjoblocks", ns, False),
                 ("list", "tasks", "default", False),
                 ("list", "tasks", None, False),
                 ("patch", "clusterkopfpeerings", None, False),
                 ("create", "validatingwebhookconfigurations", None, False),
+                ("patch", "validatingwebhookconfigurations", None, False),
             ],
             "namespaced release",
         )
@@ -274,16 +301,13 @@ class TestNamespacedRelease:
         assert who.stdout == ns_release.user, who.stderr
         steps = {
             "list tasks": as_sa(cluster, kc, "get", "tasks", "-o", "name"),
-            "patch task status": as_sa(
-                cluster,
+            # as the status writer does it (kubectl would GET the status first, which it never does)
+            "patch task status": operator_call(
                 kc,
-                "patch",
-                "task",
-                "rbac-probe",
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                '{"status":{"phase":"Running","attempts":1}}',
+                "asyncio.run(Kube().patch_status('tasks', sys.argv[1], 'rbac-probe', sys.argv[2],"
+                " {'phase': 'Running', 'attempts': 1}))",
+                ns,
+                cluster.json("get", "task", "rbac-probe", "-n", ns)["metadata"]["uid"],
             ),
             "patch task metadata": as_sa(
                 cluster,
@@ -378,8 +402,24 @@ class TestNamespacedRelease:
         assert dep["spec"]["replicas"] == 3
         env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env["KUBETASKS_CONCURRENCY"] == "25"
-        assert can_i(cluster, ns_release.user, "create", "validatingwebhookconfigurations", None)
-        assert not can_i(cluster, ns_release.user, "delete", "validatingwebhookconfigurations", None)
+        hook = f"kt-kubetasks-{ns}-webhook"
+        cfg = cluster.json("get", "validatingwebhookconfiguration", hook)
+        assert [w["name"] for w in cfg["webhooks"]] == ["validate.kubetasks.dev"]
+        check_matrix(
+            cluster,
+            ns_release.user,
+            [
+                ("get", f"validatingwebhookconfigurations:{hook}", None, True),
+                ("patch", f"validatingwebhookconfigurations:{hook}", None, True),
+                ("delete", f"validatingwebhookconfigurations:{hook}", None, False),
+                ("update", f"validatingwebhookconfigurations:{hook}", None, False),
+                ("patch", "validatingwebhookconfigurations:someone-elses-webhook", None, False),
+                ("create", "validatingwebhookconfigurations", None, False),
+                ("list", "validatingwebhookconfigurations", None, False),
+                ("patch", "mutatingwebhookconfigurations", None, False),
+            ],
+            "webhook: its own configuration only",
+        )
 
     def test_uninstall_keeps_crds_and_tasks(self, cluster: Cluster, ns_release: Release) -> None:
         """`helm uninstall` removes the release's objects but keeps the CRDs and existing Task objects."""
@@ -401,8 +441,12 @@ class TestNamespacedRelease:
         ):
             res = cluster.run("get", *gone, "-n", ns, check=False)
             assert res.returncode != 0 and "NotFound" in res.stderr, (gone, res.stdout)
-        res = cluster.run("get", "clusterrole", f"kt-kubetasks-{ns}-kopf", check=False)
-        assert res.returncode != 0
+        for cluster_scoped in (
+            ["clusterrole", f"kt-kubetasks-{ns}-webhook"],
+            ["validatingwebhookconfiguration", f"kt-kubetasks-{ns}-webhook"],
+        ):
+            res = cluster.run("get", *cluster_scoped, check=False)
+            assert res.returncode != 0 and "NotFound" in res.stderr, (cluster_scoped, res.stdout)
 
 
 def test_cluster_wide_release(cluster: Cluster) -> None:
@@ -437,16 +481,25 @@ def test_cluster_wide_release(cluster: Cluster) -> None:
             [
                 ("list", "tasks", None, True),
                 ("watch", "cronjoblocks", None, True),
+                ("list", "cronjoblocks", "default", True),
                 ("patch", "tasks/status", "default", True),
+                ("delete", "tasks", "default", True),
                 ("create", "events", "default", True),
-                ("watch", "pods", None, True),
                 ("patch", "clusterkopfpeerings", None, True),
+                # pods: this release's namespace only, even cluster-wide
+                ("watch", "pods", ns, True),
+                ("list", "pods", ns, True),
+                ("watch", "pods", None, False),
+                ("list", "pods", "default", False),
+                ("get", "pods", ns, False),
                 ("patch", "kopfpeerings", ns, False),
                 ("get", "secrets", ns, False),
                 ("get", "secrets", None, False),
                 ("delete", "pods", None, False),
                 ("create", "deployments", ns, False),
                 ("create", "tasks", "default", False),
+                ("list", "namespaces", None, False),
+                ("create", "validatingwebhookconfigurations", None, False),
             ],
             "cluster-wide release",
         )

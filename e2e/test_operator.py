@@ -1,221 +1,80 @@
 """The operator end to end: a real kube-apiserver, real kubectl, real `kubetasks run` processes.
 
-Each test gets its own namespace and database. Operators run as separate
-processes with KUBECONFIG pointing at the local control plane; Pods are
-created by hand, with a nodeSelector no node matches (they stay Pending even
-while the local node runs), which is all a Pod watcher needs.
+Each test gets its own namespace and database, and a release of the chart in
+that namespace (harness.py): the operators run with the environment the
+chart renders and a token of the release's ServiceAccount, never the admin
+certificate -- so every feature here works under the chart's own RBAC. Every
+test that runs operators runs twice: a namespaced release and a cluster-wide
+one, on the same cluster. Pods are created by hand, with a nodeSelector no
+node matches (they stay Pending even while the local node runs), which is
+all the pod watcher needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from tests.conftest import create_db, dev_state, drop_db, template_db  # noqa: F401 - fixtures
 from tests.integration.helpers import audit
 
-from e2e.conftest import NO_NODE, Cluster, wait_default_service_account
+from e2e.conftest import Cluster
+from e2e.harness import (
+    Operators,
+    Release,
+    apply,
+    cronjoblock,
+    db_rows,
+    install,
+    phases,
+    task_manifest,
+    wait_leading,
+    wait_ready,
+    wait_until,
+)
 from kubetasks import devenv
 
 ROOT = Path(__file__).resolve().parent.parent
-SELECTOR = "app.kubernetes.io/name=kubetasks-e2e"
 
 
-@pytest.fixture(scope="module")
-def crds(cluster: Cluster) -> Cluster:
-    cluster.run("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.run("wait", "--for=condition=Established", "crd/tasks.kubetasks.dev", "crd/kopfpeerings.kopf.dev")
-    return cluster
+@pytest.fixture(params=["namespaced", "clusterwide"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
-def namespace(crds: Cluster) -> Iterator[str]:
-    """A fresh namespace with kopf's peering object; its Tasks and itself deleted afterwards."""
-    cluster = crds
-    ns = f"e2e-{uuid.uuid4().hex[:8]}"
-    cluster.run("create", "namespace", ns)
-    wait_default_service_account(cluster, ns)
-    cluster.run(
-        "apply",
-        "-n",
-        ns,
-        "-f",
-        "-",
-        input=json.dumps(
-            {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "default"}}
-        ),
-    )
-    yield ns
-    # Finalizers are ours and held only while unfinished: nothing can hang here.
-    cluster.run("delete", "tasks", "--all", "-n", ns, "--wait=false", check=False)
-    cluster.run("delete", "namespace", ns, "--wait=false", check=False)
+def release(
+    cluster: Cluster, namespace: str, db: str, mode: str, request: pytest.FixtureRequest
+) -> Iterator[Release]:
+    """The chart installed in the test's namespace (replicaCount=0: the test runs the pods).
+
+    ``@pytest.mark.webhook(policy)`` turns the webhook on in url mode on a free port."""
+    sets: list[str] = []
+    marker = request.node.get_closest_marker("webhook")
+    if marker is not None:
+        sets += [
+            "webhook.enabled=true",
+            "webhook.mode=url",
+            "webhook.host=127.0.0.1",
+            f"webhook.port={devenv.free_port()}",
+            f"webhook.failurePolicy={marker.args[0] if marker.args else 'Ignore'}",
+            "replicaCount=1",
+        ]
+    rel = install(cluster, namespace, db, mode, sets=tuple(sets))
+    yield rel
+    rel.uninstall()
 
 
 @pytest.fixture
-async def db(dev_state: devenv.DevState, template_db: str) -> AsyncIterator[str]:  # noqa: F811
-    name = await create_db(dev_state, template_db)
-    yield dev_state.admin_url(name)
-    await drop_db(dev_state, name)
-
-
-class Operators:
-    """`kubetasks run` processes, each posing as a pod of one Deployment."""
-
-    def __init__(self, cluster: Cluster, namespace: str, db: str, tmp: Path) -> None:
-        self.cluster, self.namespace, self.db, self.tmp = cluster, namespace, db, tmp
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.sidelog = tmp / "side.log"
-
-    def pod(self, name: str) -> None:
-        self.cluster.run(
-            "apply",
-            "-n",
-            self.namespace,
-            "-f",
-            "-",
-            input=json.dumps(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "kubetasks-e2e"}},
-                    "spec": {
-                        "containers": [{"name": "kubetasks", "image": "kubetasks:e2e"}],
-                        "nodeSelector": NO_NODE,  # a stand-in: the local node must never run it
-                    },
-                }
-            ),
-        )
-
-    def start(
-        self,
-        name: str,
-        concurrency: int = 20,
-        priority: int | None = None,
-        extra: dict[str, str] | None = None,
-    ) -> subprocess.Popen[bytes]:
-        self.pod(name)
-        env = dict(os.environ)
-        env.update(
-            KUBECONFIG=self.cluster.kubeconfig,
-            KUBETASKS_DATABASE_URL=self.db,
-            POD_NAME=name,
-            POD_ID=name,  # kopf's peering identity
-            POD_NAMESPACE=self.namespace,
-            KUBETASKS_WATCH_NAMESPACES=self.namespace,
-            KUBETASKS_POD_SELECTOR=SELECTOR,
-            KUBETASKS_PEERING_LIFETIME="6",
-            KUBETASKS_HEARTBEAT_INTERVAL="1",
-            KUBETASKS_LEASE_TTL="10",
-            KUBETASKS_CONCURRENCY=str(concurrency),
-            SIDELOG=str(self.sidelog),
-            PYTHONPATH=str(ROOT),
-        )
-        if priority is not None:
-            env["KUBETASKS_PEERING_PRIORITY"] = str(priority)
-        env.update(extra or {})
-        with open(self.tmp / f"{name}.log", "ab") as log:
-            p = subprocess.Popen(
-                [sys.executable, "-m", "kubetasks", "run", "--app", "tests.integration.apps.sidelog:app"],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        self.procs[name] = p
-        return p
-
-    def leader(self) -> str | None:
-        peering = self.cluster.json("get", "kopfpeering", "default", "-n", self.namespace)
-        peers = {k: v for k, v in (peering.get("status") or {}).items() if isinstance(v, dict)}
-        live = {k: v for k, v in peers.items() if k in self.procs and self.procs[k].poll() is None}
-        if not live:
-            return None
-        return max(live, key=lambda k: live[k].get("priority", 0))
-
-    def stop_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(40)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-@pytest.fixture
-def operators(cluster: Cluster, namespace: str, db: str, tmp_path: Path) -> Iterator[Operators]:
-    ops = Operators(cluster, namespace, db, tmp_path)
+def operators(release: Release, tmp_path: Path) -> Iterator[Operators]:
+    ops = Operators(release, tmp_path)
     yield ops
     ops.stop_all()
-
-
-def task_manifest(name: str, handler: str = "side.work", **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetasks.dev/v1alpha1",
-        "kind": "Task",
-        "metadata": {"name": name},
-        "spec": {"handler": handler, **spec},
-    }
-
-
-def apply(
-    cluster: Cluster, ns: str, manifests: list[dict[str, Any]], *extra: str
-) -> subprocess.CompletedProcess[str]:
-    doc = {"apiVersion": "v1", "kind": "List", "items": manifests}
-    return cluster.run("apply", "-n", ns, *extra, "-f", "-", input=json.dumps(doc), check=False)
-
-
-def phases(cluster: Cluster, ns: str) -> dict[str, str]:
-    items = cluster.json("get", "tasks", "-n", ns)["items"]
-    return {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "") for i in items}
-
-
-async def wait_until(cond: Any, timeout: float, what: str, interval: float = 0.1) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-async def wait_ready(ops: Operators, names: list[str]) -> None:
-    async def up() -> bool:
-        conn = await asyncpg.connect(ops.db)
-        try:
-            n = await conn.fetchval(
-                "SELECT count(*) FROM kubetasks.workers WHERE status='active' AND pod_id = ANY($1)", names
-            )
-        finally:
-            await conn.close()
-        return int(n) == len(names)
-
-    end = time.monotonic() + 60
-    while not await up():
-        for n in names:
-            assert ops.procs[n].poll() is None, (ops.tmp / f"{n}.log").read_text()[-3000:]
-        assert time.monotonic() < end, "operators did not register"
-        await asyncio.sleep(0.2)
-
-
-async def db_rows(db: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(db)
-    try:
-        return await conn.fetch("SELECT * FROM kubetasks.tasks ORDER BY id")
-    finally:
-        await conn.close()
 
 
 async def test_two_hundred_tasks_in_one_apply(cluster: Cluster, namespace: str, operators: Operators) -> None:
@@ -235,7 +94,7 @@ async def test_two_hundred_tasks_in_one_apply(cluster: Cluster, namespace: str, 
         interval=0.25,
     )
     took = time.monotonic() - t0
-    rows = await db_rows(operators.db)
+    rows = await db_rows(operators.db, namespace)
     ids = [r["id"] for r in rows]
     result = await audit(operators.db, ids, operators.sidelog)
     print(
@@ -248,7 +107,7 @@ async def test_two_hundred_tasks_in_one_apply(cluster: Cluster, namespace: str, 
     one = cluster.json("get", "task", "t-000", "-n", namespace)
     kopf_marks = [k for k in (one["metadata"].get("annotations") or {}) if "kopf" in k]
     assert kopf_marks == [], "kopf writes nothing onto Task objects (a payload copy would land there)"
-    assert one["metadata"].get("finalizers") in (None, []), "a finished Task keeps no finalizer"
+    assert one["metadata"].get("finalizers") in (None, []), "no finalizer is held"
     wide = cluster.run("get", "tasks", "-n", namespace, "-o", "wide").stdout.splitlines()
     print("\n".join(wide[:4]))
     assert wide[0].split()[:7] == ["NAME", "HANDLER", "QUEUE", "PHASE", "ATTEMPTS", "POD", "AGE"]
@@ -336,12 +195,17 @@ async def test_delete_running_task_cancels_and_suspend_resume(
     apply(cluster, namespace, [task_manifest("long", handler="side.sleep", payload={"s": 60})])
     await wait_until(lambda: phases(cluster, namespace).get("long") == "Running", 30, "long Running")
     fin = cluster.run("get", "task", "long", "-n", namespace, "-o", "jsonpath={.metadata.finalizers}").stdout
-    assert "kubetasks.dev/cancel-on-delete" in fin
+    assert fin == "", "no finalizer: a namespace must never wait for an operator that is gone"
     cluster.run("delete", "task", "long", "-n", namespace, "--timeout=30s")
-    rows = await db_rows(operators.db)
-    assert [r["status"] for r in rows] == ["cancelled"]
+    t0 = time.monotonic()
+
+    async def cancelled() -> bool:
+        return [r["status"] for r in await db_rows(operators.db, namespace)] == ["cancelled"]
+
+    took = await wait_until(cancelled, 10, "the row cancelled")
+    print(f"\n[e2e] running Task deleted: its row cancelled {took:.2f}s after the delete returned")
     assert cluster.run("get", "task", "long", "-n", namespace, check=False).returncode != 0
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - t0)))
     ends = [line for line in operators.sidelog.read_text().splitlines() if line.startswith("end")]
     assert ends == [], "the cancelled handler ran to its end"
 
@@ -360,21 +224,20 @@ async def test_delete_running_task_cancels_and_suspend_resume(
 
 
 async def test_leader_killed_other_takes_over(cluster: Cluster, namespace: str, operators: Operators) -> None:
-    """Two operators: one handles events, both run tasks; kill the leader and 50 new Tasks still succeed."""
+    """Two operators: one leads, both run tasks; SIGKILL the leader and 50 new Tasks still succeed."""
     operators.start("kt-a")
     operators.start("kt-b")
     await wait_ready(operators, ["kt-a", "kt-b"])
-    await wait_until(lambda: operators.leader() is not None, 30, "a peering leader")
+    await wait_leading(operators)
     apply(cluster, namespace, [task_manifest(f"w-{i}", payload={"n": i, "ms": [50, 100]}) for i in range(60)])
     await wait_until(
         lambda: list(phases(cluster, namespace).values()).count("Succeeded") == 60, 60, "60 Succeeded"
     )
-    pods = {r["pod_id"] for r in await db_rows(operators.db)}
+    pods = {r["pod_id"] for r in await db_rows(operators.db, namespace)}
     assert pods == {"kt-a", "kt-b"}, f"both replicas should run tasks, got {pods}"
-    leader = operators.leader()
+    leader = await operators.leader()
     assert leader is not None
-    operators.procs[leader].kill()
-    operators.procs[leader].wait()
+    operators.kill(leader)
     t0 = time.monotonic()
     apply(cluster, namespace, [task_manifest(f"after-{i}", payload={"n": i}) for i in range(50)])
     await wait_until(
@@ -389,15 +252,18 @@ async def test_leader_killed_other_takes_over(cluster: Cluster, namespace: str, 
         90,
         "50 Succeeded after the leader died",
     )
-    print(f"\n[e2e] leader {leader} killed: 50 new Tasks Succeeded {time.monotonic() - t0:.1f}s later")
+    new = await operators.leader()
+    took = time.monotonic() - t0
+    print(f"\n[e2e] leader {leader} killed: {new} leads; 50 new Tasks Succeeded {took:.1f}s later")
+    assert new is not None and new != leader
 
 
 async def test_pod_deleted_task_runs_again_within_seconds(
     cluster: Cluster, namespace: str, operators: Operators
 ) -> None:
     """A worker killed and its Pod deleted: its task runs again elsewhere within 2 s of the deletion."""
-    victim, leader = "kt-victim", "kt-leader"
-    operators.start(victim, priority=1)
+    victim, other = "kt-victim", "kt-other"
+    operators.start(victim)
     await wait_ready(operators, [victim])
     apply(
         cluster,
@@ -406,48 +272,42 @@ async def test_pod_deleted_task_runs_again_within_seconds(
     )
 
     async def victim_runs_all() -> bool:
-        rows = await db_rows(operators.db)
+        rows = await db_rows(operators.db, namespace)
         return len(rows) == 5 and all(r["status"] == "running" and r["pod_id"] == victim for r in rows)
 
-    end = time.monotonic() + 30
-    while not await victim_runs_all():
-        assert time.monotonic() < end, "the victim never ran the tasks"
-        await asyncio.sleep(0.2)
-    task_id = int((await db_rows(operators.db))[0]["id"])
-    operators.start(leader, priority=100)  # the higher priority handles events from now on
-    await wait_ready(operators, [victim, leader])
-    await wait_until(lambda: operators.leader() == leader, 30, "the new replica to lead")
-    await asyncio.sleep(1.0)  # its Pod watch is open
-    operators.procs[victim].kill()
-    operators.procs[victim].wait()
+    await wait_until(victim_runs_all, 30, "the victim to run the tasks", interval=0.2)
+    task_id = int((await db_rows(operators.db, namespace))[0]["id"])
+    operators.start(other)
+    await wait_ready(operators, [victim, other])
+    await asyncio.sleep(1.0)  # its pod watch is open (every replica watches its release's pods)
+    operators.kill(victim)
     t0 = time.monotonic()
     cluster.run("delete", "pod", victim, "-n", namespace, "--grace-period=0", "--force", "--wait=false")
 
     async def rerun() -> bool:
-        rows = {r["id"]: r for r in await db_rows(operators.db)}
-        return rows[task_id]["status"] == "running" and rows[task_id]["pod_id"] == leader
+        rows = {r["id"]: r for r in await db_rows(operators.db, namespace)}
+        return rows[task_id]["status"] == "running" and rows[task_id]["pod_id"] == other
 
-    while not await rerun():
-        assert time.monotonic() - t0 < 10, "task not recovered within 10 s"
-        await asyncio.sleep(0.05)
+    await wait_until(rerun, 10, "the task to run again", interval=0.05)
     took = time.monotonic() - t0
-    print(f"\n[e2e] pod {victim} deleted: its task ran again on {leader} {took:.2f}s later")
+    print(f"\n[e2e] pod {victim} deleted: its task ran again on {other} {took:.2f}s later")
     assert took <= 2.0
 
 
+@pytest.mark.webhook("Ignore")
 async def test_webhook_refuses_oversized_payload_naming_the_field(
     cluster: Cluster, namespace: str, operators: Operators
 ) -> None:
     """With the webhook on, even a server-side apply (no annotation copy) of a 300 KiB payload is refused."""
-    port = devenv.free_port()
-    operators.start("kt-hook", extra={"KUBETASKS_WEBHOOK_PORT": str(port)})
+    operators.start("kt-hook")
     await wait_ready(operators, ["kt-hook"])
+    name = operators.release.webhook_configuration
 
-    def configured() -> bool:
-        res = cluster.run("get", "validatingwebhookconfiguration", "kubetasks.dev", "-o", "json", check=False)
-        return res.returncode == 0 and bool(json.loads(res.stdout).get("webhooks"))
+    def ca_injected() -> bool:
+        cfg = cluster.json("get", "validatingwebhookconfiguration", name)
+        return all(w["clientConfig"].get("caBundle") for w in cfg["webhooks"])
 
-    await wait_until(configured, 30, "the webhook configuration")
+    await wait_until(ca_injected, 30, "the operator to set the caBundle")
     big = task_manifest("too-big", payload={"blob": "x" * (300 * 1024)})
     res = cluster.run(
         "apply", "--server-side", "-n", namespace, "-f", "-", input=json.dumps(big), check=False
@@ -461,17 +321,92 @@ async def test_webhook_refuses_oversized_payload_naming_the_field(
         == 0
     )
     operators.stop_all()
-    # A graceful exit removes the non-persistent entry: Tasks are never blocked by a dead URL.
-    await wait_until(lambda: not configured(), 30, "the webhook entry to go")
+    # failurePolicy Ignore: a webhook that is down blocks nothing.
+    late = task_manifest("while-down", payload={"n": 1})
+    assert cluster.run("apply", "-n", namespace, "-f", "-", input=json.dumps(late)).returncode == 0
 
 
-def cronjoblock(name: str, schedule: str, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "kubetasks.dev/v1alpha1",
-        "kind": "CronJobLock",
-        "metadata": {"name": name},
-        "spec": {"schedule": schedule, "handler": "side.work", "payload": {"ms": [1, 5]}, **spec},
+@pytest.mark.webhook("Fail")
+async def test_webhook_validates_on_create_and_update_and_never_blocks_metadata(
+    cluster: Cluster, namespace: str, operators: Operators
+) -> None:
+    """The webhook refuses a CronJobLock that never fires or names an unknown time zone, on
+    create and on update, naming the field. With failurePolicy Fail and the webhook down,
+    creations and spec changes wait for it, but metadata-only updates go through."""
+    operators.start("kt-hook")
+    await wait_ready(operators, ["kt-hook"])
+    name = operators.release.webhook_configuration
+
+    def ca_injected() -> bool:
+        return all(
+            w["clientConfig"].get("caBundle")
+            for w in cluster.json("get", "validatingwebhookconfiguration", name)["webhooks"]
+        )
+
+    await wait_until(ca_injected, 30, "the operator to set the caBundle")
+    refused = {
+        "create, never fires": apply(cluster, namespace, [cronjoblock("feb-31", "0 0 31 2 *")]),
+        "create, unknown zone": apply(
+            cluster, namespace, [cronjoblock("mars", "0 3 * * *", timeZone="Mars/Base")]
+        ),
     }
+    assert (
+        apply(
+            cluster, namespace, [cronjoblock("fine", "0 3 * * *"), task_manifest("t", delaySeconds=3600)]
+        ).returncode
+        == 0
+    )
+    for what, spec in (
+        ("update, never fires", {"schedule": "0 0 30 2 *"}),
+        ("update, unknown zone", {"timeZone": "Moon/Crater"}),
+    ):
+        refused[what] = cluster.run(
+            "patch",
+            "cronjoblock",
+            "fine",
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": spec}),
+            check=False,
+        )
+    for what, res in refused.items():
+        print(f"  {what:<22} rc={res.returncode} {res.stderr.strip()[-160:]}")
+        assert res.returncode != 0, what
+    assert "spec.schedule: '0 0 31 2 *' never fires" in refused["create, never fires"].stderr
+    assert "spec.timeZone: unknown time zone 'Mars/Base'" in refused["create, unknown zone"].stderr
+    assert "spec.schedule: '0 0 30 2 *' never fires" in refused["update, never fires"].stderr
+    assert "spec.timeZone: unknown time zone 'Moon/Crater'" in refused["update, unknown zone"].stderr
+    spec = cluster.json("get", "cronjoblock", "fine", "-n", namespace)["spec"]
+    assert (spec["schedule"], spec.get("timeZone")) == ("0 3 * * *", None), "a refused update changed nothing"
+    assert [o["metadata"]["name"] for o in cluster.json("get", "cronjoblocks", "-n", namespace)["items"]] == [
+        "fine"
+    ]
+
+    operators.stop_all()  # the webhook is down; failurePolicy Fail
+    down = apply(cluster, namespace, [task_manifest("while-down")])
+    assert down.returncode != 0 and "failed calling webhook" in down.stderr, down.stderr
+    spec_change = cluster.run(
+        "patch",
+        "cronjoblock",
+        "fine",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"suspend":true}}',
+        check=False,
+    )
+    assert spec_change.returncode != 0 and "failed calling webhook" in spec_change.stderr, spec_change.stderr
+    for args in (
+        ("label", "task", "t", "team=a"),
+        ("annotate", "cronjoblock", "fine", "note=b"),
+        ("patch", "task", "t", "--type=merge", "-p", '{"metadata":{"finalizers":["example.com/hold"]}}'),
+        ("patch", "task", "t", "--type=merge", "-p", '{"metadata":{"finalizers":null}}'),
+    ):
+        res = cluster.run(*args, "-n", namespace, check=False)
+        assert res.returncode == 0, (args, res.stderr)
 
 
 async def count_runs(db: str, tag_prefix: str = "cron:") -> int:
