@@ -56,16 +56,8 @@ CLUSTER_DIR = ROOT / "e2e" / "cluster"
 CHART = ROOT / "charts" / "kubetasks"
 APP = "nodeapp.app:app"
 SELECTOR = "app.kubernetes.io/instance={release}"
-# Known bugs owned by issue 14 (item 5), fixed there and re-proved here on pods once that lands
+# Known bugs owned by other issues, re-proved here on pods once their fix lands
 # (strict: an unexpected pass fails, so each marker goes with its fix).
-KNOWN_CRON_BUG = (
-    "issue 14 item 5: under the chart's namespaced Role the CronJobLock refresher lists cluster-wide "
-    "and is Forbidden every 2 s: no status, deleted schedules keep firing"
-)
-KNOWN_TTL_BUG = (
-    "issue 14 item 5: ttlSecondsAfterFinished deletes the Task object, but neither the Role nor the "
-    "ClusterRole grants delete on tasks (Forbidden)"
-)
 KNOWN_UNSERVED_BUG = (
     "issue 13 item 7 (the 'handlers' helper): a Task whose handler the operator's own app lacks is failed "
     "at ingest (and a claimed one by the worker) instead of waiting for a pod that serves it"
@@ -892,16 +884,15 @@ class TestNamespacedRelease:
         problems = await task_features(rel)
         assert not problems, "\n".join(problems) + "\n--- pod logs ---\n" + operator_log_errors(rel)
 
-    @pytest.mark.xfail(strict=True, raises=KnownBug, reason=KNOWN_TTL_BUG)
     async def test_ttl_seconds_after_finished_namespaced(self, rel: Release) -> None:
-        """A finished Task with ttlSecondsAfterFinished goes away by itself."""
-        fail_unless_fine(rel, await ttl_feature(rel), "could not delete Task", "ForbiddenException")
+        """A finished Task with ttlSecondsAfterFinished goes away by itself (issue 14 item 5)."""
+        problems = await ttl_feature(rel)
+        assert not problems, "\n".join(problems) + "\n--- pod logs ---\n" + operator_log_errors(rel)
 
-    @pytest.mark.xfail(strict=True, raises=KnownBug, reason=KNOWN_CRON_BUG)
     async def test_cronjoblock_status_namespaced(self, rel: Release) -> None:
-        """A CronJobLock's status fills in; once deleted, it stops running."""
+        """A CronJobLock's status fills in; once deleted, it stops running (issue 14 item 5)."""
         problems = await cron_feature(rel)
-        fail_unless_fine(rel, problems, "CronJobLock status refresh failed: ForbiddenException")
+        assert not problems, "\n".join(problems) + "\n--- pod logs ---\n" + operator_log_errors(rel)
 
     @pytest.mark.xfail(strict=True, raises=KnownBug, reason=KNOWN_UNSERVED_BUG)
     async def test_helm_upgrade_adding_a_handler_loses_nothing(self, rel: Release) -> None:
@@ -996,9 +987,9 @@ class TestClusterWideRelease:
         problems = await task_features(cw)
         assert not problems, "\n".join(problems) + "\n--- pod logs ---\n" + operator_log_errors(cw)
 
-    @pytest.mark.xfail(strict=True, raises=KnownBug, reason=KNOWN_TTL_BUG)
     async def test_ttl_seconds_after_finished_cluster_wide(self, cw: Release) -> None:
-        fail_unless_fine(cw, await ttl_feature(cw), "could not delete Task", "ForbiddenException")
+        problems = await ttl_feature(cw)
+        assert not problems, "\n".join(problems) + "\n--- pod logs ---\n" + operator_log_errors(cw)
 
     async def test_cronjoblock_status_cluster_wide(self, cw: Release) -> None:
         problems = await cron_feature(cw)

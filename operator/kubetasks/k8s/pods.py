@@ -48,7 +48,7 @@ class PodWatcher:
             for w in dead:
                 n += int(
                     await self.store.run(
-                        "release_worker", w["worker_id"], True, f"worker lost: {reason}", conn=conn
+                        "release_worker", w["worker_id"], "lost", f"worker lost: {reason}", conn=conn
                     )
                 )
         if n:

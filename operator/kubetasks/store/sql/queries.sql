@@ -759,7 +759,14 @@ SELECT count(*) > 0 FROM del;
 -- name: workers_of_pod_dead :many
 -- $1 pod, $2 its namespace, $3 its release's pod label selector, $4 reason.
 -- Declares that pod's live workers of this release dead; the caller releases
--- their tasks next (release_worker, counting the attempt).
-UPDATE workers SET status = 'dead', stopped_at = now(), stop_reason = $4
-WHERE pod_id = $1 AND namespace = $2 AND pod_selector = $3 AND status IN ('active', 'stopping')
-RETURNING worker_id;
+-- their tasks next in the same transaction (release_worker, mode 'lost'), as
+-- release_pod does for a pod of any release.
+WITH live AS (
+    SELECT worker_id FROM workers
+    WHERE pod_id = $1 AND namespace = $2 AND pod_selector = $3 AND status IN ('active', 'stopping')
+    ORDER BY worker_id
+    FOR UPDATE
+)
+UPDATE workers w SET status = 'dead', stopped_at = now(), stop_reason = $4
+FROM live WHERE w.worker_id = live.worker_id
+RETURNING w.worker_id;
