@@ -53,7 +53,7 @@ def cluster_env() -> dict[str, str]:
         check=True,
     )
     pairs = (item.split("=", 1) for item in out.stdout.split("\0") if "=" in item)
-    prefixes = ("KUBETASKS_", "K8S_", "ETCD_", "HELM_", "KUBECONFORM_", "TOXIPROXY_")
+    prefixes = ("KUBETASKS_", "K8S_", "ETCD_", "HELM_", "KUBECONFORM_")
     return {k: v for k, v in pairs if k.startswith(prefixes)}
 
 
@@ -63,7 +63,6 @@ class Cluster:
     kubectl: str
     helm: str
     kubeconform: str
-    toxiproxy: str
     env: dict[str, str]
 
     def run(
@@ -124,22 +123,19 @@ def cluster() -> Iterator[Cluster]:
         )
     started_here = "already running" not in up.stdout
     build = subprocess.run(
-        ["bash", str(CLUSTER_DIR / "build.sh"), "helm", "kubeconform", "toxiproxy"],
+        ["bash", str(CLUSTER_DIR / "build.sh"), "helm", "kubeconform"],
         capture_output=True,
         text=True,
         timeout=3600,
     )
     if build.returncode != 0:
-        pytest.fail(
-            f"could not build helm/kubeconform/toxiproxy:\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}"
-        )
+        pytest.fail(f"could not build helm/kubeconform:\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}")
     env = cluster_env()
     yield Cluster(
         kubeconfig=env["KUBETASKS_KUBECONFIG"],
         kubectl=env["KUBETASKS_KUBECTL"],
         helm=env["KUBETASKS_HELM"],
         kubeconform=env["KUBETASKS_KUBECONFORM"],
-        toxiproxy=env["KUBETASKS_TOXIPROXY"],
         env=env,
     )
     if started_here and os.environ.get("KUBETASKS_KEEP_CLUSTER") != "1":

@@ -3,7 +3,8 @@
 Each test installs the chart in its namespace and runs `kubetasks run`
 processes as its pods (harness.py), then breaks something real: the API
 server or PostgreSQL behind a toxiproxy that only the operators go through
-(the test keeps talking to the real servers, so it sees the truth), a
+(tests/faults/toxiproxy.py; the test keeps talking to the real servers, so
+it sees the truth), a
 SIGKILL, an object re-created under the same name, a `helm uninstall`, a
 second release in the same namespace and database. Windows are short
 (status resync 2 s, peering lifetime 6 s, leader timeout 10 s) so the whole
@@ -22,9 +23,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from tests.faults.toxiproxy import Proxy, Toxiproxy
 
 from e2e.conftest import Cluster
-from e2e.faultproxy import Toxiproxy
 from e2e.harness import (
     FAST,
     Operators,
@@ -62,10 +63,21 @@ def operators(release: Release, tmp_path: Path) -> Iterator[Operators]:
 
 
 @pytest.fixture
-def toxiproxy(cluster: Cluster, tmp_path: Path) -> Iterator[Toxiproxy]:
-    tp = Toxiproxy(cluster.toxiproxy, tmp_path / "toxiproxy.log")
+def toxiproxy(tmp_path: Path) -> Iterator[Toxiproxy]:
+    """Toxiproxy (tests/faults/toxiproxy.py, built from its Go module on first use)."""
+    tp = Toxiproxy.start(tmp_path / "toxiproxy.log")
     yield tp
     tp.stop()
+
+
+def cut(link: Proxy) -> None:
+    """The link is down: open connections closed, new ones refused (a server gone away)."""
+    link.set_enabled(False)
+
+
+def restore(link: Proxy) -> None:
+    link.heal()
+    link.set_enabled(True)
 
 
 def with_port(url: str, port: int) -> str:
@@ -112,7 +124,7 @@ async def test_api_server_away_past_the_resync_window(
 ) -> None:
     """The API server unreachable for 15 s (resync window 2 x 2 s) while tasks finish and new
     Tasks are created: afterwards every object shows its row's true phase, none is lost."""
-    api = toxiproxy.proxy("apiserver", apiserver_port(cluster))
+    api = toxiproxy.create("apiserver", apiserver_port(cluster))
     operators.start("kt-a", api_port=api.port)
     await wait_ready(operators, ["kt-a"])
     apply(
@@ -129,7 +141,7 @@ async def test_api_server_away_past_the_resync_window(
     await wait_until(
         lambda: set(phases(cluster, namespace).values()) == {"Running"}, 30, "every object to show Running"
     )
-    (api.cut if fault == "refused" else api.blackhole)()
+    cut(api) if fault == "refused" else api.blackhole()
     t_cut = time.monotonic()
     apply(cluster, namespace, [task_manifest(f"late-{i}", payload={"n": i}) for i in range(3)])
 
@@ -142,7 +154,7 @@ async def test_api_server_away_past_the_resync_window(
         "nothing was written during the outage"
     )
     await asyncio.sleep(max(0.0, 15.0 - (time.monotonic() - t_cut)))
-    api.heal()
+    restore(api)
     t_heal = time.monotonic()
     names = (
         {f"ok-{i}" for i in range(5)} | {f"doomed-{i}" for i in range(3)} | {f"late-{i}" for i in range(3)}
@@ -192,7 +204,7 @@ async def test_database_away_while_tasks_are_created_and_deleted(
     """PostgreSQL unreachable for 20 s (past the leader timeout) while Tasks are created and
     deleted: every Task ingested once, every deletion's row cancelled within 30 s of its return,
     no object stuck, no process restarted."""
-    pg = toxiproxy.proxy("postgres", pg_port(operators.db))
+    pg = toxiproxy.create("postgres", pg_port(operators.db))
     via = with_port(operators.db, pg.port)
     for name in ("kt-a", "kt-b"):
         operators.start(name, db_url=via)
@@ -209,7 +221,7 @@ async def test_database_away_while_tasks_are_created_and_deleted(
         return len(await db_rows(operators.db, namespace)) == n
 
     await wait_until(lambda: ingested(7), 30, "7 rows")
-    pg.cut()
+    cut(pg)
     t_cut = time.monotonic()
     created = [f"new-{i}" for i in range(10)]
     deleted = ["busy-0", "busy-1", "queued-0"]
@@ -220,7 +232,7 @@ async def test_database_away_while_tasks_are_created_and_deleted(
     apply(cluster, namespace, [task_manifest("ephemeral", delaySeconds=3600)])
     cluster.run("delete", "task", "ephemeral", "-n", namespace, "--timeout=10s")
     await asyncio.sleep(max(0.0, 20.0 - (time.monotonic() - t_cut)))
-    pg.heal()
+    restore(pg)
     t_heal = time.monotonic()
 
     async def settled() -> bool:
@@ -271,7 +283,7 @@ async def test_leader_without_the_database_steps_down(
     """The leader's own link to PostgreSQL hangs (a partition: its sessions stay open on the
     server): within 10 s it gives up both the lease and kopf peering, and the other replica
     leads -- new Tasks are ingested, run and shown -- within the peering lifetime + 10 s."""
-    links = {n: toxiproxy.proxy(f"pg-{n}", pg_port(operators.db)) for n in ("kt-a", "kt-b")}
+    links = {n: toxiproxy.create(f"pg-{n}", pg_port(operators.db)) for n in ("kt-a", "kt-b")}
     operators.start("kt-a", db_url=with_port(operators.db, links["kt-a"].port))
     await wait_ready(operators, ["kt-a"])
     assert await wait_leading(operators) == "kt-a"
@@ -312,7 +324,7 @@ async def test_leader_without_the_database_steps_down(
         f"\n[e2e] leader cut from PostgreSQL: kt-b leads after {t_lease:.1f}s; new Task done {t_probe:.1f}s"
     )
     assert t_lease <= bound and t_probe <= bound + 3, (t_lease, t_probe, bound)
-    links["kt-a"].heal()
+    restore(links["kt-a"])
     await asyncio.sleep(3)
     assert await operators.leader() == "kt-b", "a healed former leader must not take the lease back"
 

@@ -9,7 +9,7 @@
 #
 # Usage: e2e/cluster/build.sh [etcd] [kube-apiserver] [kubectl]
 #                             [kube-controller-manager] [helm] [kubeconform]
-#                             [kubelet] [kube-scheduler] [crictl] [pause] [toxiproxy]
+#                             [kubelet] [kube-scheduler] [crictl] [pause]
 #        (no argument = all of them)
 set -euo pipefail
 shopt -s inherit_errexit 2>/dev/null || true
@@ -178,22 +178,6 @@ GO
   echo "$dir"
 }
 
-toxiproxy_wrapper() {
-  local dir="$SRC/toxiproxy-$TOXIPROXY_VERSION"
-  [ -f "$dir/.ready" ] && { echo "$dir"; return; }
-  mkdir -p "$dir"
-  cat > "$dir/go.mod" <<GOMOD
-module kubetasks.local/toxiproxybuild
-
-go 1.24
-
-require github.com/Shopify/toxiproxy/v2 $TOXIPROXY_VERSION
-GOMOD
-  echo 'package toxiproxybuild' > "$dir/doc.go"
-  touch "$dir/.ready"
-  echo "$dir"
-}
-
 # build <out> <wrapper dir> <package> <ldflags>
 build() {
   local out="$1" dir="$2" pkg="$3" ldflags="$4" t0=$SECONDS
@@ -261,10 +245,5 @@ fi
 if pick pause; then
   dir="$(pause_wrapper)"
   build "$KUBETASKS_PAUSE" "$dir" kubetasks.local/pause "-s -w"
-fi
-if pick toxiproxy; then
-  dir="$(toxiproxy_wrapper)"
-  build "$KUBETASKS_TOXIPROXY" "$dir" github.com/Shopify/toxiproxy/v2/cmd/server \
-    "-s -w -X github.com/Shopify/toxiproxy/v2.Version=$TOXIPROXY_VERSION"
 fi
 log "done (total $(( SECONDS - START ))s)"
