@@ -142,12 +142,16 @@ def plan_facts(plan: dict[str, Any]) -> dict[str, Any]:
             if "Scan" in str(n["Node Type"])
         }
     )
+    # The claim reads the claimable set in claim order (tasks_pending_claim); when its
+    # handlers are few among a queue's, the planner may read their pairs instead
+    # (tasks_pending_pairs, then a sort of just those rows). Either is an index of
+    # the pending set, never the table.
     pending_scan = next(
         (
             n
             for n in nodes
-            if n["Node Type"] in ("Index Scan", "Index Only Scan")
-            and n.get("Index Name") == "tasks_pending_claim"
+            if n["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
+            and n.get("Index Name") in ("tasks_pending_claim", "tasks_pending_pairs")
         ),
         None,
     )
@@ -202,7 +206,7 @@ async def explain_claim(url: str, want: int) -> dict[str, Any]:
                 )
                 rows = await conn.fetch(
                     f"EXPLAIN (ANALYZE, BUFFERS, FORMAT {fmt}) {claim}",
-                    *(wid, EXPLAIN_POD, QUEUE, want, []),
+                    *(wid, EXPLAIN_POD, QUEUE, want, [HANDLER]),
                     *([], [], []),  # no successes to write first
                 )
             finally:
@@ -335,7 +339,7 @@ async def one_size(
         int(await conn.fetchval("SELECT pg_relation_size('kubetasks.tasks_pending_claim')")) / 2**20, 2
     )
     res["claim_plan"] = p = await _guard(explain_claim(url, c))
-    shape = "index scan on tasks_pending_claim" if p.get("plan_ok") else f"PLAN NOT OK {p.get('scans')}"
+    shape = "index scan of the pending set" if p.get("plan_ok") else f"PLAN NOT OK {p.get('scans')}"
     log(
         f"scale {tag} {label:>4} pending + {res['table_before'].get('succeeded', 0):,} finished: "
         f"claim {shape}, "

@@ -4,6 +4,13 @@
 imported anywhere (a CLI, a test) without touching the database; ``App``
 adds the settings and the store. Options resolve as enqueue argument > task
 option > App default, and everything is validated before the one INSERT.
+
+A handler this app does not have is refused by ``enqueue`` under
+``strict_handlers`` (a typo in code fails fast). Everywhere else -- a Task
+object, a CronJobLock, ``strict_handlers=False`` -- such a task is accepted
+with the options the handler's latest registration stored in the database
+(``handlers``; App defaults when none did), and waits for a worker that has
+the handler (see ``serving``).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from kubetasks import locks, subprocs, validation, workflows
+from kubetasks import locks, serving, subprocs, validation, workflows
 from kubetasks.config import Settings
 from kubetasks.context import TaskContext
 from kubetasks.errors import Fail, TaskNotFound, UnknownHandler, ValidationError
@@ -96,6 +103,32 @@ def _input(spec: Input | Mapping[str, Any]) -> Input:
         default=spec.get("default", _MISSING),
         validator=spec.get("validator"),
     )
+
+
+@dataclass(frozen=True)
+class HandlerOptions:
+    """A handler's options as its latest registration stored them in the database (``handlers``),
+    for enqueuing it from a pod whose app does not have it. None: the App default."""
+
+    queue: str | None = None
+    priority: int | None = None
+    timeout: float | None = None
+    max_attempts: int | None = None
+    retry_delay: float | None = None
+    backoff: float | None = None
+    max_retry_delay: float | None = None
+
+    @classmethod
+    def from_row(cls, r: Mapping[str, Any]) -> HandlerOptions:
+        return cls(
+            queue=r["queue"],
+            priority=r["priority"],
+            timeout=r["timeout_s"],
+            max_attempts=r["max_attempts"],
+            retry_delay=r["retry_delay_s"],
+            backoff=r["retry_backoff"],
+            max_retry_delay=r["max_retry_delay_s"],
+        )
 
 
 @dataclass(frozen=True)
@@ -489,12 +522,24 @@ class App(Blueprint):
 
     # -- enqueue ---------------------------------------------------------
 
-    def _prepare(self, req: EnqueueRequest, max_payload: int | None = None) -> _Prepared:
+    def _prepare(
+        self,
+        req: EnqueueRequest,
+        max_payload: int | None = None,
+        *,
+        stored: HandlerOptions | None = None,
+        strict: bool | None = None,
+    ) -> _Prepared:
+        """Validate one request into the values inserted; ``stored``: the options of a
+        handler this app does not have, as read from the database (see ``_prepare_any``)."""
         s = self.settings
         validation.name("handler", req.handler)
-        td = self.handlers.get(req.handler)
-        if td is None and self.strict_handlers:
+        td: TaskDef | HandlerOptions | None = self.handlers.get(req.handler)
+        inputs = td.inputs if isinstance(td, TaskDef) else None
+        if td is None and (self.strict_handlers if strict is None else strict):
             raise UnknownHandler(req.handler, list(self.handlers))
+        if td is None:
+            td = stored
         if req.delay is not None and req.run_at is not None:
             raise ValidationError("delay", "give delay or run_at, not both")
         payload_obj: Mapping[str, Any] = req.payload if req.payload is not None else {}
@@ -502,7 +547,7 @@ class App(Blueprint):
             raise ValidationError(
                 "payload", f"must be a JSON object (a dict), got {type(payload_obj).__name__}"
             )
-        if td is not None and td.inputs:
+        if inputs and isinstance(td, TaskDef):
             payload_obj = td.apply_inputs(payload_obj)
         payload = validation.payload(payload_obj, max_payload or s.max_payload_bytes)
 
@@ -527,6 +572,24 @@ class App(Blueprint):
             dedupe_key=validation.dedupe_key(req.dedupe_key),
         )
 
+    async def _stored_options(
+        self, store: Store, names: Iterable[str], conn: Any = None
+    ) -> dict[str, HandlerOptions]:
+        """The stored options of the handlers among ``names`` that this app does not have."""
+        missing = sorted({n for n in names if n not in self.handlers})
+        if not missing:
+            return {}
+        rows = await store.run("handler_options", missing, conn=conn)
+        return {r["name"]: HandlerOptions.from_row(r) for r in rows}
+
+    async def _prepare_any(self, req: EnqueueRequest, store: Store, conn: Any = None) -> _Prepared:
+        """Like ``_prepare``, but never refuses a handler for being absent from this app: its
+        options come from the database (the latest registration of a pod that has it). For
+        tasks that did not come from this app's code: Task objects, CronJobLocks."""
+        validation.name("handler", req.handler)
+        stored = (await self._stored_options(store, [req.handler], conn)).get(req.handler)
+        return self._prepare(req, stored=stored, strict=False)
+
     async def enqueue(
         self,
         handler: str,
@@ -544,23 +607,20 @@ class App(Blueprint):
         """Add one task and return its id.
 
         With a ``dedupe_key`` that names an unfinished task, that task's id is
-        returned and nothing is added.
+        returned and nothing is added. A handler this app does not have raises
+        ``UnknownHandler`` under ``strict_handlers``; without it, the task waits
+        for a worker that has the handler, with the options that handler's
+        registration stored.
         """
-        p = self._prepare(
-            EnqueueRequest(
-                handler,
-                payload,
-                delay,
-                run_at,
-                priority,
-                queue,
-                timeout,
-                max_attempts,
-                tags,
-                dedupe_key,
-            )
+        req = EnqueueRequest(
+            handler, payload, delay, run_at, priority, queue, timeout, max_attempts, tags, dedupe_key
         )
-        store = await self._ready_store()
+        if handler in self.handlers or self.strict_handlers:
+            p = self._prepare(req)
+            store = await self._ready_store()
+        else:
+            store = await self._ready_store()
+            p = await self._prepare_any(req, store)
         return await self._insert(store, p)
 
     async def _insert(
@@ -596,7 +656,13 @@ class App(Blueprint):
         Every request is validated before anything is written. A request whose
         dedupe key names an unfinished task gets that task's id.
         """
-        prepared = [self._prepare(r) for r in requests]
+        requests = list(requests)
+        stored: dict[str, HandlerOptions] = {}
+        if not self.strict_handlers and any(r.handler not in self.handlers for r in requests):
+            for r in requests:
+                validation.name("handler", r.handler)
+            stored = await self._stored_options(await self._ready_store(), (r.handler for r in requests))
+        prepared = [self._prepare(r, stored=stored.get(r.handler)) for r in requests]
         if not prepared:
             return []
         keys = [p.dedupe_key for p in prepared if p.dedupe_key is not None]
@@ -737,7 +803,8 @@ class App(Blueprint):
         return [int(r["id"]) for r in rows]
 
     async def stats(self) -> dict[str, Any]:
-        """Counts per queue and status, oldest due pending age, running per worker."""
+        """Counts per queue and status, oldest due pending age, running per worker, and the
+        (handler, queue) pairs whose pending tasks no active worker serves."""
         store = await self._ready_store()
         counts: dict[str, dict[str, int]] = {}
         for r in await store.run("stats_counts"):
@@ -763,6 +830,8 @@ class App(Blueprint):
             },
             "workers": workers,
             "paused_queues": paused,
+            # Pending tasks that no active worker serves (parked), per handler and queue.
+            "unserved": [u.as_dict() for u in await serving.unserved(store)],
         }
 
     # -- admin verbs -----------------------------------------------------

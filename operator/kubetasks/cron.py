@@ -717,8 +717,11 @@ async def _forbid_check(app: App, s: Mapping[str, Any]) -> tuple[str | None, str
 
 
 async def _enqueue(app: App, store: Store, conn: Any, s: Mapping[str, Any], tick_at: datetime) -> int:
-    p = app._prepare(
-        EnqueueRequest(s["handler"], s["payload"], queue=s["queue"], tags=run_tags(s["name"], tick_at))
+    # A CronJobLock may name a handler this pod lacks: it runs on a pod that has it.
+    p = await app._prepare_any(
+        EnqueueRequest(s["handler"], s["payload"], queue=s["queue"], tags=run_tags(s["name"], tick_at)),
+        store,
+        conn,
     )
     task_id = await store.run(
         "cron_enqueue", p.handler, p.queue, p.priority, p.payload, p.max_attempts, p.timeout,

@@ -5,7 +5,9 @@ Shape of one process (every pod runs the same):
 * a **claim loop** that sleeps until woken (NOTIFY from an enqueue, a freed
   slot, a local timer for a retry it scheduled, or the heartbeat's polling
   fallback) and then claims up to its free slots in one statement per queue,
-  queues served in the order given;
+  queues served in the order given -- only tasks of the handlers its app has,
+  which it records when it registers (``serving``): a task of any other
+  handler is left pending for a worker that has it, never failed;
 * one asyncio task per claimed task running its handler under a timeout;
 * a **flusher** that writes outcomes in batches: whatever finished while the
   previous batch was in flight goes out in the next single statement. Every
@@ -57,7 +59,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from kubetasks import leases, metrics, subprocs, validation
+from kubetasks import leases, metrics, serving, subprocs, validation
 from kubetasks.app import TaskDef, call_handler
 from kubetasks.context import TaskContext
 from kubetasks.errors import Fail, Retry, ValidationError
@@ -199,6 +201,15 @@ class Worker:
             app, max_idle=self.concurrency, lease_left=lambda: self.lease.time_left() if self.lease else None
         )
         self.ready = asyncio.Event()
+        # The handlers this worker told the database it serves, and the cluster-wide
+        # limits of those the database holds (its own declarations among them).
+        self._served: tuple[str, ...] = ()
+        self._listened = False
+        self._db_limits: dict[str, int] = {}
+        self.housekeeper = serving.Housekeeper(
+            lambda: self.store, lambda: self._served,
+            interval=self.settings.heartbeat_interval, on_limits=self._set_limits,
+        )  # fmt: skip
 
     # -- wiring ----------------------------------------------------------
 
@@ -228,12 +239,20 @@ class Worker:
             if run is not None and str(run.worker_id) == worker:
                 self._drop(run, "cancelled")
             return
+        # A task became pending somewhere: it may be one that no worker serves.
+        self.housekeeper.poke()
         queue, _, delay = payload.partition(" ")
         if queue in self.queues:
             if delay:
                 self.wake_at(float(delay))
             else:
                 self._wake.set()
+
+    def _on_listening(self) -> None:
+        self._wake.set()
+        if self._listened:
+            self.housekeeper.poke()  # notifications were missed: tasks may have become unserved
+        self._listened = True  # the first connection: the housekeeper's start-up offer covers it
 
     def _on_lease_lost(self, why: str) -> None:
         self._lost.set()
@@ -295,15 +314,25 @@ class Worker:
         side: dict[str, asyncio.Task[None]] = {}
         try:
             await retry_connection_errors(self.lease.register, what="registering the worker")
+            await retry_connection_errors(self._serve, what="recording the handlers served")
+            try:
+                # Work may have waited for this pod (none was up to park it); offered before the
+                # claim loop starts, so start-up needs no second pooled connection.
+                await self.housekeeper.offer()
+            except DB_ERRORS as err:
+                log.warning("parking pass at start-up failed (%r); offering again later", err)
+                self.housekeeper.poke()
             log.info(
-                "worker %s (pod %s) serving queues %s with %d slots",
+                "worker %s (pod %s) serving queues %s with %d slots, handlers %s",
                 self.worker_id, self.lease.identity, ",".join(self.queues), self.concurrency,
+                ",".join(self._served) or "(none)",
             )  # fmt: skip
             side = {
                 "ticker": asyncio.create_task(self._tick(), name="kubetasks-ticker"),
                 "listener": asyncio.create_task(self._listen(stop), name="kubetasks-listener"),
                 "flusher": asyncio.create_task(self._flusher(), name="kubetasks-flusher"),
                 "claimer": asyncio.create_task(self._claim_loop(), name="kubetasks-claimer"),
+                "housekeeper": asyncio.create_task(self.housekeeper.run(stop), name="kubetasks-housekeeper"),
             }
             self.lease.arm_watchdog()
             self._claiming = True
@@ -317,7 +346,7 @@ class Worker:
                 stop_w.cancel()
                 lost_w.cancel()
                 if stop.is_set():
-                    break  # the listener also ends on stop: that is no failure
+                    break  # the listener and the housekeeper also end on stop: that is no failure
                 for name, t in side.items():
                     if t in done:
                         exc = t.exception() if not t.cancelled() else None
@@ -361,6 +390,7 @@ class Worker:
         while not self._stopping and not stop.is_set():
             try:
                 await self.lease.register()
+                await self._serve()
                 break
             except DB_ERRORS as exc:
                 log.warning("registering again failed: %r", exc)
@@ -414,6 +444,9 @@ class Worker:
         try:
             async with asyncio.timeout(10):
                 await self.store.run("stop_worker", self.worker_id, "dead", "graceful shutdown")
+                # What only this worker served is unserved now: park it rather than
+                # leave it in peers' claims until the next pass.
+                await self.housekeeper.offer(force=True)
         except DB_ERRORS as exc:
             log.warning("could not deregister (%r); the lease will expire on its own", exc)
         log.info("worker %s stopped: %s", self.worker_id, self.stats)
@@ -423,7 +456,7 @@ class Worker:
     async def _listen(self, stop: asyncio.Event) -> None:
         await store_listen.listen(
             self.settings.database_url, [CHANNEL_ENQUEUED, CHANNEL_CANCEL], self._on_notify, stop,
-            on_connect=self._wake.set,  # anything enqueued while we were not listening
+            on_connect=self._on_listening,  # anything enqueued while we were not listening
             what="worker",
         )  # fmt: skip
 
@@ -479,22 +512,23 @@ class Worker:
         """
         wid = self.worker_id
         pod = self.settings.pod_id
-        limited, blocked = self._claim_filters()
+        if self.app.handlers.keys() != set(self._served):
+            await self._serve()  # handlers were registered or removed since: say so first
+        limited, allowed = self._claim_filters()
         more = False
         for q in self.queues:
-            _, n = await self._run_claim(wid, q, free, blocked)
+            _, n = await self._run_claim(wid, q, free, allowed)
             if n == free:
                 more = True
             free -= n
-            for td in limited:
+            for name in limited:
                 if free <= 0:
                     break
                 want = free
+                td = self.app.handlers[name]
                 if td.concurrency:
-                    want = min(want, td.concurrency - self._per_handler[td.name])
-                rows = await self.store.run(
-                    "claim_limited", wid, pod, q, td.name, td.cluster_concurrency, want
-                )
+                    want = min(want, td.concurrency - self._per_handler[name])
+                rows = await self.store.run("claim_limited", wid, pod, q, name, td.cluster_concurrency, want)
                 for r in rows:
                     self._start(r, wid)
                 free -= len(rows)
@@ -502,17 +536,55 @@ class Worker:
                 break
         return more
 
-    def _claim_filters(self) -> tuple[list[TaskDef], list[str]]:
-        """Handlers with a cluster-wide limit (claimed one by one) and the names the plain claim skips."""
+    def _claim_filters(self) -> tuple[list[str], list[str]]:
+        """Handlers with a cluster-wide limit (claimed one by one) and those the plain claim takes.
+
+        Both come from the handlers this worker recorded as served; a limit counts
+        whether this pod's code declares it or another live worker's does (the
+        database holds the smallest, and the plain claim skips limited handlers
+        whatever this list says).
+        """
         handlers = self.app.handlers
-        local_full = {
-            name
-            for name, td in handlers.items()
-            if td.concurrency and self._per_handler[name] >= td.concurrency
-        }
-        limited = [td for td in handlers.values() if td.cluster_concurrency and td.name not in local_full]
-        blocked = sorted(local_full | {td.name for td in handlers.values() if td.cluster_concurrency})
-        return limited, blocked
+        limits = self._limits()
+        local_full: set[str] = set()
+        for name in self._served:
+            td = handlers.get(name)
+            if td is not None and td.concurrency and self._per_handler[name] >= td.concurrency:
+                local_full.add(name)
+        limited = [n for n in self._served if n in limits and n not in local_full and n in handlers]
+        allowed = [n for n in self._served if n not in limits and n not in local_full and n in handlers]
+        return limited, allowed
+
+    def _limits(self) -> dict[str, int]:
+        """Cluster-wide limits of the served handlers: declared here or held by the database."""
+        out = dict(self._db_limits)
+        for name in self._served:
+            td = self.app.handlers.get(name)
+            if td is not None and td.cluster_concurrency:
+                out[name] = min(td.cluster_concurrency, out.get(name, td.cluster_concurrency))
+        return out
+
+    def _set_limits(self, limits: dict[str, int]) -> None:
+        self._db_limits = {str(k): int(v) for k, v in limits.items()}
+
+    async def _serve(self) -> None:
+        """Record what this worker serves (after registering, or when the app's handlers
+        change): its handlers, their options and limits; parked tasks it can run are
+        unparked and their queues woken."""
+        tds = list(self.app.handlers.values())
+        served = tuple(sorted(td.name for td in tds))
+        row = await self.store.run(
+            "worker_serves", self.worker_id, list(served), serving.limits_json(tds),
+            serving.options_json(tds), serving.BUDGET,
+        )  # fmt: skip
+        self._served = served
+        if row is None:
+            return  # no such worker (fenced meanwhile): the next registration says it again
+        self._set_limits(row["limits"])
+        if row["unparked"]:
+            log.info("unparked %d task(s) this worker serves", row["unparked"])
+        if row["more"]:
+            self.housekeeper.poke()  # the pass unparks the rest
 
     async def _release_orphans(self) -> None:
         """Hand back tasks running under this worker that it does not run (a claim whose
@@ -615,8 +687,11 @@ class Worker:
             try:
                 td: TaskDef | None = self.app.handlers.get(ctx.handler)
                 if td is None:
-                    known = ", ".join(sorted(self.app.handlers)) or "(none registered)"
-                    raise Fail(f"unknown handler {ctx.handler!r}; known handlers: {known}")
+                    # Claimed while registered, removed since: a worker that has it runs it.
+                    await self._hand_back(
+                        run, f"handler {ctx.handler!r} is no longer registered in {ctx.pod_id}"
+                    )
+                    return None
                 sem = self._sems.get(td.name)
                 async with sem if sem is not None else contextlib.nullcontext():
                     async with asyncio.timeout(run.timeout):
@@ -652,6 +727,19 @@ class Worker:
             )  # fmt: skip
         metrics.task_counters(ctx.handler, ctx.queue).run_duration.observe(time.monotonic() - started)
         return None if run.dropped is not None else out
+
+    async def _hand_back(self, run: _Run, why: str) -> None:
+        """Back to pending, uncharged: nothing is run and nothing else is written for it."""
+        ctx = run.ctx
+        run.dropped = why
+        try:
+            await self.store.run("hand_back", run.worker_id, ctx.id, ctx.attempt, why)
+        except DB_ERRORS as exc:
+            # Still running under us: the heartbeat reports it as an orphan and it is handed back then.
+            log.warning("task %d not handed back (%r)", ctx.id, exc)
+            return
+        log.warning("task %d handed back: %s", ctx.id, why)
+        self._wake.set()
 
     def _set_failure(
         self,
@@ -789,11 +877,8 @@ class Worker:
         if wake:
             self._wake.set()
         # A slot of a cluster-limited handler opened: peers may be waiting for it.
-        limited_queues = {
-            o.queue
-            for o in settled
-            if (td := self.app.handlers.get(o.handler)) is not None and td.cluster_concurrency
-        }
+        limits = self._limits()
+        limited_queues = {o.queue for o in settled if o.handler in limits}
         for q in limited_queues:
             with contextlib.suppress(*DB_ERRORS):
                 await self.store.run("wake_queue", q)
@@ -887,25 +972,27 @@ class Worker:
             return written, True
         async with self._claim_lock:
             free = max(0, self.concurrency - len(self._running) + ending)
-            limited, blocked = self._claim_filters()
+            limited, allowed = self._claim_filters()
             try:
-                written, _ = await self._run_claim(wid, self.queues[0], free, blocked, ok)
+                written, _ = await self._run_claim(wid, self.queues[0], free, allowed, ok)
             except DB_ERRORS:
                 # The statement may have committed unseen: what it claimed is handed back
                 # (we still hold the claim lock, so no other claim of ours is in flight).
                 await self._release_orphans()
                 raise
             self.stats.claims_with_outcomes += 1
-        return written, len(self.queues) > 1 or bool(limited) or bool(blocked)
+        skipped = len(allowed) < len(self._served)
+        return written, len(self.queues) > 1 or bool(limited) or skipped
 
     async def _run_claim(
-        self, wid: uuid.UUID, q: str, free: int, blocked: list[str], ok: Sequence[_Outcome] = ()
+        self, wid: uuid.UUID, q: str, free: int, allowed: list[str], ok: Sequence[_Outcome] = ()
     ) -> tuple[set[int], int]:
         """The claim statement: write ``ok`` (successes of worker ``wid``), then claim up to
-        ``free`` tasks of queue ``q`` and start them; the written ids and how many were claimed."""
+        ``free`` tasks of the ``allowed`` handlers in queue ``q`` and start them; the written
+        ids and how many were claimed."""
         t0 = time.monotonic()
         rows = await self.store.run(
-            "claim", wid, self.settings.pod_id, q, free, blocked,
+            "claim", wid, self.settings.pod_id, q, free, allowed,
             [o.task_id for o in ok], [o.attempt for o in ok], [o.result for o in ok],
         )  # fmt: skip
         if free:

@@ -31,7 +31,8 @@ async def test_claim_is_an_index_scan_on_a_large_table(app: App, db_url: str) ->
         tx = conn.transaction()
         await tx.start()
         rows = await conn.fetch(
-            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim}", wid, "plan-pod", "default", 50, [], [], [], []
+            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim}",
+            *(wid, "plan-pod", "default", 50, ["h"], [], [], []),
         )
         plan = json.loads(rows[0][0])[0]
         await tx.rollback()  # EXPLAIN ANALYZE really claimed 50 tasks: undo it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -68,7 +69,7 @@ class TestClaim:
             async def claimer(conn: asyncpg.Connection, wid: uuid.UUID, i: int) -> list[int]:
                 stmt = await conn.prepare(claim)
                 await go.wait()
-                rows = await stmt.fetch(wid, f"pod-{i}", "default", 1, [], [], [], [])
+                rows = await stmt.fetch(wid, f"pod-{i}", "default", 1, ["solo"], [], [], [])
                 return [r["id"] for r in rows]
 
             tasks = [
@@ -97,7 +98,7 @@ class TestClaim:
                 "UPDATE workers SET lease_expires_at = now() - interval '1 s' WHERE worker_id = $1", wid
             )
             claim = app.store.queries["claim"].sql
-            rows = await conn.fetch(claim, wid, "pod-x", "default", 10, [], [], [], [])
+            rows = await conn.fetch(claim, wid, "pod-x", "default", 10, ["solo"], [], [], [])
         finally:
             await conn.close()
         assert rows == []
@@ -288,15 +289,54 @@ class TestOutcomes:
         assert ra.attempt == 1
         assert (await app.get_task(b)).result == "fine"
 
-    async def test_unknown_handler_fails_listing_known(self, app: App) -> None:
-        """A task whose handler this worker does not know fails with the known handlers listed."""
+    async def test_unknown_handler_waits_says_why_and_runs_once_served(self, app: App, db_url: str) -> None:
+        """A task whose handler no running worker has stays pending, unclaimed and unfailed, and says
+        why (naming what is served) within one heartbeat interval; it runs once a worker with the
+        handler starts."""
         app.register("known.one", one)
         app.strict_handlers = False
-        tid = await app.enqueue("not.registered", {})
+        loop = asyncio.get_running_loop()
         async with RunningWorker(app):
-            await wait_status(app, tid, "failed")
+            conn = await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
+            try:
+                t0 = loop.time()
+                tid = await app.enqueue("not.registered", {})
+
+                async def parked() -> bool:
+                    row = await conn.fetchval("SELECT to_jsonb(t) FROM tasks t WHERE id = $1", tid)
+                    task = json.loads(row)
+                    assert (task["status"], task["error"]) == ("pending", None), task  # never failed
+                    return bool(task.get("parked"))
+
+                await wait_for(parked, 5, "the task to be parked")
+                took = loop.time() - t0
+            finally:
+                await conn.close()
+            print(f"\n[served] unserved task reported {took * 1000:.0f} ms after it was enqueued")
+            assert took <= app.settings.heartbeat_interval
+            why = "no active worker serves handler 'not.registered' in queue 'default'; served: known.one"
+            stats = await app.stats()
+            assert stats["unserved"] == [
+                {"handler": "not.registered", "queue": "default", "tasks": 1, "message": why}
+            ]
+            await asyncio.sleep(4 * app.settings.heartbeat_interval)
+            rec = await app.get_task(tid)
+            assert (rec.status, rec.attempt, rec.error) == ("pending", 0, None)
+            assert await app.get_attempts(tid) == []
+            other = App(database_url=db_url, pod_id="has-it", heartbeat_interval=0.5, lease_ttl=2.0)
+
+            async def ran(ctx: TaskContext) -> str:
+                return "ran"
+
+            other.register("not.registered", ran)
+            try:
+                async with RunningWorker(other):
+                    await wait_status(app, tid, "succeeded", 5)
+            finally:
+                await other.close()
         rec = await app.get_task(tid)
-        assert rec.error == "unknown handler 'not.registered'; known handlers: known.one"
+        assert (rec.attempt, rec.result, rec.pod_id) == (1, "ran", "has-it")
+        assert (await app.stats())["unserved"] == []
 
     async def test_progress_is_stored_and_coalesced(self, app: App) -> None:
         """A thousand progress calls become a handful of writes; the last value is kept."""

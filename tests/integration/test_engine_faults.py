@@ -286,11 +286,11 @@ class TestFencingToken:
         conn = await connect(db_url)
         try:
             wid = await register_raw(conn, "lost-reply")
-            first = await conn.fetch(claim, wid, "lost-reply", "default", 1, [], [], [], [])
+            first = await conn.fetch(claim, wid, "lost-reply", "default", 1, ["solo"], [], [], [])
             assert [(r["id"], r["attempt"]) for r in first] == [(tid, 1)]
             # The worker never saw that reply: it hands back what it does not run.
             await conn.fetchval(app.store.queries["release_orphans"].sql, wid, [], "claim reply lost")
-            again = await conn.fetch(claim, wid, "lost-reply", "default", 1, [], [], [], [])
+            again = await conn.fetch(claim, wid, "lost-reply", "default", 1, ["solo"], [], [], [])
         finally:
             await conn.close()
         report("lost claim reply", first=first[0]["attempt"], again=[r["attempt"] for r in again])
@@ -403,7 +403,7 @@ class TestFencingToken:
             conn = await connect(url)
             try:
                 wid = await register_raw(conn, "crash-pod")
-                rows = await conn.fetch(claim, wid, "crash-pod", "default", 1, [], [], [], [])
+                rows = await conn.fetch(claim, wid, "crash-pod", "default", 1, ["anything"], [], [], [])
                 assert [(r["id"], r["attempt"]) for r in rows] == [(tid, 1)]
             finally:
                 conn.terminate()
@@ -431,7 +431,7 @@ class TestLateClaim:
             wid = await register_raw(slow, "slow-commit")
             tx = slow.transaction()
             await tx.start()
-            rows = await slow.fetch(claim, wid, "slow-commit", "default", 3, [], [], [], [])
+            rows = await slow.fetch(claim, wid, "slow-commit", "default", 3, ["solo"], [], [], [])
             assert len(rows) == 3
             await peer.execute(
                 "UPDATE workers SET lease_expires_at = now() - interval '1 s' WHERE worker_id = $1", wid
@@ -464,7 +464,7 @@ class TestLateClaim:
         try:
             dead = await register_raw(conn, "late-pod")
             live = await register_raw(conn, "live-pod")
-            await conn.fetch(claim, dead, "late-pod", "default", 1, [], [], [], [])
+            await conn.fetch(claim, dead, "late-pod", "default", 1, ["solo"], [], [], [])
             await conn.execute(
                 "UPDATE workers SET status = 'dead', stopped_at = now(), stop_reason = 'test'"
                 " WHERE worker_id = $1",

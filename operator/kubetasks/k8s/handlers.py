@@ -41,7 +41,7 @@ import asyncpg
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kubetasks import validation
+from kubetasks import serving, validation
 from kubetasks.app import App, EnqueueRequest
 from kubetasks.errors import ValidationError
 from kubetasks.k8s import cronjoblocks, webhook
@@ -131,7 +131,8 @@ async def ingest(ctx: OperatorContext, uid: str, namespace: str, name: str, spec
     prepared = None
     if error is None:
         try:
-            prepared = app._prepare(req)
+            # Never refused for a handler this pod lacks: a pod that has it runs it.
+            prepared = await app._prepare_any(req, ctx.store)
         except ValidationError as exc:
             error = f"spec.{_spec_field(exc.field)}: {exc.message}" if exc.field != "handler" else str(exc)
     if prepared is None:
@@ -150,6 +151,18 @@ async def ingest(ctx: OperatorContext, uid: str, namespace: str, name: str, spec
     if retry_delay is not None:
         prepared = _with_retry_delay(prepared, retry_delay)
     return await app._insert(ctx.store, prepared, cr=(uid, namespace, name), paused=bool(spec.get("suspend")))
+
+
+async def unserved_warning(ctx: OperatorContext, spec: Mapping[str, Any]) -> str | None:
+    """Why no active worker would run a Task with this spec now (None: one would, or the
+    spec is refused anyway and the refusal says why)."""
+    req, _ = request_from_spec(spec)
+    try:
+        p = await ctx.app._prepare_any(req, ctx.store)
+    except ValidationError:
+        return None
+    served = await serving.read(ctx.store)
+    return None if served.serves(p.handler, p.queue) else served.message(p.handler, p.queue)
 
 
 def _with_retry_delay(p: Any, delay: float) -> Any:

@@ -49,7 +49,8 @@ WHERE dedupe_key = ANY($1::text[]) AND status IN ('pending', 'running', 'paused'
 SELECT id FROM tasks WHERE cr_uid = $1;
 
 -- name: claim :many
--- $1 worker_id, $2 pod_id, $3 queue, $4 how many, $5 handlers not to take now,
+-- $1 worker_id, $2 pod_id, $3 queue, $4 how many, $5 the handlers to take (the
+-- worker's own, less those it must not take now; empty: none),
 -- $6 task ids, $7 attempts, $8 results (json text): successes of this worker to
 -- write first, in the same statement (empty arrays: none).
 -- First holds the worker's row FOR KEY SHARE (`me`), refusing everything when
@@ -64,7 +65,11 @@ SELECT id FROM tasks WHERE cr_uid = $1;
 -- task_attempts_all). Then takes the due pending tasks of one queue in claim
 -- order, for a worker whose lease is live, unless the queue is paused, and
 -- counts the attempt with a new number (the fencing token: never lowered, so
--- never reused). One statement, so a busy worker pays one round trip and one
+-- never reused). Parked tasks (no active worker serves them) are not in the
+-- claim's index, and a handler with a cluster-wide limit in the database is
+-- left to claim_limited whatever the worker believes (tested on the picked rows,
+-- never on a scan of tasks: a filter there would skew its row estimate, and with
+-- it the plan). One statement, so a busy worker pays one round trip and one
 -- commit per batch; the two sets cannot meet (running vs pending). Rows: the
 -- written ids with `claimed` false, then the claimed tasks with `claimed` true.
 -- The commit is synchronous, like every write: a claim lost in a crash or a
@@ -83,9 +88,9 @@ WITH me AS MATERIALIZED (
       AND EXISTS (SELECT 1 FROM me)
     RETURNING t.id
 ), picked AS (
-    SELECT id FROM tasks
-    WHERE status = 'pending' AND queue = $3 AND run_at <= now()
-      AND handler <> ALL ($5::text[])
+    SELECT id, handler FROM tasks
+    WHERE status = 'pending' AND NOT parked AND queue = $3 AND run_at <= now()
+      AND handler = ANY ($5::text[])
     ORDER BY priority DESC, run_at, id
     LIMIT $4
     FOR UPDATE SKIP LOCKED
@@ -97,6 +102,7 @@ WITH me AS MATERIALIZED (
     WHERE t.id = picked.id
       AND coalesce((SELECT may_claim FROM me), false)
       AND NOT EXISTS (SELECT 1 FROM queue_state q WHERE q.queue = $3 AND q.paused)
+      AND picked.handler <> ALL (ARRAY(SELECT h.name FROM handlers h WHERE h.cluster_concurrency IS NOT NULL))
     RETURNING t.id, t.handler, t.queue, t.priority, t.payload, t.attempt, t.max_attempts,
               t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags, t.parent_id,
               t.uncharged
@@ -232,8 +238,15 @@ LIMIT $7 OFFSET $8;
 SELECT queue, status, count(*) AS n FROM tasks GROUP BY queue, status ORDER BY queue, status;
 
 -- name: stats_oldest_pending :many
-SELECT queue, extract(epoch FROM now() - min(run_at))::float8 AS age_s
-FROM tasks WHERE status = 'pending' AND run_at <= now() GROUP BY queue;
+-- Parked tasks (no active worker serves them) wait too: each half read by its own index.
+SELECT queue, extract(epoch FROM now() - min(oldest))::float8 AS age_s
+FROM (
+    SELECT queue, min(run_at) AS oldest FROM tasks
+    WHERE status = 'pending' AND NOT parked AND run_at <= now() GROUP BY queue
+    UNION ALL
+    SELECT queue, min(run_at) FROM tasks WHERE status = 'pending' AND parked AND run_at <= now() GROUP BY queue
+) q
+GROUP BY queue;
 
 -- name: stats_workers :many
 SELECT w.worker_id, w.pod_id, w.status, w.queues, w.concurrency,
@@ -389,7 +402,8 @@ SELECT owner, extract(epoch FROM expires_at - now())::float8 AS expires_in_s
 FROM job_locks WHERE name = $1 AND expires_at > now();
 
 -- name: claim_limited :many
--- $1 worker_id, $2 pod_id, $3 queue, $4 handler, $5 its cluster-wide limit, $6 how many.
+-- $1 worker_id, $2 pod_id, $3 queue, $4 handler, $5 the limit this pod declares
+-- (NULL: none; the database's applies either way), $6 how many.
 SELECT * FROM claim_limited($1, $2, $3, $4, $5, $6);
 
 -- name: set_worker_namespace :exec
@@ -415,7 +429,8 @@ SELECT id, status, attempt FROM tasks WHERE cr_uid = $1;
 -- written from, with the version of the status owed (NULL: none owed).
 SELECT t.id, t.cr_uid, t.cr_namespace, t.cr_name, t.handler, t.queue, t.status, t.attempt,
        t.max_attempts, t.pod_id, t.started_at, t.finished_at, t.error, t.result, t.progress,
-       t.progress_message, t.updated_at, t.attempt - t.uncharged AS attempts_spent, o.ver AS owed_ver
+       t.progress_message, t.updated_at, t.attempt - t.uncharged AS attempts_spent, o.ver AS owed_ver,
+       t.parked
 FROM tasks t LEFT JOIN cr_status_owed o ON o.task_id = t.id
 WHERE t.id = ANY ($1::bigint[]) AND t.cr_uid IS NOT NULL
   AND ($2::text[] IS NULL OR t.cr_namespace = ANY ($2::text[]));
@@ -474,11 +489,22 @@ FROM operator_leases WHERE scope = $1;
 
 -- name: metrics_queue_depths :many
 -- Per queue with pending tasks: all pending (delayed included), the due ones, and
--- how long the oldest due one has waited. Read by /metrics, cached ~2 s; it walks
--- the partial index of the pending set, so it costs what that set costs.
-SELECT queue, count(*) AS pending, count(*) FILTER (WHERE run_at <= now()) AS due,
-       extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8 AS oldest_due_age_s
-FROM tasks WHERE status = 'pending'
+-- how long the oldest due one has waited -- parked ones (no active worker serves
+-- them) included: they wait too. Read by /metrics, cached ~2 s; it walks the
+-- claim's index and the small one of parked tasks, so it costs what the pending
+-- set costs.
+SELECT queue, sum(pending)::bigint AS pending, sum(due)::bigint AS due,
+       extract(epoch FROM now() - min(oldest_due))::float8 AS oldest_due_age_s
+FROM (
+    SELECT queue, count(*) AS pending, count(*) FILTER (WHERE run_at <= now()) AS due,
+           min(run_at) FILTER (WHERE run_at <= now()) AS oldest_due
+    FROM tasks WHERE status = 'pending' AND NOT parked
+    GROUP BY queue
+    UNION ALL
+    SELECT queue, count(*), count(*) FILTER (WHERE run_at <= now()), min(run_at) FILTER (WHERE run_at <= now())
+    FROM tasks WHERE status = 'pending' AND parked
+    GROUP BY queue
+) q
 GROUP BY queue ORDER BY queue;
 
 -- name: health_applied_migrations :many
@@ -770,3 +796,66 @@ WITH live AS (
 UPDATE workers w SET status = 'dead', stopped_at = now(), stop_reason = $4
 FROM live WHERE w.worker_id = live.worker_id
 RETURNING w.worker_id;
+
+-- name: worker_serves :one
+-- $1 worker_id, $2 the handlers it serves, $3 the cluster-wide limits it declares
+-- (json object text, handler -> limit), $4 each handler's options (json array
+-- text of {name, queue, priority, timeout_s, max_attempts, retry_delay_s,
+-- retry_backoff, max_retry_delay_s}), $5 how many parked tasks to unpark at most.
+-- Right after registering: unparks what it serves, returns the database's limits
+-- of its handlers, how many it unparked and whether more are left.
+SELECT limits, unparked, more FROM worker_serves($1, $2, $3::text::jsonb, $4::text::jsonb, $5);
+
+-- name: park_unserved :one
+-- $1 the caller's handlers (for the limits returned), $2 seconds between passes
+-- across the cluster, $3 force (a pass that ran out of rows goes on), $4 rows to
+-- rewrite at most. See park_unserved in schema.sql.
+SELECT ran, parked, unparked, more, next_in, limits FROM park_unserved($1, $2, $3, $4);
+
+-- name: served_pairs :many
+-- What the active workers serve: (queue, handler), handler NULL for a worker of
+-- an earlier version, which serves every handler of the queue.
+SELECT queue, handler FROM served_pairs ORDER BY queue, handler NULLS FIRST;
+
+-- name: unserved_counts :many
+-- The (queue, handler) pairs whose pending tasks no active worker serves, and how
+-- many tasks each holds: the parking pass's pairs (pending_pairs, a skip scan)
+-- tested against served_pairs now, so it holds even while no pod is up to park
+-- anything, then an index count of each such pair.
+SELECT pp.queue, pp.handler,
+       (SELECT count(*) FROM tasks x
+        WHERE x.status = 'pending' AND NOT x.parked AND x.queue = pp.queue AND x.handler = pp.handler)
+     + (SELECT count(*) FROM tasks x
+        WHERE x.status = 'pending' AND x.parked AND x.queue = pp.queue AND x.handler = pp.handler) AS tasks
+FROM (SELECT DISTINCT queue, handler FROM pending_pairs) pp
+LEFT JOIN (SELECT s.queue, s.handler FROM served_pairs s WHERE s.handler IS NOT NULL) sh
+       ON sh.queue = pp.queue AND sh.handler = pp.handler
+LEFT JOIN (SELECT DISTINCT s.queue FROM served_pairs s WHERE s.handler IS NULL) sq ON sq.queue = pp.queue
+WHERE sh.queue IS NULL AND sq.queue IS NULL
+ORDER BY pp.handler, pp.queue;
+
+-- name: handler_options :many
+-- $1 handler names. Their options as the latest registration declared them.
+SELECT name, queue, priority, timeout_s, max_attempts, retry_delay_s, retry_backoff, max_retry_delay_s,
+       cluster_concurrency
+FROM handlers WHERE name = ANY ($1::text[]);
+
+-- name: hand_back :val
+-- $1 worker_id, $2 task id, $3 attempt, $4 reason. A task this worker claimed but
+-- cannot run (its handler is no longer registered here) goes back to pending
+-- with its attempt handed back uncharged (like release_orphans: its number is
+-- not reused), fenced like every write of a running task.
+WITH back AS (
+    UPDATE tasks SET status = 'pending', uncharged = uncharged + 1, run_at = now(), updated_at = now()
+    WHERE id = $2 AND attempt = $3 AND worker_id = $1 AND status = 'running'
+    RETURNING id, attempt AS spent, pod_id, started_at, queue
+), audit AS (
+    INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome, error)
+    SELECT id, spent, $1, pod_id, started_at, 'released', $4 FROM back
+), events AS (
+    INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
+    SELECT id, 'released', spent, $1, pod_id, $4 FROM back
+), wake AS (
+    SELECT pg_notify('kubetasks_enqueued', queue) FROM back
+)
+SELECT (SELECT count(*) FROM back) + 0 * (SELECT count(*) FROM wake);

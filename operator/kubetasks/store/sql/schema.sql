@@ -22,6 +22,10 @@ CREATE TABLE workers (
     namespace        text,
     -- 0008: the slot of its pod id this worker's process holds (see take_pod_slot).
     pod_slot         integer NOT NULL DEFAULT 1 CONSTRAINT pod_slot_range CHECK (pod_slot BETWEEN 1 AND 64),
+    -- What it serves (0009): its handlers (NULL: a worker of an earlier version,
+    -- which claims every handler of its queues) and the cluster-wide limits it declares.
+    handlers         text[],
+    cluster_limits   jsonb CONSTRAINT cluster_limits_is_object CHECK (jsonb_typeof(cluster_limits) = 'object'),
     -- The release (its pods' label selector) this worker's pod belongs to (0010).
     pod_selector     text CONSTRAINT pod_selector_length CHECK (length(pod_selector) BETWEEN 1 AND 1024),
     CONSTRAINT stopped_workers_have_time CHECK ((status IN ('dead', 'superseded')) = (stopped_at IS NOT NULL))
@@ -83,14 +87,26 @@ CREATE TABLE tasks (
     -- graceful releases in graceful_releases (from the 4th on, one is charged).
     uncharged        integer NOT NULL DEFAULT 0,
     graceful_releases integer NOT NULL DEFAULT 0 CONSTRAINT graceful_releases_positive CHECK (graceful_releases >= 0),
+    -- Pending, but no active worker serves its (queue, handler): out of the claim's
+    -- way until one does (0009).
+    parked           boolean NOT NULL DEFAULT false,
     -- A claim counts an attempt; no task is ever claimed past its allowance of charged attempts.
     CONSTRAINT attempt_range CHECK (uncharged BETWEEN 0 AND attempt AND attempt - uncharged <= max_attempts),
     CONSTRAINT running_has_worker CHECK (status <> 'running' OR (worker_id IS NOT NULL AND attempt >= 1)),
     CONSTRAINT finished_iff_finished_at
         CHECK ((status IN ('succeeded', 'failed', 'cancelled')) = (finished_at IS NOT NULL))
 );
--- The claim reads the pending set of one queue in exactly this order.
-CREATE INDEX tasks_pending_claim ON tasks (queue, priority DESC, run_at, id) WHERE status = 'pending';
+-- The claim reads the claimable set of one queue in exactly this order (or,
+-- when its handlers are few among the queue's, their pairs below and a sort).
+CREATE INDEX tasks_pending_claim ON tasks (queue, priority DESC, run_at, id)
+    WHERE status = 'pending' AND NOT parked;
+-- The (queue, handler) pairs of the claimable and of the parked tasks, read by
+-- a skip scan (one index descent per pair, not a pass over the pending set),
+-- and the rows of one pair, which parking and unparking rewrite. A new task
+-- pays for the first; parked rows are few and rarely change (run_at lets the
+-- queue-depth figures read them without the table).
+CREATE INDEX tasks_pending_pairs ON tasks (queue, handler) WHERE status = 'pending' AND NOT parked;
+CREATE INDEX tasks_parked ON tasks (queue, handler, run_at) WHERE status = 'pending' AND parked;
 CREATE INDEX tasks_running_by_worker ON tasks (worker_id) WHERE status = 'running';
 CREATE UNIQUE INDEX tasks_dedupe_unfinished ON tasks (dedupe_key)
     WHERE dedupe_key IS NOT NULL AND status IN ('pending', 'running', 'paused', 'suspended');
@@ -435,7 +451,8 @@ $$;
 -- runs out (reaped the moment it expires), which of the (task, attempt) pairs
 -- this process runs are no longer running under this worker (cancelled,
 -- released: dropped at once, NOTIFY or not), and which tasks run under it that
--- it did not list (a claim whose reply was lost).
+-- it did not list (a claim whose reply was lost). Parked tasks (0009) are not
+-- due work: no worker could claim them.
 CREATE FUNCTION heartbeat(
     p_worker uuid, p_ttl double precision, p_queues text[], p_suspect_after double precision,
     p_silence_after double precision, p_ids bigint[], p_attempts integer[])
@@ -465,7 +482,8 @@ BEGIN
     END IF;
     due := false;
     FOREACH q IN ARRAY p_queues LOOP
-        IF EXISTS (SELECT 1 FROM tasks t WHERE t.status = 'pending' AND t.queue = q AND t.run_at <= now()) THEN
+        IF EXISTS (SELECT 1 FROM tasks t
+                   WHERE t.status = 'pending' AND NOT t.parked AND t.queue = q AND t.run_at <= now()) THEN
             due := true;
             EXIT;
         END IF;
@@ -535,17 +553,19 @@ BEGIN
 END;
 $$;
 
--- Claim up to p_want due tasks of one handler, never letting more than p_limit
--- of them run across the cluster. The worker's row is held FOR KEY SHARE first
--- (see claim). Claimers of one limited handler take turns on an advisory lock
--- held to the end of the claim's transaction; the running count is read after
--- the lock, in a fresh snapshot (READ COMMITTED takes one per statement), so it
--- includes every claim committed before ours. Handlers without a limit never
--- touch this lock.
+-- Claim up to p_want due tasks of one handler, never letting more than its
+-- limit run across the cluster: the smaller of p_limit (what the calling pod
+-- declares, NULL for none) and the limit in handlers (0009). The worker's row
+-- is held FOR KEY SHARE first (see claim). Claimers of one limited handler take
+-- turns on an advisory lock held to the end of the claim's transaction; the
+-- running count is read after the lock, in a fresh snapshot (READ COMMITTED
+-- takes one per statement), so it includes every claim committed before ours.
+-- Handlers without a limit never touch this lock.
 CREATE FUNCTION claim_limited(
     p_worker uuid, p_pod text, p_queue text, p_handler text, p_limit integer, p_want integer)
 RETURNS SETOF tasks LANGUAGE plpgsql AS $$
 DECLARE
+    lim integer;
     room integer;
 BEGIN
     PERFORM 1 FROM workers w
@@ -554,17 +574,21 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    PERFORM pg_advisory_xact_lock(hashtext('kubetasks.cluster_concurrency:' || p_handler));
-    SELECT p_limit - count(*) INTO room FROM tasks WHERE handler = p_handler AND status = 'running';
+    lim := least(p_limit, (SELECT h.cluster_concurrency FROM handlers h WHERE h.name = p_handler));
+    room := p_want;
+    IF lim IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtext('kubetasks.cluster_concurrency:' || p_handler));
+        SELECT least(p_want, lim - count(*)) INTO room FROM tasks WHERE handler = p_handler AND status = 'running';
+    END IF;
     IF room <= 0 THEN
         RETURN;
     END IF;
     RETURN QUERY
     WITH picked AS (
         SELECT id FROM tasks
-        WHERE status = 'pending' AND queue = p_queue AND handler = p_handler AND run_at <= now()
+        WHERE status = 'pending' AND NOT parked AND queue = p_queue AND handler = p_handler AND run_at <= now()
         ORDER BY priority DESC, run_at, id
-        LIMIT least(room, p_want)
+        LIMIT room
         FOR UPDATE SKIP LOCKED
     )
     UPDATE tasks t
@@ -611,13 +635,13 @@ BEGIN
 END;
 $$;
 -- Only rows of Task objects, and only changes a status shows: the hot path of
--- plain enqueued tasks pays nothing but the WHEN test.
+-- plain enqueued tasks pays nothing but the WHEN test. Parking is such a change (0009).
 CREATE TRIGGER tasks_notify_cr_inserted AFTER INSERT ON tasks
     FOR EACH ROW WHEN (NEW.cr_uid IS NOT NULL) EXECUTE FUNCTION notify_cr_task_changed();
 CREATE TRIGGER tasks_notify_cr_updated AFTER UPDATE ON tasks
     FOR EACH ROW WHEN (NEW.cr_uid IS NOT NULL AND
-        (OLD.status, OLD.attempt, OLD.progress, OLD.progress_message, OLD.pod_id)
-        IS DISTINCT FROM (NEW.status, NEW.attempt, NEW.progress, NEW.progress_message, NEW.pod_id))
+        (OLD.status, OLD.attempt, OLD.progress, OLD.progress_message, OLD.pod_id, OLD.parked)
+        IS DISTINCT FROM (NEW.status, NEW.attempt, NEW.progress, NEW.progress_message, NEW.pod_id, NEW.parked))
     EXECUTE FUNCTION notify_cr_task_changed();
 
 CREATE INDEX tasks_cr_unfinished ON tasks (id)
@@ -809,6 +833,243 @@ BEGIN
         EXIT WHEN lvl IS NULL;
         descendants := descendants + cancel_tasks(lvl, 'parent task ' || p_id || ' cancelled: ' || p_reason);
     END LOOP;
+    RETURN NEXT;
+END;
+$$;
+
+-- Serving (0009): what each worker serves, per-handler options and limits,
+-- and the parking of tasks no active worker serves (see the migration).
+
+-- Options of a handler as its latest registration declared them (NULL: the
+-- enqueuing app's default), and the cluster-wide limit every pod obeys.
+CREATE TABLE handlers (
+    name                text PRIMARY KEY
+        CONSTRAINT handler_name CHECK (name ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    queue               text CONSTRAINT queue_name CHECK (queue ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    priority            integer CONSTRAINT priority_range CHECK (priority BETWEEN -1000 AND 1000),
+    timeout_s           double precision CONSTRAINT timeout_range CHECK (timeout_s BETWEEN 1 AND 604800),
+    max_attempts        integer CONSTRAINT max_attempts_range CHECK (max_attempts BETWEEN 1 AND 100),
+    retry_delay_s       double precision CONSTRAINT retry_delay_range CHECK (retry_delay_s BETWEEN 0 AND 86400),
+    retry_backoff       double precision CONSTRAINT retry_backoff_range CHECK (retry_backoff BETWEEN 1 AND 10),
+    max_retry_delay_s   double precision
+        CONSTRAINT max_retry_delay_range CHECK (max_retry_delay_s BETWEEN 0 AND 604800),
+    cluster_concurrency integer CONSTRAINT cluster_concurrency_range CHECK (cluster_concurrency BETWEEN 1 AND 10000),
+    registered_at       timestamptz NOT NULL DEFAULT now(),
+    registered_by       text NOT NULL
+);
+
+-- Periodic work that one pod does for the cluster: when it last ran.
+CREATE TABLE housekeeping (
+    name   text PRIMARY KEY,
+    ran_at timestamptz NOT NULL DEFAULT '-infinity'
+);
+INSERT INTO housekeeping (name) VALUES ('park');
+
+-- What the active workers serve: one row per (queue, handler), handler NULL
+-- where a worker of an earlier version serves every handler of the queue. A
+-- worker that serves no handler at all adds no row. A worker whose lease ran
+-- out still serves until it is declared dead (any peer's heartbeat does that
+-- at once): one that only stalled renews and goes on, never re-registering,
+-- so parking its tasks meanwhile would leave them parked under a live worker.
+CREATE VIEW served_pairs AS
+SELECT DISTINCT q.queue, h.handler
+FROM workers w
+CROSS JOIN LATERAL unnest(w.queues) AS q (queue)
+CROSS JOIN LATERAL unnest(coalesce(w.handlers, ARRAY[NULL::text])) AS h (handler)
+WHERE w.status = 'active';
+
+-- Every (queue, handler) of the pending set, once for its claimable tasks and
+-- once for its parked ones: a skip scan, one index descent per pair.
+CREATE VIEW pending_pairs AS
+WITH RECURSIVE claimable AS (
+    (SELECT x.queue, x.handler FROM tasks x WHERE x.status = 'pending' AND NOT x.parked
+     ORDER BY x.queue, x.handler LIMIT 1)
+    UNION ALL
+    SELECT nx.queue, nx.handler
+    FROM claimable pr
+    CROSS JOIN LATERAL (
+        SELECT x.queue, x.handler FROM tasks x
+        WHERE x.status = 'pending' AND NOT x.parked AND (x.queue, x.handler) > (pr.queue, pr.handler)
+        ORDER BY x.queue, x.handler LIMIT 1
+    ) nx
+), held AS (
+    (SELECT x.queue, x.handler FROM tasks x WHERE x.status = 'pending' AND x.parked
+     ORDER BY x.queue, x.handler LIMIT 1)
+    UNION ALL
+    SELECT nx.queue, nx.handler
+    FROM held pr
+    CROSS JOIN LATERAL (
+        SELECT x.queue, x.handler FROM tasks x
+        WHERE x.status = 'pending' AND x.parked AND (x.queue, x.handler) > (pr.queue, pr.handler)
+        ORDER BY x.queue, x.handler LIMIT 1
+    ) nx
+)
+SELECT queue, handler, false AS parked FROM claimable
+UNION ALL
+SELECT queue, handler, true AS parked FROM held;
+
+-- The cluster-wide limit of each handler: the smallest any live worker
+-- declares (live: not yet declared dead, superseded or stopped). A limit
+-- lapses when no live worker declares it any more.
+CREATE FUNCTION refresh_cluster_limits() RETURNS void LANGUAGE sql AS $$
+    WITH declared AS (
+        SELECT l.key AS name, min(l.value::integer) AS lim
+        FROM workers w
+        CROSS JOIN LATERAL jsonb_each_text(w.cluster_limits) AS l
+        WHERE w.status IN ('active', 'stopping')
+        GROUP BY l.key
+    ), wanted AS (
+        SELECT h.name, d.lim FROM handlers h LEFT JOIN declared d ON d.name = h.name
+    )
+    UPDATE handlers h SET cluster_concurrency = wanted.lim
+    FROM wanted
+    WHERE h.name = wanted.name AND h.cluster_concurrency IS DISTINCT FROM wanted.lim;
+$$;
+
+-- A worker says what it serves (right after it registers, and again when its
+-- app's handlers change): its handlers and the limits it declares, the
+-- options of each handler (this registration's win), then the parked tasks it
+-- can run are unparked at once (up to p_budget; park_unserved does the rest)
+-- and their queues woken. Takes turns with park_unserved, so a pass that read
+-- the workers before this registration cannot park what it just unparked
+-- without the next registration or pass seeing it. Returns the limits of its
+-- handlers, what it unparked, and whether more are left.
+CREATE FUNCTION worker_serves(p_worker uuid, p_handlers text[], p_limits jsonb, p_options jsonb, p_budget integer)
+RETURNS TABLE (limits jsonb, unparked bigint, more boolean) LANGUAGE plpgsql AS $$
+DECLARE
+    qs text[];
+    pod text;
+    woken text[];
+    q text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('kubetasks.park'));
+    UPDATE workers w SET handlers = p_handlers, cluster_limits = p_limits
+    WHERE w.worker_id = p_worker
+    RETURNING w.queues, w.pod_id INTO qs, pod;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    INSERT INTO handlers AS h (name, queue, priority, timeout_s, max_attempts, retry_delay_s, retry_backoff,
+                               max_retry_delay_s, registered_by)
+    SELECT DISTINCT ON (s.name) s.name, o.queue, o.priority, o.timeout_s, o.max_attempts, o.retry_delay_s,
+           o.retry_backoff, o.max_retry_delay_s, pod
+    FROM unnest(p_handlers) AS s (name)
+    LEFT JOIN jsonb_to_recordset(p_options) AS o (name text, queue text, priority integer, timeout_s float8,
+                                                  max_attempts integer, retry_delay_s float8,
+                                                  retry_backoff float8, max_retry_delay_s float8)
+        ON o.name = s.name
+    ORDER BY s.name
+    ON CONFLICT (name) DO UPDATE
+    SET queue = EXCLUDED.queue, priority = EXCLUDED.priority, timeout_s = EXCLUDED.timeout_s,
+        max_attempts = EXCLUDED.max_attempts, retry_delay_s = EXCLUDED.retry_delay_s,
+        retry_backoff = EXCLUDED.retry_backoff, max_retry_delay_s = EXCLUDED.max_retry_delay_s,
+        registered_at = now(), registered_by = EXCLUDED.registered_by;
+    PERFORM refresh_cluster_limits();
+    WITH picked AS (
+        SELECT t.id FROM tasks t
+        WHERE t.status = 'pending' AND t.parked AND t.queue = ANY (qs) AND t.handler = ANY (p_handlers)
+        LIMIT p_budget
+        FOR UPDATE SKIP LOCKED
+    ), done AS (
+        UPDATE tasks t SET parked = false, updated_at = now() FROM picked WHERE t.id = picked.id
+        RETURNING t.queue
+    )
+    SELECT count(*), coalesce(array_agg(DISTINCT done.queue), '{}') INTO unparked, woken FROM done;
+    FOREACH q IN ARRAY woken LOOP
+        PERFORM pg_notify('kubetasks_enqueued', q);
+    END LOOP;
+    more := unparked >= p_budget;
+    SELECT coalesce(jsonb_object_agg(h.name, h.cluster_concurrency), '{}') INTO limits
+    FROM handlers h WHERE h.name = ANY (p_handlers) AND h.cluster_concurrency IS NOT NULL;
+    RETURN NEXT;
+END;
+$$;
+
+-- The housekeeping pass: park the pending tasks of every (queue, handler) no
+-- active worker serves, unpark those of pairs that are served again (their
+-- queues woken), and recompute the cluster-wide limits. Whoever calls it runs
+-- it at most once per p_min_gap seconds across the cluster (p_force: the same
+-- caller goes on after a pass that ran out of p_budget rows); a call that
+-- finds it ran recently, or running, returns at once with next_in, the
+-- seconds until it may run. Always returns the limits of p_handlers.
+--
+-- The pending set is read through pending_pairs, a skip scan: one index
+-- descent per distinct (queue, handler), so the pass costs what the number of
+-- pairs and the rows it rewrites cost, not the pending set.
+CREATE FUNCTION park_unserved(p_handlers text[], p_min_gap double precision, p_force boolean, p_budget integer)
+RETURNS TABLE (ran boolean, parked bigint, unparked bigint, more boolean, next_in double precision, limits jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    p record;
+    n bigint;
+    left_ integer := p_budget;
+    woken text[] := '{}';
+    q text;
+BEGIN
+    ran := false;
+    parked := 0;
+    unparked := 0;
+    more := false;
+    IF NOT pg_try_advisory_xact_lock(hashtext('kubetasks.park')) THEN
+        next_in := p_min_gap;  -- a pass or a registration is under way
+    ELSE
+        UPDATE housekeeping h SET ran_at = now()
+        WHERE h.name = 'park' AND (p_force OR h.ran_at <= now() - make_interval(secs => p_min_gap));
+        IF NOT FOUND THEN
+            SELECT greatest(0, extract(epoch FROM h.ran_at + make_interval(secs => p_min_gap) - now()))
+            INTO next_in FROM housekeeping h WHERE h.name = 'park';
+        ELSE
+            ran := true;
+            PERFORM refresh_cluster_limits();
+            -- Joined, not tested pair by pair: a thousand pairs against a thousand
+            -- served handlers is two hash lookups each, not a million comparisons.
+            FOR p IN
+                SELECT pp.queue, pp.handler, pp.parked, (sh.queue IS NOT NULL OR sq.queue IS NOT NULL) AS served
+                FROM pending_pairs pp
+                LEFT JOIN (SELECT s.queue, s.handler FROM served_pairs s WHERE s.handler IS NOT NULL) sh
+                       ON sh.queue = pp.queue AND sh.handler = pp.handler
+                LEFT JOIN (SELECT DISTINCT s.queue FROM served_pairs s WHERE s.handler IS NULL) sq
+                       ON sq.queue = pp.queue
+            LOOP
+                CONTINUE WHEN p.parked = NOT p.served;  -- already where it belongs
+                -- Each statement names its partial index's predicate as a constant.
+                IF p.parked THEN
+                    WITH picked AS (
+                        SELECT t.id FROM tasks t
+                        WHERE t.status = 'pending' AND t.parked AND t.queue = p.queue AND t.handler = p.handler
+                        LIMIT left_
+                        FOR UPDATE SKIP LOCKED
+                    )
+                    UPDATE tasks t SET parked = false, updated_at = now() FROM picked WHERE t.id = picked.id;
+                    GET DIAGNOSTICS n = ROW_COUNT;
+                    unparked := unparked + n;
+                    IF n > 0 THEN
+                        woken := woken || p.queue;
+                    END IF;
+                ELSE
+                    WITH picked AS (
+                        SELECT t.id FROM tasks t
+                        WHERE t.status = 'pending' AND NOT t.parked AND t.queue = p.queue AND t.handler = p.handler
+                        LIMIT left_
+                        FOR UPDATE SKIP LOCKED
+                    )
+                    UPDATE tasks t SET parked = true, updated_at = now() FROM picked WHERE t.id = picked.id;
+                    GET DIAGNOSTICS n = ROW_COUNT;
+                    parked := parked + n;
+                END IF;
+                IF n >= left_ THEN
+                    more := true;  -- the pair may hold more: the caller goes on
+                    EXIT;
+                END IF;
+                left_ := left_ - n::integer;
+            END LOOP;
+            FOREACH q IN ARRAY ARRAY(SELECT DISTINCT unnest(woken)) LOOP
+                PERFORM pg_notify('kubetasks_enqueued', q);
+            END LOOP;
+        END IF;
+    END IF;
+    SELECT coalesce(jsonb_object_agg(h.name, h.cluster_concurrency), '{}') INTO limits
+    FROM handlers h WHERE h.name = ANY (p_handlers) AND h.cluster_concurrency IS NOT NULL;
     RETURN NEXT;
 END;
 $$;
