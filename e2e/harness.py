@@ -204,6 +204,7 @@ class Operators:
         *,
         db_url: str | None = None,
         api_port: int | None = None,
+        app: str = APP,
     ) -> subprocess.Popen[bytes]:
         self.pod(name)
         # Every process binds its own metrics port (pods would each have their own IP).
@@ -222,7 +223,7 @@ class Operators:
             )
         with open(self.tmp / f"{name}.log", "ab") as log:
             p = subprocess.Popen(
-                [sys.executable, "-m", "kubetasks", "run", "--app", APP],
+                [sys.executable, "-m", "kubetasks", "run", "--app", app],
                 cwd=ROOT,
                 env=self.env(name, more),
                 stdout=log,

@@ -58,10 +58,6 @@ APP = "nodeapp.app:app"
 SELECTOR = "app.kubernetes.io/instance={release}"
 # Known bugs owned by other issues, re-proved here on pods once their fix lands
 # (strict: an unexpected pass fails, so each marker goes with its fix).
-KNOWN_UNSERVED_BUG = (
-    "issue 13 item 7 (the 'handlers' helper): a Task whose handler the operator's own app lacks is failed "
-    "at ingest (and a claimed one by the worker) instead of waiting for a pod that serves it"
-)
 
 
 class KnownBug(AssertionError):
@@ -903,7 +899,6 @@ class TestNamespacedRelease:
         problems = await cron_feature(rel)
         assert not problems, "\n".join(problems) + "\n--- pod logs ---\n" + operator_log_errors(rel)
 
-    @pytest.mark.xfail(strict=True, raises=KnownBug, reason=KNOWN_UNSERVED_BUG)
     async def test_helm_upgrade_adding_a_handler_loses_nothing(self, rel: Release) -> None:
         """helm upgrade to image :2 (adds node.new) while Tasks of node.work and node.new flow:
         none lost, none failed, no (task, attempt) started twice, no finished task run again."""
@@ -978,10 +973,7 @@ class TestNamespacedRelease:
             )
         assert not lost, lost[:10]
         assert not twice and not rerun, (twice, rerun)
-        if failed:
-            unserved = {n: e for n, e in failed.items() if "unknown handler 'node.new'" in (e or "")}
-            what = f"{len(failed)} Tasks failed during the upgrade, e.g. {list(failed.items())[:2]}"
-            raise (KnownBug if unserved == failed else AssertionError)(what)
+        assert not failed, f"{len(failed)} Tasks failed during the upgrade, e.g. {list(failed.items())[:2]}"
 
 
 class TestClusterWideRelease:

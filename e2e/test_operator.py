@@ -159,31 +159,63 @@ async def test_bad_manifests_refused_by_the_api_server(cluster: Cluster, namespa
     print(f"\n[e2e] payload of 300 KiB refused: {res.stderr.strip()[-200:]}")
 
 
-async def test_unknown_handler_and_oversized_payload_end_failed(
+NO_ROTATE = (
+    "no active worker serves handler 'images.rotate' in queue 'default'; "
+    "served: side.fanout, side.sleep, side.work"
+)
+
+
+async def test_unknown_handler_waits_says_why_then_runs_and_oversized_payload_fails(
     cluster: Cluster, namespace: str, operators: Operators
 ) -> None:
-    """Accepted by the API server but not runnable: the status says why (known handlers listed)."""
-    operators.start("kt-a")
+    """A Task for a handler no pod has stays Pending, not Runnable, saying why within one heartbeat
+    interval, and runs once a pod of a release that has it starts; an oversized payload fails."""
+    interval = 3.0
+    operators.start("kt-a", extra={"KUBETASKS_HEARTBEAT_INTERVAL": str(interval)})
     await wait_ready(operators, ["kt-a"])
-    apply(cluster, namespace, [task_manifest("nobody-home", handler="images.rotate")])
+    # The operator watches Tasks and writes statuses once a first Task has gone through.
+    apply(cluster, namespace, [task_manifest("warm-up")])
+    await wait_until(lambda: phases(cluster, namespace).get("warm-up") == "Succeeded", 30, "warm-up")
+    t0 = time.monotonic()
+    res = apply(cluster, namespace, [task_manifest("nobody-home", handler="images.rotate")])
+    assert res.returncode == 0, res.stderr
+
+    def waiting() -> bool:
+        st = cluster.json("get", "task", "nobody-home", "-n", namespace).get("status") or {}
+        runnable = {c["type"]: c for c in st.get("conditions") or []}.get("Runnable") or {}
+        return (
+            st.get("phase") == "Pending"
+            and st.get("message") == NO_ROTATE
+            and (runnable.get("status"), runnable.get("reason"), runnable.get("message"))
+            == ("False", "NoWorker", NO_ROTATE)
+        )
+
+    await wait_until(waiting, 30, "nobody-home Pending, not Runnable, saying why", interval=0.05)
+    took = time.monotonic() - t0
     # `kubectl create` keeps no last-applied copy, so 200 KiB reaches the API server.
     big = task_manifest("big-payload", payload={"blob": "y" * (200 * 1024)})
     cluster.run("create", "-n", namespace, "-f", "-", input=json.dumps(big))
     await wait_until(
-        lambda: phases(cluster, namespace) == {"nobody-home": "Failed", "big-payload": "Failed"},
-        30,
-        "both Failed",
+        lambda: phases(cluster, namespace).get("big-payload") == "Failed", 30, "big-payload Failed"
     )
-    msg = {
-        n: cluster.run("get", "task", n, "-n", namespace, "-o", "jsonpath={.status.message}").stdout
-        for n in ("nobody-home", "big-payload")
-    }
-    assert msg["nobody-home"] == (
-        "handler: unknown handler 'images.rotate'; known handlers: side.fanout, side.sleep, side.work"
-    ), msg
-    assert msg["big-payload"].startswith(
-        "spec.payload: is 204811 bytes as JSON; the limit for a Task object is 131072"
+    msg = cluster.run(
+        "get", "task", "big-payload", "-n", namespace, "-o", "jsonpath={.status.message}"
+    ).stdout
+    assert msg.startswith("spec.payload: is 204811 bytes as JSON; the limit for a Task object is 131072")
+    (rotate,) = [r for r in await db_rows(operators.db, namespace) if r["handler"] == "images.rotate"]
+    assert (rotate["status"], rotate["attempt"]) == ("pending", 0)
+    events = cluster.run("get", "events", "-n", namespace, "--field-selector", "reason=NoWorker").stdout
+    assert "nobody-home" in events, events
+    # The release that has images.rotate rolls out.
+    operators.start("kt-b", app="tests.integration.apps.upgraded:app")
+    await wait_until(lambda: phases(cluster, namespace).get("nobody-home") == "Succeeded", 30, "it ran")
+    ends = [line.split() for line in operators.sidelog.read_text().splitlines() if line.startswith("end")]
+    assert [e[4] for e in ends if e[1] == str(rotate["id"])] == ["kt-b"], ends
+    print(
+        f"\n[e2e] unknown handler reported on the Task {took:.2f}s after kubectl apply"
+        f" (heartbeat {interval}s)"
     )
+    assert took <= interval
 
 
 async def test_delete_running_task_cancels_and_suspend_resume(
@@ -316,10 +348,12 @@ async def test_webhook_refuses_oversized_payload_naming_the_field(
     assert "spec.payload: is 307211 bytes as JSON; the limit for a Task object is 131072 bytes" in res.stderr
     print(f"\n[e2e] webhook: {res.stderr.strip()[:300]}")
     small = task_manifest("fits", payload={"blob": "x" * 1024})
-    assert (
-        cluster.run("apply", "--server-side", "-n", namespace, "-f", "-", input=json.dumps(small)).returncode
-        == 0
-    )
+    ok = cluster.run("apply", "--server-side", "-n", namespace, "-f", "-", input=json.dumps(small))
+    assert ok.returncode == 0 and "Warning" not in ok.stderr, ok.stderr
+    # Admitted, with the reason it will wait: no pod serves the handler.
+    unserved = task_manifest("rotate-me", handler="images.rotate")
+    res = cluster.run("apply", "-n", namespace, "-f", "-", input=json.dumps(unserved))
+    assert res.returncode == 0 and f"Warning: {NO_ROTATE}" in res.stderr, res.stderr
     operators.stop_all()
     # failurePolicy Ignore: a webhook that is down blocks nothing.
     late = task_manifest("while-down", payload={"n": 1})

@@ -462,7 +462,7 @@ def queue_resume(queue: str, database_url: DbOpt = None) -> None:
 
 @cli.command()
 def stats(as_json: JsonOpt = False, database_url: DbOpt = None) -> None:
-    """Counts per queue and status, oldest pending age, running per worker."""
+    """Counts per queue and status, oldest pending age, running per worker, unserved handlers."""
     data = _with_app(None, database_url, lambda a: a.stats())
     if as_json:
         out.print_json(json.dumps(data))
@@ -486,6 +486,11 @@ def stats(as_json: JsonOpt = False, database_url: DbOpt = None) -> None:
             f"{w['running']}/{w['concurrency']}", f"{w['lease_left_s']:.1f}s",
         )  # fmt: skip
     out.print(wt)
+    if data["unserved"]:
+        ut = Table("HANDLER", "QUEUE", "WAITING", "WHY", title="Pending tasks no active worker serves")
+        for u in data["unserved"]:
+            ut.add_row(u["handler"], u["queue"], str(u["tasks"]), u["message"])
+        out.print(ut)
 
 
 @dev_cli.command("up")

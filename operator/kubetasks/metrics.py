@@ -32,6 +32,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
+from kubetasks import serving
+
 if TYPE_CHECKING:
     from kubetasks.store import Store
     from kubetasks.worker import Worker
@@ -154,11 +156,12 @@ class QueueDepth:
 
 @dataclass
 class QueueStats:
-    """Per-queue depth from one query, cached for ``ttl`` seconds across scrapes."""
+    """Per-queue depth and the unserved pairs, cached for ``ttl`` seconds across scrapes."""
 
     ttl: float = 2.0
     timeout: float = 2.0
     depths: list[QueueDepth] = field(default_factory=list)
+    unserved: list[serving.Unserved] = field(default_factory=list)
     ok: bool = False
     error: str | None = None
     _at: float | None = None
@@ -172,13 +175,15 @@ class QueueStats:
             try:
                 async with asyncio.timeout(self.timeout):
                     rows = await store.run("metrics_queue_depths")
+                    unserved = await serving.unserved(store)
             except Exception as exc:  # any failure: no queue figures, and why
-                self.depths, self.ok, self.error = [], False, repr(exc)
+                self.depths, self.unserved, self.ok, self.error = [], [], False, repr(exc)
             else:
                 self.depths = [
                     QueueDepth(r["queue"], int(r["pending"]), int(r["due"]), r["oldest_due_age_s"])
                     for r in rows
                 ]
+                self.unserved = unserved
                 self.ok, self.error = True, None
             self._at = time.monotonic()
 
@@ -295,7 +300,15 @@ class WorkerCollector:
                 pending.add_metric([name], 0)
                 due.add_metric([name], 0)
                 age.add_metric([name], 0.0)
-        yield from (pending, due, age)
+        unserved = GaugeMetricFamily(
+            "kubetasks_unserved_tasks",
+            "Pending tasks that no active worker serves (no worker has the handler in that queue): "
+            "they wait, parked, until one starts. Absent when every pending task is served.",
+            labels=["handler", "queue"],
+        )
+        for u in q.unserved:
+            unserved.add_metric([u.handler, u.queue], u.tasks)
+        yield from (pending, due, age, unserved)
 
 
 def _live(w: Worker) -> bool:

@@ -447,13 +447,15 @@ class TestDeployment:
         assert trigger["metadata"]["connectionFromEnv"] == "KUBETASKS_DATABASE_URL"
         assert trigger["metadata"]["targetQueryValue"] == "20"
         assert trigger["metadata"]["query"] == (
-            "SELECT count(*) FROM kubetasks.tasks WHERE status = 'pending' AND run_at <= now() "
-            "AND queue IN ('default')"
+            "SELECT (SELECT count(*) FROM kubetasks.tasks WHERE status = 'pending' AND NOT parked "
+            "AND run_at <= now() AND queue IN ('default')) + (SELECT count(*) FROM kubetasks.tasks "
+            "WHERE status = 'pending' AND parked AND run_at <= now() "
+            "AND handler IN (SELECT name FROM kubetasks.handlers) AND queue IN ('default'))"
         )
         assert "replicas" not in one(docs, "Deployment")["spec"]
         assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
         q = one(render(keda__enabled="true", queues="{a,b.c}"), "ScaledObject")["spec"]["triggers"][0]
-        assert q["metadata"]["query"].endswith("queue IN ('a', 'b.c')")
+        assert q["metadata"]["query"].count("queue IN ('a', 'b.c')") == 2
         assert "PodDisruptionBudget" not in kinds(render(keda__enabled="true"))  # minReplicaCount 1
 
     def test_webhook(self) -> None:

@@ -37,9 +37,9 @@ def test_succeeded_sets_the_condition_kubectl_wait_reads() -> None:
 
 def test_refused_task_is_failed_and_not_accepted_with_reason() -> None:
     st = status_of(
-        row(status="failed", error="handler: unknown handler 'x'; known handlers: a", finished_at=T0)
+        row(status="failed", error="spec.payload: is 204811 bytes as JSON; the limit ...", finished_at=T0)
     )
-    assert st["phase"] == "Failed" and st["message"].startswith("handler: unknown handler 'x'")
+    assert st["phase"] == "Failed" and st["message"].startswith("spec.payload: is 204811 bytes")
     assert conditions(st)["Accepted"] == "False" and conditions(st)["Failed"] == "True"
 
 
@@ -75,3 +75,18 @@ def test_waiting_workflow_root_shows_its_children() -> None:
     assert st["phase"] == "Waiting"
     assert st["children"] == {"succeeded": 3, "running": 2}, "the whole status is replaced: only counts"
     assert "children" not in status_of(row())
+
+
+def test_a_task_no_worker_serves_is_pending_not_runnable_and_says_why() -> None:
+    from kubetasks.serving import Serving
+
+    served = Serving.from_rows([{"queue": "default", "handler": "side.work"}])
+    st = status_of(row(handler="images.rotate", parked=True), None, served)
+    why = "no active worker serves handler 'images.rotate' in queue 'default'; served: side.work"
+    assert st["phase"] == "Pending" and st["message"] == why
+    runnable = next(c for c in st["conditions"] if c["type"] == "Runnable")
+    assert (runnable["status"], runnable["reason"], runnable["message"]) == ("False", "NoWorker", why)
+    served_row = status_of(row(handler="side.work", parked=False), None, served)
+    runnable = next(c for c in served_row["conditions"] if c["type"] == "Runnable")
+    assert (runnable["status"], runnable["reason"]) == ("True", "Queued")
+    assert served_row["message"] == ""

@@ -24,15 +24,17 @@ SHIPPED = [v for v, _, _ in queries.migrations()]
 
 @dataclass
 class FakeStore:
-    """Answers the two named queries the probe server sends; counts the calls."""
+    """Answers the named queries the probe server and the queue figures send; counts the calls."""
 
     applied: list[int] = field(default_factory=lambda: list(SHIPPED))
     depths: list[dict[str, Any]] = field(default_factory=list)
+    served: list[dict[str, Any]] = field(default_factory=list)
+    unserved: list[dict[str, Any]] = field(default_factory=list)
     error: BaseException | None = None
     delay: float = 0.0
     calls: dict[str, int] = field(default_factory=dict)
 
-    async def run(self, name: str, *args: Any) -> Any:
+    async def run(self, name: str, *args: Any, conn: Any = None) -> Any:
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -42,6 +44,10 @@ class FakeStore:
             return [{"version": v} for v in self.applied]
         if name == "metrics_queue_depths":
             return self.depths
+        if name == "served_pairs":
+            return self.served
+        if name == "unserved_counts":
+            return self.unserved
         raise AssertionError(f"unexpected query {name}")
 
 
@@ -114,6 +120,8 @@ async def test_collector_reads_worker_lease_and_queues() -> None:
     q = metrics.QueueStats()
     assert w._store is not None
     w._store.depths = [{"queue": "default", "pending": 5, "due": 2, "oldest_due_age_s": 1.5}]
+    w._store.served = [{"queue": "default", "handler": "a.b"}]
+    w._store.unserved = [{"queue": "default", "handler": "x.y", "tasks": 3}]
     await q.refresh(w._store)  # type: ignore[arg-type]
     m = scrape(metrics.WorkerCollector(w, q))  # type: ignore[arg-type]
     assert m[("kubetasks_fenced_out_writes_total", ())] == 2
@@ -128,6 +136,10 @@ async def test_collector_reads_worker_lease_and_queues() -> None:
     assert m[("kubetasks_queue_due_tasks", (("queue", "default"),))] == 2
     assert m[("kubetasks_queue_oldest_pending_age_seconds", (("queue", "default"),))] == 1.5
     assert m[("kubetasks_queue_pending_tasks", (("queue", "images"),))] == 0  # served and empty
+    assert m[("kubetasks_unserved_tasks", (("handler", "x.y"), ("queue", "default")))] == 3
+    assert [u.message for u in q.unserved] == [
+        "no active worker serves handler 'x.y' in queue 'default'; served: a.b"
+    ]
     assert m[("kubetasks_queue_stats_up", ())] == 1
 
 

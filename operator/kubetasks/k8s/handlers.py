@@ -153,15 +153,15 @@ async def ingest(ctx: OperatorContext, uid: str, namespace: str, name: str, spec
     return await app._insert(ctx.store, prepared, cr=(uid, namespace, name), paused=bool(spec.get("suspend")))
 
 
-async def unserved_warning(ctx: OperatorContext, spec: Mapping[str, Any]) -> str | None:
+async def unserved_warning(app: App, store: Store, spec: Mapping[str, Any]) -> str | None:
     """Why no active worker would run a Task with this spec now (None: one would, or the
     spec is refused anyway and the refusal says why)."""
     req, _ = request_from_spec(spec)
     try:
-        p = await ctx.app._prepare_any(req, ctx.store)
+        p = await app._prepare_any(req, store)
     except ValidationError:
         return None
-    served = await serving.read(ctx.store)
+    served = await serving.read(store)
     return None if served.serves(p.handler, p.queue) else served.message(p.handler, p.queue)
 
 

@@ -115,7 +115,10 @@ class Operator:
             watcher = pods.PodWatcher(store, k, s.pod_namespace, s.pod_selector)
             services["pods"] = asyncio.create_task(watcher.run(stop))
         if s.webhook_port:
-            server = webhook.WebhookServer(s, k)
+            # A Task whose handler no active worker serves is admitted with a warning saying so.
+            server = webhook.WebhookServer(
+                s, k, lambda spec: handlers.unserved_warning(self.app, store, spec)
+            )
             services["webhook"] = asyncio.create_task(server.run(stop))
         try:
             done, _ = await asyncio.wait(services.values(), return_when=asyncio.FIRST_COMPLETED)

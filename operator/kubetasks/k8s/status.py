@@ -18,7 +18,8 @@ Every patch tests the object's uid (kube.py): an object re-created under the
 same name never gets the old row's status. An object that is gone has its
 unfinished task cancelled and nothing more owed.
 
-Status is derived from the row only, so writing it twice is harmless; each
+Status is derived from the row only (and, for a task no active worker
+serves, from what the workers serve), so writing it twice is harmless; each
 phase change also posts a Kubernetes Event on the object.
 """
 
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from kubetasks import serving
 from kubetasks.k8s.kube import ObjectGone
 from kubetasks.leases import DB_ERRORS
 from kubetasks.store.listen import listen
@@ -72,15 +74,26 @@ def summarise_result(result: Any) -> Any:
     return {"truncated": True, "bytes": len(text.encode()), "taskId": None}
 
 
-def status_of(row: asyncpg.Record | dict[str, Any], children: dict[str, int] | None = None) -> dict[str, Any]:
-    """The status subresource for one task row (and, for a workflow root, its children's counts)."""
+def status_of(
+    row: asyncpg.Record | dict[str, Any],
+    children: dict[str, int] | None = None,
+    served: serving.Serving | None = None,
+) -> dict[str, Any]:
+    """The status subresource for one task row (and, for a workflow root, its children's counts;
+    ``served``: what the active workers serve, which a parked task's message names)."""
     phase = PHASES[row["status"]]
+    unserved = phase == "Pending" and bool(row.get("parked"))
     if phase in {"Failed", "Cancelled"}:
         message = row["error"] or phase.lower()
     elif phase == "Pending" and row["attempt"] > 0 and row["error"]:
         message = f"retrying after attempt {row['attempt']}: {row['error']}"
     else:
         message = row["progress_message"] or ""
+    why = ""
+    if unserved:
+        # Why it waits comes first; what an earlier attempt left stays after it.
+        why = (served or serving.Serving()).message(row["handler"], row["queue"])
+        message = f"{why}; {message}" if message else why
     accepted_at = _ts(row["updated_at"]) if row["attempt"] == 0 else _ts(row["started_at"])
 
     def cond(kind: str, on: bool, at: str | None, reason: str) -> dict[str, Any]:
@@ -99,6 +112,13 @@ def status_of(row: asyncpg.Record | dict[str, Any], children: dict[str, int] | N
         cond("Succeeded", phase == "Succeeded", _ts(row["finished_at"]), phase),
         cond("Failed", phase == "Failed", _ts(row["finished_at"]), phase),
     ]
+    if phase == "Pending":
+        # False while no active worker serves its (handler, queue): it waits, it does not fail.
+        runnable = cond(
+            "Runnable", not unserved, _ts(row["updated_at"]), "NoWorker" if unserved else "Queued"
+        )
+        runnable["message"] = why[:MESSAGE_MAX] if unserved else ""
+        conditions.append(runnable)
     result = summarise_result(row["result"])
     if isinstance(result, dict) and result.get("truncated"):
         result["taskId"] = str(row["id"])
@@ -222,13 +242,16 @@ class StatusWriter:
         children: dict[int, dict[str, int]] = {}
         for c in await self.store.run("children_counts", [r["id"] for r in rows]):
             children.setdefault(c["parent_id"], {})[c["status"]] = int(c["n"])
+        served = None
+        if any(r["parked"] and r["status"] == "pending" for r in rows):
+            served = await serving.read(self.store)
         sem = asyncio.Semaphore(self.parallel)
         failed = 0
 
         async def one(row: asyncpg.Record) -> None:
             nonlocal failed
             async with sem:
-                if not await self._write_one(row, children.get(row["id"])):
+                if not await self._write_one(row, children.get(row["id"]), served):
                     failed += 1
 
         await asyncio.gather(*(one(r) for r in rows))
@@ -237,11 +260,16 @@ class StatusWriter:
             self._resync_soon = True
             log.warning("%d of %d Task statuses not written; they stay owed", failed, len(rows))
 
-    async def _write_one(self, row: asyncpg.Record, children: dict[str, int] | None = None) -> bool:
+    async def _write_one(
+        self,
+        row: asyncpg.Record,
+        children: dict[str, int] | None = None,
+        served: serving.Serving | None = None,
+    ) -> bool:
         """Patch one object's status; False when it stays owed (the API server failed)."""
         if not self.ctx.fence():
             return False
-        status = status_of(row, children)
+        status = status_of(row, children, served)
         key = (
             status["phase"], status["attempts"], status["pod"], status.get("progress"), status["message"],
             tuple(sorted((children or {}).items())),
@@ -261,7 +289,9 @@ class StatusWriter:
         self._written[row["id"]] = key
         if row["owed_ver"] is not None:
             await self.store.run("cr_status_written", row["id"], row["owed_ver"])
-        if prev is None or prev[0] != key[0] or prev[1] != key[1]:
+        # A phase or attempt changed, or a waiting task's reason (no worker serves it) did.
+        reason_changed = prev is not None and prev[4] != key[4] and status["phase"] == "Pending"
+        if prev is None or prev[0] != key[0] or prev[1] != key[1] or (reason_changed and row["parked"]):
             await self._post_event(row, status, prev)
         return True
 
@@ -269,12 +299,14 @@ class StatusWriter:
         self, row: asyncpg.Record, status: dict[str, Any], prev: tuple[Any, ...] | None
     ) -> None:
         phase = status["phase"]
-        if prev is None and phase not in FINISHED and phase != "Running":
+        if prev is None and phase not in FINISHED and phase != "Running" and not row["parked"]:
             reason, warn, msg = "Accepted", False, f"queued as task {row['id']} on queue {row['queue']}"
         else:
             reason, warn = EVENT_REASONS[phase]
             if phase == "Running":
                 msg = f"attempt {row['attempt']} started on pod {row['pod_id']}"
+            elif phase == "Pending" and row["parked"]:
+                reason, warn, msg = "NoWorker", True, status["message"]
             elif phase == "Pending" and row["attempt"]:
                 reason, warn = "Retrying", True
                 msg = status["message"]
