@@ -190,6 +190,11 @@ class Worker:
         # Held while free slots are counted and claimed, by the claim loop or by the
         # flusher claiming with its completions: two claims must not fill one slot.
         self._claim_lock = asyncio.Lock()
+        # Held from taking a batch of outcomes to its written reply. Once a stop sets
+        # _final_drain the flusher takes no more, so the stop's own drain, which waits
+        # for the batch in flight, writes everything before the release at stop.
+        self._writing = asyncio.Lock()
+        self._final_drain = False
         self._orphans_reported = False
         # Tasks whose outcome could not be written at all: still running under this
         # worker in the database, and never handed back as orphans (they ran).
@@ -298,6 +303,7 @@ class Worker:
         """Work until ``stop`` is set, then shut down gracefully (``force`` cuts the grace)."""
         stop = stop or asyncio.Event()
         force = force or asyncio.Event()
+        self._final_drain = False  # a worker may run again after a stop
         await retry_connection_errors(self.app.open, what="opening the pool")
         self._store = self.app.store
         await self.subprocs.start()  # refuses a sync handler a child cannot import, before registering
@@ -440,7 +446,9 @@ class Worker:
             self._drop(run, "released at shutdown")
         await self._wait_tasks([r.task for r in self._running.values()], 5.0)
         await self.subprocs.close()  # no sync handler's process outlives the hand-back below
-        await self._drain_outcomes(deadline=5.0)
+        # Every outcome lands before the release at stop, or the release wins and
+        # finished tasks run again (see _final_drain).
+        await self._drain_outcomes(deadline=5.0, final=True)
         try:
             async with asyncio.timeout(10):
                 await self.store.run("stop_worker", self.worker_id, "dead", "graceful shutdown")
@@ -779,13 +787,21 @@ class Worker:
             self._flush.clear()
             await self._drain_outcomes(deadline=None)
 
-    async def _drain_outcomes(self, deadline: float | None) -> None:
+    async def _drain_outcomes(self, deadline: float | None, *, final: bool = False) -> None:
         loop = asyncio.get_running_loop()
         end = None if deadline is None else loop.time() + deadline
         delay = 0.05
+        if final:
+            self._final_drain = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(deadline), self._writing:
+                    pass  # the flusher's batch in flight has landed; it takes no other
         while self._outcomes:
-            batch, self._outcomes = self._outcomes, []
-            again, exc = await self._write_batch(batch)
+            async with self._writing:
+                if self._final_drain and not final:
+                    return  # the stop writes what is left
+                batch, self._outcomes = self._outcomes, []
+                again, exc = await self._write_batch(batch)
             if not again:
                 delay = 0.05
                 continue
