@@ -30,7 +30,6 @@ ITEM5 = (
     "issue 13 item 5 (residual after d1d2c28): after a database stall the lease extension is one-shot"
     " and SKIP LOCKED; a worker skipped then is reaped by the next heartbeat before it re-registers"
 )
-ITEM7 = "issue 13 item 7: the claim ignores the worker's handlers; an old pod fails a new handler's task"
 
 # Defects of issue 13 these scenarios still reproduce on main, by the figure they break. `make test`
 # reports a run whose only failures are listed here as xfail, with the reason and the figures; any
@@ -38,7 +37,6 @@ ITEM7 = "issue 13 item 7: the claim ignores the worker's handlers; an old pod fa
 # lands: the scenario then guards the fix. (Items 3, 4, 6 and 8 and the rest of 5, which every
 # other scenario reproduced, were fixed by the engine's d1d2c28 and have no entry any more.)
 KNOWN: dict[str, dict[str, str]] = {
-    "rolling_upgrade": {"attempts_spent": ITEM7, "v1_claimed_fx_new": ITEM7},
     "hb_storm": {"attempts_spent": ITEM5, "live_declared_dead": ITEM5},
 }
 
