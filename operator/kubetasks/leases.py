@@ -29,10 +29,15 @@ Guarantees, and the clock each one trusts:
   concurrent heartbeats never deadlock or declare each other dead.
 * When no live worker reached the database for ``silence_after`` seconds
   (everyone lost it at once: a stall, a restart, a failover), expired leases
-  say nothing about the processes, so the first heartbeat or registration
-  that gets through extends every live lease before anything is reaped.
-  Processes that died are then reaped one ttl later; one worker cut off
-  alone is reaped as usual, since its peers keep heartbeating.
+  say nothing about the processes. The transaction that ends that silence --
+  the first heartbeat, registration or reap to commit after it -- records
+  the outage in the same commit (``lease_outages``), and a lease that still
+  ran when the silence began counts as run out no sooner than one ttl after
+  the database came back: every live process has that long to renew or
+  register again, whatever became of the other transactions in the rush
+  (a heartbeat its client gave up on rolls back; nothing depends on it).
+  Processes that died are reaped one ttl after the database returned; one
+  worker cut off alone is reaped as usual, since its peers keep heartbeating.
 * The process fences itself when a heartbeat finds its row no longer live
   (superseded, declared dead), or when it has not renewed for ``ttl``
   measured on its own monotonic clock from the moment the last successful
@@ -245,7 +250,6 @@ class Lease:
 
     def arm_watchdog(self) -> None:
         self._watchdog_on = True
-
     def _to_main(self, fn: Callable[..., None], *args: Any) -> None:
         if self._main is not None and not self._main.is_closed():
             with contextlib.suppress(RuntimeError):
@@ -336,9 +340,7 @@ class Lease:
                 "set_worker_namespace", self.worker_id, s.pod_namespace, s.pod_selector or None, conn=conn
             )
         if row["extended"]:
-            self.stats.extended += int(row["extended"])
-            log.warning("nobody had reached the database for %.1fs: extended %d live lease(s)",
-                        silence_after(s), row["extended"])  # fmt: skip
+            self._log_outage(int(row["extended"]))
         if row["superseded"]:
             log.warning(
                 "superseded previous worker(s) of pod %s slot %d: %s (released %d tasks with the "
@@ -396,9 +398,7 @@ class Lease:
         self.stats.renewals += 1
         self._valid_until = sent + s.lease_ttl
         if row["extended"]:
-            self.stats.extended += int(row["extended"])
-            log.warning("nobody had reached the database for %.1fs: extended %d live lease(s)",
-                        silence_after(s), row["extended"])  # fmt: skip
+            self._log_outage(int(row["extended"]))
         if row["reaped"]:
             self.stats.reaped_tasks += int(row["reaped"])
             log.warning("released %d tasks of workers that are gone", row["reaped"])
@@ -419,7 +419,9 @@ class Lease:
         try:
             async with asyncio.timeout(self.settings.heartbeat_interval):
                 conn = await self._connection()
-                rows = await self._queries.run("reap_expired_workers", conn=conn)
+                rows = await self._queries.run(
+                    "reap_expired_workers", silence_after(self.settings), conn=conn
+                )
         except DB_ERRORS as exc:
             log.warning("reaping expired leases failed: %r", exc)
             await self._drop_connection_if_broken()
@@ -433,6 +435,14 @@ class Lease:
             )  # fmt: skip
             self._to_main(self.hooks.on_due)
         return n
+
+    def _log_outage(self, spared: int) -> None:
+        self.stats.extended += spared
+        log.warning(
+            "nobody had reached the database for over %.1fs (a stall, restart or failover): %d live "
+            "lease(s) that ran out meanwhile count as live for one more ttl",
+            silence_after(self.settings), spared,
+        )  # fmt: skip
 
     def _lose(self, why: str) -> None:
         if not self._lost:

@@ -491,6 +491,7 @@ class Scenario:
         for name, sql in (
             ("workers", "SELECT * FROM kubetasks.workers ORDER BY started_at"),
             ("task_attempts", "SELECT * FROM kubetasks.task_attempts ORDER BY id"),
+            ("lease_outages", "SELECT * FROM kubetasks.lease_outages ORDER BY id"),
             (
                 "transitions",
                 "SELECT *, pg_xact_commit_timestamp(xmin) AS committed FROM faultcheck.transitions",

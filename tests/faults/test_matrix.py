@@ -26,18 +26,14 @@ from tests.pgcluster import PgCluster
 
 pytestmark = pytest.mark.faults
 
-ITEM5 = (
-    "issue 13 item 5 (residual after d1d2c28): after a database stall the lease extension is one-shot"
-    " and SKIP LOCKED; a worker skipped then is reaped by the next heartbeat before it re-registers"
-)
 
 # Defects of issue 13 these scenarios still reproduce on main, by the figure they break. `make test`
 # reports a run whose only failures are listed here as xfail, with the reason and the figures; any
 # other failure fails. `make faults` (FAULTS_STRICT=1) fails them all. Remove an entry when its fix
-# lands: the scenario then guards the fix. (Items 3, 4, 6 and 8 and the rest of 5, which every
-# other scenario reproduced, were fixed by the engine's d1d2c28 and have no entry any more.)
+# lands: the scenario then guards the fix. (Items 3, 4, 6 and 8 and most of 5, which every
+# other scenario reproduced, were fixed by the engine's d1d2c28 and have no entry any more; the
+# rest of 5, live workers declared dead after the heartbeat storm, by migration 0011.)
 KNOWN: dict[str, dict[str, str]] = {
-    "hb_storm": {"attempts_spent": ITEM5, "live_declared_dead": ITEM5},
 }
 
 

@@ -486,19 +486,16 @@ class TestLateClaim:
 
 class TestDatabaseStall:
     async def test_eighty_heartbeats_after_a_stall_declare_no_one_dead(self, app: App, db_url: str) -> None:
-        """80 workers' heartbeats wait behind a lock for longer than the ttl, then all run at
-        once: no worker is declared dead and no heartbeat deadlocks."""
+        """80 live workers' heartbeats wait behind a lock for longer than the ttl, then all run
+        at once: no worker is declared dead and no heartbeat deadlocks."""
         n, ttl = 80, 2.0
         conns = [await connect(db_url) for _ in range(n)]
         blocker = await connect(db_url)
         try:
-            wids = [await register_raw(c, f"stall-{i}", ttl) for i, c in enumerate(conns)]
+            wids = [await register_raw(c, f"stall-{i}") for i, c in enumerate(conns)]
             deadlocks0 = await blocker.fetchval(
                 "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
             )
-            tx = blocker.transaction()
-            await tx.start()
-            await blocker.execute("LOCK TABLE workers IN ACCESS EXCLUSIVE MODE")
 
             async def beat(c: asyncpg.Connection, wid: uuid.UUID) -> str:
                 try:
@@ -509,6 +506,14 @@ class TestDatabaseStall:
                     return "deadlock"
                 return "alive" if row["alive"] else "dead"
 
+            # All live, with leases of one ttl, when the stall begins (registering 80 one by one
+            # can take longer than a ttl on a loaded machine; a lease that ran out before the
+            # stall, while the others reached the database, is reaped by design).
+            before = Counter(await asyncio.gather(*(beat(c, w) for c, w in zip(conns, wids, strict=True))))
+            assert before == Counter({"alive": n})
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute("LOCK TABLE workers IN ACCESS EXCLUSIVE MODE")
             beats = [asyncio.create_task(beat(c, w)) for c, w in zip(conns, wids, strict=True)]
             await asyncio.sleep(ttl + 1.5)  # every lease runs out while the database stalls
             await tx.commit()
@@ -538,6 +543,57 @@ class TestDatabaseStall:
         assert results == Counter({"alive": n})
         assert again == Counter({"alive": n})
         assert dead == 0 and deadlocks == 0
+
+    async def test_a_heartbeat_rolled_back_after_an_outage_gets_no_one_declared_dead(
+        self, app: App, db_url: str
+    ) -> None:
+        """The first contacts after an outage, as the heartbeat storm showed them: a heartbeat
+        that locked rows and then rolled back (its client had given up on it and cancelled it),
+        while a process that fenced itself registers again and commits. No worker may be
+        declared dead while its process comes back within a ttl; one whose process never comes
+        back is declared dead one ttl (plus a heartbeat) after the database returned."""
+        ttl, silence = 1.0, 0.5
+        beat = "SELECT * FROM heartbeat($1, $2, ARRAY['default'], $2::float8 * 0.75, $3, NULL, NULL)"
+        register = "SELECT * FROM register_worker($1, $2, 1, NULL, 'h', 1, ARRAY['default'], 1, $3, $4)"
+        names = ("a", "b", "gone")
+        conns = {name: await connect(db_url) for name in (*names, "new")}
+        wids = {name: uuid.uuid4() for name in (*names, "new")}
+        try:
+            for name in names:
+                await conns[name].fetchrow(register, wids[name], f"outage-{name}", ttl, silence)
+            await asyncio.sleep(ttl + silence)  # nobody reaches the database; every lease runs out
+            doomed = conns["a"].transaction()
+            await doomed.start()
+            await conns["a"].fetchrow(beat, wids["a"], ttl, silence)
+            reg = await conns["new"].fetchrow(register, wids["new"], "outage-new", ttl, silence)
+            await doomed.rollback()
+            back = time.monotonic()
+            # The next heartbeats, as they arrive: the new worker's, then those of a and b.
+            seen: dict[str, list[bool]] = {name: [] for name in ("new", "a", "b")}
+            gone_dead_after: float | None = None
+            while time.monotonic() - back < ttl + 2.0:
+                for name, alive in seen.items():
+                    row = await conns[name].fetchrow(beat, wids[name], ttl, silence)
+                    alive.append(bool(row["alive"]))
+                status = await conns["new"].fetchval(
+                    "SELECT status FROM workers WHERE worker_id = $1", wids["gone"]
+                )
+                if status != "active":
+                    gone_dead_after = time.monotonic() - back
+                    break
+                await asyncio.sleep(0.1)
+            dead = await conns["new"].fetch(
+                "SELECT pod_id, stop_reason FROM workers WHERE status <> 'active' ORDER BY pod_id"
+            )
+        finally:
+            for c in conns.values():
+                await c.close()
+        report("a heartbeat rolled back after an outage", spared=reg["extended"],
+               gone_dead_after_s=gone_dead_after and round(gone_dead_after, 2),
+               not_active=[tuple(r) for r in dead])  # fmt: skip
+        assert all(all(v) for v in seen.values()), f"live workers declared dead: {seen}, {dead}"
+        assert [tuple(r) for r in dead] == [("outage-gone", "lease expired")]
+        assert gone_dead_after is not None and ttl * 0.9 <= gone_dead_after <= ttl + 1.5
 
     async def test_a_stall_longer_than_the_ttl_spends_no_attempt(
         self, app: App, db_url: str, tmp_path: Path

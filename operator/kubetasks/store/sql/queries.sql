@@ -184,19 +184,21 @@ SELECT pg_try_advisory_lock(pod_slot_key($1, $2));
 -- $1 worker_id, $2 pod_id, $3 pod slot (its lock held by this session), $4 this
 -- process's previous worker (NULL: none; its tasks are handed back uncharged),
 -- $5 hostname, $6 pid, $7 queues, $8 concurrency, $9 lease ttl s, $10 seconds
--- without any heartbeat after which every live lease is extended first.
+-- without any heartbeat that mean everyone lost the database (the outage is
+-- recorded: no lease that ran out during it counts as expired for one more ttl).
 SELECT * FROM register_worker($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 
 -- name: heartbeat :one
 -- $1 worker_id, $2 lease ttl s, $3 queues, $4 seconds of silence that make a peer
 -- suspect, $5 seconds without any heartbeat that mean everyone lost the database
--- (every live lease is extended before anything is reaped), $6 task ids and
--- $7 attempts this process runs for the worker.
+-- (the outage is recorded before anything is reaped), $6 task ids and $7
+-- attempts this process runs for the worker.
 SELECT * FROM heartbeat($1, $2, $3, $4, $5, $6, $7);
 
 -- name: reap_expired_workers :many
--- Declares expired leases dead and releases their tasks.
-SELECT * FROM reap_expired_workers();
+-- $1 seconds without any heartbeat that mean everyone lost the database.
+-- Declares the workers whose lease ran out dead and releases their tasks.
+SELECT * FROM reap_expired_workers($1);
 
 -- name: release_worker :val
 -- $1 worker_id, $2 lost | graceful | handback (see release_worker_tasks), $3 reason.

@@ -301,35 +301,50 @@ RETURNS integer LANGUAGE sql AS $$
     SELECT release_worker_tasks(p_worker, CASE WHEN p_count_attempt THEN 'lost' ELSE 'graceful' END, p_reason)
 $$;
 
--- True when no live worker has reached the database for p_silence_after
--- seconds: everyone lost it at once (a stall, a restart, a failover), so an
--- expired lease says nothing about whether its process is alive.
-CREATE FUNCTION everyone_silent(p_silence_after double precision) RETURNS boolean
-LANGUAGE sql VOLATILE AS $$
-    SELECT coalesce(max(w.heartbeat_at) < clock_timestamp() - make_interval(secs => p_silence_after), false)
-    FROM workers w WHERE w.status IN ('active', 'stopping')
-$$;
+-- Times every live worker had lost the database at once: none reached it
+-- between silent_since (the last contact before) and back_at (the first after).
+CREATE TABLE lease_outages (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    silent_since timestamptz NOT NULL,
+    back_at      timestamptz NOT NULL,
+    CONSTRAINT outage_ends_after_it_begins CHECK (back_at > silent_since)
+);
 
--- Give every live worker but p_except a lease of p_ttl from now. Rows locked by
--- their own heartbeat are skipped (they are renewing themselves), so this never waits.
-CREATE FUNCTION extend_live_leases(p_ttl double precision, p_except uuid) RETURNS integer
+-- If no live worker has reached the database in the p_silence_after seconds
+-- before p_at, everyone lost it at once: record that outage (back at p_at). The
+-- caller then writes a heartbeat_at of p_at, or reaps, in the same transaction.
+-- Returns how many live leases ran out during the outage (0 when there was none).
+CREATE FUNCTION note_outage(p_at timestamptz, p_silence_after double precision) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
+    since timestamptz;
     n integer;
 BEGIN
-    WITH ext AS (
-        UPDATE workers w
-        SET lease_expires_at = greatest(w.lease_expires_at, clock_timestamp() + make_interval(secs => p_ttl))
-        WHERE w.worker_id IN (
-            SELECT x.worker_id FROM workers x
-            WHERE x.status IN ('active', 'stopping') AND x.worker_id IS DISTINCT FROM p_except
-            ORDER BY x.worker_id
-            FOR NO KEY UPDATE SKIP LOCKED)
-        RETURNING 1
-    )
-    SELECT count(*) INTO n FROM ext;
+    SELECT max(w.heartbeat_at) INTO since FROM workers w WHERE w.status IN ('active', 'stopping');
+    IF since IS NULL OR since >= p_at - make_interval(secs => p_silence_after) THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO lease_outages (silent_since, back_at)
+    SELECT since, p_at
+    WHERE NOT EXISTS (SELECT 1 FROM lease_outages o WHERE o.silent_since = since);
+    -- A day-old outage spares no lease any more (a ttl is at most an hour).
+    -- SKIP LOCKED: concurrent reapers never wait for one another here.
+    DELETE FROM lease_outages o
+    WHERE o.id IN (SELECT x.id FROM lease_outages x WHERE x.back_at < p_at - interval '1 day'
+                   FOR UPDATE SKIP LOCKED);
+    SELECT count(*) INTO n FROM workers w
+    WHERE w.status IN ('active', 'stopping') AND w.lease_expires_at > since AND w.lease_expires_at <= p_at;
     RETURN n;
 END;
+$$;
+
+-- When a live worker's lease counts as run out: at lease_expires_at, unless
+-- everyone lost the database while that lease still ran; then no sooner than
+-- one of its ttls (lease_expires_at - heartbeat_at) after the database came back.
+CREATE FUNCTION lease_end(p_heartbeat_at timestamptz, p_lease_expires_at timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT greatest(p_lease_expires_at, max(o.back_at) + (p_lease_expires_at - p_heartbeat_at))
+    FROM lease_outages o WHERE o.silent_since < p_lease_expires_at
 $$;
 
 -- Register a worker in slot p_slot of pod p_pod (the caller holds that slot's
@@ -347,14 +362,16 @@ DECLARE
     old_ids uuid[] := '{}';
     n integer := 0;
     back integer := 0;
-    ext integer := 0;
+    ext integer;
+    clock timestamptz;
     r record;
 BEGIN
     -- Serialise registrations of one slot; the unique index is the backstop.
     PERFORM pg_advisory_xact_lock(pod_slot_key(p_pod, p_slot));
-    IF everyone_silent(p_silence_after) THEN
-        ext := extend_live_leases(p_ttl, NULL);
-    END IF;
+    -- Judged before this slot's previous worker stops counting as live: its
+    -- last heartbeat is a contact like any other.
+    clock := clock_timestamp();
+    ext := note_outage(clock, p_silence_after);
     FOR r IN
         SELECT w.worker_id FROM workers w
         WHERE ((w.pod_id = p_pod AND w.pod_slot = p_slot) OR w.worker_id = p_predecessor)
@@ -378,8 +395,7 @@ BEGIN
                                heartbeat_at, lease_expires_at)
     VALUES (p_worker, p_pod, p_slot,
             coalesce((SELECT max(x.epoch) FROM workers x WHERE x.pod_id = p_pod), 0) + 1,
-            p_hostname, p_pid, p_queues, p_concurrency, clock_timestamp(),
-            clock_timestamp() + make_interval(secs => p_ttl))
+            p_hostname, p_pid, p_queues, p_concurrency, clock, clock + make_interval(secs => p_ttl))
     RETURNING nw.epoch, nw.lease_expires_at, old_ids, n, back, ext;
 END;
 $$;
@@ -395,17 +411,21 @@ LANGUAGE sql AS $$
                          p_ttl / 2) r
 $$;
 
--- Declare dead every worker whose lease ran out and release its tasks. A row
--- that is locked belongs to a worker that is alive (its heartbeat, claim or
--- write is in flight) and is skipped; the next reap sees it again.
-CREATE FUNCTION reap_expired_workers() RETURNS TABLE (worker_id uuid, pod_id text, released integer)
+-- Declare dead every worker whose lease ran out (lease_end) and release its
+-- tasks, after recording an outage if this reaper ends one. A row that is
+-- locked belongs to a worker that is alive (its heartbeat, claim or write is in
+-- flight) and is skipped; the next reap sees it again.
+CREATE FUNCTION reap_expired_workers(p_silence_after double precision)
+RETURNS TABLE (worker_id uuid, pod_id text, released integer)
 LANGUAGE plpgsql AS $$
 DECLARE
     r record;
 BEGIN
+    PERFORM note_outage(clock_timestamp(), p_silence_after);
     FOR r IN
         SELECT w.worker_id, w.pod_id FROM workers w
         WHERE w.status IN ('active', 'stopping') AND w.lease_expires_at < clock_timestamp()
+          AND lease_end(w.heartbeat_at, w.lease_expires_at) < clock_timestamp()
         ORDER BY w.worker_id
         FOR UPDATE SKIP LOCKED
     LOOP
@@ -417,6 +437,16 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 END;
+$$;
+
+-- The previous signature (a pod of the previous version reaps with it): the
+-- silence it looks for is half the shortest ttl among the live workers.
+CREATE FUNCTION reap_expired_workers() RETURNS TABLE (worker_id uuid, pod_id text, released integer)
+LANGUAGE sql AS $$
+    SELECT r.worker_id, r.pod_id, r.released
+    FROM reap_expired_workers(coalesce(
+        (SELECT extract(epoch FROM min(w.lease_expires_at - w.heartbeat_at))::float8 / 2
+         FROM workers w WHERE w.status IN ('active', 'stopping')), 0)) r
 $$;
 
 -- Tasks running under a worker that is no longer live (a claim of a
@@ -441,17 +471,19 @@ END;
 $$;
 
 -- One round trip per heartbeat. In this order, so that after its own row a
--- heartbeat never waits for a lock (no deadlock between heartbeats):
--- 1. note when any live worker last reached the database; 2. renew this
--- worker's lease; 3. if nobody did for p_silence_after seconds, extend every
--- live lease first; 4. reap expired leases (skipping locked rows); now and
--- then (about twice per interval across the cluster) release tasks running
--- under workers that are not live. Then report: whether due work waits in its
--- queues (the polling fallback for NOTIFY), how soon a silent peer's lease
--- runs out (reaped the moment it expires), which of the (task, attempt) pairs
--- this process runs are no longer running under this worker (cancelled,
--- released: dropped at once, NOTIFY or not), and which tasks run under it that
--- it did not list (a claim whose reply was lost). Parked tasks (0009) are not
+-- heartbeat never waits for a lock (no deadlock between heartbeats): 1. lock
+-- this worker's row, then read the clock; 2. if no live worker reached the
+-- database for p_silence_after seconds before that instant, record the outage;
+-- 3. renew this worker's lease from that instant; 4. reap leases that ran out
+-- (lease_end; skipping locked rows); now and then (about twice per interval
+-- across the cluster) release tasks running under workers that are not live.
+-- Then report: whether due work waits in its queues (the polling fallback for
+-- NOTIFY), how soon a silent peer's lease runs out (reaped the moment it does),
+-- which of the (task, attempt) pairs this process runs are no longer running
+-- under this worker (cancelled, released: dropped at once, NOTIFY or not), and
+-- which tasks run under it that it did not list (a claim whose reply was lost).
+-- `extended` is how many live leases ran out during the outage this heartbeat
+-- ended (they count from now; 0 when it ended none). Parked tasks (0009) are not
 -- due work: no worker could claim them.
 CREATE FUNCTION heartbeat(
     p_worker uuid, p_ttl double precision, p_queues text[], p_suspect_after double precision,
@@ -462,20 +494,21 @@ RETURNS TABLE (alive boolean, lease_expires_at timestamptz, due boolean, reaped 
 LANGUAGE plpgsql AS $$
 DECLARE
     q text;
-    silent boolean;
     live integer;
+    clock timestamptz;
 BEGIN
-    silent := everyone_silent(p_silence_after);
-    UPDATE workers w
-    SET heartbeat_at = clock_timestamp(), lease_expires_at = clock_timestamp() + make_interval(secs => p_ttl)
-    WHERE w.worker_id = p_worker AND w.status IN ('active', 'stopping')
-    RETURNING w.lease_expires_at INTO heartbeat.lease_expires_at;
+    PERFORM 1 FROM workers w WHERE w.worker_id = p_worker AND w.status IN ('active', 'stopping')
+    FOR NO KEY UPDATE;
     alive := FOUND;
+    clock := clock_timestamp();
     extended := 0;
-    IF alive AND silent THEN
-        extended := extend_live_leases(p_ttl, p_worker);
+    IF alive THEN
+        extended := note_outage(clock, p_silence_after);
+        UPDATE workers w SET heartbeat_at = clock, lease_expires_at = clock + make_interval(secs => p_ttl)
+        WHERE w.worker_id = p_worker
+        RETURNING w.lease_expires_at INTO heartbeat.lease_expires_at;
     END IF;
-    SELECT coalesce(sum(r.released), 0) INTO reaped FROM reap_expired_workers() r;
+    SELECT coalesce(sum(r.released), 0) INTO reaped FROM reap_expired_workers(p_silence_after) r;
     SELECT count(*) INTO live FROM workers w WHERE w.status IN ('active', 'stopping');
     IF random() * greatest(live, 1) < 2 THEN
         reaped := reaped + release_tasks_of_gone_workers();
@@ -488,7 +521,8 @@ BEGIN
             EXIT;
         END IF;
     END LOOP;
-    SELECT extract(epoch FROM min(w.lease_expires_at) - clock_timestamp()) INTO suspect_in
+    SELECT extract(epoch FROM min(lease_end(w.heartbeat_at, w.lease_expires_at)) - clock_timestamp())
+    INTO suspect_in
     FROM workers w
     WHERE w.status IN ('active', 'stopping') AND w.worker_id <> p_worker
       AND w.heartbeat_at < clock_timestamp() - make_interval(secs => p_suspect_after);
