@@ -28,15 +28,20 @@ return, then SIGKILLs the child's process group, and lets the cancellation go
 on only once the fork server has reaped the child. So an outcome or a
 hand-back is written only after the process that ran the handler is gone.
 
-A child never outlives its worker's lease: every run carries the instant
-(monotonic clock, shared by all processes of the machine) by which the lease
-has surely ended, renewed as heartbeats succeed; a watchdog thread in the
-child kills its own process group when that instant passes. So a worker that
-is SIGSTOPped or whose event loop is wedged cannot leave a handler running
-while a peer recovers the task. If the worker dies, the server sees its socket
-close and kills the children's process groups; each child also has
-PR_SET_PDEATHSIG=SIGKILL on the server and exits when its own socket to the
-worker closes.
+A child never outlives its worker's lease: the worker publishes the instant
+(monotonic clock, shared by all processes of the machine) by which its lease
+has surely ended on a *lease board*, 16 bytes of memory shared with the fork
+server and every child; a watchdog thread in a child that runs a task kills
+its own process group when that instant passes. A thread of the worker's own
+copies the lease's deadline to the board as heartbeats renew it: neither the
+board nor that thread needs the worker's event loop, which an ``async``
+handler may hold for a while without losing the lease (the lease renews from
+a thread of its own), so a sync handler next to it runs on. A worker that is
+SIGSTOPped, or that lost its lease, leaves the board as it is: its children
+die by the deadline, before a peer can recover their tasks. If the worker
+dies, the server sees its socket close and kills the children's process
+groups; each child also has PR_SET_PDEATHSIG=SIGKILL on the server and exits
+when its own socket to the worker closes.
 
 WARNING: a killed child cannot undo what it already did elsewhere (a file
 written, an HTTP call made, a row committed on another connection), and a
@@ -54,6 +59,8 @@ import inspect
 import itertools
 import json
 import logging
+import math
+import mmap
 import os
 import pickle
 import queue
@@ -63,6 +70,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -88,8 +96,10 @@ STOP_GRACE = 1.0
 KILL_CONFIRM = 5.0
 #: A child sends progress to the worker at most this often (the worker coalesces further).
 PROGRESS_SEND_INTERVAL = 0.05
-#: How often the worker passes a renewed lease deadline on to busy children.
-LEASE_FEED_INTERVAL = 0.2
+#: How often the worker copies its lease's deadline to the lease board.
+LEASE_FEED_INTERVAL = 0.1
+#: How often a child running a task looks at the board while the deadline is unknown.
+LEASE_UNKNOWN_RECHECK = 0.5
 #: Set in the fork server and its children: a worker must not start there.
 ENV_MARK = "KUBETASKS_SUBPROCESS"
 _ENV_PATH = "KUBETASKS_SUBPROCESS_SYS_PATH"
@@ -291,6 +301,63 @@ def _decode_exc(enc: tuple[Any, ...], tb: str | None = None) -> BaseException:
     return exc
 
 
+# -- the lease board -----------------------------------------------------------------
+
+
+class _LeaseBoard:
+    """The instant (``time.monotonic()``) by which the worker's lease has surely ended, in shared
+    memory: written by the worker, read by its children. NaN: not known (no lease yet).
+
+    The value is stored with a check word (its bits XOR a constant), so a reader in another
+    process that catches a write half done sees a mismatch and reads again: no lock spans
+    processes, and no torn value is ever used.
+    """
+
+    SIZE = 16
+    _CHECK = 0x6B75_6265_7461_736B
+    _LAYOUT = struct.Struct("<dQ")
+    _BITS = struct.Struct("<Q")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._mem = mmap.mmap(fd, self.SIZE)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls) -> _LeaseBoard:
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("kubetasks-lease-board", os.MFD_CLOEXEC)
+        else:  # no memfd: an unlinked temporary file (only its page cache is used)
+            with tempfile.TemporaryFile() as f:
+                fd = os.dup(f.fileno())
+            os.set_inheritable(fd, False)
+        os.ftruncate(fd, cls.SIZE)
+        board = cls(fd)
+        board.publish(lambda: None)
+        return board
+
+    def publish(self, deadline_of: Callable[[], float | None]) -> None:
+        """Write what ``deadline_of()`` says now. Writers of this process take turns, each reading
+        the lease inside its turn, so an older reading never overwrites a newer one."""
+        with self._lock:
+            deadline = deadline_of()
+            value = math.nan if deadline is None else float(deadline)
+            (bits,) = self._BITS.unpack(struct.pack("<d", value))
+            self._mem[: self.SIZE] = self._LAYOUT.pack(value, bits ^ self._CHECK)
+
+    def read(self) -> float | None:
+        while True:
+            raw = self._mem[: self.SIZE]
+            value, check = self._LAYOUT.unpack(raw)
+            if self._BITS.unpack(raw[:8])[0] ^ self._CHECK == check:
+                return None if math.isnan(value) else value
+            time.sleep(0.0001)  # a write was under way: it takes nanoseconds
+
+    def close(self) -> None:
+        self._mem.close()
+        os.close(self.fd)
+
+
 # -- the child's side ------------------------------------------------------------
 
 
@@ -394,8 +461,9 @@ class _ChildRuntime:
     """The child process: a reader thread for the worker's messages, a progress sender, and
     the main thread running one handler at a time."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, board: _LeaseBoard) -> None:
         self.sock = sock
+        self.board = board
         self.send_lock = threading.Lock()
         self.runs: queue.Queue[tuple[SyncTaskContext, Any]] = queue.Queue()
         self.replies: queue.Queue[tuple[int, int, str, Any]] = queue.Queue()
@@ -404,8 +472,8 @@ class _ChildRuntime:
         self.progress_cond = threading.Condition()
         self.pending: tuple[int, int, str | None] | None = None
         self.funcs: dict[tuple[str, str], Any] = {}
-        self.deadline_cond = threading.Condition()
-        self.deadline: float | None = None  # time.monotonic() by which the worker's lease surely ended
+        self.running_cond = threading.Condition()
+        self.running = False  # a task runs: the lease board's deadline applies
 
     def send(self, msg: object) -> None:
         data = _frame(msg)
@@ -432,12 +500,8 @@ class _ChildRuntime:
                     ctx = SyncTaskContext(self, run_id, spec["fields"])
                     with self.state_lock:
                         self.current = ctx
-                    self.set_deadline(spec["deadline"])
+                    self.set_running(True)
                     self.runs.put((ctx, spec))
-                elif kind == "lease":
-                    with self.state_lock:
-                        if self.current is not None and self.current._run_id == msg[1]:
-                            self.set_deadline(msg[2])
                 elif kind == "cancel":
                     with self.state_lock:
                         if self.current is not None and self.current._run_id == msg[1]:
@@ -447,21 +511,24 @@ class _ChildRuntime:
         except BaseException:
             os._exit(0)
 
-    def set_deadline(self, deadline: float | None) -> None:
-        with self.deadline_cond:
-            self.deadline = deadline
-            self.deadline_cond.notify()
+    def set_running(self, running: bool) -> None:
+        with self.running_cond:
+            self.running = running
+            self.running_cond.notify()
 
     def _watchdog(self) -> None:
         while True:
-            with self.deadline_cond:
-                if self.deadline is None:
-                    self.deadline_cond.wait()
+            with self.running_cond:
+                if not self.running:
+                    self.running_cond.wait()
                     continue
-                left = self.deadline - time.monotonic()
-                if left > 0:
-                    self.deadline_cond.wait(left)
-                    continue
+            deadline = self.board.read()
+            left = LEASE_UNKNOWN_RECHECK if deadline is None else deadline - time.monotonic()
+            if left > 0:
+                # Until the deadline as it stands; then the board again (renewed meanwhile, or not).
+                with self.running_cond:
+                    self.running_cond.wait(left)
+                continue
             # The lease may have run out: a peer can take the task now. Stop at once.
             with contextlib.suppress(OSError):
                 if os.getpgid(0) == os.getpid():
@@ -555,11 +622,11 @@ class _ChildRuntime:
         with self.state_lock:
             if self.current is ctx:
                 self.current = None
-                self.set_deadline(None)
+                self.set_running(False)
         return fatal
 
 
-def _child_main(fd: int, server_pid: int) -> None:
+def _child_main(fd: int, board_fd: int, server_pid: int) -> None:
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)  # one group per child: the worker kills the handler and what it started
     _die_with_parent()
@@ -567,7 +634,7 @@ def _child_main(fd: int, server_pid: int) -> None:
         os._exit(0)
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
-    _ChildRuntime(sock).serve()
+    _ChildRuntime(sock, _LeaseBoard(board_fd)).serve()
 
 
 def _die_with_parent() -> None:
@@ -585,8 +652,10 @@ def _die_with_parent() -> None:
 
 
 def _serve() -> None:
-    """Entry point of the fork server: ``argv = [ctl_fd, main_kind, main_ref, *modules]``."""
-    ctl_fd, main_kind, main_ref, *modules = sys.argv[1:]
+    """Entry point of the fork server: ``argv = [ctl_fd, board_fd, main_kind, main_ref, *modules]``.
+
+    The lease board's descriptor stays open here for the children to inherit."""
+    ctl_fd, board_fd, main_kind, main_ref, *modules = sys.argv[1:]
     sys.path[:] = json.loads(os.environ.pop(_ENV_PATH, "[]")) or sys.path
     ctl = socket.socket(fileno=int(ctl_fd))
     ctl.setblocking(True)
@@ -638,7 +707,7 @@ def _serve() -> None:
                             os.close(wake_w)
                             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                             signal.signal(signal.SIGINT, signal.default_int_handler)
-                            _child_main(fds[0], me)
+                            _child_main(fds[0], int(board_fd), me)
                         except BaseException:
                             traceback.print_exc()
                             code = 1
@@ -687,10 +756,10 @@ def _import_main(kind: str, ref: str) -> None:
 # -- the worker's side ---------------------------------------------------------------
 
 
-def _start_server(args: list[str], fd: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _start_server(args: list[str], fds: list[int], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", "from kubetasks.subprocs import _serve; _serve()", *args],
-        pass_fds=[fd],
+        pass_fds=fds,
         env=env,
         start_new_session=True,  # terminal signals reach the worker only; it decides
         stdin=subprocess.DEVNULL,
@@ -761,12 +830,14 @@ class Pool:
     ) -> None:
         self.app = app
         self.max_idle = max_idle
-        self.lease_left = lease_left  # seconds until the worker's lease surely ends; None: unknown
+        # Seconds until the worker's lease surely ends (None: unknown); called from a thread.
+        self.lease_left = lease_left
         self.max_bytes = app.settings.max_payload_bytes
         self.stats = {"spawned": 0, "reused": 0, "killed": 0, "died": 0}
         self._idle: deque[_Child] = deque()
-        self._busy: dict[_Child, int] = {}  # child -> run id
-        self._feeder: asyncio.Task[None] | None = None
+        self._board: _LeaseBoard | None = None
+        self._feeder: threading.Thread | None = None
+        self._feeder_stop = threading.Event()
         self._children: dict[int, _Child] = {}
         self._early_exits: dict[int, int] = {}
         self._forks: deque[asyncio.Future[int]] = deque()
@@ -832,9 +903,10 @@ class Pool:
             env[ENV_MARK] = "1"
             env[_ENV_PATH] = json.dumps(sys.path)
             main_kind, main_ref = self._main if self._main else ("-", "-")
-            args = [str(theirs.fileno()), main_kind, main_ref, *self._modules]
+            board = self._lease_board()
+            args = [str(theirs.fileno()), str(board.fd), main_kind, main_ref, *self._modules]
             try:
-                self._server = await asyncio.to_thread(_start_server, args, theirs.fileno(), env)
+                self._server = await asyncio.to_thread(_start_server, args, [theirs.fileno(), board.fd], env)
             finally:
                 theirs.close()
             ours.setblocking(False)
@@ -909,21 +981,19 @@ class Pool:
     async def close(self) -> None:
         """Kill every child and wait until they are gone, then stop the server."""
         self._closing = True
-        if self._feeder is not None:
-            self._feeder.cancel()
         children = list(self._children.values())
         for child in children:
             child.kill()
         self._idle.clear()
         await self._confirm_exits(children)
         await self._stop_server()
+        self._stop_feeder()
 
     def kill_all(self) -> None:
         """Synchronous last resort when the worker ends without ``close``: kill children, stop the server."""
         self._closing = True
-        for task in (self._feeder, self._ctl_reader):
-            if task is not None:
-                task.cancel()
+        if self._ctl_reader is not None:
+            self._ctl_reader.cancel()
         for child in list(self._children.values()):
             child.kill()
         self._idle.clear()
@@ -937,6 +1007,38 @@ class Pool:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+        self._stop_feeder()
+
+    # -- the lease board -----------------------------------------------------------------
+
+    def _lease_board(self) -> _LeaseBoard:
+        """The board the fork server's children read, and the thread that keeps it current."""
+        if self._board is None:
+            self._board = _LeaseBoard.create()
+        if self._feeder is None or not self._feeder.is_alive():
+            self._feeder_stop.clear()
+            self._feeder = threading.Thread(
+                target=self._feed, args=(self._board, self._feeder_stop), name="kubetasks-lease-board",
+                daemon=True,
+            )  # fmt: skip
+            self._feeder.start()
+        return self._board
+
+    def _feed(self, board: _LeaseBoard, stop: threading.Event) -> None:
+        """Copy the lease's deadline to the board (a thread: the event loop may be held by a handler)."""
+        while True:
+            board.publish(self._deadline)
+            if stop.wait(LEASE_FEED_INTERVAL):
+                return
+
+    def _stop_feeder(self) -> None:
+        feeder, self._feeder = self._feeder, None
+        self._feeder_stop.set()
+        if feeder is not None:
+            feeder.join(1.0)
+        board, self._board = self._board, None
+        if board is not None:
+            board.close()
 
     async def _confirm_exits(self, children: Sequence[_Child]) -> None:
         waiting = [c.exited for c in children if not c.exited.done()]
@@ -1025,12 +1127,11 @@ class Pool:
             "qualname": func.__qualname__,
             "fields": fields,
             "max_bytes": self.max_bytes,
-            "deadline": self._deadline(),
         }
-        if self._feeder is None or self._feeder.done():
-            self._feeder = asyncio.create_task(self._feed_leases(), name="kubetasks-child-leases")
+        if self._board is not None:
+            # As the run starts, not up to a feed interval later: the lease may be brand new.
+            self._board.publish(self._deadline)
         child.clean = False
-        self._busy[child] = run_id
         try:
             try:
                 child.send(("run", run_id, spec))
@@ -1042,28 +1143,12 @@ class Pool:
                 await self._stop(child, run_id)
             raise
         finally:
-            self._busy.pop(child, None)
             self._release(child)
 
     def _deadline(self) -> float | None:
+        """From any thread: ``lease_left`` must be safe to call off the event loop."""
         left = None if self.lease_left is None else self.lease_left()
         return None if left is None else time.monotonic() + left
-
-    async def _feed_leases(self) -> None:
-        """Pass renewed lease deadlines to busy children (their watchdogs kill them past it)."""
-        sent: dict[_Child, float] = {}
-        while not self._closing:
-            await asyncio.sleep(LEASE_FEED_INTERVAL)
-            deadline = self._deadline()
-            if deadline is None:
-                continue
-            for child, run_id in list(self._busy.items()):
-                if deadline > sent.get(child, 0.0) + LEASE_FEED_INTERVAL:
-                    with contextlib.suppress(_Gone, OSError):
-                        child.send(("lease", run_id, deadline))
-                    sent[child] = deadline
-            for child in [c for c in sent if c not in self._busy]:
-                del sent[child]
 
     async def _converse(self, child: _Child, ctx: TaskContext, run_id: int) -> Any:
         while True:

@@ -11,6 +11,7 @@ stopped, and six of them filled the shared executor.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -281,6 +282,41 @@ async def test_stopped_worker_cannot_leave_its_handler_running(app: App, db_url:
         stop(frozen)
         if peer is not None:
             stop(peer)
+
+
+async def test_a_blocked_event_loop_does_not_kill_a_sync_handler_under_a_live_lease(
+    app: App, db_url: str, tmp_path: Path
+) -> None:
+    """An async handler holds the worker's event loop for 2 x the lease TTL while a sync handler
+    runs in its child. The lease thread keeps renewing, so the child runs on to its end: no kill,
+    no second attempt (the child once learnt its lease deadline from the event loop, and killed
+    itself when the loop stopped passing it on)."""
+    app.strict_handlers = False
+    side = tmp_path / "side.log"
+    proc = start_worker(
+        db_url, pod="hog", sidelog=side, concurrency=2, app="tests.integration.apps.hogapp:app",
+        log_path=tmp_path / "hog.log",
+    )  # fmt: skip
+    try:
+        tid = await app.enqueue("sync.spin", {"s": 6}, timeout=60, max_attempts=1)
+        await wait_started(side, [tid], 30)
+        hog = await app.enqueue("hog.block", {"s": 4.0}, timeout=60)
+        await wait_status(app, hog, "succeeded", 30)
+        blocked_until = await finished_at(db_url, hog)
+        await wait_for(lambda: _ended(app, tid), 30, f"task {tid} to end")
+        task = await app.get_task(tid)
+    finally:
+        stop(proc)
+    ticks = [ln.at for ln in read_side(side) if ln.task == tid]
+    during = [t for t in ticks if blocked_until - 3.5 <= t <= blocked_until - 0.5]
+    assert during, "the sync handler did not run while the loop was blocked: nothing was tested"
+    assert (task.status, task.attempts_spent) == ("succeeded", 1), (task.status, task.error)
+    assert [ln.kind for ln in read_side(side) if ln.task == tid].count("end") == 1
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < 1.0
+
+
+async def _ended(app: App, tid: int) -> bool:
+    return (await app.get_task(tid)).status in ("succeeded", "failed")
 
 
 def with_cont(proc: subprocess.Popen[bytes]) -> None:
