@@ -161,6 +161,7 @@ class Lease:
         self._reap_at: float | None = None
         self._lost = False
         self._lost_at = 0.0
+        self._retiring = False
         self._registered_once = False
         self._main: asyncio.AbstractEventLoop | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -250,6 +251,12 @@ class Lease:
 
     def arm_watchdog(self) -> None:
         self._watchdog_on = True
+
+    def retiring(self) -> None:
+        """The worker is about to end its own lease (a graceful stop): a heartbeat that finds the
+        row no longer live after this sees that stop, not a lost lease. Safe from any thread."""
+        self._retiring = True
+
     def _to_main(self, fn: Callable[..., None], *args: Any) -> None:
         if self._main is not None and not self._main.is_closed():
             with contextlib.suppress(RuntimeError):
@@ -332,6 +339,7 @@ class Lease:
         self._valid_until = sent + s.lease_ttl
         self._last_ok = time.monotonic()
         self._lost = False
+        self._retiring = False
         self._registered_once = True
         self._reap_at = None
         if s.pod_namespace:
@@ -393,6 +401,10 @@ class Lease:
         self._last_ok = now
         self.stats.last_latency_s = now - sent
         if not row["alive"]:
+            if self._retiring:
+                log.info("worker %s of pod %s deregistered: heartbeats stop", wid, self.identity)
+                self._lost, self._lost_at = True, time.monotonic()
+                return "lost"
             self._lose("the database no longer holds this worker's lease (superseded or declared dead)")
             return "lost"
         self.stats.renewals += 1

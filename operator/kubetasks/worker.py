@@ -449,6 +449,8 @@ class Worker:
         # Every outcome lands before the release at stop, or the release wins and
         # finished tasks run again (see _final_drain).
         await self._drain_outcomes(deadline=5.0, final=True)
+        if self.lease is not None:
+            self.lease.retiring()  # its next heartbeat finds the row stopped: no lease loss to report
         try:
             async with asyncio.timeout(10):
                 await self.store.run("stop_worker", self.worker_id, "dead", "graceful shutdown")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
 
 from kubetasks import App, EnqueueRequest
-from tests.integration.helpers import audit, start_worker, stop, wait_for
+from tests.integration.helpers import ROOT, audit, start_worker, stop, wait_for
 
 
 async def count_status(db_url: str, status: str) -> int:
@@ -86,3 +89,55 @@ async def test_sigterm_finishes_running_tasks_and_deregisters(app: App, db_url: 
     finally:
         await conn.close()
     assert live == 0
+
+
+async def test_a_graceful_stop_reports_no_lease_loss(app: App, db_url: str, tmp_path: Path) -> None:
+    """SIGTERM ends a worker's lease on purpose: a heartbeat that lands after the worker
+    deregistered must not report a lost lease (an ERROR that sends people looking for a fault).
+    One process with one worker, and one with 20 workers sharing an event loop, whose stops take
+    longer; heartbeats every 0.1 s, tasks running when the signal comes."""
+    app.strict_handlers = False
+    env = {
+        "KUBETASKS_HEARTBEAT_INTERVAL": "0.1",
+        "KUBETASKS_LEASE_TTL": "2",
+        "FAULTS_HISTORY": str(tmp_path / "history.log"),
+    }
+    await app.enqueue_many([EnqueueRequest("fx.work", {"n": i, "ms": [200, 800]}) for i in range(300)])
+    one = start_worker(
+        db_url, pod="one", sidelog=tmp_path / "side.log", app="tests.faults.apps:app_v1", extra_env=env,
+        log_path=tmp_path / "one.log",
+    )  # fmt: skip
+    with open(tmp_path / "many.log", "ab") as out:
+        many = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.many_workers", "20", "many-"],
+            cwd=ROOT,
+            env={**os.environ, **env, "KUBETASKS_DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+
+        async def all_busy() -> bool:
+            conn = await asyncpg.connect(db_url)
+            try:
+                n = await conn.fetchval(
+                    "SELECT count(DISTINCT w.worker_id) FROM kubetasks.workers w JOIN kubetasks.tasks t"
+                    " ON t.worker_id = w.worker_id AND t.status = 'running' WHERE w.status = 'active'"
+                )
+            finally:
+                await conn.close()
+            return int(n) == 21
+
+        await wait_for(all_busy, 60, "21 workers running tasks")
+    finally:
+        codes = [stop(one), stop(many)]
+    logs = {name: (tmp_path / f"{name}.log").read_text(errors="replace") for name in ("one", "many")}
+    bad = [
+        f"{name}: {line}"
+        for name, text in logs.items()
+        for line in text.splitlines()
+        if " ERROR " in line or " CRITICAL " in line or "lease lost" in line
+    ]
+    assert codes == [0, 0], logs
+    assert logs["many"].count("stopped: WorkerStats") == 20, "not every worker stopped gracefully"
+    assert bad == [], "\n".join(bad)
