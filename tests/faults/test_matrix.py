@@ -27,14 +27,12 @@ from tests.pgcluster import PgCluster
 pytestmark = pytest.mark.faults
 
 
-# Defects of issue 13 these scenarios still reproduce on main, by the figure they break. `make test`
-# reports a run whose only failures are listed here as xfail, with the reason and the figures; any
-# other failure fails. `make faults` (FAULTS_STRICT=1) fails them all. Remove an entry when its fix
-# lands: the scenario then guards the fix. (Items 3, 4, 6 and 8 and most of 5, which every
-# other scenario reproduced, were fixed by the engine's d1d2c28 and have no entry any more; the
-# rest of 5, live workers declared dead after the heartbeat storm, by migration 0011.)
-KNOWN: dict[str, dict[str, str]] = {
-}
+# Defects a scenario still reproduces, by the figure they break: `make test` would report a run
+# whose only failures are listed here as xfail, with the reason and the figures; any other failure
+# fails, and `make faults` (FAULTS_STRICT=1) fails them all. None is listed: every defect of issue 13
+# that these scenarios reproduced is fixed (items 3-6 and 8 by d1d2c28 and migration 0011, item 7 by
+# 0009), and each scenario now guards its fix. A new entry needs an open issue naming it.
+KNOWN: dict[str, dict[str, str]] = {}
 
 
 async def running_at_least(sc: Scenario, n: int) -> None:
