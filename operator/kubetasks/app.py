@@ -24,10 +24,11 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from kubetasks import locks, serving, subprocs, validation, workflows
+from kubetasks import audit, bulk, listing, locks, schedules, serving, subprocs, validation, workflows
 from kubetasks.config import Settings
 from kubetasks.context import TaskContext
 from kubetasks.errors import Fail, TaskNotFound, UnknownHandler, ValidationError
+from kubetasks.filters import TaskFilter
 from kubetasks.store import Store
 
 #: A handler: ``async def f(task: TaskContext)``, or ``def f(task: SyncTaskContext)`` run in a child process.
@@ -901,6 +902,125 @@ class App(Blueprint):
         validation.seconds("older_than", older_than, 0, 10 * 365 * 86400)
         return int(await (await self._ready_store()).run("delete_finished_tasks", list(statuses), older_than))
 
+    # -- operations on many tasks (kubetasks.bulk, listing, audit) ----------
+
+    async def find_tasks(
+        self,
+        filter: TaskFilter | None = None,
+        *,
+        cursor: str | None = None,
+        limit: int = 50,
+        scan: int = listing.DEFAULT_SCAN,
+        **criteria: Any,
+    ) -> listing.TaskListPage:
+        """Tasks matching ``filter`` (or the ``TaskFilter`` criteria given as keywords), newest
+        first, ``limit`` at most, continuing at ``cursor``; bounded work per call (see ``listing``)."""
+        return await listing.find_tasks(
+            await self._ready_store(), _filter(filter, criteria), cursor=cursor, limit=limit, scan=scan
+        )
+
+    async def bulk_retry(
+        self,
+        filter: TaskFilter | None = None,
+        *,
+        dry_run: bool = False,
+        up_to_id: int | None = None,
+        batch_size: int = bulk.DEFAULT_BATCH,
+        **criteria: Any,
+    ) -> bulk.BulkResult:
+        """Start over every failed task the filter matches (``status="cancelled"`` for cancelled
+        ones too). ``dry_run``: count them instead (see ``bulk``)."""
+        return await bulk.run(
+            await self._ready_store(), "retry", _filter(filter, criteria),
+            dry_run=dry_run, up_to_id=up_to_id, batch_size=batch_size,
+        )  # fmt: skip
+
+    async def bulk_cancel(
+        self,
+        filter: TaskFilter | None = None,
+        *,
+        dry_run: bool = False,
+        up_to_id: int | None = None,
+        batch_size: int = bulk.DEFAULT_BATCH,
+        reason: str = "cancelled by a bulk action",
+        **criteria: Any,
+    ) -> bulk.BulkResult:
+        """Cancel every unfinished task the filter matches, with its unfinished descendants.
+        ``dry_run``: count them instead (see ``bulk``)."""
+        return await bulk.run(
+            await self._ready_store(), "cancel", _filter(filter, criteria),
+            dry_run=dry_run, up_to_id=up_to_id, batch_size=batch_size, reason=reason,
+        )  # fmt: skip
+
+    async def bulk_delete(
+        self,
+        filter: TaskFilter | None = None,
+        *,
+        dry_run: bool = False,
+        up_to_id: int | None = None,
+        batch_size: int = bulk.DEFAULT_BATCH,
+        **criteria: Any,
+    ) -> bulk.BulkResult:
+        """Delete every finished task the filter matches, with its events and attempts (a child
+        of an unfinished parent stays). ``dry_run``: count them instead (see ``bulk``)."""
+        return await bulk.run(
+            await self._ready_store(), "delete", _filter(filter, criteria),
+            dry_run=dry_run, up_to_id=up_to_id, batch_size=batch_size,
+        )  # fmt: skip
+
+    async def query_events(
+        self,
+        *,
+        task: int | None = None,
+        root: int | None = None,
+        worker: str | None = None,
+        pod: str | None = None,
+        kind: str | Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> audit.Page:
+        """Recorded events across tasks, newest first, filtered and paged (see ``audit``)."""
+        return await audit.events(
+            await self._ready_store(), task=task, root=root, worker=worker, pod=pod, kind=kind,
+            since=since, until=until, cursor=cursor, limit=limit,
+        )  # fmt: skip
+
+    async def query_attempts(
+        self,
+        *,
+        task: int | None = None,
+        root: int | None = None,
+        worker: str | None = None,
+        pod: str | None = None,
+        outcome: str | Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+    ) -> audit.Page:
+        """Ended attempts across tasks, newest task first, filtered and paged (see ``audit``)."""
+        return await audit.attempts(
+            await self._ready_store(), task=task, root=root, worker=worker, pod=pod, outcome=outcome,
+            since=since, until=until, cursor=cursor, limit=limit,
+        )  # fmt: skip
+
+    # -- schedules at runtime (kubetasks.schedules) -----------------------
+
+    async def pause_schedule(self, name: str, *, by: str = "api") -> bool:
+        """Stop a schedule's ticks until ``resume_schedule`` (its source's ``suspend`` aside);
+        False when it was already paused."""
+        return await schedules.pause(self, name, by=by)
+
+    async def resume_schedule(self, name: str) -> bool:
+        """Let a paused schedule tick again, from now on; False when it was not paused."""
+        return await schedules.resume(self, name)
+
+    async def trigger_schedule(self, name: str) -> Any:
+        """Run a schedule now (paused or not), respecting its concurrency policy; a ``cron.TickResult``."""
+        return await schedules.trigger(self, name)
+
     # -- locks -------------------------------------------------------------
 
     def job_lock(
@@ -938,6 +1058,12 @@ class App(Blueprint):
 
         w = worker_module.Worker(self, queues=queues, concurrency=concurrency)
         await w.run(stop)
+
+
+def _filter(flt: TaskFilter | None, criteria: Mapping[str, Any]) -> TaskFilter:
+    if flt is not None and criteria:
+        raise ValidationError("filter", "give a TaskFilter or criteria as keywords, not both")
+    return flt if flt is not None else TaskFilter.of(**criteria)
 
 
 def _as_list(v: str | Sequence[str] | None) -> list[str] | None:

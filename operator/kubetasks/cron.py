@@ -540,6 +540,10 @@ class ScheduleStatus:
     active: int
     missed_total: int
     history: list[RunRecord]
+    #: Suspended at runtime (``kubetasks.schedules.pause``), apart from ``suspend``.
+    paused: bool = False
+    paused_by: str | None = None
+    paused_at: datetime | None = None
 
 
 async def _lock_holder(app: App, schedule: str) -> locks.Holder | None:
@@ -597,7 +601,7 @@ async def statuses(
                 holder = h[0]
                 expires = None if math.isinf(h[1]) else now + timedelta(seconds=h[1])
         nxt: datetime | None = None
-        if not r["suspend"]:
+        if not (r["suspend"] or r["paused"]):
             with contextlib.suppress(ValidationError, CroniterError, ValueError):
                 nxt = next_tick(r["cron"], r["timezone"], now)
         out.append(
@@ -627,6 +631,9 @@ async def statuses(
                 active=int(r["active"]),
                 missed_total=int(r["missed_total"]),
                 history=runs.get(r["name"], []),
+                paused=r["paused"],
+                paused_by=r["paused_by"],
+                paused_at=r["paused_at"],
             )
         )
     return out

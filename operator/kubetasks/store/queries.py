@@ -1,7 +1,10 @@
-"""The loader for ``sql/queries.sql``: named blocks, each with a result shape.
+"""The loader for the named queries in ``sql/``: named blocks, each with a result shape.
 
-Keeping every statement in one SQL file means the SQL is reviewed, EXPLAINed
-and grepped as SQL. A block is ``-- name: x :kind`` followed by comment lines
+Keeping every statement in SQL files means the SQL is reviewed, EXPLAINed and
+grepped as SQL. ``queries.sql`` holds the engine's; each other ``*.sql`` file
+beside it (not ``schema.sql``) holds one area's (``operations.sql``: bulk
+actions, listings and audit queries; ``dashboard.sql``: the dashboard's reads
+and rollups). Names are unique across all of them. A block is ``-- name: x :kind`` followed by comment lines
 (its parameters) and the statement; ``kind`` maps mechanically onto asyncpg:
 ``one`` -> fetchrow, ``many`` -> fetch, ``val`` -> fetchval, ``exec`` -> execute.
 """
@@ -46,9 +49,24 @@ def parse(text: str) -> dict[str, Query]:
     return out
 
 
+#: Files of ``sql/`` that are not named queries.
+NOT_QUERIES = ("schema.sql",)
+
+
 def load() -> dict[str, Query]:
-    text = resources.files("kubetasks.store").joinpath("sql/queries.sql").read_text()
-    return parse(text)
+    """Every named query of every queries file in ``sql/``; a name defined twice is an error."""
+    folder = resources.files("kubetasks.store").joinpath("sql")
+    out: dict[str, Query] = {}
+    files = sorted(
+        (e for e in folder.iterdir() if e.name.endswith(".sql") and e.name not in NOT_QUERIES),
+        key=lambda e: (e.name != "queries.sql", e.name),
+    )
+    for entry in files:
+        for name, q in parse(entry.read_text()).items():
+            if name in out:
+                raise QueryFileError(f"query {name!r} is defined twice ({entry.name} and another file)")
+            out[name] = q
+    return out
 
 
 def migrations() -> list[tuple[int, str, str]]:

@@ -544,8 +544,8 @@ WITH del AS (
 SELECT count(*) > 0 FROM del;
 
 -- name: schedules_all :many
--- What a scheduler pass reads.
-SELECT name, cron, timezone, suspend, source, starting_deadline_s, ticks_from, last_tick_at
+-- What a scheduler pass reads. A schedule paused at runtime (0012) is suspended.
+SELECT name, cron, timezone, suspend OR paused AS suspend, source, starting_deadline_s, ticks_from, last_tick_at
 FROM schedules ORDER BY name;
 
 -- name: schedule_for_tick :one
@@ -611,7 +611,7 @@ WHERE schedule = $1
 -- $1 names (NULL: all). With the database's now().
 SELECT s.name, s.cron, s.timezone, s.handler, s.queue, s.concurrency_policy, s.lock_ttl_s,
        s.starting_deadline_s, s.suspend, s.source, s.cr_uid, s.last_tick_at, s.last_task_id,
-       s.missed_total, t.status AS last_status, t.error AS last_error,
+       s.missed_total, s.paused, s.paused_by, s.paused_at, t.status AS last_status, t.error AS last_error,
        k.outcome AS last_outcome, k.reason AS last_reason,
        (SELECT c.tick_at FROM cron_ticks c
         WHERE c.schedule = s.name AND c.task_id = s.last_task_id) AS last_scheduled_at,

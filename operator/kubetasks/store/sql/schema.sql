@@ -691,6 +691,13 @@ ALTER TABLE schedules
     ADD COLUMN last_tick_at timestamptz,
     ADD COLUMN last_task_id bigint,
     ADD COLUMN missed_total bigint NOT NULL DEFAULT 0;
+-- A schedule suspended at runtime (0012), apart from `suspend`, which its source
+-- (@app.periodic, a CronJobLock) rewrites whenever it syncs.
+ALTER TABLE schedules
+    ADD COLUMN paused    boolean NOT NULL DEFAULT false,
+    ADD COLUMN paused_by text CONSTRAINT paused_by_length CHECK (length(paused_by) BETWEEN 1 AND 253),
+    ADD COLUMN paused_at timestamptz,
+    ADD CONSTRAINT paused_has_time CHECK (paused = (paused_at IS NOT NULL));
 
 ALTER TABLE cron_ticks
     ADD COLUMN manual boolean NOT NULL DEFAULT false,
@@ -705,8 +712,9 @@ $$;
 CREATE TRIGGER schedules_notify_added_removed AFTER INSERT OR DELETE ON schedules
     FOR EACH ROW EXECUTE FUNCTION notify_schedules_changed();
 CREATE TRIGGER schedules_notify_changed AFTER UPDATE ON schedules
-    FOR EACH ROW WHEN ((OLD.cron, OLD.timezone, OLD.suspend, OLD.starting_deadline_s, OLD.ticks_from)
-                       IS DISTINCT FROM (NEW.cron, NEW.timezone, NEW.suspend, NEW.starting_deadline_s, NEW.ticks_from))
+    FOR EACH ROW WHEN ((OLD.cron, OLD.timezone, OLD.suspend, OLD.starting_deadline_s, OLD.ticks_from, OLD.paused)
+                       IS DISTINCT FROM (NEW.cron, NEW.timezone, NEW.suspend, NEW.starting_deadline_s, NEW.ticks_from,
+                                         NEW.paused))
     EXECUTE FUNCTION notify_schedules_changed();
 
 -- Workflows and the audit trail (0005). A task may spawn children and wait for
@@ -1015,6 +1023,29 @@ BEGIN
     more := unparked >= p_budget;
     SELECT coalesce(jsonb_object_agg(h.name, h.cluster_concurrency), '{}') INTO limits
     FROM handlers h WHERE h.name = ANY (p_handlers) AND h.cluster_concurrency IS NOT NULL;
+
+-- Operations and the dashboard (0012): bulk cancel's batch; partial indexes for recent failures and held
+-- tasks; per-minute rollups the dashboard's overview reads.
+
+CREATE INDEX tasks_failed_recent ON tasks (finished_at) WHERE status = 'failed';
+CREATE INDEX tasks_held ON tasks (queue) WHERE status IN ('paused', 'suspended');
+
+-- Cancel the unfinished tasks among p_ids and every unfinished descendant of
+-- p_ids, level by level, as cancel_tree does for one task (each level's
+-- children read after the level above was locked).
+CREATE FUNCTION cancel_forest(p_ids bigint[], p_reason text)
+RETURNS TABLE (cancelled integer, descendants integer) LANGUAGE plpgsql AS $$
+DECLARE
+    lvl bigint[] := p_ids;
+BEGIN
+    cancelled := cancel_tasks(lvl, p_reason);
+    descendants := 0;
+    LOOP
+        SELECT array_agg(c.id ORDER BY c.id) INTO lvl
+        FROM tasks c WHERE c.parent_id = ANY (lvl) AND c.parent_id IS NOT NULL;
+        EXIT WHEN lvl IS NULL;
+        descendants := descendants + cancel_tasks(lvl, 'parent task cancelled: ' || p_reason);
+    END LOOP;
     RETURN NEXT;
 END;
 $$;
@@ -1107,3 +1138,39 @@ BEGIN
     RETURN NEXT;
 END;
 $$;
+
+-- Finished tasks per minute of finished_at, per queue and handler. The rows
+-- of queue '*' (all queues) and handler '*' (all handlers) are the sums the
+-- overview reads ('*' is not a valid queue or handler name). wait_hist and
+-- run_hist count due->start and start->finish seconds of succeeded and
+-- failed tasks in logarithmic buckets (see kubetasks/dashboard/rollups.py).
+CREATE TABLE task_minutes (
+    minute    timestamptz NOT NULL,
+    queue     text NOT NULL,
+    handler   text NOT NULL,
+    succeeded integer NOT NULL CONSTRAINT succeeded_positive CHECK (succeeded >= 0),
+    failed    integer NOT NULL CONSTRAINT failed_positive CHECK (failed >= 0),
+    cancelled integer NOT NULL CONSTRAINT cancelled_positive CHECK (cancelled >= 0),
+    wait_hist integer[] NOT NULL CONSTRAINT wait_hist_buckets CHECK (cardinality(wait_hist) = 64),
+    run_hist  integer[] NOT NULL CONSTRAINT run_hist_buckets CHECK (cardinality(run_hist) = 64),
+    PRIMARY KEY (minute, queue, handler)
+);
+
+-- The latest sample of each queue's depth within a minute (queue '*': all).
+CREATE TABLE queue_minutes (
+    minute       timestamptz NOT NULL,
+    queue        text NOT NULL,
+    pending      integer NOT NULL,
+    due          integer NOT NULL,
+    running      integer NOT NULL,
+    held         integer NOT NULL,
+    oldest_due_s double precision,
+    sampled_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (minute, queue)
+);
+
+-- How far the rollup of finished minutes has come: minutes before done_until are final.
+CREATE TABLE rollup_state (
+    name       text PRIMARY KEY,
+    done_until timestamptz NOT NULL
+);

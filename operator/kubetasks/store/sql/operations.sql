@@ -1,0 +1,279 @@
+-- Operating many tasks at once (issue 17): filtered listings with keyset paging,
+-- bulk retry / cancel / delete by filter, events and attempts queries, schedules
+-- paused at runtime. Read by kubetasks/filters.py, listing.py, bulk.py, audit.py
+-- and schedules.py; the format is queries.sql's.
+--
+-- THE TASK FILTER. Every query below that filters tasks has the same nine
+-- parameters first, in this order, and the same block of conditions (between
+-- the `filter:begin` and `filter:end` lines; tests/unit/test_operations_sql.py
+-- proves the copies are identical). NULL matches everything:
+--   $1 statuses, $2 queues, $3 handlers, $4 tags (all of them), $5 created at
+--   or after, $6 created before, $7 among these task ids (a parent's children
+--   or a workflow's tree, resolved first), $8 worker_id, $9 pod_id.
+-- Each query reaches rows through a range of the primary key (a window of ids,
+-- or a batch after a cursor), never through the filter: the filter's columns
+-- have no indexes of their own (every index on tasks costs the hot path), so a
+-- statement costs the ids it walks, whatever the filter, with a generic plan
+-- as with a custom one.
+
+-- name: tasks_max_id :val
+-- The newest task id (0: none). Where a listing starts.
+SELECT coalesce(max(id), 0) FROM tasks;
+
+-- name: tasks_page :many
+-- $1..$9 the filter, $10 ids below this one, $11 ids from this one (the window's
+-- floor), $12 how many. Newest first; a summary of each task (no payload,
+-- result or traceback; the error's first 300 characters).
+SELECT t.id, t.handler, t.queue, t.priority, t.status, t.attempt, t.uncharged, t.max_attempts,
+       t.run_at, t.created_at, t.started_at, t.finished_at, t.worker_id, t.pod_id, t.progress,
+       t.progress_message, t.tags, t.parent_id, t.dedupe_key, left(t.error, 300) AS error
+FROM tasks t
+WHERE t.id < $10::bigint AND t.id >= $11::bigint
+  -- filter:begin
+  AND ($1::text[] IS NULL OR t.status = ANY ($1::text[]))
+  AND ($2::text[] IS NULL OR t.queue = ANY ($2::text[]))
+  AND ($3::text[] IS NULL OR t.handler = ANY ($3::text[]))
+  AND ($4::text[] IS NULL OR t.tags @> $4::text[])
+  AND ($5::timestamptz IS NULL OR t.created_at >= $5::timestamptz)
+  AND ($6::timestamptz IS NULL OR t.created_at < $6::timestamptz)
+  AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
+  AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
+  AND ($9::text IS NULL OR t.pod_id = $9::text)
+  -- filter:end
+ORDER BY t.id DESC
+LIMIT $12;
+
+-- name: tasks_count :one
+-- $1..$9 the filter, $10 up to this id (NULL: every id). How many tasks match,
+-- and the newest of them: a bulk action confirmed with that id as its bound
+-- never touches a task added after the count. A pass over the table: what a dry
+-- run costs, on purpose (it is asked for, never refreshed).
+SELECT count(*) AS n, max(t.id) AS up_to_id
+FROM tasks t
+WHERE ($10::bigint IS NULL OR t.id <= $10::bigint)
+  -- filter:begin
+  AND ($1::text[] IS NULL OR t.status = ANY ($1::text[]))
+  AND ($2::text[] IS NULL OR t.queue = ANY ($2::text[]))
+  AND ($3::text[] IS NULL OR t.handler = ANY ($3::text[]))
+  AND ($4::text[] IS NULL OR t.tags @> $4::text[])
+  AND ($5::timestamptz IS NULL OR t.created_at >= $5::timestamptz)
+  AND ($6::timestamptz IS NULL OR t.created_at < $6::timestamptz)
+  AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
+  AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
+  AND ($9::text IS NULL OR t.pod_id = $9::text)
+  -- filter:end
+;
+
+-- name: bulk_retry_batch :one
+-- $1..$9 the filter, $10 ids after this one, $11 up to this one, $12 batch size.
+-- One batch of bulk retry: the next $12 matching failed or cancelled tasks in id
+-- order start over, as retry_task does one (every attempt so far uncharged);
+-- their queues are woken. picked < $12: the last batch.
+WITH picked AS (
+    SELECT t.id
+    FROM tasks t
+    WHERE t.id > $10::bigint AND t.id <= $11::bigint AND t.status IN ('failed', 'cancelled')
+      -- filter:begin
+      AND ($1::text[] IS NULL OR t.status = ANY ($1::text[]))
+      AND ($2::text[] IS NULL OR t.queue = ANY ($2::text[]))
+      AND ($3::text[] IS NULL OR t.handler = ANY ($3::text[]))
+      AND ($4::text[] IS NULL OR t.tags @> $4::text[])
+      AND ($5::timestamptz IS NULL OR t.created_at >= $5::timestamptz)
+      AND ($6::timestamptz IS NULL OR t.created_at < $6::timestamptz)
+      AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
+      AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
+      AND ($9::text IS NULL OR t.pod_id = $9::text)
+      -- filter:end
+    ORDER BY t.id
+    LIMIT $12
+), upd AS (
+    UPDATE tasks x
+    SET status = 'pending', uncharged = x.attempt, graceful_releases = 0, run_at = now(), finished_at = NULL,
+        error = NULL, traceback = NULL, result = NULL, updated_at = now()
+    FROM picked
+    WHERE x.id = picked.id AND x.status IN ('failed', 'cancelled')
+      AND ($1::text[] IS NULL OR x.status = ANY ($1::text[]))
+    RETURNING x.id, x.queue
+), events AS (
+    INSERT INTO task_events (task_id, kind, detail) SELECT id, 'requeued', 'bulk retry' FROM upd
+), wake AS (
+    SELECT pg_notify('kubetasks_enqueued', q.queue) FROM (SELECT DISTINCT queue FROM upd) q
+)
+SELECT (SELECT count(*) FROM picked) AS picked, (SELECT max(id) FROM picked) AS last_id,
+       (SELECT count(*) FROM upd) + 0 * (SELECT count(*) FROM wake) AS done;
+
+-- name: bulk_cancel_batch :one
+-- $1..$9 the filter, $10 ids after this one, $11 up to this one, $12 batch size,
+-- $13 reason. One batch of bulk cancel: the next $12 matching unfinished tasks
+-- in id order, and every unfinished descendant of theirs (cancel_forest: rows
+-- locked in id order, running ones' workers told through NOTIFY).
+WITH picked AS (
+    SELECT t.id
+    FROM tasks t
+    WHERE t.id > $10::bigint AND t.id <= $11::bigint AND t.status IN ('pending', 'running', 'paused', 'suspended')
+      -- filter:begin
+      AND ($1::text[] IS NULL OR t.status = ANY ($1::text[]))
+      AND ($2::text[] IS NULL OR t.queue = ANY ($2::text[]))
+      AND ($3::text[] IS NULL OR t.handler = ANY ($3::text[]))
+      AND ($4::text[] IS NULL OR t.tags @> $4::text[])
+      AND ($5::timestamptz IS NULL OR t.created_at >= $5::timestamptz)
+      AND ($6::timestamptz IS NULL OR t.created_at < $6::timestamptz)
+      AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
+      AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
+      AND ($9::text IS NULL OR t.pod_id = $9::text)
+      -- filter:end
+    ORDER BY t.id
+    LIMIT $12
+)
+SELECT (SELECT count(*) FROM picked) AS picked, (SELECT max(id) FROM picked) AS last_id,
+       f.cancelled AS done, f.descendants
+FROM cancel_forest(ARRAY(SELECT id FROM picked), $13::text) f;
+
+-- name: bulk_delete_batch :one
+-- $1..$9 the filter, $10 ids after this one, $11 up to this one, $12 batch size.
+-- One batch of bulk delete: the next $12 matching finished tasks in id order,
+-- their events and attempts with them. A child whose parent is unfinished
+-- stays (the parent may still read its result), as in delete_finished_tasks.
+WITH picked AS (
+    SELECT t.id
+    FROM tasks t
+    WHERE t.id > $10::bigint AND t.id <= $11::bigint AND t.status IN ('succeeded', 'failed', 'cancelled')
+      -- filter:begin
+      AND ($1::text[] IS NULL OR t.status = ANY ($1::text[]))
+      AND ($2::text[] IS NULL OR t.queue = ANY ($2::text[]))
+      AND ($3::text[] IS NULL OR t.handler = ANY ($3::text[]))
+      AND ($4::text[] IS NULL OR t.tags @> $4::text[])
+      AND ($5::timestamptz IS NULL OR t.created_at >= $5::timestamptz)
+      AND ($6::timestamptz IS NULL OR t.created_at < $6::timestamptz)
+      AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
+      AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
+      AND ($9::text IS NULL OR t.pod_id = $9::text)
+      -- filter:end
+    ORDER BY t.id
+    LIMIT $12
+), del AS (
+    DELETE FROM tasks x
+    USING picked
+    WHERE x.id = picked.id AND x.status IN ('succeeded', 'failed', 'cancelled')
+      AND ($1::text[] IS NULL OR x.status = ANY ($1::text[]))
+      AND (x.parent_id IS NULL OR NOT EXISTS (
+          SELECT 1 FROM tasks p
+          WHERE p.id = x.parent_id AND p.status NOT IN ('succeeded', 'failed', 'cancelled')))
+    RETURNING x.id
+)
+SELECT (SELECT count(*) FROM picked) AS picked, (SELECT max(id) FROM picked) AS last_id,
+       (SELECT count(*) FROM del) AS done;
+
+-- name: task_children_ids :many
+-- $1 parent task id, $2 at most this many (the caller asks for one more than it
+-- accepts, to know when there are too many). Its direct children.
+SELECT id FROM tasks WHERE parent_id = $1 AND parent_id IS NOT NULL ORDER BY id LIMIT $2;
+
+-- name: task_tree_ids :many
+-- $1 root task id, $2 at most this many (as task_children_ids). The root and
+-- every descendant.
+WITH RECURSIVE tree AS (
+    SELECT id, 0 AS depth FROM tasks WHERE id = $1
+    UNION ALL
+    SELECT c.id, tree.depth + 1 FROM tree JOIN tasks c ON c.parent_id = tree.id AND c.parent_id IS NOT NULL
+    WHERE tree.depth < 1000
+)
+SELECT id FROM tree LIMIT $2;
+
+-- name: events_max_id :val
+-- The newest event id (0: none).
+SELECT coalesce(max(id), 0) FROM task_events;
+
+-- name: events_page :many
+-- $1 kinds, $2 worker_id, $3 pod_id, $4 at or after, $5 before (NULL: any),
+-- $6 ids below this one, $7 ids from this one (the window's floor), $8 how
+-- many. Recorded events of every task, newest first, through a window of
+-- event ids.
+SELECT e.id, e.task_id, e.at, e.kind, e.attempt, e.worker_id, e.pod_id, e.detail
+FROM task_events e
+WHERE e.id < $6::bigint AND e.id >= $7::bigint
+  AND ($1::text[] IS NULL OR e.kind = ANY ($1::text[]))
+  AND ($2::uuid IS NULL OR e.worker_id = $2::uuid)
+  AND ($3::text IS NULL OR e.pod_id = $3::text)
+  AND ($4::timestamptz IS NULL OR e.at >= $4::timestamptz)
+  AND ($5::timestamptz IS NULL OR e.at < $5::timestamptz)
+ORDER BY e.id DESC
+LIMIT $8;
+
+-- name: events_of_tasks :many
+-- $1 task ids, $2 kinds, $3 worker_id, $4 pod_id, $5 at or after, $6 before,
+-- $7 ids below this one, $8 how many. Recorded events of these tasks (one
+-- task, or a workflow's tree), newest first, through task_events_task.
+SELECT e.id, e.task_id, e.at, e.kind, e.attempt, e.worker_id, e.pod_id, e.detail
+FROM task_events e
+WHERE e.task_id = ANY ($1::bigint[]) AND e.id < $7::bigint
+  AND ($2::text[] IS NULL OR e.kind = ANY ($2::text[]))
+  AND ($3::uuid IS NULL OR e.worker_id = $3::uuid)
+  AND ($4::text IS NULL OR e.pod_id = $4::text)
+  AND ($5::timestamptz IS NULL OR e.at >= $5::timestamptz)
+  AND ($6::timestamptz IS NULL OR e.at < $6::timestamptz)
+ORDER BY e.id DESC
+LIMIT $8;
+
+-- name: attempts_page :many
+-- $1 outcomes, $2 worker_id, $3 pod_id, $4 finished at or after, $5 finished
+-- before, $6 (task id, attempt) below this pair: $6 task id, $7 attempt,
+-- $8 task ids from this one (the window's floor), $9 how many. Ended attempts
+-- (a success is read from its task row), newest task first, latest attempt
+-- first, through a window of task ids.
+SELECT a.task_id, a.attempt, a.worker_id, a.pod_id, a.started_at, a.finished_at, a.outcome,
+       left(a.error, 300) AS error, extract(epoch FROM a.finished_at - a.started_at)::float8 AS duration_s
+FROM task_attempts_all a
+WHERE a.task_id <= $6::bigint AND a.task_id >= $8::bigint AND (a.task_id, a.attempt) < ($6::bigint, $7::integer)
+  AND ($1::text[] IS NULL OR a.outcome = ANY ($1::text[]))
+  AND ($2::uuid IS NULL OR a.worker_id = $2::uuid)
+  AND ($3::text IS NULL OR a.pod_id = $3::text)
+  AND ($4::timestamptz IS NULL OR a.finished_at >= $4::timestamptz)
+  AND ($5::timestamptz IS NULL OR a.finished_at < $5::timestamptz)
+ORDER BY a.task_id DESC, a.attempt DESC
+LIMIT $9;
+
+-- name: attempts_of_tasks :many
+-- $1 task ids, $2 outcomes, $3 worker_id, $4 pod_id, $5 finished at or after,
+-- $6 finished before, $7 task id and $8 attempt: below this pair, $9 how many.
+-- Ended attempts of these tasks, newest task first, latest attempt first.
+SELECT a.task_id, a.attempt, a.worker_id, a.pod_id, a.started_at, a.finished_at, a.outcome,
+       left(a.error, 300) AS error, extract(epoch FROM a.finished_at - a.started_at)::float8 AS duration_s
+FROM task_attempts_all a
+WHERE a.task_id = ANY ($1::bigint[]) AND (a.task_id, a.attempt) < ($7::bigint, $8::integer)
+  AND ($2::text[] IS NULL OR a.outcome = ANY ($2::text[]))
+  AND ($3::uuid IS NULL OR a.worker_id = $3::uuid)
+  AND ($4::text IS NULL OR a.pod_id = $4::text)
+  AND ($5::timestamptz IS NULL OR a.finished_at >= $5::timestamptz)
+  AND ($6::timestamptz IS NULL OR a.finished_at < $6::timestamptz)
+ORDER BY a.task_id DESC, a.attempt DESC
+LIMIT $9;
+
+-- name: schedule_pause :one
+-- $1 name, $2 who paused it. Stops its ticks until schedule_resume, whatever
+-- its source's `suspend` says; a manual trigger still runs it. No row: no such
+-- schedule. was_paused: it already was (nothing changed).
+WITH before AS (
+    SELECT name, paused FROM schedules WHERE name = $1 FOR UPDATE
+), upd AS (
+    UPDATE schedules s SET paused = true, paused_by = $2, paused_at = now(), updated_at = now()
+    FROM before WHERE s.name = before.name AND NOT before.paused
+    RETURNING s.name
+)
+SELECT before.name, before.paused AS was_paused FROM before;
+
+-- name: schedule_resume :one
+-- $1 name, $2 count ticks from (NULL: now()). Ticks again, from then on: the
+-- cursor restarts there (as a resume of `suspend` does), so the paused time
+-- brings no catch-up run. No row: no such schedule. was_paused: false when it
+-- was not paused (nothing changed).
+WITH before AS (
+    SELECT name, paused FROM schedules WHERE name = $1 FOR UPDATE
+), upd AS (
+    UPDATE schedules s
+    SET paused = false, paused_by = NULL, paused_at = NULL, updated_at = now(),
+        ticks_from = greatest(coalesce($2::timestamptz, now()), s.last_tick_at)
+    FROM before WHERE s.name = before.name AND before.paused
+    RETURNING s.name
+)
+SELECT before.name, before.paused AS was_paused FROM before;
