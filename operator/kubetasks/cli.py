@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -196,6 +197,14 @@ def runtime_services(app: App) -> list[tuple[str, Any]]:
         from kubetasks import health  # noqa: PLC0415
 
         services.append(("health", health.serve))
+    if app.settings.dashboard_port:
+        app.settings.dashboard_ready()  # a missing token fails the pod now, naming the variable
+        from kubetasks.dashboard import server  # noqa: PLC0415
+
+        async def dashboard_service(stop: asyncio.Event, _worker: object) -> None:
+            await server.serve(app, stop)
+
+        services.append(("dashboard", dashboard_service))
     return services
 
 
@@ -231,6 +240,59 @@ def run(
 ) -> None:
     """The one process a pod runs: migrations, workers, recovery, scheduler, operator."""
     _worker_command(app, database_url, queues, concurrency, log_level, pod_services=True)
+
+
+@cli.command()
+def dashboard(
+    app: AppOpt = None,
+    database_url: DbOpt = None,
+    port: Annotated[
+        int | None,
+        typer.Option(envvar="KUBETASKS_DASHBOARD_PORT", help="Port to listen on (0 or unset: 8080)."),
+    ] = None,
+    addr: Annotated[
+        str | None,
+        typer.Option(envvar="KUBETASKS_DASHBOARD_ADDR", help="Address to bind (default 127.0.0.1)."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(envvar="KUBETASKS_LOG_LEVEL")] = "info",
+) -> None:
+    """Serve the web dashboard and its HTTP API (/api/v1) until SIGTERM/SIGINT.
+
+    Read-only unless KUBETASKS_DASHBOARD_WRITES=true. Authentication:
+    KUBETASKS_DASHBOARD_AUTH=token (default; the bearer token in
+    KUBETASKS_DASHBOARD_TOKEN), proxy (trust KUBETASKS_DASHBOARD_USER_HEADER
+    from an authenticating proxy) or none. KUBETASKS_DASHBOARD_HIDE_PAYLOADS=true
+    never shows payloads, results or tracebacks. With --app, schedules
+    triggered from the page get their handlers' options.
+    """
+    from kubetasks.dashboard import server  # noqa: PLC0415
+    from kubetasks.store import migrate as do_migrate  # noqa: PLC0415
+    from kubetasks.store import retry_connection_errors  # noqa: PLC0415
+
+    setup_logging(log_level)
+    the_app = load_app(app, database_url)
+    overrides: dict[str, Any] = {"dashboard_addr": addr}
+    if port:
+        overrides["dashboard_port"] = port
+    the_app.configure(**overrides)
+
+    async def go() -> None:
+        the_app.settings.dashboard_ready()
+        await retry_connection_errors(lambda: do_migrate(the_app.settings.database_url), what="migrating")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(bound: int) -> None:
+            err.print(f"dashboard: http://{the_app.settings.dashboard_addr}:{bound}/", highlight=False)
+
+        try:
+            await server.serve(the_app, stop, ready=ready)
+        finally:
+            await the_app.close()
+
+    run_async(go)
 
 
 @cli.command()

@@ -118,6 +118,23 @@ class Settings:
     webhook_cert_dir: str = ""
     #: ValidatingWebhookConfiguration whose caBundle the operator keeps current.
     webhook_configuration: str = ""
+    # The dashboard and HTTP API (kubetasks.dashboard). `kubetasks dashboard` serves
+    # it (on 8080 when this is 0); `kubetasks run` serves it too when this is set.
+    dashboard_port: int = 0
+    #: Address the dashboard binds: loopback unless told otherwise (the chart sets it).
+    dashboard_addr: str = "127.0.0.1"
+    #: token: a bearer token (dashboard_token, from a Secret), also exchanged for a
+    #: session cookie by the page's login; proxy: trust dashboard_user_header, set by an
+    #: authenticating proxy that alone can reach the dashboard; none: no authentication.
+    dashboard_auth: str = "token"
+    dashboard_token: str = field(default="", repr=False)
+    dashboard_user_header: str = "X-Forwarded-User"
+    #: Allow retry, cancel, pause, resume, delete and schedule actions (read-only otherwise).
+    dashboard_writes: bool = False
+    #: Never show payloads, results or tracebacks of tasks.
+    dashboard_hide_payloads: bool = False
+    #: Seconds between the rollup passes that feed the overview and live updates.
+    dashboard_rollup_interval: float = 2.0
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -197,6 +214,41 @@ class Settings:
             raise ConfigError("KUBETASKS_KOPF_LOG_LEVEL", "must be debug, info, warning, error or critical")
         if not 0 <= self.webhook_port <= 65535:
             raise ConfigError("KUBETASKS_WEBHOOK_PORT", "must be between 0 (off) and 65535")
+        self._validate_dashboard()
+        return self
+
+    def _validate_dashboard(self) -> None:
+        if not 0 <= self.dashboard_port <= 65535:
+            raise ConfigError(
+                "KUBETASKS_DASHBOARD_PORT", f"must be between 0 and 65535, got {self.dashboard_port}"
+            )
+        if not self.dashboard_addr.strip() or any(c.isspace() for c in self.dashboard_addr):
+            raise ConfigError(
+                "KUBETASKS_DASHBOARD_ADDR", "must be an address to bind (127.0.0.1, 0.0.0.0, an IP)"
+            )
+        if self.dashboard_auth not in DASHBOARD_AUTH:
+            raise ConfigError(
+                "KUBETASKS_DASHBOARD_AUTH",
+                f"must be one of {', '.join(DASHBOARD_AUTH)}, got {self.dashboard_auth!r}",
+            )
+        if self.dashboard_token and len(self.dashboard_token) < DASHBOARD_TOKEN_MIN:
+            raise ConfigError(
+                "KUBETASKS_DASHBOARD_TOKEN",
+                f"must be at least {DASHBOARD_TOKEN_MIN} characters (a random secret)",
+            )
+        if not _HEADER.match(self.dashboard_user_header):
+            raise ConfigError("KUBETASKS_DASHBOARD_USER_HEADER", "must be an HTTP header name")
+        _positive("KUBETASKS_DASHBOARD_ROLLUP_INTERVAL", self.dashboard_rollup_interval, 0.2, 300)
+
+    def dashboard_ready(self) -> Settings:
+        """These settings, checked for serving the dashboard: token mode needs a token."""
+        if self.dashboard_auth == "token" and not self.dashboard_token:
+            raise ConfigError(
+                "KUBETASKS_DASHBOARD_TOKEN",
+                "is not set: the dashboard authenticates with a bearer token by default "
+                "(set one from a Secret, or KUBETASKS_DASHBOARD_AUTH=proxy behind an authenticating "
+                "proxy, or =none on a trusted loopback address)",
+            )
         return self
 
     @property
@@ -208,6 +260,11 @@ class Settings:
 
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_HEADER = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+DASHBOARD_AUTH = ("token", "proxy", "none")
+DASHBOARD_TOKEN_MIN = 16
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def _positive(var: str, value: float, lo: float, hi: float) -> None:
@@ -217,6 +274,12 @@ def _positive(var: str, value: float, lo: float, hi: float) -> None:
 
 def _parse(var: str, typ: Any, raw: str) -> Any:
     t = str(typ)
+    if t == "bool":
+        if raw.strip().lower() in _TRUE:
+            return True
+        if raw.strip().lower() in _FALSE:
+            return False
+        raise ConfigError(var, f"must be true or false, got {raw!r}")
     try:
         if "tuple" in t:
             return tuple(p.strip() for p in raw.split(",") if p.strip())

@@ -1153,8 +1153,10 @@ CREATE TABLE task_minutes (
     cancelled integer NOT NULL CONSTRAINT cancelled_positive CHECK (cancelled >= 0),
     wait_hist integer[] NOT NULL CONSTRAINT wait_hist_buckets CHECK (cardinality(wait_hist) = 64),
     run_hist  integer[] NOT NULL CONSTRAINT run_hist_buckets CHECK (cardinality(run_hist) = 64),
-    PRIMARY KEY (minute, queue, handler)
+    PRIMARY KEY (queue, handler, minute)
 );
+-- A pass replaces the minutes it recounted, across every queue and handler.
+CREATE INDEX task_minutes_minute ON task_minutes (minute);
 
 -- The latest sample of each queue's depth within a minute (queue '*': all).
 CREATE TABLE queue_minutes (
@@ -1166,8 +1168,9 @@ CREATE TABLE queue_minutes (
     held         integer NOT NULL,
     oldest_due_s double precision,
     sampled_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (minute, queue)
+    PRIMARY KEY (queue, minute)
 );
+CREATE INDEX queue_minutes_minute ON queue_minutes (minute);
 
 -- How far the rollup of finished minutes has come: minutes before done_until are final.
 CREATE TABLE rollup_state (

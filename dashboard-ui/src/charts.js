@@ -1,0 +1,119 @@
+// Time-series charts (uPlot) and the workflow graph (dagre lays it out, Preact draws the SVG).
+import uPlot from "uplot";
+import "uplot/dist/uPlot.min.css";
+import { Graph, layout } from "@dagrejs/dagre";
+import { useEffect, useRef } from "preact/hooks";
+import { html, fmtSeconds } from "./ui.js";
+
+const COLORS = {
+  succeeded: "#2e9d5b",
+  failed: "#d64545",
+  cancelled: "#8a8f98",
+  pending: "#3f7be0",
+  due: "#8b5cf6",
+  running: "#e09b2d",
+  held: "#8a8f98",
+  p50: "#3f7be0",
+  p95: "#e09b2d",
+  p99: "#d64545",
+};
+
+// series: [{label, key, color, bars?}], points: [{at, [key]: value}]
+export function TimeChart({ title, points, series, yLabel, log, seconds, height = 180, testid }) {
+  const box = useRef(null);
+  const plot = useRef(null);
+  useEffect(() => {
+    if (!box.current || !points) return undefined;
+    const xs = points.map((p) => new Date(p.at || p.minute).getTime() / 1000);
+    const data = [xs, ...series.map((s) => points.map((p) => (p[s.key] === null ? null : p[s.key])))];
+    const width = Math.max(280, box.current.clientWidth || 480);
+    const opts = {
+      width,
+      height,
+      legend: { show: true },
+      cursor: { drag: { x: false, y: false } },
+      scales: { x: { time: true }, y: log ? { distr: 3 } : { range: (u, min, max) => [0, Math.max(1, max)] } },
+      axes: [
+        {},
+        {
+          label: yLabel,
+          size: 60,
+          values: seconds ? (u, vals) => vals.map((v) => fmtSeconds(v)) : undefined,
+        },
+      ],
+      series: [
+        {},
+        ...series.map((s) => ({
+          label: s.label,
+          stroke: s.color || COLORS[s.key] || "#555",
+          fill: s.bars ? (s.color || COLORS[s.key]) + "55" : undefined,
+          width: 1.5,
+          paths: s.bars ? uPlot.paths.bars({ size: [0.8, 40] }) : undefined,
+          points: { show: false },
+          value: seconds ? (u, v) => (v === null ? "–" : fmtSeconds(v)) : undefined,
+        })),
+      ],
+    };
+    if (plot.current) plot.current.destroy();
+    plot.current = new uPlot(opts, data, box.current);
+    return () => {
+      if (plot.current) plot.current.destroy();
+      plot.current = null;
+    };
+  }, [points, series.map((s) => s.key).join(",")]);
+  return html`<figure class="chart" data-testid=${testid}>
+    <figcaption>${title}</figcaption>
+    <div ref=${box}></div>
+  </figure>`;
+}
+
+const NODE_W = 170;
+const NODE_H = 46;
+
+// nodes: [{id, parent_id, handler, status, run_s, on_critical_path}]
+export function WorkflowGraph({ nodes, onOpen }) {
+  const g = new Graph();
+  g.setGraph({ rankdir: "TB", nodesep: 24, ranksep: 46, marginx: 12, marginy: 12 });
+  g.setDefaultEdgeLabel(() => ({}));
+  const ids = new Set(nodes.map((n) => n.id));
+  for (const n of nodes) g.setNode(String(n.id), { width: NODE_W, height: NODE_H });
+  for (const n of nodes) {
+    if (n.parent_id !== null && ids.has(n.parent_id)) g.setEdge(String(n.parent_id), String(n.id));
+  }
+  layout(g);
+  const byId = new Map(nodes.map((n) => [String(n.id), n]));
+  const { width, height } = g.graph();
+  const edges = g.edges().map((e) => {
+    const pts = g.edge(e).points;
+    const critical = byId.get(e.v).on_critical_path && byId.get(e.w).on_critical_path;
+    const d = pts.map((p, i) => `${i ? "L" : "M"}${p.x.toFixed(1)},${p.y.toFixed(1)}`).join(" ");
+    return html`<path class=${"edge" + (critical ? " critical" : "")} d=${d} />`;
+  });
+  const boxes = g.nodes().map((id) => {
+    const n = byId.get(id);
+    const p = g.node(id);
+    const x = p.x - NODE_W / 2;
+    const y = p.y - NODE_H / 2;
+    const label = n.handler.length > 22 ? n.handler.slice(0, 21) + "…" : n.handler;
+    return html`<g
+      class=${"node st-" + n.status + (n.on_critical_path ? " critical" : "")}
+      data-task=${n.id}
+      data-critical=${n.on_critical_path ? "true" : "false"}
+      transform=${`translate(${x.toFixed(1)},${y.toFixed(1)})`}
+      onClick=${() => onOpen && onOpen(n.id)}
+      role="link"
+      tabindex="0"
+    >
+      <title>#${n.id} ${n.handler} (${n.status}, ${fmtSeconds(n.run_s)})</title>
+      <rect width=${NODE_W} height=${NODE_H} rx="6" />
+      <text x="8" y="18" class="n-title">#${n.id} ${label}</text>
+      <text x="8" y="36" class="n-sub">${n.status} · ${fmtSeconds(n.run_s)}</text>
+    </g>`;
+  });
+  return html`<div class="graph-wrap">
+    <svg class="graph" data-testid="workflow-graph" width=${Math.ceil(width)} height=${Math.ceil(height)}
+      viewBox=${`0 0 ${Math.ceil(width)} ${Math.ceil(height)}`}>
+      ${edges}${boxes}
+    </svg>
+  </div>`;
+}
