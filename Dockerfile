@@ -4,7 +4,15 @@
 # directory, which `--app module:attr` imports from), and if it has
 # dependencies, install them as root before switching back to USER 10001.
 # Debian 12 (bookworm) and Python 3.11: what e2e/cluster/image.py builds without Docker
-# (tests/unit/test_image_recipe.py keeps the two in step).
+# (tests/unit/test_dockerfile.py keeps the two in step).
+
+# The dashboard's page (dashboard-ui/: Preact, uPlot, dagre), bundled by Vite. Only the
+# built page leaves this stage: the image carries no Node.js.
+FROM node:20-bookworm-slim AS ui
+WORKDIR /src/dashboard-ui
+COPY dashboard-ui ./
+RUN npm ci --no-audit --no-fund && npm run build
+
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -20,6 +28,7 @@ RUN groupadd --system --gid 10001 kubetasks \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator ./operator
+COPY --from=ui /src/operator/kubetasks/dashboard/static ./operator/kubetasks/dashboard/static
 RUN pip install --no-cache-dir . && rm -rf /src
 
 WORKDIR /app

@@ -8,15 +8,25 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export KUBETASKS_RUN_DIR := $(CURDIR)/.run
 
-.PHONY: venv dev down demo test lint unit integration e2e bench cluster cluster-down clean faults
+.PHONY: venv ui chromium dev down demo test lint unit integration e2e bench cluster cluster-down clean faults
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PY) -m venv $(VENV); }
+	@command -v npm >/dev/null || { echo "the dashboard's page is built with Node.js 20 and npm: install them first"; exit 1; }
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,fast]'
 	@touch $(STAMP)
 
+# The editable install built the dashboard's page once; this rebuilds it when its sources changed.
 venv: $(STAMP)
+	@$(BIN)/python operator/_kubetasks_ui.py
+
+ui: venv ## rebuild the dashboard's page (dashboard-ui/ -> operator/kubetasks/dashboard/static/)
+	$(BIN)/python operator/_kubetasks_ui.py --force
+
+# The browser tests drive Debian's chromium (never a downloaded browser).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 dev: venv ## start PostgreSQL and Redis on free ports under .run/
 	$(BIN)/kubetasks dev up
@@ -37,13 +47,13 @@ lint: venv
 unit: venv
 	$(BIN)/pytest tests/unit -q
 
-integration: venv
+integration: venv chromium
 	$(BIN)/pytest tests/integration -q
 
 e2e: venv
 	$(BIN)/pytest e2e -q -p no:cacheprovider
 
-test: venv lint ## everything CI runs: unit, integration (PostgreSQL, Redis), e2e (kube-apiserver, kubectl, helm, a real node)
+test: venv lint chromium ## everything CI runs: unit, integration (PostgreSQL, Redis, Chromium), e2e (kube-apiserver, kubectl, helm, a real node)
 	bash e2e/cluster/build.sh
 	bash e2e/cluster/schemas.sh
 	bash tests/faults/build_toxiproxy.sh >/dev/null

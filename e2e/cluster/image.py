@@ -66,8 +66,12 @@ PYTHON_MINOR = "3.11"
 BASE_PACKAGES = ("python3", "python3-venv")
 MIRROR = os.environ.get("KUBETASKS_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 VENV = "/opt/kubetasks"
-# What the Dockerfile COPYs before `pip install .`; the wheel is built from these alone.
+# What the Dockerfile COPYs before `pip install .`; the wheel is built from these alone,
+# plus the dashboard's page, which its Node stage builds from UI_SOURCES (here: the
+# build backend's own page build, on the host).
 SOURCES = ("pyproject.toml", "README.md", "operator")
+UI_SOURCES = ("dashboard-ui",)
+STATIC = "operator/kubetasks/dashboard/static"
 # The Dockerfile's user, working directory, environment, port and command.
 USER_NAME, UID, GID = "kubetasks", 10001, 10001
 SHELL = "/usr/sbin/nologin"
@@ -278,7 +282,7 @@ def deps_layer(base_key: str, base_root: Path) -> tuple[str, Path, dict[str, obj
 def source_files() -> list[Path]:
     """The files of SOURCES a build sees: tracked or new, not ignored (no caches, no build output)."""
     listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "--", *SOURCES],
+        ["git", "ls-files", "-co", "--exclude-standard", "--", *SOURCES, *UI_SOURCES],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -308,9 +312,15 @@ def kubetasks_layer(deps_key: str, deps_root: Path) -> tuple[str, dict[str, obje
     shutil.rmtree(tmp, ignore_errors=True)
     staging = tmp / "src"
     for f in files:
-        dst = staging / f.relative_to(ROOT)
+        rel = f.relative_to(ROOT)
+        if rel.parts[0] in UI_SOURCES:
+            continue  # the Node stage's input: only the page it builds goes on
+        dst = staging / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dst)
+    # COPY --from=ui: the page, built from the sources hashed above.
+    run([sys.executable, str(ROOT / "operator" / "_kubetasks_ui.py")])
+    shutil.copytree(ROOT / STATIC, staging / STATIC)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_FIND_LINKS")}
     run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "wheel"), str(staging)],

@@ -52,6 +52,22 @@ def the(name: str) -> list[str]:
     return [args for ins, args in instructions() if ins == name]
 
 
+def stage(name_or_last: str | None = None) -> list[tuple[str, str]]:
+    """The instructions of one build stage (``FROM ... AS name``; None: the last, the image)."""
+    stages: list[list[tuple[str, str]]] = []
+    for ins, args in instructions():
+        if ins == "FROM":
+            stages.append([])
+        stages[-1].append((ins, args))
+    if name_or_last is None:
+        return stages[-1]
+    for st in stages:
+        words = st[0][1].split()
+        if len(words) == 3 and words[1].upper() == "AS" and words[2] == name_or_last:
+            return st
+    raise AssertionError(f"no stage {name_or_last!r}")
+
+
 def pip_install_args() -> list[str]:
     """The `pip install ...` command of the RUN step that installs kubetasks."""
     for run in the("RUN"):
@@ -80,13 +96,17 @@ def dockerignored(rel: str, patterns: list[str]) -> bool:
     return ignored
 
 
-def build_context(dest: Path) -> None:
-    """Copy what the build would see: the repository minus .dockerignore."""
-    patterns = [
+def ignore_patterns() -> list[str]:
+    return [
         ln.strip()
         for ln in (ROOT / ".dockerignore").read_text().splitlines()
         if ln.strip() and not ln.startswith("#")
     ]
+
+
+def build_context(dest: Path) -> None:
+    """Copy what the build would see: the repository minus .dockerignore."""
+    patterns = ignore_patterns()
     tracked = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -99,7 +119,9 @@ def build_context(dest: Path) -> None:
 class TestDockerfile:
     def test_image_contract(self) -> None:
         """python:3.11-slim-bookworm, uid 10001, ENTRYPOINT kubetasks, CMD run, metrics port exposed."""
-        assert the("FROM") == ["python:3.11-slim-bookworm"]
+        # The dashboard's page is built by a Node stage; the image is the Python stage.
+        assert the("FROM") == ["node:20-bookworm-slim AS ui", "python:3.11-slim-bookworm"]
+        assert [a for i, a in stage("ui") if i == "RUN"] == ["npm ci --no-audit --no-fund && npm run build"]
         assert the("USER") == ["10001:10001"]
         assert json.loads(the("ENTRYPOINT")[-1]) == ["kubetasks"]
         assert json.loads(the("CMD")[-1]) == ["run"]
@@ -111,33 +133,59 @@ class TestDockerfile:
         assert order.index("USER") > max(i for i, ins in enumerate(order) if ins == "RUN")
 
     def test_build_context_is_small(self, tmp_path: Path) -> None:
-        """.dockerignore lets in pyproject.toml, README.md and operator/ only (no .venv, .run or tests)."""
+        """.dockerignore lets in pyproject.toml, README.md, operator/ and the page's sources
+        (no .venv, .run, tests, node_modules or a page built on the host)."""
         build_context(tmp_path)
         top = sorted(p.name for p in tmp_path.iterdir())
-        assert top == ["README.md", "operator", "pyproject.toml"], top
+        assert top == ["README.md", "dashboard-ui", "operator", "pyproject.toml"], top
         assert not list(tmp_path.rglob("__pycache__"))
+        assert not list(tmp_path.rglob("node_modules")) and not list(tmp_path.rglob("static"))
+        assert dockerignored("operator/kubetasks/dashboard/static/index.html", ignore_patterns())
+        assert dockerignored("dashboard-ui/node_modules/preact/package.json", ignore_patterns())
         assert (tmp_path / "operator" / "kubetasks" / "store" / "sql" / "schema.sql").is_file()
 
-    @pytest.mark.timeout(280)
+    @pytest.mark.timeout(420)
     def test_the_install_step_works(self, tmp_path: Path) -> None:
         """Replaying COPY + `pip install --no-cache-dir .` into a fresh venv gives a working `kubetasks`."""
         context = tmp_path / "context"
         context.mkdir()
         build_context(context)
+        # The Node stage, replayed: its COPY into its WORKDIR, then its RUN (npm from the registry).
+        ui_root = tmp_path / "ui"
+        ui_stage = stage("ui")
+        [ui_workdir] = [a for i, a in ui_stage if i == "WORKDIR"]
+        ui_dir = ui_root / ui_workdir.lstrip("/")
+        [ui_copy] = [shlex.split(a) for i, a in ui_stage if i == "COPY"]
+        shutil.copytree(context / ui_copy[0], ui_dir)
+        [ui_run] = [a for i, a in ui_stage if i == "RUN"]
+        built = subprocess.run(
+            ["bash", "-c", ui_run], cwd=ui_dir, capture_output=True, text=True, timeout=240
+        )
+        assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+
         src = tmp_path / "image" / "src"  # WORKDIR /src
         src.mkdir(parents=True)
         assert "/src" in the("WORKDIR")
-        for args in the("COPY"):
-            *sources, target = shlex.split(args)
+        for ins, args in stage(None):
+            if ins != "COPY":
+                continue
+            words = shlex.split(args)
+            origin = context
+            if words[0].startswith("--from="):
+                assert words[0] == "--from=ui", words
+                origin, words = ui_root, words[1:]
+            *sources, target = words
             into_dir = target.endswith("/") or len(sources) > 1
             for s in sources:
                 dest = src / target / Path(s).name if into_dir else src / target
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                if (context / s).is_dir():
-                    shutil.copytree(context / s, dest)
+                if (origin / s.lstrip("/")).is_dir():
+                    shutil.copytree(origin / s.lstrip("/"), dest)
                 else:
-                    shutil.copy2(context / s, dest)
+                    shutil.copy2(origin / s.lstrip("/"), dest)
         assert (src / "pyproject.toml").is_file() and (src / "operator" / "kubetasks" / "cli.py").is_file()
+        assert (src / "operator" / "kubetasks" / "dashboard" / "static" / "index.html").is_file()
+        assert not (src / "dashboard-ui").exists()  # the Python stage never sees the page's sources
 
         base = shutil.which("python3.11") or sys.executable  # the image is python:3.11
         venv = tmp_path / "venv"
@@ -188,7 +236,8 @@ class TestDockerfile:
                 "-c",
                 "from importlib.resources import files; import kubetasks, sys;"
                 "assert 'site-packages' in kubetasks.__file__, kubetasks.__file__;"
-                "assert (files('kubetasks') / 'store' / 'sql' / 'schema.sql').is_file()",
+                "assert (files('kubetasks') / 'store' / 'sql' / 'schema.sql').is_file();"
+                "assert (files('kubetasks') / 'dashboard' / 'static' / 'index.html').is_file()",
             ],
             cwd=app_dir,
             env=env,
@@ -247,8 +296,15 @@ class TestImageScript:
 
     def test_same_files_and_no_extras(self, tmp_path: Path) -> None:
         image = image_script()
-        copied = sorted(s.rstrip("/") for args in the("COPY") for s in shlex.split(args)[:-1])
+        copied = sorted(
+            s.rstrip("/") for i, args in stage(None) if i == "COPY" and not args.startswith("--from")
+            for s in shlex.split(args)[:-1]
+        )  # fmt: skip
         assert copied == sorted(image.SOURCES)
+        ui_copied = sorted(
+            s.rstrip("/") for i, args in stage("ui") if i == "COPY" for s in shlex.split(args)[:-1]
+        )
+        assert ui_copied == sorted(image.UI_SOURCES)
         build_context(tmp_path)
         context = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
         files = {str(p.relative_to(ROOT)) for p in image.source_files()}
