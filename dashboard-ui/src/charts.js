@@ -19,7 +19,7 @@ const COLORS = {
 };
 
 // series: [{label, key, color, bars?}], points: [{at, [key]: value}]
-export function TimeChart({ title, points, series, yLabel, log, seconds, height = 180, testid }) {
+export function TimeChart({ title, points, series, yLabel, log, seconds, height = 180, testid, range }) {
   const box = useRef(null);
   const plot = useRef(null);
   useEffect(() => {
@@ -32,7 +32,11 @@ export function TimeChart({ title, points, series, yLabel, log, seconds, height 
       height,
       legend: { show: true },
       cursor: { drag: { x: false, y: false } },
-      scales: { x: { time: true }, y: log ? { distr: 3 } : { range: (u, min, max) => [0, Math.max(1, max)] } },
+      scales: {
+        // The whole window, however few points it has (a quiet hour is a flat line, not a zoom on one point).
+        x: range ? { time: true, range: () => range } : { time: true },
+        y: log ? { distr: 3 } : { range: (u, min, max) => [0, Math.max(1, max)] },
+      },
       axes: [
         {},
         {
@@ -49,7 +53,8 @@ export function TimeChart({ title, points, series, yLabel, log, seconds, height 
           fill: s.bars ? (s.color || COLORS[s.key]) + "55" : undefined,
           width: 1.5,
           paths: s.bars ? uPlot.paths.bars({ size: [0.8, 40] }) : undefined,
-          points: { show: false },
+          points: { show: !!s.points, size: 4 },
+          spanGaps: false,
           value: seconds ? (u, v) => (v === null ? "–" : fmtSeconds(v)) : undefined,
         })),
       ],
@@ -60,7 +65,7 @@ export function TimeChart({ title, points, series, yLabel, log, seconds, height 
       if (plot.current) plot.current.destroy();
       plot.current = null;
     };
-  }, [points, series.map((s) => s.key).join(",")]);
+  }, [points, series.map((s) => s.key).join(","), range && range.join(",")]);
   return html`<figure class="chart" data-testid=${testid}>
     <figcaption>${title}</figcaption>
     <div ref=${box}></div>
@@ -70,24 +75,34 @@ export function TimeChart({ title, points, series, yLabel, log, seconds, height 
 const NODE_W = 170;
 const NODE_H = 46;
 
-// nodes: [{id, parent_id, handler, status, run_s, on_critical_path}]
-export function WorkflowGraph({ nodes, onOpen }) {
-  const g = new Graph();
+// nodes: [{id, parent_id, handler, status, run_s, on_critical_path}]; path: the critical path's ids.
+// Solid edges: a parent spawned a child. Dashed: along the critical path, a child that was
+// spawned only after a sibling ended (the parent waited for that sibling first).
+export function WorkflowGraph({ nodes, path, onOpen }) {
+  const g = new Graph({ multigraph: true });
   g.setGraph({ rankdir: "TB", nodesep: 24, ranksep: 46, marginx: 12, marginy: 12 });
   g.setDefaultEdgeLabel(() => ({}));
   const ids = new Set(nodes.map((n) => n.id));
+  const byId = new Map(nodes.map((n) => [String(n.id), n]));
+  const onPath = new Set();
+  for (let i = 0; i + 1 < path.length; i++) onPath.add(`${path[i]}>${path[i + 1]}`);
   for (const n of nodes) g.setNode(String(n.id), { width: NODE_W, height: NODE_H });
   for (const n of nodes) {
-    if (n.parent_id !== null && ids.has(n.parent_id)) g.setEdge(String(n.parent_id), String(n.id));
+    if (n.parent_id !== null && ids.has(n.parent_id)) g.setEdge(String(n.parent_id), String(n.id), { kind: "spawn" }, "spawn");
+  }
+  for (let i = 0; i + 1 < path.length; i++) {
+    const a = byId.get(String(path[i]));
+    const b = byId.get(String(path[i + 1]));
+    if (a && b && a.parent_id === b.parent_id) g.setEdge(String(a.id), String(b.id), { kind: "after" }, "after");
   }
   layout(g);
-  const byId = new Map(nodes.map((n) => [String(n.id), n]));
   const { width, height } = g.graph();
   const edges = g.edges().map((e) => {
     const pts = g.edge(e).points;
-    const critical = byId.get(e.v).on_critical_path && byId.get(e.w).on_critical_path;
+    const critical = onPath.has(`${e.v}>${e.w}`);
     const d = pts.map((p, i) => `${i ? "L" : "M"}${p.x.toFixed(1)},${p.y.toFixed(1)}`).join(" ");
-    return html`<path class=${"edge" + (critical ? " critical" : "")} d=${d} />`;
+    const cls = "edge" + (e.name === "after" ? " after" : "") + (critical ? " critical" : "");
+    return html`<path class=${cls} d=${d} data-edge=${`${e.v}>${e.w}`} />`;
   });
   const boxes = g.nodes().map((id) => {
     const n = byId.get(id);

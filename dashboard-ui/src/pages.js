@@ -35,6 +35,7 @@ export function Overview({ session }) {
   const perMin = lastFull ? (lastFull.succeeded + lastFull.failed + lastFull.cancelled) / data.step : 0;
   const all = data.all || {};
   const t = data.totals;
+  const range = [new Date(series[0].at).getTime() / 1000, new Date(data.now).getTime() / 1000];
   return html`<section class="overview">
     <div class="toolbar">
       <h1>Overview</h1>
@@ -66,30 +67,30 @@ export function Overview({ session }) {
         <span class="s">start → finish</span></div>
     </div>
     <div class="charts">
-      <${TimeChart} testid="chart-throughput" title="Finished tasks per ${data.step === 1 ? "minute" : data.step + " minutes"}"
+      <${TimeChart} range=${range} testid="chart-throughput" title="Finished tasks per ${data.step === 1 ? "minute" : data.step + " minutes"}"
         points=${series} series=${[
           { label: "succeeded", key: "succeeded", bars: true },
           { label: "failed", key: "failed", bars: true },
           { label: "cancelled", key: "cancelled" },
         ]} />
-      <${TimeChart} testid="chart-depth" title="Queue depth"
+      <${TimeChart} range=${range} testid="chart-depth" title="Queue depth"
         points=${data.depth} series=${[
-          { label: "pending", key: "pending" },
-          { label: "due", key: "due" },
-          { label: "running", key: "running" },
-          { label: "held", key: "held" },
+          { label: "pending", key: "pending", points: true },
+          { label: "due", key: "due", points: true },
+          { label: "running", key: "running", points: true },
+          { label: "held", key: "held", points: true },
         ]} />
-      <${TimeChart} testid="chart-wait" title="Wait, due → start" seconds log
+      <${TimeChart} range=${range} testid="chart-wait" title="Wait, due → start" seconds log
         points=${series} series=${[
-          { label: "p50", key: "wait_p50", color: "#3f7be0" },
-          { label: "p95", key: "wait_p95", color: "#e09b2d" },
-          { label: "p99", key: "wait_p99", color: "#d64545" },
+          { label: "p50", key: "wait_p50", points: true, color: "#3f7be0" },
+          { label: "p95", key: "wait_p95", points: true, color: "#e09b2d" },
+          { label: "p99", key: "wait_p99", points: true, color: "#d64545" },
         ]} />
-      <${TimeChart} testid="chart-run" title="Run time, start → finish" seconds log
+      <${TimeChart} range=${range} testid="chart-run" title="Run time, start → finish" seconds log
         points=${series} series=${[
-          { label: "p50", key: "run_p50", color: "#3f7be0" },
-          { label: "p95", key: "run_p95", color: "#e09b2d" },
-          { label: "p99", key: "run_p99", color: "#d64545" },
+          { label: "p50", key: "run_p50", points: true, color: "#3f7be0" },
+          { label: "p95", key: "run_p95", points: true, color: "#e09b2d" },
+          { label: "p99", key: "run_p99", points: true, color: "#d64545" },
         ]} />
     </div>
     <div class="two">
@@ -316,7 +317,7 @@ function Timeline({ attempts, events, task }) {
       const a = new Date(r.started_at).getTime();
       const b = r.finished_at ? new Date(r.finished_at).getTime() : now;
       const left = ((a - t0) / span) * 100;
-      const width = Math.max(0.5, ((b - a) / span) * 100);
+      const width = Math.max(2, ((b - a) / span) * 100);
       const marks = fenced.filter((e) => e.attempt === r.attempt);
       return html`<div class="tl-row">
         <span class="tl-label">attempt ${r.attempt}<br /><small>${r.pod_id || "?"} · ${(r.worker_id || "").slice(0, 8)}</small></span>
@@ -423,15 +424,17 @@ export function Workflow({ id }) {
       <dt>tasks</dt><dd>${data.tasks}: ${Object.entries(data.counts).map(([s, n]) => `${n} ${s}`).join(", ")}</dd>
       <dt>time</dt><dd>${fmtSeconds(data.total_s)} running in all, ${fmtSeconds(data.wall_s)} wall</dd>
       <dt>retries</dt><dd>${data.retries}</dd>
-      <dt>critical path</dt><dd data-testid="critical-path">${fmtSeconds(data.critical_path_s)}:
+      <dt>critical path</dt><dd data-testid="critical-path">${fmtSeconds(data.critical_path_s)}:${" "}
         ${data.critical_path.map((tid, i) => html`${i ? " → " : ""}<${TaskLink} id=${tid} />`)}</dd>
     </dl>
     ${data.truncated ? html`<p class="muted">Showing ${data.nodes.length} of ${data.tasks} tasks (the critical path always).</p>` : null}
     ${big ? html`<p class="muted">Too many tasks to draw; the list:</p>
       <table><tbody>${data.nodes.map((n) => html`<tr class=${n.on_critical_path ? "critical" : ""}>
         <td><${TaskLink} id=${n.id} /></td><td>${n.handler}</td><td><${Status} status=${n.status} /></td><td>${fmtSeconds(n.run_s)}</td></tr>`)}</tbody></table>`
-      : html`<${WorkflowGraph} nodes=${data.nodes} onOpen=${(tid) => { location.hash = "#/task/" + tid; }} />
-      <p class="legend"><span class="crit-swatch"></span> critical path: the chain of dependent tasks with the most running time</p>`}
+      : html`<${WorkflowGraph} nodes=${data.nodes} path=${data.critical_path}
+          onOpen=${(tid) => { location.hash = "#/task/" + tid; }} />
+      <p class="legend"><span class="crit-swatch"></span> critical path: the chain of dependent tasks with the most
+        running time · solid: spawned by · dashed: spawned after that sibling ended</p>`}
   </section>`;
 }
 
