@@ -4,7 +4,7 @@ kubetasks`` serves the page without any network.
 
 The build runs only when the page's sources changed since the last one (a hash of
 them is kept in ``static/.source-hash``): ``npm ci`` when ``node_modules`` is
-missing or older than ``package-lock.json``, then ``npm run build``. Where there is
+missing, incomplete or older than ``package-lock.json``, then ``npm run build``. Where there is
 no npm (the Python stage of the Dockerfile, which copies the page its Node stage
 built) a page already in ``static/`` is used as it is; with neither npm nor a built
 page the build fails and says what to install.
@@ -73,7 +73,10 @@ def build_ui(force: bool = False) -> None:
         "npm_config_fund": "false",
         "npm_config_update_notifier": "false",
     }
-    if not modules.is_dir() or (modules / ".package-lock.json").stat().st_mtime < lock.stat().st_mtime:
+    # npm writes node_modules/.package-lock.json last: without it (no install, or one cut
+    # short) the directory is not trusted and npm ci starts it again.
+    installed = modules / ".package-lock.json"
+    if not installed.is_file() or installed.stat().st_mtime < lock.stat().st_mtime:
         _say("npm ci (the page's dependencies, from the npm registry)")
         subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=UI, check=True, env=env)
     _say("npm run build (Vite)")

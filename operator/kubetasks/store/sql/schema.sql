@@ -1023,29 +1023,6 @@ BEGIN
     more := unparked >= p_budget;
     SELECT coalesce(jsonb_object_agg(h.name, h.cluster_concurrency), '{}') INTO limits
     FROM handlers h WHERE h.name = ANY (p_handlers) AND h.cluster_concurrency IS NOT NULL;
-
--- Operations and the dashboard (0012): bulk cancel's batch; partial indexes for recent failures and held
--- tasks; per-minute rollups the dashboard's overview reads.
-
-CREATE INDEX tasks_failed_recent ON tasks (finished_at) WHERE status = 'failed';
-CREATE INDEX tasks_held ON tasks (queue) WHERE status IN ('paused', 'suspended');
-
--- Cancel the unfinished tasks among p_ids and every unfinished descendant of
--- p_ids, level by level, as cancel_tree does for one task (each level's
--- children read after the level above was locked).
-CREATE FUNCTION cancel_forest(p_ids bigint[], p_reason text)
-RETURNS TABLE (cancelled integer, descendants integer) LANGUAGE plpgsql AS $$
-DECLARE
-    lvl bigint[] := p_ids;
-BEGIN
-    cancelled := cancel_tasks(lvl, p_reason);
-    descendants := 0;
-    LOOP
-        SELECT array_agg(c.id ORDER BY c.id) INTO lvl
-        FROM tasks c WHERE c.parent_id = ANY (lvl) AND c.parent_id IS NOT NULL;
-        EXIT WHEN lvl IS NULL;
-        descendants := descendants + cancel_tasks(lvl, 'parent task cancelled: ' || p_reason);
-    END LOOP;
     RETURN NEXT;
 END;
 $$;
@@ -1135,6 +1112,32 @@ BEGIN
     END IF;
     SELECT coalesce(jsonb_object_agg(h.name, h.cluster_concurrency), '{}') INTO limits
     FROM handlers h WHERE h.name = ANY (p_handlers) AND h.cluster_concurrency IS NOT NULL;
+    RETURN NEXT;
+END;
+$$;
+
+-- Operations and the dashboard (0012): bulk cancel's batch; partial indexes for recent failures and held
+-- tasks; per-minute rollups the dashboard's overview reads.
+
+CREATE INDEX tasks_failed_recent ON tasks (finished_at) WHERE status = 'failed';
+CREATE INDEX tasks_held ON tasks (queue) WHERE status IN ('paused', 'suspended');
+
+-- Cancel the unfinished tasks among p_ids and every unfinished descendant of
+-- p_ids, level by level, as cancel_tree does for one task (each level's
+-- children read after the level above was locked).
+CREATE FUNCTION cancel_forest(p_ids bigint[], p_reason text)
+RETURNS TABLE (cancelled integer, descendants integer) LANGUAGE plpgsql AS $$
+DECLARE
+    lvl bigint[] := p_ids;
+BEGIN
+    cancelled := cancel_tasks(lvl, p_reason);
+    descendants := 0;
+    LOOP
+        SELECT array_agg(c.id ORDER BY c.id) INTO lvl
+        FROM tasks c WHERE c.parent_id = ANY (lvl) AND c.parent_id IS NOT NULL;
+        EXIT WHEN lvl IS NULL;
+        descendants := descendants + cancel_tasks(lvl, 'parent task cancelled: ' || p_reason);
+    END LOOP;
     RETURN NEXT;
 END;
 $$;
