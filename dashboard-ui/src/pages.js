@@ -230,7 +230,8 @@ export function Tasks({ query, session }) {
       <thead><tr><th>id</th><th>handler</th><th>queue</th><th>status</th><th>attempts</th><th>pod</th>
         <th>created</th><th>took</th><th>error</th></tr></thead>
       <tbody>${items.map((t) => html`<tr data-task=${t.id}>
-        <td><${TaskLink} id=${t.id} /></td><td>${t.handler}</td><td>${t.queue}</td><td><${Status} status=${t.status} /></td>
+        <td><${TaskLink} id=${t.id} /></td><td>${t.handler}</td><td>${t.queue}</td><td><${Status} status=${t.status} />${t.parked
+          ? html` <span class="badge parked" title="no active worker serves this handler in this queue">parked</span>` : null}</td>
         <td>${t.attempts_spent}/${t.max_attempts}</td><td>${t.pod_id || ""}</td>
         <td title=${fmtTime(t.created_at)}>${fmtAgo(t.created_at)}</td>
         <td>${t.finished_at && t.started_at ? fmtSeconds((new Date(t.finished_at) - new Date(t.started_at)) / 1000) : ""}</td>
@@ -373,6 +374,8 @@ export function Task({ id, session }) {
       </span>
     </div>
     <${ErrorBox} error=${error} />
+    ${task.waiting ? html`<p class="waiting" role="status" data-testid="waiting">Waiting${task.parked ? " (parked)" : ""}:
+      ${task.waiting}. It runs when a worker that serves it starts.</p>` : null}
     <dl class="facts">
       <dt>queue</dt><dd><a href=${"#/tasks?queue=" + encodeURIComponent(task.queue)}>${task.queue}</a> (priority ${task.priority})</dd>
       <dt>attempts</dt><dd>${task.attempts_spent} of ${task.max_attempts} spent (latest run #${task.attempt})</dd>
@@ -482,12 +485,13 @@ export function Queues({ session }) {
     <div class="toolbar"><h1>Queues</h1></div>
     <${ErrorBox} error=${error} />
     ${data.length ? html`<table data-testid="queues">
-      <thead><tr><th>queue</th><th>state</th><th>due</th><th>pending</th><th>oldest due</th><th>running</th>
-        <th>paused tasks</th><th>waiting for children</th><th>workers (slots)</th><th>last hour ✓ / ✗ / cancelled</th><th></th></tr></thead>
+      <thead><tr><th>queue</th><th>state</th><th>due</th><th>pending</th><th title="pending, but no active worker serves their handler here">parked</th>
+        <th>oldest due</th><th>running</th><th>paused tasks</th><th>waiting for children</th><th>workers (slots)</th><th>last hour ✓ / ✗ / cancelled</th><th></th></tr></thead>
       <tbody>${data.map((q) => html`<tr data-queue=${q.queue}>
         <td><a href=${"#/tasks?queue=" + encodeURIComponent(q.queue)}>${q.queue}</a></td>
         <td>${q.paused ? html`<span class="badge st-paused">paused</span>` : "claiming"}</td>
-        <td>${fmtNumber(q.due)}</td><td>${fmtNumber(q.pending)}</td><td>${fmtSeconds(q.oldest_due_s)}</td>
+        <td>${fmtNumber(q.due)}</td><td>${fmtNumber(q.pending)}</td>
+        <td class=${q.parked ? "bad" : ""}>${fmtNumber(q.parked)}</td><td>${fmtSeconds(q.oldest_due_s)}</td>
         <td>${fmtNumber(q.running)}</td><td>${fmtNumber(q.paused_tasks)}</td><td>${fmtNumber(q.suspended)}</td>
         <td class=${q.workers ? "" : q.due ? "bad" : ""}>${q.workers} (${q.slots})</td>
         <td>${fmtNumber(q.succeeded_1h)} / <span class=${q.failed_1h ? "bad" : ""}>${fmtNumber(q.failed_1h)}</span> / ${fmtNumber(q.cancelled_1h)}</td>

@@ -54,6 +54,8 @@ class TaskSummary:
     parent_id: int | None
     dedupe_key: str | None
     error: str | None
+    #: Pending, but no active worker serves its handler in its queue: it waits out of the claim's way.
+    parked: bool = False
 
     @classmethod
     def from_row(cls, r: Any) -> TaskSummary:
@@ -65,7 +67,7 @@ class TaskSummary:
             started_at=r["started_at"], finished_at=r["finished_at"],
             worker_id=None if r["worker_id"] is None else str(r["worker_id"]), pod_id=r["pod_id"],
             progress=r["progress"], progress_message=r["progress_message"], tags=list(r["tags"]),
-            parent_id=r["parent_id"], dedupe_key=r["dedupe_key"], error=r["error"],
+            parent_id=r["parent_id"], dedupe_key=r["dedupe_key"], error=r["error"], parked=r["parked"],
         )  # fmt: skip
 
 

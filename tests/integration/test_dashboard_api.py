@@ -570,3 +570,35 @@ async def _seed_failed(d: Dash, n: int = 1, queue: str = "default") -> list[int]
         n,
     )
     return [int(r["id"]) for r in rows]
+
+
+async def test_a_task_no_worker_serves_says_why_it_waits(dash: Dash, db_url: str) -> None:
+    """A pending task whose handler no active worker serves: its page says why it waits, from
+    the workers (before the parking pass ran) and once parked; the listing marks it parked and
+    the queue page counts it among the pending and apart as parked. A served one says nothing."""
+    async with running_worker(db_url) as w, client(dash, headers=AUTH) as c:
+        served = await w.enqueue("dash.ok", {}, delay=3600)
+        lost = await dash.app.enqueue("dash.nobody", {})
+
+        async def get(path: str) -> Any:
+            r = await c.get(f"/api/v1/{path}")
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        t = await get(f"tasks/{lost}")
+        assert t["status"] == "pending"
+        assert "no active worker serves handler 'dash.nobody' in queue 'default'" in t["waiting"], t
+        assert (await get(f"tasks/{served}"))["waiting"] is None
+
+        async def parked() -> bool:
+            await dash.app.store.run("park_unserved", [], 0.0, True, 1000)
+            return bool((await get(f"tasks/{lost}"))["parked"])
+
+        await until(parked, 30, "the parking pass to park the unserved task")
+        t = await get(f"tasks/{lost}")
+        assert t["status"] == "pending" and t["waiting"], t
+        assert not (await get(f"tasks/{served}"))["parked"]
+        items = {i["id"]: i for i in (await get("tasks?status=pending&limit=50"))["items"]}
+        assert items[lost]["parked"] is True and items[served]["parked"] is False
+        (q,) = [q for q in await get("queues") if q["queue"] == "default"]
+        assert q["parked"] == 1 and q["pending"] == 2, q

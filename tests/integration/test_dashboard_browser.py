@@ -129,6 +129,28 @@ async def test_retry_from_the_page_changes_the_task_in_the_database(browser: Bro
     assert {(await dash.app.get_task(i)).status for i in rest} == {"pending"}
 
 
+async def test_a_task_no_worker_serves_says_why_it_waits(browser: Browser, dash: Dash) -> None:
+    """With no worker up, a pending task's page says why it waits; once the parking pass parked
+    it the list marks it parked and the queue page counts it."""
+    tid = await dash.app.enqueue("dash.nobody", {}, queue="orphans")
+    page = await open_page(browser, dash, f"#/task/{tid}")
+    await expect(page.get_by_test_id("task-status")).to_have_text("pending")
+    waiting = page.get_by_test_id("waiting")
+    await expect(waiting).to_contain_text("no active worker serves handler 'dash.nobody' in queue 'orphans'")
+    await expect(waiting).not_to_contain_text("(parked)")
+    await dash.app.store.run("park_unserved", [], 0.0, True, 1000)
+    await page.reload()
+    await expect(page.get_by_test_id("waiting")).to_contain_text("Waiting (parked)")
+    await page.goto(dash.url + "#/tasks?queue=orphans")
+    row = page.get_by_test_id("task-table").locator(f"tr[data-task='{tid}']")
+    await expect(row.locator("td").nth(3)).to_have_text("pending parked")
+    await page.goto(dash.url + "#/queues")
+    cells = page.get_by_test_id("queues").locator("tr[data-queue='orphans'] td")
+    await expect(cells.nth(3)).to_have_text("1")  # pending
+    await expect(cells.nth(4)).to_have_text("1")  # parked
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
 async def test_a_workflow_graph_shows_its_critical_path(browser: Browser, dash: Dash, db_url: str) -> None:
     """The graph draws every task of the workflow and marks exactly the critical path: root, the
     slowest first-stage fetch, the merge after it."""

@@ -36,7 +36,7 @@ from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from kubetasks import bulk, filters, listing
+from kubetasks import bulk, filters, listing, serving
 from kubetasks.app import App, TaskRecord
 from kubetasks.config import Settings
 from kubetasks.dashboard import rollups
@@ -389,6 +389,14 @@ def build_router(ctx: Context) -> APIRouter:
             out["worker"] = None if w is None else _jsonable(dict(w))
         counts = await app.children_counts([task_id])
         out["children"] = counts.get(task_id, {})
+        # A pending task no active worker serves waits (parked once the pass has seen it): say why,
+        # from the workers now, as `kubetasks stats` does, so it holds before the pass runs too.
+        out["parked"] = bool(await app.store.run("dash_task_parked", task_id))
+        out["waiting"] = None
+        if rec.status == "pending":
+            now_serving = await serving.read(app.store)
+            if not now_serving.serves(rec.handler, rec.queue):
+                out["waiting"] = now_serving.message(rec.handler, rec.queue)
         return out
 
     @router.get("/tasks/{task_id}/attempts", summary="Every attempt of a task, with pod, worker and outcome")

@@ -83,11 +83,19 @@ ON CONFLICT (name) DO UPDATE SET done_until = greatest(rollup_state.done_until, 
 -- The depth of every queue now (and of all, queue '*'), stored as this
 -- minute's sample; a queue sampled earlier this minute and empty now gets
 -- zeros. Counts the unfinished sets through their partial indexes:
--- tasks_pending_claim, tasks_running_by_worker, tasks_held.
+-- tasks_pending_claim and tasks_parked (a parked task is pending too: it
+-- waits for a worker that serves it), tasks_running_by_worker, tasks_held.
 WITH pend AS (
-    SELECT queue, count(*) AS pending, count(*) FILTER (WHERE run_at <= now()) AS due,
-           extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8 AS oldest_due_s
-    FROM tasks WHERE status = 'pending' GROUP BY queue
+    SELECT queue, sum(pending)::bigint AS pending, sum(due)::bigint AS due,
+           extract(epoch FROM now() - min(oldest_due))::float8 AS oldest_due_s
+    FROM (
+        SELECT queue, count(*) AS pending, count(*) FILTER (WHERE run_at <= now()) AS due,
+               min(run_at) FILTER (WHERE run_at <= now()) AS oldest_due
+        FROM tasks WHERE status = 'pending' AND NOT parked GROUP BY queue
+        UNION ALL
+        SELECT queue, count(*), count(*) FILTER (WHERE run_at <= now()), min(run_at) FILTER (WHERE run_at <= now())
+        FROM tasks WHERE status = 'pending' AND parked GROUP BY queue
+    ) p GROUP BY queue
 ), run AS (
     SELECT queue, count(*) AS running FROM tasks WHERE status = 'running' GROUP BY queue
 ), held AS (
@@ -197,11 +205,21 @@ FROM workers WHERE worker_id = $1;
 
 -- name: dash_queues :many
 -- Every queue that has unfinished tasks, workers, a paused flag or finished
--- tasks in the last hour: depth now, who serves it, the last hour's outcomes.
+-- tasks in the last hour: depth now (parked: pending tasks no active worker
+-- serves, counted apart through tasks_parked), who serves it, the last hour's
+-- outcomes.
 WITH pend AS (
-    SELECT queue, count(*) AS pending, count(*) FILTER (WHERE run_at <= now()) AS due,
-           extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8 AS oldest_due_s
-    FROM tasks WHERE status = 'pending' GROUP BY queue
+    SELECT queue, sum(pending)::bigint AS pending, sum(due)::bigint AS due, sum(parked)::bigint AS parked,
+           extract(epoch FROM now() - min(oldest_due))::float8 AS oldest_due_s
+    FROM (
+        SELECT queue, count(*) AS pending, count(*) FILTER (WHERE run_at <= now()) AS due, 0 AS parked,
+               min(run_at) FILTER (WHERE run_at <= now()) AS oldest_due
+        FROM tasks WHERE status = 'pending' AND NOT parked GROUP BY queue
+        UNION ALL
+        SELECT queue, count(*), count(*) FILTER (WHERE run_at <= now()), count(*),
+               min(run_at) FILTER (WHERE run_at <= now())
+        FROM tasks WHERE status = 'pending' AND parked GROUP BY queue
+    ) p GROUP BY queue
 ), run AS (
     SELECT queue, count(*) AS running FROM tasks WHERE status = 'running' GROUP BY queue
 ), held AS (
@@ -222,7 +240,7 @@ WITH pend AS (
     UNION SELECT queue FROM served UNION SELECT queue FROM hour UNION SELECT queue FROM queue_state
 )
 SELECT n.queue, coalesce(p.pending, 0) AS pending, coalesce(p.due, 0) AS due, p.oldest_due_s,
-       coalesce(r.running, 0) AS running, coalesce(h.paused_tasks, 0) AS paused_tasks,
+       coalesce(p.parked, 0) AS parked, coalesce(r.running, 0) AS running, coalesce(h.paused_tasks, 0) AS paused_tasks,
        coalesce(h.suspended, 0) AS suspended, coalesce(s.workers, 0) AS workers, coalesce(s.slots, 0) AS slots,
        coalesce(qs.paused, false) AS paused,
        coalesce(hr.succeeded, 0) AS succeeded_1h, coalesce(hr.failed, 0) AS failed_1h,
@@ -235,3 +253,7 @@ LEFT JOIN served s ON s.queue = n.queue
 LEFT JOIN hour hr ON hr.queue = n.queue
 LEFT JOIN queue_state qs ON qs.queue = n.queue
 ORDER BY n.queue;
+
+-- name: dash_task_parked :val
+-- $1 task id. Whether the parking pass took it out of the claim's way (NULL: no such task).
+SELECT parked FROM tasks WHERE id = $1;

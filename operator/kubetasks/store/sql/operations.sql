@@ -26,7 +26,7 @@ SELECT coalesce(max(id), 0) FROM tasks;
 -- result or traceback; the error's first 300 characters).
 SELECT t.id, t.handler, t.queue, t.priority, t.status, t.attempt, t.uncharged, t.max_attempts,
        t.run_at, t.created_at, t.started_at, t.finished_at, t.worker_id, t.pod_id, t.progress,
-       t.progress_message, t.tags, t.parent_id, t.dedupe_key, left(t.error, 300) AS error
+       t.progress_message, t.tags, t.parent_id, t.dedupe_key, left(t.error, 300) AS error, t.parked
 FROM tasks t
 WHERE t.id < $10::bigint AND t.id >= $11::bigint
   -- filter:begin
