@@ -602,3 +602,14 @@ async def test_a_task_no_worker_serves_says_why_it_waits(dash: Dash, db_url: str
         assert items[lost]["parked"] is True and items[served]["parked"] is False
         (q,) = [q for q in await get("queues") if q["queue"] == "default"]
         assert q["parked"] == 1 and q["pending"] == 2, q
+
+
+async def test_api_responses_carry_the_servers_time(dash: Dash) -> None:
+    """Every API response, refusals included, says how long the server took (Server-Timing, read
+    by browsers' developer tools and bench/dashboard.py); the page itself does not."""
+    async with client(dash) as c:
+        for r in (await c.get("/api/v1/tasks", headers=AUTH), await c.get("/api/v1/tasks")):
+            kind, dur = r.headers["server-timing"].split(";dur=")
+            assert kind == "app" and 0 <= float(dur) < 60_000, r.headers
+        assert (await c.get("/api/v1/tasks")).status_code == 401
+        assert "server-timing" not in (await c.get("/")).headers

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
@@ -107,6 +108,7 @@ def create_app(ctx: Context) -> FastAPI:
 
     @api.middleware("http")
     async def security_headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        started = time.perf_counter()
         try:
             response: Response = await call_next(request)
         except Exception as exc:
@@ -120,6 +122,8 @@ def create_app(ctx: Context) -> FastAPI:
             response.headers.setdefault(k, v)
         if request.url.path.startswith("/api/"):
             response.headers.setdefault("Cache-Control", "no-store")
+            # The server's time for this request (browsers' developer tools and bench/dashboard.py read it).
+            response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
         return response
 
     @api.get("/healthz", include_in_schema=False)
