@@ -615,10 +615,15 @@ SELECT s.name, s.cron, s.timezone, s.handler, s.queue, s.concurrency_policy, s.l
        k.outcome AS last_outcome, k.reason AS last_reason,
        (SELECT c.tick_at FROM cron_ticks c
         WHERE c.schedule = s.name AND c.task_id = s.last_task_id) AS last_scheduled_at,
-       (SELECT max(c.tick_at) FROM cron_ticks c JOIN tasks r ON r.id = c.task_id
-        WHERE c.schedule = s.name AND r.status = 'succeeded') AS last_successful_at,
-       (SELECT count(*) FROM cron_ticks c JOIN tasks r ON r.id = c.task_id
-        WHERE c.schedule = s.name AND r.status IN ('pending', 'running', 'paused', 'suspended')) AS active,
+       -- Each tick's task by its id (a scalar subquery, one index probe per tick): as a join the
+       -- planner may merge it with the tasks table's whole primary key.
+       (SELECT c.tick_at FROM cron_ticks c
+        WHERE c.schedule = s.name AND (SELECT r.status FROM tasks r WHERE r.id = c.task_id) = 'succeeded'
+        ORDER BY c.tick_at DESC LIMIT 1) AS last_successful_at,
+       (SELECT count(*) FROM cron_ticks c
+        WHERE c.schedule = s.name AND c.task_id IS NOT NULL
+          AND (SELECT r.status FROM tasks r WHERE r.id = c.task_id)
+              IN ('pending', 'running', 'paused', 'suspended')) AS active,
        now() AS db_now
 FROM schedules s
 LEFT JOIN tasks t ON t.id = s.last_task_id
