@@ -32,6 +32,7 @@ dev: venv ## start PostgreSQL and Redis on free ports under .run/
 	$(BIN)/kubetasks dev up
 
 down: ## stop everything started under .run/, and the local node if this clone owns it
+	-@pid=$$(cat .run/dashboard.pid 2>/dev/null) && grep -qa dashboard /proc/$$pid/cmdline 2>/dev/null && kill $$pid; rm -f .run/dashboard.pid
 	-@test -x $(BIN)/kubetasks && $(BIN)/kubetasks dev down
 	-@test -x e2e/cluster/down.sh && bash e2e/cluster/down.sh
 

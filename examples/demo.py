@@ -13,7 +13,9 @@
 4. `kubectl apply -f examples/tasks/`, then `kubectl get tasks -o wide` until
    every Task has ended (the POD column names the pod that ran it);
 5. `kubectl get pods -o wide` and each pod's metrics URL, with a few figures;
-6. how to go on by hand. Everything keeps running until `make down`.
+6. `kubetasks dashboard` on this machine, on the demo's database (its log in
+   .run/dashboard.log): its URL, with a one-time login token;
+7. how to go on by hand. Everything keeps running until `make down`.
 
 Exit code 0 only if every Task succeeded.
 """
@@ -22,6 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import secrets
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -122,6 +128,57 @@ def metrics_lines(url: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.startswith(wanted)][:6]
 
 
+DASHBOARD_PID = ROOT / ".run" / "dashboard.pid"
+DASHBOARD_LOG = ROOT / ".run" / "dashboard.log"
+
+
+def dashboard_stopped() -> None:
+    """The dashboard an earlier `make demo` left running (`make down` does the same)."""
+    try:
+        pid = int(DASHBOARD_PID.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        DASHBOARD_PID.unlink(missing_ok=True)
+        return
+    if b"dashboard" in cmdline:  # the pid is ours, not one the system gave out again
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    DASHBOARD_PID.unlink(missing_ok=True)
+
+
+def dashboard_started(db_url: str) -> str:
+    """`kubetasks dashboard` on a free loopback port, detached so it outlives the demo; its URL
+    with a login token (the page drops it from the address bar at once)."""
+    dashboard_stopped()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = secrets.token_urlsafe(24)
+    env = {
+        **os.environ, "KUBETASKS_DATABASE_URL": db_url, "KUBETASKS_DASHBOARD_TOKEN": token,
+        "KUBETASKS_DASHBOARD_WRITES": "true", "KUBETASKS_POD_ID": "demo-dashboard",
+    }  # fmt: skip
+    log = DASHBOARD_LOG.open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetasks", "dashboard", "--port", str(port)],
+        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+    )  # fmt: skip
+    DASHBOARD_PID.write_text(f"{proc.pid}\n")
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(url + "healthz", timeout=2):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the dashboard did not start; see {DASHBOARD_LOG}") from None
+            time.sleep(0.2)
+    return f"{url}#token={token}"
+
+
 def main() -> int:
     t_start = time.monotonic()
     step(1, "PostgreSQL and Redis under .run/")
@@ -202,7 +259,13 @@ def main() -> int:
         for line in metrics_lines(murl):
             console.print(f"      {line}", highlight=False)
 
-    step(6, f"summary: {ok} of {len(items)} Tasks Succeeded, run by {', '.join(ran_in)}; "
+    step(6, "the dashboard (kubetasks dashboard, on this machine; writes enabled)")
+    console.print(f"   {dashboard_started(url)}", highlight=False)
+    console.print(
+        f"   its log: {DASHBOARD_LOG}; its API: /api/v1, described at /api/v1/openapi.json", highlight=False
+    )
+
+    step(7, f"summary: {ok} of {len(items)} Tasks Succeeded, run by {', '.join(ran_in)}; "
          f"make demo took {time.monotonic() - t_start:.0f}s")  # fmt: skip
     console.print(
         "\n[bold]Go on by hand[/bold] (everything keeps running until `make down`):\n"
@@ -212,7 +275,7 @@ def main() -> int:
         f"  kubectl -n {NAMESPACE} delete task resize-1 && kubectl -n {NAMESPACE} apply -f examples/tasks/\n"
         f"  kubectl -n {NAMESPACE} logs -l app.kubernetes.io/instance={RELEASE} -f\n"
         f"  kubectl -n {NAMESPACE} delete pod <pod>   # its running tasks are handed back\n"
-        "  make down   # stops the node, the control plane, PostgreSQL and Redis",
+        "  make down   # stops the dashboard, the node, the control plane, PostgreSQL and Redis",
         highlight=False,
     )
     return 0 if ok == len(items) else 1
