@@ -137,6 +137,14 @@ VARIATIONS: dict[str, dict[str, str]] = {
         "replicaCount": "1",
         "rbac.clusterWide": "true",
     },
+    "dashboard": {
+        "dashboard.enabled": "true",
+        "dashboard.tokenSecret.name": "kt-dash",
+        "dashboard.writes": "true",
+        "dashboard.ingress.enabled": "true",
+        "dashboard.ingress.host": "tasks.example.com",
+        "dashboard.ingress.tlsSecret": "tasks-tls",
+    },
 }
 
 
@@ -473,6 +481,65 @@ class TestDeployment:
         assert {"name": "webhook-certs", "secret": {"secretName": "kt-webhook"}} in volumes
         assert not any(k.startswith("KUBETASKS_WEBHOOK") for k in env_of(render()))
         assert "needs webhook.certSecret" in render_fails(webhook__enabled="true")  # 2 replicas, no certs
+
+
+class TestDashboard:
+    """`kubetasks dashboard` as its own Deployment, Service and Ingress, off by default."""
+
+    def test_off_by_default(self) -> None:
+        docs = render()
+        assert not [d for d in docs if "dashboard" in d["metadata"]["name"]]
+
+    def test_its_pods_are_never_the_workers(self) -> None:
+        docs = render_variation("dashboard")
+        worker = one(docs, "Deployment", "kt-kubetasks")
+        dash = one(docs, "Deployment", "kt-kubetasks-dashboard")
+        pod_labels = dash["spec"]["template"]["metadata"]["labels"]
+        # the workers' Deployment, Service, PDB and pod watcher all select by these labels
+        assert not set(worker["spec"]["selector"]["matchLabels"].items()) <= set(pod_labels.items())
+        assert (
+            one(docs, "Service", "kt-kubetasks")["spec"]["selector"]
+            == worker["spec"]["selector"]["matchLabels"]
+        )
+        assert one(docs, "Service", "kt-kubetasks-dashboard")["spec"]["selector"] == pod_labels
+        assert dash["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+    def test_container_settings(self) -> None:
+        docs = render_variation("dashboard")
+        dash = one(docs, "Deployment", "kt-kubetasks-dashboard")
+        c = dash["spec"]["template"]["spec"]["containers"][0]
+        assert c["args"] == ["dashboard"]
+        env = {e["name"]: e for e in c["env"]}
+        assert env["KUBETASKS_DASHBOARD_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "kt-dash",
+            "key": "token",
+        }
+        assert env["KUBETASKS_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "kt-db"
+        assert env["KUBETASKS_DASHBOARD_ADDR"]["value"] == "0.0.0.0"
+        assert env["KUBETASKS_DASHBOARD_WRITES"]["value"] == "true"
+        assert env["KUBETASKS_DASHBOARD_HIDE_PAYLOADS"]["value"] == "false"
+        assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+        assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        ing = one(docs, "Ingress", "kt-kubetasks-dashboard")
+        assert ing["spec"]["tls"] == [{"hosts": ["tasks.example.com"], "secretName": "tasks-tls"}]
+        backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+        assert backend == {"name": "kt-kubetasks-dashboard", "port": {"name": "http"}}
+
+    def test_proxy_auth_has_no_token_and_names_the_header(self) -> None:
+        docs = render(dashboard__enabled="true", dashboard__auth="proxy", dashboard__userHeader="X-Auth-User")
+        c = one(docs, "Deployment", "kt-kubetasks-dashboard")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in c["env"]}
+        assert "KUBETASKS_DASHBOARD_TOKEN" not in env
+        assert env["KUBETASKS_DASHBOARD_USER_HEADER"]["value"] == "X-Auth-User"
+        assert not [d for d in docs if d["kind"] == "Ingress"]
+
+    def test_bad_values_are_refused_naming_the_field(self) -> None:
+        assert "dashboard.tokenSecret.name is required" in render_fails(dashboard__enabled="true")
+        assert "/dashboard/auth" in render_fails(dashboard__enabled="true", dashboard__auth="basic")
+        assert "dashboard.ingress.host is required" in render_fails(
+            dashboard__enabled="true", dashboard__tokenSecret__name="t", dashboard__ingress__enabled="true"
+        )
 
 
 class TestRbac:
