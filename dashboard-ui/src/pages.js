@@ -517,14 +517,19 @@ export function Pods() {
   return html`<section>
     <div class="toolbar"><h1>Pods and workers</h1></div>
     <${ErrorBox} error=${error} />
+    ${data.unserved.length ? html`<div class="waiting" data-testid="unserved"><strong>Not served:</strong>
+      ${data.unserved.map((u) => html`<p><a href=${"#/tasks?status=pending&handler=" + encodeURIComponent(u.handler)
+        + "&queue=" + encodeURIComponent(u.queue)}>${u.tasks} task(s)</a> wait: ${u.message}</p>`)}</div>` : null}
     ${pods.size ? [...pods.entries()].map(([pod, ws]) => html`<div class="pod" data-pod=${pod}>
       <h2>${pod} <small>${ws[0].namespace || ""} ${ws[0].hostname ? "· " + ws[0].hostname : ""}</small></h2>
-      <table><thead><tr><th>worker</th><th>slot</th><th>state</th><th>lease left</th><th>heartbeat</th><th>queues</th><th>running</th></tr></thead>
+      <table><thead><tr><th>worker</th><th>slot</th><th>state</th><th>lease left</th><th>heartbeat</th><th>queues</th><th>handlers</th><th>running</th></tr></thead>
         <tbody>${ws.map((w) => html`<tr>
           <td><small>${w.worker_id}</small><br /><small>epoch ${w.epoch}, pid ${w.pid}</small></td><td>${w.pod_slot}</td>
           <td>${w.status}</td>
           <td class=${w.lease_left_s < 0 ? "bad" : ""}>${fmtSeconds(w.lease_left_s)}</td>
           <td>${fmtSeconds(w.heartbeat_age_s)} ago</td><td>${w.queues.join(", ")}</td>
+          <td title=${w.handlers ? w.handlers.join(", ") : ""}>${w.handlers === null
+            ? "every handler (earlier version)" : `${w.handlers.length} handler(s)`}</td>
           <td>${w.running_ids.length} / ${w.concurrency}<br />${w.running_ids.slice(0, 20).map((tid, i) =>
             html`<${TaskLink} id=${tid} /><small> ${w.running_handlers[i]}</small> `)}</td>
         </tr>`)}</tbody></table>

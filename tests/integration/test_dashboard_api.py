@@ -602,6 +602,13 @@ async def test_a_task_no_worker_serves_says_why_it_waits(dash: Dash, db_url: str
         assert items[lost]["parked"] is True and items[served]["parked"] is False
         (q,) = [q for q in await get("queues") if q["queue"] == "default"]
         assert q["parked"] == 1 and q["pending"] == 2, q
+        pods = await get("workers")
+        assert [(u["handler"], u["queue"], u["tasks"]) for u in pods["unserved"]] == [
+            ("dash.nobody", "default", 1)
+        ]
+        assert "dash.nobody" in pods["unserved"][0]["message"]
+        (me,) = pods["live"]
+        assert "dash.ok" in me["handlers"] and "dash.nobody" not in me["handlers"]
 
 
 async def test_api_responses_carry_the_servers_time(dash: Dash) -> None:

@@ -148,6 +148,9 @@ async def test_a_task_no_worker_serves_says_why_it_waits(browser: Browser, dash:
     cells = page.get_by_test_id("queues").locator("tr[data-queue='orphans'] td")
     await expect(cells.nth(3)).to_have_text("1")  # pending
     await expect(cells.nth(4)).to_have_text("1")  # parked
+    await page.goto(dash.url + "#/pods")
+    unserved = page.get_by_test_id("unserved")
+    await expect(unserved).to_contain_text("1 task(s) wait: no active worker serves handler 'dash.nobody'")
     assert page.errors == []  # type: ignore[attr-defined]
 
 

@@ -569,7 +569,8 @@ def build_router(ctx: Context) -> APIRouter:
     async def workers(_: Who) -> dict[str, Any]:
         live = [dict(r) for r in await app.store.run("dash_workers")]
         stopped = [dict(r) for r in await app.store.run("dash_workers_stopped", 20)]
-        return _json_obj({"live": live, "stopped": stopped})
+        unserved = [u.as_dict() for u in await serving.unserved(app.store)]
+        return _json_obj({"live": live, "stopped": stopped, "unserved": unserved})
 
     # -- live updates -------------------------------------------------------------------------
 

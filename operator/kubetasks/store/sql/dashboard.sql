@@ -175,8 +175,10 @@ ORDER BY finished_at DESC
 LIMIT $1;
 
 -- name: dash_workers :many
--- Live workers with their lease, what they run (through tasks_running_by_worker) and the database's now().
+-- Live workers with their lease, the handlers they serve (NULL: a worker of an earlier version,
+-- which serves every handler of its queues), what they run (through tasks_running_by_worker).
 SELECT w.worker_id, w.pod_id, w.pod_slot, w.namespace, w.hostname, w.pid, w.status, w.queues, w.concurrency,
+       w.handlers,
        w.epoch, w.started_at, w.heartbeat_at, w.lease_expires_at,
        extract(epoch FROM w.lease_expires_at - now())::float8 AS lease_left_s,
        extract(epoch FROM now() - w.heartbeat_at)::float8 AS heartbeat_age_s,
