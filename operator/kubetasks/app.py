@@ -496,7 +496,7 @@ class App(Blueprint):
         async with self._open_lock:
             if self._store is None:
                 s = self.settings
-                store = Store(s.database_url, max_size=s.pool_size)
+                store = Store(s.database_url, max_size=s.pool_size, pooled=s.transaction_pooled)
                 await store.open()
                 self._store = store
                 self._locks = locks.make_backend(store, s.redis_url)

@@ -128,7 +128,8 @@ def migrate(database_url: DbOpt = None) -> None:
     app = load_app(None, database_url)
 
     async def go() -> list[str]:
-        return await do_migrate(app.settings.database_url)
+        s = app.settings
+        return await do_migrate(s.direct_url or s.database_url, pooled=not s.direct_url)
 
     applied = run_async(go)
     out.print(f"applied: {', '.join(applied)}" if applied else "schema is current")
@@ -162,7 +163,10 @@ def _worker_command(
     async def go() -> None:
         from kubetasks.store import retry_connection_errors  # noqa: PLC0415
 
-        await retry_connection_errors(lambda: do_migrate(app.settings.database_url), what="migrating")
+        s = app.settings
+        await retry_connection_errors(
+            lambda: do_migrate(s.direct_url or s.database_url, pooled=not s.direct_url), what="migrating"
+        )
         try:
             rt = runtime.Runtime(app, worker_module.Worker(app))
             if pod_services:
@@ -278,7 +282,10 @@ def dashboard(
 
     async def go() -> None:
         the_app.settings.dashboard_ready()
-        await retry_connection_errors(lambda: do_migrate(the_app.settings.database_url), what="migrating")
+        s = the_app.settings
+        await retry_connection_errors(
+            lambda: do_migrate(s.direct_url or s.database_url, pooled=not s.direct_url), what="migrating"
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -71,6 +71,20 @@ class Settings:
     """Everything a process needs; field names match the KUBETASKS_* variables."""
 
     database_url: str = ""
+    #: session: database_url reaches PostgreSQL itself (or a session-pooling proxy);
+    #: transaction: it goes through a transaction-pooling proxy such as PgBouncer, so
+    #: no statement cache, no session state, and LISTEN and the lease's slot lock need
+    #: database_direct_url (without it: polling, with a warning at start-up).
+    database_pooling: str = "session"
+    #: A direct connection to the primary for what a transaction-pooling proxy cannot
+    #: carry (LISTEN, session advisory locks, migrations); empty: database_url.
+    database_direct_url: str = ""
+    #: A streaming standby for read-only queries (stats, listings, dashboard reads,
+    #: metrics); empty: everything goes to database_url.
+    database_replica_url: str = ""
+    #: Seconds between looks when there is no LISTEN connection (transaction pooling
+    #: without database_direct_url).
+    poll_interval: float = 1.0
     redis_url: str | None = None
     pod_id: str = field(default_factory=default_pod_id)
     queues: tuple[str, ...] = ("default",)
@@ -164,6 +178,16 @@ class Settings:
                 "is not set: pass database_url= or export KUBETASKS_DATABASE_URL=postgresql://...",
             )
         validate_database_url(self.database_url)
+        if self.database_pooling not in DATABASE_POOLING:
+            raise ConfigError(
+                "KUBETASKS_DATABASE_POOLING",
+                f"must be one of {', '.join(DATABASE_POOLING)}, got {self.database_pooling!r}",
+            )
+        if self.database_direct_url:
+            validate_database_url(self.database_direct_url, "KUBETASKS_DATABASE_DIRECT_URL")
+        if self.database_replica_url:
+            validate_database_url(self.database_replica_url, "KUBETASKS_DATABASE_REPLICA_URL")
+        _positive("KUBETASKS_POLL_INTERVAL", self.poll_interval, 0.05, 60)
         if self.redis_url:
             validate_redis_url(self.redis_url)
         if not self.queues:
@@ -252,6 +276,24 @@ class Settings:
         return self
 
     @property
+    def transaction_pooled(self) -> bool:
+        """database_url goes through a transaction-pooling proxy."""
+        return self.database_pooling == "transaction"
+
+    @property
+    def direct_url(self) -> str:
+        """A URL whose sessions are PostgreSQL's own: LISTEN, session locks, migrations.
+        Empty when there is none (transaction pooling without database_direct_url)."""
+        if self.database_direct_url:
+            return self.database_direct_url
+        return "" if self.transaction_pooled else self.database_url
+
+    @property
+    def read_url(self) -> str:
+        """Where read-only queries go: the replica when there is one."""
+        return self.database_replica_url or self.database_url
+
+    @property
     def metrics_enabled(self) -> bool:
         return bool(self.metrics_port or self.metrics_addr_file)
 
@@ -262,6 +304,7 @@ class Settings:
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _HEADER = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 DASHBOARD_AUTH = ("token", "proxy", "none")
+DATABASE_POOLING = ("session", "transaction")
 DASHBOARD_TOKEN_MIN = 16
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

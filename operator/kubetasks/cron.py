@@ -902,9 +902,9 @@ class Scheduler:
 
     async def _listen(self, stop: asyncio.Event) -> None:
         await store_listen.listen(
-            self.app.settings.database_url, [CHANNEL], self._on_notify, stop,
+            self.app.settings.direct_url, [CHANNEL], self._on_notify, stop,
             on_connect=self._wake.set,  # anything changed while we were not listening
-            what="scheduler",
+            what="scheduler", poll_every=self.app.settings.poll_interval,
         )  # fmt: skip
 
 

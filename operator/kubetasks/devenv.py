@@ -87,13 +87,29 @@ def apt_install(*packages: str) -> None:
     log = run_dir() / "apt.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"kubetasks dev: installing {' '.join(packages)} (log: {log})", flush=True)
-    with log.open("a") as out:
-        for cmd in (
-            ["apt-get", "update"],
-            ["apt-get", "install", "-y", "--no-install-recommends", *packages],
-        ):
-            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode:
-                raise DevEnvError(f"`{' '.join(cmd)}` failed; see {log}")
+    for cmd in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "--no-install-recommends", *packages],
+    ):
+        _apt(cmd, env, log)
+
+
+#: apt-get's words when another apt or dpkg holds the lock (another install on the machine).
+_APT_LOCKED = ("Could not get lock", "Unable to acquire the dpkg frontend lock", "Unable to lock")
+
+
+def _apt(cmd: list[str], env: dict[str, str], log: Path, *, tries: int = 30) -> None:
+    """Run one apt-get command, again while another apt or dpkg holds the lock."""
+    for _ in range(tries):
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        with log.open("a") as out:
+            out.write(res.stdout + res.stderr)
+        if res.returncode == 0:
+            return
+        if not any(w in res.stdout + res.stderr for w in _APT_LOCKED):
+            break
+        time.sleep(5)
+    raise DevEnvError(f"`{' '.join(cmd)}` failed; see {log}")
 
 
 def find_pg_bin() -> Path | None:
@@ -130,6 +146,17 @@ def ensure_redis_bin() -> str:
         found = shutil.which("redis-server")
     if found is None:
         raise DevEnvError("redis-server not found after installing")
+    return found
+
+
+def ensure_pgbouncer_bin() -> str:
+    """Debian's pgbouncer (the tests run kubetasks through it in transaction pooling)."""
+    found = shutil.which("pgbouncer") or next(iter(glob.glob("/usr/sbin/pgbouncer")), None)
+    if found is None:
+        apt_install("pgbouncer")
+        found = shutil.which("pgbouncer") or next(iter(glob.glob("/usr/sbin/pgbouncer")), None)
+    if found is None:
+        raise DevEnvError("pgbouncer not found after installing")
     return found
 
 

@@ -60,7 +60,13 @@ Guarantees, and the clock each one trusts:
   did not run (the whole process was stopped) is not counted.
 
 The lease connection must be a direct one (a session-level lock does not
-survive a transaction-pooling proxy); it is made in ``store.pg.connect_lease``.
+survive a transaction-pooling proxy); it is made in ``store.pg.connect_lease``
+to ``KUBETASKS_DATABASE_DIRECT_URL`` when the database URL is transaction-pooled.
+Without one the lease goes through the proxy and holds no lock (a warning says
+so): a registering process takes the first slot of its pod id with no lease
+left, checked and taken in one transaction, so a restarted container no longer
+supersedes its old worker at once -- that worker's tasks come back when its
+lease runs out, as with any worker that vanished.
 """
 
 from __future__ import annotations
@@ -179,6 +185,11 @@ class Lease:
         return self.settings.pod_id
 
     @property
+    def unlocked(self) -> bool:
+        """No session of PostgreSQL's own to hold the slot lock on: liveness is the lease alone."""
+        return not self.settings.direct_url
+
+    @property
     def lost(self) -> bool:
         return self._lost
 
@@ -267,7 +278,8 @@ class Lease:
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
-        self._conn = await connect_lease(self.settings.database_url)
+        s = self.settings
+        self._conn = await connect_lease(s.direct_url or s.database_url, pooled=self.unlocked)
         self._slot_held = False
         self._last_ok = time.monotonic()
         return self._conn
@@ -319,6 +331,9 @@ class Lease:
             conn = await self._connection()
             sent = time.monotonic()
             try:
+                if self.unlocked:
+                    row = await self._register_unlocked(conn, new_id, predecessor)
+                    break
                 await self._hold_slot(conn)
                 row = await self._queries.run(
                     "register_worker", new_id, self.pod_id, self.slot, predecessor, socket.gethostname(),
@@ -359,6 +374,29 @@ class Lease:
         assert self._registered is not None
         self._registered.set()
 
+    async def _register_unlocked(
+        self, conn: asyncpg.Connection, new_id: uuid.UUID, predecessor: uuid.UUID | None
+    ) -> asyncpg.Record:
+        s = self.settings
+        if not self._registered_once:
+            log.warning(
+                "KUBETASKS_DATABASE_POOLING=transaction without KUBETASKS_DATABASE_DIRECT_URL: the lease "
+                "holds no slot lock, so a restarted pod's old worker is recovered when its lease runs "
+                "out (%gs) instead of at once", s.lease_ttl,
+            )  # fmt: skip
+        row = await self._queries.run(
+            "register_worker_unlocked", new_id, self.pod_id, SLOTS_MAX, predecessor, socket.gethostname(),
+            os.getpid(), self.queues, self.concurrency, s.lease_ttl, silence_after(s), conn=conn,
+        )  # fmt: skip
+        if row is None or row["slot"] is None:
+            raise RuntimeError(
+                f"live workers hold all {SLOTS_MAX} slots of pod id {self.pod_id!r}: "
+                "give each process its own KUBETASKS_POD_ID"
+            )
+        self.slot = int(row["slot"])
+        self._slot_held = True
+        return row  # type: ignore[no-any-return]
+
     async def _drop_connection_if_broken(self) -> None:
         """A connection that answered nothing for a whole ttl is given up (and with it the slot lock)."""
         if self._conn is None:
@@ -379,7 +417,7 @@ class Lease:
         try:
             async with asyncio.timeout(max(0.1, min(s.heartbeat_interval, self.time_left()))):
                 conn = await self._connection()
-                if not self._slot_held and self.slot is not None:
+                if not self._slot_held and self.slot is not None and not self.unlocked:
                     # A new connection: hold our slot again (a live predecessor session of
                     # ours may still hold it until the server notices it is gone).
                     self._slot_held = bool(

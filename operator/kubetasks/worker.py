@@ -465,9 +465,11 @@ class Worker:
 
     async def _listen(self, stop: asyncio.Event) -> None:
         await store_listen.listen(
-            self.settings.database_url, [CHANNEL_ENQUEUED, CHANNEL_CANCEL], self._on_notify, stop,
+            self.settings.direct_url, [CHANNEL_ENQUEUED, CHANNEL_CANCEL], self._on_notify, stop,
             on_connect=self._on_listening,  # anything enqueued while we were not listening
-            what="worker",
+            what="worker", poll_every=self.settings.poll_interval,
+            # Polling (no LISTEN): look for work; cancellations arrive with the heartbeat.
+            on_poll=self.wake,
         )  # fmt: skip
 
     # -- claiming --------------------------------------------------------

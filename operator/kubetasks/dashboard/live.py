@@ -48,8 +48,9 @@ QUEUE_MAX = 16
 class Hub:
     """The LISTEN connection and the subscribers of one process."""
 
-    def __init__(self, database_url: str, *, coalesce_s: float = COALESCE_S) -> None:
+    def __init__(self, database_url: str, *, coalesce_s: float = COALESCE_S, poll_every: float = 5.0) -> None:
         self.database_url = database_url
+        self.poll_every = poll_every
         self.coalesce_s = coalesce_s
         self._subs: set[asyncio.Queue[str]] = set()
         self._pending: set[str] = set()
@@ -78,7 +79,7 @@ class Hub:
         try:
             await store_listen.listen(
                 self.database_url, list(CHANNELS), self._on_notify, stop,
-                on_connect=self._on_connect, what="dashboard",
+                on_connect=self._on_connect, what="dashboard", poll_every=self.poll_every,
             )  # fmt: skip
         finally:
             fan.cancel()

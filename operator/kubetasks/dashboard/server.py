@@ -166,7 +166,8 @@ async def serve(
     """Serve the dashboard for ``app`` until ``stop`` is set; ``ready`` gets the bound port."""
     settings = app.settings.dashboard_ready()
     await app.open()
-    hub = Hub(settings.database_url)
+    # Polling (no LISTEN behind a transaction pooler): pages refetch every few seconds at most.
+    hub = Hub(settings.direct_url, poll_every=max(5.0, settings.poll_interval))
     ctx = Context(app=app, settings=settings, auth=Auth(settings), hub=hub, stop=stop)
     config = uvicorn.Config(
         create_app(ctx),

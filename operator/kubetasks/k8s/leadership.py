@@ -48,8 +48,10 @@ def scope_of(namespaces: tuple[str, ...]) -> str:
 class Leadership:
     """Contends for the lease of ``scope``; runs ``lead`` for as long as it holds it."""
 
-    def __init__(self, dsn: str, scope: str, holder: str, timeout: float) -> None:
+    def __init__(self, dsn: str, scope: str, holder: str, timeout: float, *, pooled: bool = False) -> None:
+        # A lease row, not a session lock: a transaction-pooled URL (``pooled``) serves as well.
         self.dsn = dsn
+        self.pooled = pooled
         self.queries = queries.load()
         self.scope = scope
         self.holder = holder
@@ -89,7 +91,7 @@ class Leadership:
     async def _query(self, name: str, *args: Any) -> Any:
         try:
             if self._conn is None or self._conn.is_closed():
-                self._conn = await connect_listener(self.dsn)
+                self._conn = await connect_listener(self.dsn, pooled=self.pooled)
             return await self._conn.fetchrow(self.queries[name].sql, self.scope, *args)
         except BaseException:
             self.close()

@@ -100,12 +100,13 @@ class Operator:
         stop = asyncio.Event()
         bridge = asyncio.create_task(self._bridge_stop(stop), name="kubetasks-operator-stop")
         # No connection at start: a database that is down must not stop the process.
-        store = Store(s.database_url, min_size=0, max_size=4)
+        store = Store(s.database_url, min_size=0, max_size=4, pooled=s.transaction_pooled)
         await store.open()
         k = kube.Kube()
         self.leadership = lead = leadership.Leadership(
-            s.database_url, leadership.scope_of(s.watch_namespaces), s.pod_id, s.leader_timeout
-        )
+            s.direct_url or s.database_url, leadership.scope_of(s.watch_namespaces), s.pod_id,
+            s.leader_timeout, pooled=not s.direct_url,
+        )  # fmt: skip
         services: dict[str, asyncio.Task[None]] = {
             "leadership": asyncio.create_task(
                 lead.run(stop, lambda term_stop: self._lead(store, k, term_stop))
@@ -145,7 +146,9 @@ class Operator:
         ctx = handlers.OperatorContext(
             app=self.app, store=store, kube=k, namespaces=s.watch_namespaces, fence=self.leadership.valid
         )
-        writer = status.StatusWriter(ctx, s.database_url, resync_every=s.status_resync_interval)
+        writer = status.StatusWriter(
+            ctx, s.direct_url, resync_every=s.status_resync_interval, poll_every=s.poll_interval
+        )
         refresher = cronjoblocks.CronStatusRefresher(ctx)
         jobs = [
             asyncio.create_task(self._kopf(term_stop), name="kubetasks-kopf"),
@@ -211,7 +214,7 @@ class Operator:
     async def _kopf_main(self, flag: threading.Event) -> None:
         s = self.settings
         assert self.leadership is not None
-        store = Store(s.database_url, min_size=0, max_size=4)
+        store = Store(s.database_url, min_size=0, max_size=4, pooled=s.transaction_pooled)
         await store.open()
         ctx = handlers.OperatorContext(
             app=self.app,

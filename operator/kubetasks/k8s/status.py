@@ -166,9 +166,11 @@ class StatusWriter:
         resync_every: float = 30.0,
         parallel: int = 8,
         batch: int = 2000,
+        poll_every: float = 1.0,
     ) -> None:
         self.ctx = ctx
-        self.dsn = dsn
+        self.dsn = dsn  # empty: no LISTEN (transaction pooling only); look every poll_every
+        self.poll_every = poll_every
         self.store = ctx.store
         self.kube = ctx.kube
         self.window = window
@@ -196,7 +198,7 @@ class StatusWriter:
         listen_stop = asyncio.Event()
         listener = asyncio.create_task(
             listen(self.dsn, ["kubetasks_cr_changed"], self._on_notify, listen_stop,
-                   on_connect=self._after_connect, what="status writer"),
+                   on_connect=self._after_connect, what="status writer", poll_every=self.poll_every),
             name="kubetasks-status-listen",
         )  # fmt: skip
         loop = asyncio.get_running_loop()

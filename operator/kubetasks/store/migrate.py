@@ -15,9 +15,10 @@ LOCK_KEY = "kubetasks.migrate"
 SCHEMA = "kubetasks"
 
 
-async def migrate(dsn: str) -> list[str]:
-    """Apply pending migrations; returns the names applied (empty when current)."""
-    conn = await asyncpg.connect(dsn)
+async def migrate(dsn: str, *, pooled: bool = False) -> list[str]:
+    """Apply pending migrations; returns the names applied (empty when current). One
+    transaction, so a transaction-pooled URL (``pooled``: no statement cache) works too."""
+    conn = await asyncpg.connect(dsn, statement_cache_size=0 if pooled else 100)
     try:
         applied_now: list[str] = []
         async with conn.transaction():

@@ -5,6 +5,15 @@ text we already serialised (validation serialises once, to measure and check
 the payload, so encoding again here would double the cost) and returns Python
 objects. asyncpg prepares and caches each statement per connection, so a named
 query costs one round trip after its first use.
+
+Behind a transaction-pooling proxy (PgBouncer's ``pool_mode = transaction``,
+``KUBETASKS_DATABASE_POOLING=transaction``) a client's consecutive transactions
+run on different server sessions: a statement prepared by name in one is
+missing in the next, and anything set on the session lands on a stranger's.
+``pooled=True`` connections therefore keep no statement cache (asyncpg then
+prepares each statement unnamed, within the same round trips) and send no
+session settings the proxy would refuse; the schema must come from the role's
+own ``search_path``, which :meth:`Store.open` checks.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from kubetasks.errors import ConfigError
 from kubetasks.store import queries
 
 log = logging.getLogger("kubetasks.store")
@@ -43,9 +53,21 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-async def connect_listener(dsn: str) -> asyncpg.Connection:
-    """A dedicated connection for LISTEN (never returned to a pool)."""
-    conn = await asyncpg.connect(dsn, server_settings=SERVER_SETTINGS)
+#: What a transaction-pooling proxy passes on (PgBouncer 1.18 refuses other startup
+#: parameters unless told to ignore them, and would not keep them per client anyway).
+POOLED_SERVER_SETTINGS = {"application_name": "kubetasks"}
+
+
+def connect_options(*, pooled: bool) -> dict[str, Any]:
+    """asyncpg keyword arguments for a connection to a direct or a transaction-pooled URL."""
+    if pooled:
+        return {"server_settings": POOLED_SERVER_SETTINGS, "statement_cache_size": 0}
+    return {"server_settings": SERVER_SETTINGS}
+
+
+async def connect_listener(dsn: str, *, pooled: bool = False) -> asyncpg.Connection:
+    """A dedicated connection (LISTEN, the operator's lease), never returned to a pool."""
+    conn: asyncpg.Connection = await asyncpg.connect(dsn, **connect_options(pooled=pooled))
     await _init_connection(conn)
     return conn
 
@@ -55,11 +77,16 @@ async def connect_listener(dsn: str) -> asyncpg.Connection:
 LEASE_KEEPALIVES = {"tcp_keepalives_idle": "20", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "4"}
 
 
-async def connect_lease(dsn: str) -> asyncpg.Connection:
+async def connect_lease(dsn: str, *, pooled: bool = False) -> asyncpg.Connection:
     """The lease connection: heartbeats, and the session-level advisory lock that
-    says this process is alive (see ``leases``). It must reach PostgreSQL itself:
-    a transaction-pooling proxy would hand the lock to whichever client is next."""
-    conn = await asyncpg.connect(dsn, server_settings={**SERVER_SETTINGS, **LEASE_KEEPALIVES})
+    says this process is alive (see ``leases``). A transaction-pooling proxy would
+    hand that lock to whichever client is next, so through one (``pooled``) the
+    lease holds no lock and liveness is the lease's expiry alone."""
+    conn: asyncpg.Connection
+    if pooled:
+        conn = await asyncpg.connect(dsn, **connect_options(pooled=True))
+    else:
+        conn = await asyncpg.connect(dsn, server_settings={**SERVER_SETTINGS, **LEASE_KEEPALIVES})
     await _init_connection(conn)
     return conn
 
@@ -98,24 +125,45 @@ async def retry_connection_errors(op: Callable[[], Awaitable[T]], *, what: str, 
 class Store:
     """A pool plus the named queries of ``sql/queries.sql``."""
 
-    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10) -> None:
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10, pooled: bool = False) -> None:
         self.dsn = dsn
         self.min_size = min_size
         self.max_size = max_size
+        self.pooled = pooled
         self.queries = queries.load()
         self._pool: asyncpg.Pool | None = None
 
     async def open(self) -> Store:
         if self._pool is None:
-            self._pool = await asyncpg.create_pool(
+            pool = await asyncpg.create_pool(
                 self.dsn,
                 min_size=self.min_size,
                 max_size=self.max_size,
                 init=_init_connection,
                 reset=_reset_connection,
-                server_settings=SERVER_SETTINGS,
+                **connect_options(pooled=self.pooled),
             )
+            if self.pooled:
+                try:
+                    await self._check_search_path(pool)
+                except BaseException:
+                    pool.terminate()
+                    raise
+            self._pool = pool
         return self
+
+    @staticmethod
+    async def _check_search_path(pool: asyncpg.Pool) -> None:
+        """Through a transaction-pooling proxy the schema cannot be set per connection: every
+        server session must find it on its own, or queries fail later, one by one."""
+        if await pool.fetchval("SELECT current_schema()") != SCHEMA:
+            raise ConfigError(
+                "KUBETASKS_DATABASE_URL",
+                f"is transaction-pooled (KUBETASKS_DATABASE_POOLING=transaction) and its sessions do "
+                f"not put the {SCHEMA} schema first on their search_path (the proxy drops the one "
+                f"kubetasks sends): run `ALTER ROLE <user> IN DATABASE <db> SET search_path = "
+                f"{SCHEMA}, public` once, or set connect_query in pgbouncer.ini",
+            )
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -188,6 +188,12 @@ SELECT pg_try_advisory_lock(pod_slot_key($1, $2));
 -- recorded: no lease that ran out during it counts as expired for one more ttl).
 SELECT * FROM register_worker($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 
+-- name: register_worker_unlocked :one
+-- As register_worker, for a lease connection through a transaction-pooling proxy
+-- (no slot lock can be held): $3 how many slots to try instead of a slot; the
+-- slot is the first with no live lease, returned as `slot` (no row: all taken).
+SELECT * FROM register_worker_unlocked($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
+
 -- name: heartbeat :one
 -- $1 worker_id, $2 lease ttl s, $3 queues, $4 seconds of silence that make a peer
 -- suspect, $5 seconds without any heartbeat that mean everyone lost the database
