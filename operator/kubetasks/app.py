@@ -496,7 +496,10 @@ class App(Blueprint):
         async with self._open_lock:
             if self._store is None:
                 s = self.settings
-                store = Store(s.database_url, max_size=s.pool_size, pooled=s.transaction_pooled)
+                store = Store(
+                    s.database_url, max_size=s.pool_size, pooled=s.transaction_pooled,
+                    replica=s.database_replica_url,
+                )  # fmt: skip
                 await store.open()
                 self._store = store
                 self._locks = locks.make_backend(store, s.redis_url)

@@ -15,7 +15,7 @@ def blocks() -> dict[str, str]:
     """The filter block of each query, whitespace-normalised."""
     text = SQL.read_text()
     out: dict[str, str] = {}
-    for m in re.finditer(r"^-- name: (\w+) :\w+$(.*?)(?=^-- name: |\Z)", text, re.M | re.S):
+    for m in re.finditer(r"^-- name: (\w+) :\w+(?: :replica)?$(.*?)(?=^-- name: |\Z)", text, re.M | re.S):
         found = re.findall(r"-- filter:begin\n(.*?)\s*-- filter:end", m.group(2), re.S)
         if found:
             assert len(found) == 1, m.group(1)

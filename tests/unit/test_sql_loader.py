@@ -42,3 +42,13 @@ def test_shipped_queries_load() -> None:
 def test_migrations_numbered_without_gaps() -> None:
     found = queries.migrations()
     assert [v for v, _, _ in found] == list(range(1, len(found) + 1))
+
+
+def test_replica_marker() -> None:
+    """Only queries marked :replica may run on a read replica; the engine's never are."""
+    q = queries.parse("-- name: a :many :replica\nSELECT 1;\n-- name: b :many\nSELECT 2;")
+    assert q["a"].replica and q["a"].kind == "many" and not q["b"].replica
+    shipped = queries.load()
+    for name in ("claim", "enqueue", "heartbeat", "get_task", "tasks_max_id", "tasks_count"):
+        assert not shipped[name].replica, name
+    assert shipped["stats_counts"].replica and shipped["metrics_queue_depths"].replica

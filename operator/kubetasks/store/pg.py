@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -101,6 +102,13 @@ CONNECTION_ERRORS = (
     TimeoutError,
 )
 
+#: What sends a replica query to the primary instead: the replica unreachable, or a
+#: query cancelled by a conflict with recovery (40001) on a busy standby.
+REPLICA_ERRORS = (*CONNECTION_ERRORS, asyncpg.SerializationError)
+#: Seconds a replica that could not be reached is left alone (each query would wait for it).
+REPLICA_BACKOFF_S = 10.0
+REPLICA_CONNECT_TIMEOUT_S = 5.0
+
 T = TypeVar("T")
 
 
@@ -125,11 +133,18 @@ async def retry_connection_errors(op: Callable[[], Awaitable[T]], *, what: str, 
 class Store:
     """A pool plus the named queries of ``sql/queries.sql``."""
 
-    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10, pooled: bool = False) -> None:
+    def __init__(
+        self, dsn: str, *, min_size: int = 1, max_size: int = 10, pooled: bool = False, replica: str = ""
+    ) -> None:
         self.dsn = dsn
         self.min_size = min_size
         self.max_size = max_size
         self.pooled = pooled
+        #: A streaming standby for the queries marked ``:replica`` (empty: none).
+        self.replica = replica
+        self._replica_pool: asyncpg.Pool | None = None
+        self._replica_down_until = 0.0
+        self.replica_fallbacks = 0
         self.queries = queries.load()
         self._pool: asyncpg.Pool | None = None
 
@@ -166,12 +181,18 @@ class Store:
             )
 
     async def close(self) -> None:
+        if self._replica_pool is not None:
+            rp, self._replica_pool = self._replica_pool, None
+            await rp.close()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
 
     def terminate(self) -> None:
         """Drop every connection at once (a fenced process must not linger)."""
+        if self._replica_pool is not None:
+            rp, self._replica_pool = self._replica_pool, None
+            rp.terminate()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             pool.terminate()
@@ -189,7 +210,30 @@ class Store:
     async def run(self, name: str, *args: Any, conn: asyncpg.Connection | None = None) -> Any:
         """Run query ``name`` with positional ``args``; the result follows its :kind."""
         q = self.queries[name]
+        if q.replica and conn is None and self.replica and time.monotonic() >= self._replica_down_until:
+            try:
+                return await self._execute(q, await self._replica(), args)
+            except REPLICA_ERRORS as exc:
+                # A replica down, lagging into a recovery conflict or not yet reachable must
+                # not take stats and listings down with it: the primary answers instead.
+                self.replica_fallbacks += 1
+                if not isinstance(exc, asyncpg.SerializationError):
+                    self._replica_down_until = time.monotonic() + REPLICA_BACKOFF_S
+                log.warning("read replica failed for %s (%r); asked the primary", name, exc)
         target: Any = conn if conn is not None else self.pool
+        return await self._execute(q, target, args)
+
+    async def _replica(self) -> asyncpg.Pool:
+        if self._replica_pool is None:
+            # No connection at start: a replica that is down must not stop the process.
+            self._replica_pool = await asyncpg.create_pool(
+                self.replica, min_size=0, max_size=max(1, self.max_size // 2), init=_init_connection,
+                reset=_reset_connection, timeout=REPLICA_CONNECT_TIMEOUT_S, **connect_options(pooled=False),
+            )  # fmt: skip
+        return self._replica_pool
+
+    @staticmethod
+    async def _execute(q: queries.Query, target: Any, args: tuple[Any, ...]) -> Any:
         if q.kind == "one":
             return await target.fetchrow(q.sql, *args)
         if q.kind == "many":

@@ -7,6 +7,10 @@ actions, listings and audit queries; ``dashboard.sql``: the dashboard's reads
 and rollups). Names are unique across all of them. A block is ``-- name: x :kind`` followed by comment lines
 (its parameters) and the statement; ``kind`` maps mechanically onto asyncpg:
 ``one`` -> fetchrow, ``many`` -> fetch, ``val`` -> fetchval, ``exec`` -> execute.
+A header may end in ``:replica`` (``-- name: x :many :replica``): a read-only
+query whose answer may lag the primary by the replication delay (stats,
+listings, dashboard reads, metrics), which goes to the read replica when one
+is configured.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 KINDS = ("one", "many", "val", "exec")
-_HEADER = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*:(\w+)\s*$", re.MULTILINE)
+_HEADER = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*:(\w+)(\s*:replica)?\s*$", re.MULTILINE)
 
 
 class QueryFileError(ValueError):
@@ -28,6 +32,8 @@ class Query:
     name: str
     kind: str
     sql: str
+    #: read-only and content with a lagging copy: may run on the read replica
+    replica: bool = False
 
 
 def parse(text: str) -> dict[str, Query]:
@@ -45,7 +51,7 @@ def parse(text: str) -> dict[str, Query]:
         sql = "\n".join(body).strip().rstrip(";").strip()
         if not sql:
             raise QueryFileError(f"query {name!r} has no statement")
-        out[name] = Query(name, kind, sql)
+        out[name] = Query(name, kind, sql, replica=m.group(3) is not None)
     return out
 
 

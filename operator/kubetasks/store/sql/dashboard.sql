@@ -136,14 +136,14 @@ DELETE FROM queue_minutes WHERE minute < now() - make_interval(secs => $1::float
 -- $1 what changed (a comma-separated list of topics), for every dashboard process.
 SELECT pg_notify('kubetasks_dashboard', $1);
 
--- name: dash_minutes :many
+-- name: dash_minutes :many :replica
 -- $1 queue ('*': all), $2 from. Finished tasks per minute, with the histograms.
 SELECT minute, succeeded, failed, cancelled, wait_hist, run_hist
 FROM task_minutes
 WHERE queue = $1 AND handler = '*' AND minute >= $2::timestamptz
 ORDER BY minute;
 
--- name: dash_handlers :many
+-- name: dash_handlers :many :replica
 -- $1 from. Finished tasks per queue and handler since then (the overview's table).
 SELECT queue, handler, sum(succeeded) AS succeeded, sum(failed) AS failed, sum(cancelled) AS cancelled
 FROM task_minutes
@@ -152,21 +152,21 @@ GROUP BY queue, handler
 ORDER BY sum(succeeded) + sum(failed) + sum(cancelled) DESC, queue, handler
 LIMIT 50;
 
--- name: dash_depth_series :many
+-- name: dash_depth_series :many :replica
 -- $1 queue ('*': all), $2 from. The depth samples, one per minute.
 SELECT minute, pending, due, running, held, oldest_due_s
 FROM queue_minutes
 WHERE queue = $1 AND minute >= $2::timestamptz
 ORDER BY minute;
 
--- name: dash_depth_latest :many
+-- name: dash_depth_latest :many :replica
 -- The newest depth sample of each queue within the last two minutes, and when it was taken.
 SELECT DISTINCT ON (queue) queue, pending, due, running, held, oldest_due_s, sampled_at
 FROM queue_minutes
 WHERE minute >= date_trunc('minute', now()) - interval '2 minutes'
 ORDER BY queue, minute DESC;
 
--- name: dash_failures :many
+-- name: dash_failures :many :replica
 -- $1 how many. The newest failed tasks, through tasks_failed_recent.
 SELECT id, handler, queue, attempt, finished_at, pod_id, left(error, 300) AS error
 FROM tasks
@@ -174,9 +174,10 @@ WHERE status = 'failed'
 ORDER BY finished_at DESC
 LIMIT $1;
 
--- name: dash_workers :many
+-- name: dash_workers :many :replica
 -- Live workers with their lease, the handlers they serve (NULL: a worker of an earlier version,
--- which serves every handler of its queues), what they run (through tasks_running_by_worker).
+-- which serves every handler of its queues), what they run (through tasks_running_by_worker) and the
+-- database's now().
 SELECT w.worker_id, w.pod_id, w.pod_slot, w.namespace, w.hostname, w.pid, w.status, w.queues, w.concurrency,
        w.handlers,
        w.epoch, w.started_at, w.heartbeat_at, w.lease_expires_at,
@@ -191,7 +192,7 @@ LEFT JOIN LATERAL (
 WHERE w.status IN ('active', 'stopping')
 ORDER BY w.pod_id, w.pod_slot, w.started_at;
 
--- name: dash_workers_stopped :many
+-- name: dash_workers_stopped :many :replica
 -- $1 how many. The workers that stopped most recently, and why.
 SELECT worker_id, pod_id, pod_slot, status, queues, started_at, stopped_at, stop_reason
 FROM workers
@@ -205,7 +206,7 @@ SELECT worker_id, pod_id, pod_slot, status, epoch, heartbeat_at, lease_expires_a
        extract(epoch FROM lease_expires_at - now())::float8 AS lease_left_s, stopped_at, stop_reason
 FROM workers WHERE worker_id = $1;
 
--- name: dash_queues :many
+-- name: dash_queues :many :replica
 -- Every queue that has unfinished tasks, workers, a paused flag or finished
 -- tasks in the last hour: depth now (parked: pending tasks no active worker
 -- serves, counted apart through tasks_parked), who serves it, the last hour's

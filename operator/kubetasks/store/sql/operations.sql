@@ -20,7 +20,7 @@
 -- The newest task id (0: none). Where a listing starts.
 SELECT coalesce(max(id), 0) FROM tasks;
 
--- name: tasks_page :many
+-- name: tasks_page :many :replica
 -- $1..$9 the filter, $10 ids below this one, $11 ids from this one (the window's
 -- floor), $12 how many. Newest first; a summary of each task (no payload,
 -- result or traceback; the error's first 300 characters).
@@ -184,7 +184,7 @@ SELECT id FROM tree LIMIT $2;
 -- The newest event id (0: none).
 SELECT coalesce(max(id), 0) FROM task_events;
 
--- name: events_page :many
+-- name: events_page :many :replica
 -- $1 kinds, $2 worker_id, $3 pod_id, $4 at or after, $5 before (NULL: any),
 -- $6 ids below this one, $7 ids from this one (the window's floor), $8 how
 -- many. Recorded events of every task, newest first, through a window of
@@ -215,7 +215,7 @@ WHERE e.task_id = ANY ($1::bigint[]) AND e.id < $7::bigint
 ORDER BY e.id DESC
 LIMIT $8;
 
--- name: attempts_page :many
+-- name: attempts_page :many :replica
 -- $1 outcomes, $2 worker_id, $3 pod_id, $4 finished at or after, $5 finished
 -- before, $6 (task id, attempt) below this pair: $6 task id, $7 attempt,
 -- $8 task ids from this one (the window's floor), $9 how many. Ended attempts

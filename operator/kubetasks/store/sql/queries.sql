@@ -228,7 +228,7 @@ SELECT release_pod($1, $2);
 -- $1 task id.
 SELECT * FROM tasks WHERE id = $1;
 
--- name: list_tasks :many
+-- name: list_tasks :many :replica
 -- $1 statuses, $2 handlers, $3 queues, $4 tags (all required), $5 created after,
 -- $6 created before, $7 limit, $8 offset. NULL filters match everything.
 SELECT t.*, count(*) OVER () AS total
@@ -242,10 +242,10 @@ WHERE ($1::text[] IS NULL OR t.status = ANY ($1))
 ORDER BY t.id DESC
 LIMIT $7 OFFSET $8;
 
--- name: stats_counts :many
+-- name: stats_counts :many :replica
 SELECT queue, status, count(*) AS n FROM tasks GROUP BY queue, status ORDER BY queue, status;
 
--- name: stats_oldest_pending :many
+-- name: stats_oldest_pending :many :replica
 -- Parked tasks (no active worker serves them) wait too: each half read by its own index.
 SELECT queue, extract(epoch FROM now() - min(oldest))::float8 AS age_s
 FROM (
@@ -256,7 +256,7 @@ FROM (
 ) q
 GROUP BY queue;
 
--- name: stats_workers :many
+-- name: stats_workers :many :replica
 SELECT w.worker_id, w.pod_id, w.status, w.queues, w.concurrency,
        extract(epoch FROM w.lease_expires_at - now())::float8 AS lease_left_s,
        count(t.id) AS running
@@ -495,7 +495,7 @@ DELETE FROM operator_leases WHERE scope = $1 AND holder_id = $2;
 SELECT scope, holder, holder_id, term, acquired_at, renewed_at, expires_at, expires_at > now() AS live
 FROM operator_leases WHERE scope = $1;
 
--- name: metrics_queue_depths :many
+-- name: metrics_queue_depths :many :replica
 -- Per queue with pending tasks: all pending (delayed included), the due ones, and
 -- how long the oldest due one has waited -- parked ones (no active worker serves
 -- them) included: they wait too. Read by /metrics, cached ~2 s; it walks the
@@ -613,7 +613,7 @@ DELETE FROM cron_ticks
 WHERE schedule = $1
   AND tick_at <= (SELECT tick_at FROM cron_ticks WHERE schedule = $1 ORDER BY tick_at DESC OFFSET $2 LIMIT 1);
 
--- name: schedules_status :many
+-- name: schedules_status :many :replica
 -- $1 names (NULL: all). With the database's now().
 SELECT s.name, s.cron, s.timezone, s.handler, s.queue, s.concurrency_policy, s.lock_ttl_s,
        s.starting_deadline_s, s.suspend, s.source, s.cr_uid, s.last_tick_at, s.last_task_id,
@@ -639,7 +639,7 @@ LEFT JOIN LATERAL (
 WHERE $1::text[] IS NULL OR s.name = ANY ($1)
 ORDER BY s.name;
 
--- name: schedules_history :many
+-- name: schedules_history :many :replica
 -- $1 names (NULL: all), $2 ticks per schedule, newest first (missed ticks left out).
 SELECT c.schedule, c.tick_at, c.outcome, c.manual, c.task_id, c.holder, c.reason,
        t.status, t.started_at, t.finished_at
