@@ -19,6 +19,9 @@ Measurements (DESIGN.md §8):
   pending and 1M finished tasks, and the claim's EXPLAIN (ANALYZE, BUFFERS);
 * recovery (bench/recovery.py): a worker running 50 long tasks SIGKILLed,
   time until all 50 run again (same pod re-registers; silent death, lease TTL);
+* enqueue contention (bench/contention.py): 1 / 8 / 32 concurrent enqueuers,
+  one task per transaction, with the worker waiting (every enqueue notifies),
+  busy (no notification since migration 0014) and the trigger off;
 * k8s (bench/k8s.py): N Task objects in one kubectl apply through the
   operator on the local control plane (e2e/cluster), time to all Succeeded.
 
@@ -50,7 +53,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bench import ceiling as sql_ceiling  # noqa: E402
-from bench import harness, recovery, scale, systems  # noqa: E402
+from bench import contention, harness, recovery, scale, systems  # noqa: E402
 from bench import k8s as k8s_bench  # noqa: E402
 from bench.harness import Databases, Workers, cpu_seconds, machine_cpu, running  # noqa: E402
 
@@ -434,6 +437,7 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
                 "heartbeat_interval_s": a.recovery_heartbeat,
             },
             "k8s": {"tasks": a.k8s_tasks, "concurrency": 50},
+            "contention": {"seconds": a.contention_seconds, "enqueuers": list(contention.ENQUEUERS)},
             "worker_settings": {s.name: {f"{w}x{c}": s.settings(c) for w, c in configs} for s in chosen},
         },
         "design_reference": DESIGN_REFERENCE,
@@ -553,6 +557,10 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         res["recovery"] = await guarded(
             "recovery", recovery.measure(dbs, a.recovery_tasks, a.recovery_ttl, a.recovery_heartbeat, log), {}
         )
+    if "contention" in a.measure:
+        res["contention"] = await guarded(
+            "contention", contention.measure(dbs, a.contention_seconds, log), {"by_enqueuers": {}}
+        )
     if "k8s" in a.measure:
         res["k8s"] = await guarded("k8s", k8s_bench.measure(dbs, a.k8s_tasks, 50, log), {})
         if "error" in res["k8s"]:
@@ -594,6 +602,8 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
     )
     if "scale" in res:
         res.update(scale.summary(res["scale"]))
+    if "contention" in res:
+        res.update(contention.summary(res["contention"]))
     res["target_status"] = {
         "vs_pgqueuer_2x50": _ge(res["kubetasks_vs_pgqueuer"], TARGETS["vs_pgqueuer_2x50"]),
         "vs_procrastinate_2x50": _ge(res["kubetasks_vs_procrastinate"], TARGETS["vs_procrastinate_2x50"]),
@@ -772,6 +782,19 @@ def report(res: dict[str, Any]) -> Table:
             or f"{silent.get('after_lease_expiry_s', 0):.2f} s after the lease expired "
             f"(heartbeat {rec.get('heartbeat_interval_s', 0):g} s)",
         )
+    ct = res.get("contention", {}).get("by_enqueuers")
+    if ct:
+        t.add_section()
+        for e, row in ct.items():
+            t.add_row(
+                f"enqueues/s, {e} enqueuer(s), 1 task per transaction: worker busy",
+                fmt(row.get("busy_tasks_per_s")),
+                *blank,
+                "",
+                "",
+                f"worker waiting (notify) {fmt(row.get('waiting_tasks_per_s'))}, trigger off "
+                f"{fmt(row.get('none_tasks_per_s'))}; busy ÷ off {fmt(row.get('busy_vs_none'), 2)}",
+            )
     k = res.get("k8s")
     if k is not None:
         t.add_section()
@@ -810,8 +833,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--measure",
         type=_names,
-        default=["throughput", "ceiling", "latency", "idle", "scale", "recovery", "k8s"],
-        help="any of throughput,ceiling,latency,idle,scale,recovery,k8s,profile (default: all but profile)",
+        default=["throughput", "ceiling", "latency", "idle", "scale", "recovery", "contention", "k8s"],
+        help="any of throughput,ceiling,latency,idle,scale,recovery,contention,k8s,profile "
+        "(default: all but profile)",
     )
     p.add_argument(
         "--scale-sizes",
@@ -833,6 +857,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="KUBETASKS_HEARTBEAT_INTERVAL for the recovery runs",
     )
     p.add_argument("--k8s-tasks", type=int, default=200, help="Task objects in the one kubectl apply")
+    p.add_argument("--contention-seconds", type=float, help="per enqueuer count and mode (full 10; quick 3)")
     p.add_argument(
         "--ceiling-modes",
         type=_names,
@@ -892,6 +917,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.idle_seconds = a.idle_seconds or (30.0 if a.quick else 60.0)
     a.scale_drain = a.scale_drain or (20000 if a.quick else 50000)
     a.scale_reps = a.scale_reps or (1 if a.quick else 5)
+    a.contention_seconds = a.contention_seconds or (3.0 if a.quick else 10.0)
     if a.profile and "profile" not in a.measure:
         a.measure.append("profile")
     if a.systems is None:

@@ -15,6 +15,13 @@ Shape of one process (every pod runs the same):
   that does not match was taken away, and its outcome is dropped and counted;
 * the **lease** (``leases.py``), in a thread of its own, and a LISTEN connection.
 
+Wake-ups: an enqueue notifies only while some worker of its queue says it
+waits (``workers.waiting``, migration 0014): a notifying commit takes a
+cluster-wide lock, which serialised busy enqueuers. A worker clears the flag
+when a claim fills every free slot (it claims again with its next outcome)
+and sets it when a claim comes up short -- under the lock that makes every
+enqueue either see the flag or commit before the worker looks once more.
+
 A slot is freed only once its outcome is written, so a process never holds
 more than ``concurrency`` tasks, written or not -- and a slot is always freed:
 whatever a handler returns or raises (a result that is not JSON, ``Fail``
@@ -211,6 +218,8 @@ class Worker:
         self._served: tuple[str, ...] = ()
         self._listened = False
         self._db_limits: dict[str, int] = {}
+        # What this worker's row says: waiting for work (a new row does), or busy.
+        self._db_waiting = True
         self.housekeeper = serving.Housekeeper(
             lambda: self.store, lambda: self._served,
             interval=self.settings.heartbeat_interval, on_limits=self._set_limits,
@@ -320,6 +329,7 @@ class Worker:
         side: dict[str, asyncio.Task[None]] = {}
         try:
             await retry_connection_errors(self.lease.register, what="registering the worker")
+            self._db_waiting = True
             await retry_connection_errors(self._serve, what="recording the handlers served")
             try:
                 # Work may have waited for this pod (none was up to park it); offered before the
@@ -396,6 +406,7 @@ class Worker:
         while not self._stopping and not stop.is_set():
             try:
                 await self.lease.register()
+                self._db_waiting = True
                 await self._serve()
                 break
             except DB_ERRORS as exc:
@@ -513,7 +524,28 @@ class Worker:
                 continue
             error_delay = 0.1
             if full:
+                await self._set_waiting(False)
                 self._wake.set()
+            elif await self._set_waiting(True):
+                self._wake.set()  # look once more: enqueues that did not see the flag have committed
+
+    async def _set_waiting(self, waiting: bool) -> bool:
+        """Say in the worker's row whether it waits for work; True when it now does and did
+        not before (the caller then claims once more). Polling (no LISTEN) never waits:
+        notifications would reach nobody."""
+        waiting = waiting and bool(self.settings.direct_url)
+        if waiting == self._db_waiting or self._stopping:
+            return False
+        try:
+            await self.store.run("worker_waits" if waiting else "worker_busy", self.worker_id)
+        except DB_ERRORS as exc:
+            if waiting:
+                # Enqueues may not wake us meanwhile: look again soon instead.
+                log.warning("could not mark the worker waiting (%r); looking again soon", exc)
+                self.wake_at(0.5)
+            return False
+        self._db_waiting = waiting
+        return waiting
 
     async def _claim(self, free: int) -> bool:
         """Claim up to ``free`` tasks, queue by queue; True if a queue may have more.
@@ -994,7 +1026,7 @@ class Worker:
             free = max(0, self.concurrency - len(self._running) + ending)
             limited, allowed = self._claim_filters()
             try:
-                written, _ = await self._run_claim(wid, self.queues[0], free, allowed, ok)
+                written, claimed = await self._run_claim(wid, self.queues[0], free, allowed, ok)
             except DB_ERRORS:
                 # The statement may have committed unseen: what it claimed is handed back
                 # (we still hold the claim lock, so no other claim of ours is in flight).
@@ -1002,7 +1034,9 @@ class Worker:
                 raise
             self.stats.claims_with_outcomes += 1
         skipped = len(allowed) < len(self._served)
-        return written, len(self.queues) > 1 or bool(limited) or skipped
+        # Came up short while enqueues do not wake us: the claim loop marks us waiting.
+        short = claimed < free and not self._db_waiting
+        return written, len(self.queues) > 1 or bool(limited) or skipped or short
 
     async def _run_claim(
         self, wid: uuid.UUID, q: str, free: int, allowed: list[str], ok: Sequence[_Outcome] = ()

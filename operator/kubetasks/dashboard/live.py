@@ -4,7 +4,11 @@ One LISTEN connection per dashboard process (``store.listen``: it reconnects
 after any loss) hears the channels that say something changed, and maps each
 to a *topic* a page cares about:
 
-* ``kubetasks_enqueued`` (tasks added, retried, resumed, woken) -> ``tasks``
+* ``kubetasks_enqueued`` (tasks added, retried, resumed, woken) -> ``tasks``;
+  since migration 0014 an enqueue notifies only while a worker waits for work
+  (a notifying commit takes a cluster-wide lock), so while pages are open the
+  hub also reads the newest task id every ``COALESCE_S`` (one index probe) and
+  says ``tasks`` when it moved
 * ``kubetasks_cancel`` (a running task cancelled) -> ``tasks``
 * ``kubetasks_schedules``, ``kubetasks_cron_ticked`` -> ``schedules``
 * ``kubetasks_dashboard`` (a rollup pass saw tasks finish or queue depths
@@ -27,7 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from kubetasks.store import listen as store_listen
 
@@ -48,9 +52,17 @@ QUEUE_MAX = 16
 class Hub:
     """The LISTEN connection and the subscribers of one process."""
 
-    def __init__(self, database_url: str, *, coalesce_s: float = COALESCE_S, poll_every: float = 5.0) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        coalesce_s: float = COALESCE_S,
+        poll_every: float = 5.0,
+        newest: Callable[[], Awaitable[int]] | None = None,
+    ) -> None:
         self.database_url = database_url
         self.poll_every = poll_every
+        self.newest = newest
         self.coalesce_s = coalesce_s
         self._subs: set[asyncio.Queue[str]] = set()
         self._pending: set[str] = set()
@@ -76,17 +88,40 @@ class Hub:
     async def run(self, stop: asyncio.Event) -> None:
         """Listen and fan out until ``stop``."""
         fan = asyncio.create_task(self._fan_out(stop), name="kubetasks-dashboard-fanout")
+        watch = asyncio.create_task(self._watch_newest(stop), name="kubetasks-dashboard-newest")
         try:
             await store_listen.listen(
                 self.database_url, list(CHANNELS), self._on_notify, stop,
                 on_connect=self._on_connect, what="dashboard", poll_every=self.poll_every,
             )  # fmt: skip
         finally:
-            fan.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await fan
+            for t in (fan, watch):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
             for q in list(self._subs):
                 self._push(q, "")  # an empty message ends each stream
+
+    async def _watch_newest(self, stop: asyncio.Event) -> None:
+        """While pages are open: a task enqueued with no worker waiting sends no notification."""
+        if self.newest is None:
+            return
+        seen: int | None = None
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.coalesce_s)
+            if not self._subs:
+                seen = None
+                continue
+            try:
+                newest = int(await self.newest())
+            except Exception as exc:  # the database away: the LISTEN side says so and resyncs
+                log.debug("newest task id not read: %r", exc)
+                continue
+            if seen is not None and newest != seen:
+                self._pending.add("tasks")
+                self._wake.set()
+            seen = newest
 
     async def _fan_out(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -167,7 +167,10 @@ async def serve(
     settings = app.settings.dashboard_ready()
     await app.open()
     # Polling (no LISTEN behind a transaction pooler): pages refetch every few seconds at most.
-    hub = Hub(settings.direct_url, poll_every=max(5.0, settings.poll_interval))
+    hub = Hub(
+        settings.direct_url, poll_every=max(5.0, settings.poll_interval),
+        newest=lambda: app.store.run("tasks_max_id"),
+    )  # fmt: skip
     ctx = Context(app=app, settings=settings, auth=Auth(settings), hub=hub, stop=stop)
     config = uvicorn.Config(
         create_app(ctx),

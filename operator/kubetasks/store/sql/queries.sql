@@ -194,6 +194,19 @@ SELECT * FROM register_worker($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 -- slot is the first with no live lease, returned as `slot` (no row: all taken).
 SELECT * FROM register_worker_unlocked($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 
+-- name: worker_waits :exec
+-- $1 worker_id. It waits for work: enqueues of its queues notify from this commit
+-- on. The exclusive lock waits for every enqueue that read the flags before this
+-- commit (they hold it shared), so the claim sent after this sees their tasks
+-- (migration 0014).
+WITH w AS (UPDATE workers SET waiting = true WHERE worker_id = $1 AND NOT waiting RETURNING 1)
+SELECT pg_advisory_xact_lock(hashtext('kubetasks.wait')), (SELECT count(*) FROM w);
+
+-- name: worker_busy :exec
+-- $1 worker_id. Every slot is taken: it claims again with its next outcome, and
+-- enqueues need not wake it.
+UPDATE workers SET waiting = false WHERE worker_id = $1 AND waiting;
+
 -- name: heartbeat :one
 -- $1 worker_id, $2 lease ttl s, $3 queues, $4 seconds of silence that make a peer
 -- suspect, $5 seconds without any heartbeat that mean everyone lost the database

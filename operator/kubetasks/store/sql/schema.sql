@@ -28,12 +28,15 @@ CREATE TABLE workers (
     cluster_limits   jsonb CONSTRAINT cluster_limits_is_object CHECK (jsonb_typeof(cluster_limits) = 'object'),
     -- The release (its pods' label selector) this worker's pod belongs to (0010).
     pod_selector     text CONSTRAINT pod_selector_length CHECK (length(pod_selector) BETWEEN 1 AND 1024),
+    -- Waits for work: enqueues of its queues notify (0014); false while every slot is taken.
+    waiting          boolean NOT NULL DEFAULT true,
     CONSTRAINT stopped_workers_have_time CHECK ((status IN ('dead', 'superseded')) = (stopped_at IS NOT NULL))
 );
 -- One live worker per pod slot: a restarted process supersedes its predecessor.
 CREATE UNIQUE INDEX workers_one_live_per_pod_slot ON workers (pod_id, pod_slot)
     WHERE status IN ('active', 'stopping');
 CREATE INDEX workers_live_by_lease ON workers (lease_expires_at) WHERE status IN ('active', 'stopping');
+CREATE INDEX workers_waiting ON workers (worker_id) WHERE status = 'active' AND waiting;
 
 CREATE TABLE tasks (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -189,9 +192,12 @@ CREATE TABLE cron_ticks (
     PRIMARY KEY (schedule, tick_at)
 );
 
--- Wake idle workers the moment work arrives: one notification per queue and
--- statement. Work due later is announced with the seconds until it is due
--- ("queue 12.5"), so a worker can set a timer instead of polling.
+-- Wake waiting workers the moment work arrives: one notification per queue and
+-- statement, sent only while an active worker of the queue waits for work
+-- (0014: a notifying commit takes a cluster-wide lock, so busy workers are not
+-- woken; the 'kubetasks.wait' lock makes sure no waiting worker misses a task).
+-- Work due later is announced with the seconds until it is due ("queue 12.5"),
+-- so a worker can set a timer instead of polling.
 CREATE FUNCTION notify_enqueued() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     r record;
@@ -203,7 +209,16 @@ BEGIN
         FROM new_tasks WHERE status = 'pending' GROUP BY queue
     LOOP
         IF r.due_now THEN
-            PERFORM pg_notify('kubetasks_enqueued', r.queue);
+            -- Before reading the flags, and held to commit: see migration 0014. A
+            -- transaction with an older snapshot than this statement's could miss a
+            -- flag set meanwhile: it always notifies. (Qualified: an INSERT into
+            -- kubetasks.tasks may come from a session without the schema on its path.)
+            PERFORM pg_advisory_xact_lock_shared(hashtext('kubetasks.wait'));
+            IF current_setting('transaction_isolation') <> 'read committed'
+               OR EXISTS (SELECT 1 FROM kubetasks.workers w
+                          WHERE w.status = 'active' AND w.waiting AND r.queue = ANY (w.queues)) THEN
+                PERFORM pg_notify('kubetasks_enqueued', r.queue);
+            END IF;
         END IF;
         IF r.later IS NOT NULL THEN
             PERFORM pg_notify('kubetasks_enqueued', r.queue || ' ' || r.later::text);
