@@ -553,6 +553,23 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
             ),
             {"by_size": {}},
         )
+    if "scale" in a.measure and a.scale_spread != (1, 1):
+        res["scale_spread"] = await guarded(
+            "scale (spread)",
+            scale.measure(
+                dbs,
+                a.scale_sizes,
+                a.scale_finished,
+                a.scale_drain,
+                2,
+                50,
+                a.scale_reps,
+                log,
+                all_systems["kubetasks"],
+                spread=a.scale_spread,
+            ),
+            {"by_size": {}},
+        )
     if "recovery" in a.measure:
         res["recovery"] = await guarded(
             "recovery", recovery.measure(dbs, a.recovery_tasks, a.recovery_ttl, a.recovery_heartbeat, log), {}
@@ -602,6 +619,9 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
     )
     if "scale" in res:
         res.update(scale.summary(res["scale"]))
+    if "scale_spread" in res:
+        h, q = a.scale_spread
+        res.update(scale.summary(res["scale_spread"], prefix=f"spread_{h}h_{q}q_"))
     if "contention" in res:
         res.update(contention.summary(res["contention"]))
     res["target_status"] = {
@@ -724,41 +744,8 @@ def report(res: dict[str, Any]) -> Table:
             f"≤0.5 {mark(res['target_status']['idle_tps_per_process'])}",
         )
     blank = [""] * (len(names) - 1)
-    sc = res.get("scale")
-    if sc is not None:
-        t.add_section()
-        if "error" in sc and not sc.get("by_size"):
-            t.add_row("scale (pending tasks)", "n/a", *blank, "", "", sc["error"][:80])
-        for label, r in sc.get("by_size", {}).items():
-            t.add_row(
-                f"jobs/s 2×50, {label} pending + {sc.get('finished', 0) / 1e6:g}M finished",
-                fmt(r.get("jobs_per_s")),
-                *blank,
-                "",
-                "",
-                "runs: " + ", ".join(fmt(x) for x in r.get("jobs_per_s_runs", [])),
-            )
-        for key, v in res.items():
-            if key.startswith("scale_ratio_"):
-                hi, lo = key.removeprefix("scale_ratio_").split("_vs_")
-                target = ""
-                if key in TARGETS:
-                    target = f"≥{TARGETS[key]:g} {mark(res['target_status'].get(key, 'n/a'))}"
-                t.add_row(f"  jobs/s {hi} pending ÷ {lo} pending", fmt(v, 2), *blank, "", "", target)
-        for label, r in sc.get("by_size", {}).items():
-            c = r.get("claim")
-            if not c:
-                continue
-            shape = "index scan, no seq scan" if r.get("plan_ok_every_run") else "[red]NOT index-only[/red]"
-            t.add_row(
-                f"  claim EXPLAIN ANALYZE, {label} pending: ms",
-                fmt(c["median_execution_ms"], 2),
-                *blank,
-                "",
-                "",
-                f"{shape}; cost {c['total_cost']:.0f}; buffers hit {c['median_shared_hit_blocks']:.0f} "
-                f"read {c['median_shared_read_blocks']:.0f}",
-            )
+    for sc_key in ("scale", "scale_spread"):
+        _scale_rows(t, res, sc_key, blank)
     rec = res.get("recovery")
     if rec is not None:
         t.add_section()
@@ -814,6 +801,48 @@ def report(res: dict[str, Any]) -> Table:
     return t
 
 
+def _scale_rows(t: Table, res: dict[str, Any], key: str, blank: list[str]) -> None:
+    sc = res.get(key)
+    if sc is None:
+        return
+    sp = sc.get("spread", {})
+    where = f" over {sp['handlers']:,} handlers, {sp['queues']} queues" if sp.get("handlers", 1) > 1 else ""
+    prefix = f"spread_{sp['handlers']}h_{sp['queues']}q_" if where else ""
+    t.add_section()
+    if "error" in sc and not sc.get("by_size"):
+        t.add_row("scale (pending tasks)", "n/a", *blank, "", "", sc["error"][:80])
+    for label, r in sc.get("by_size", {}).items():
+        t.add_row(
+            f"jobs/s 2×50, {label} pending{where} + {sc.get('finished', 0) / 1e6:g}M finished",
+            fmt(r.get("jobs_per_s")),
+            *blank,
+            "",
+            "",
+            "runs: " + ", ".join(fmt(x) for x in r.get("jobs_per_s_runs", [])),
+        )
+    for rkey, v in res.items():
+        if rkey.startswith(prefix + "scale_ratio_"):
+            hi, lo = rkey.removeprefix(prefix + "scale_ratio_").split("_vs_")
+            target = ""
+            if rkey in TARGETS:
+                target = f"≥{TARGETS[rkey]:g} {mark(res['target_status'].get(rkey, 'n/a'))}"
+            t.add_row(f"  jobs/s {hi} pending ÷ {lo} pending", fmt(v, 2), *blank, "", "", target)
+    for label, r in sc.get("by_size", {}).items():
+        c = r.get("claim")
+        if not c:
+            continue
+        shape = "index scan, no seq scan" if r.get("plan_ok_every_run") else "[red]NOT index-only[/red]"
+        t.add_row(
+            f"  claim EXPLAIN ANALYZE, {label} pending: ms",
+            fmt(c["median_execution_ms"], 2),
+            *blank,
+            "",
+            "",
+            f"{shape}; cost {c['total_cost']:.0f}; buffers hit {c['median_shared_hit_blocks']:.0f} "
+            f"read {c['median_shared_read_blocks']:.0f}",
+        )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -846,6 +875,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale-finished", type=int, default=1_000_000, help="finished tasks in the table")
     p.add_argument("--scale-drain", type=int, help="tasks drained per scale run (full 50,000; quick 20,000)")
     p.add_argument("--scale-reps", type=int, help="scale repetitions (full 5; quick 1)")
+    p.add_argument(
+        "--scale-spread",
+        type=_spread,
+        default=(10_000, 100),
+        help="HxQ: scale again with the pending tasks spread over H handlers and Q queues "
+        "(default 10000x100; 1x1: skip)",
+    )
     p.add_argument("--recovery-tasks", type=int, default=50)
     p.add_argument(
         "--recovery-ttl", type=float, default=5.0, help="KUBETASKS_LEASE_TTL for the recovery runs"
@@ -932,6 +968,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
+
+
+def _spread(s: str) -> tuple[int, int]:
+    h, _, q = s.partition("x")
+    return int(h), int(q or 1)
 
 
 def _names(s: str) -> list[str]:

@@ -20,6 +20,12 @@ All sizes share one database. Before each run the tasks earlier drains
 finished are deleted (the finished count stays F) and the pending set is set
 to size + D (rows added, or the newest removed). After one unmeasured warm-up
 drain, every repetition runs the sizes in a rotated order; the median counts.
+
+``spread=(H, Q)`` (issue 18 item 6): the pending tasks are spread round-robin
+over H handlers (``noop0``..) and Q queues (``q0``..), the workers register all
+H handlers (``BENCH_KT_HANDLERS``) and serve all Q queues, and the claim is
+EXPLAINed for queue ``q0`` with all H handlers allowed. ``(1, 1)`` is the
+plain case: handler ``noop`` in queue ``default``.
 """
 
 from __future__ import annotations
@@ -49,6 +55,30 @@ INSERT INTO kubetasks.tasks (handler, queue, priority, payload, max_attempts, ru
                              retry_delay_s, retry_backoff, max_retry_delay_s, tags)
 SELECT $1, $2, 0, '{}'::jsonb, 1, now(), 300, 1, 2, 3600, '{}'::text[]
 FROM generate_series(1, $3::bigint)"""
+
+# The same rows spread round-robin over $1 handlers (noop0..) and $2 queues (q0..).
+_PENDING_SPREAD_SQL = """
+INSERT INTO kubetasks.tasks (handler, queue, priority, payload, max_attempts, run_at, timeout_s,
+                             retry_delay_s, retry_backoff, max_retry_delay_s, tags)
+SELECT 'noop' || (g % $1), 'q' || (g % $2), 0, '{}'::jsonb, 1, now(), 300, 1, 2, 3600, '{}'::text[]
+FROM generate_series(1, $3::bigint) g"""
+
+
+def spread_names(spread: tuple[int, int]) -> tuple[list[str], list[str]]:
+    """The handlers and queues of a spread (the plain case: noop in default)."""
+    h, q = spread
+    if (h, q) == (1, 1):
+        return [HANDLER], [QUEUE]
+    return [f"noop{i}" for i in range(h)], [f"q{i}" for i in range(q)]
+
+
+def spread_env(spread: tuple[int, int]) -> dict[str, str]:
+    """Worker environment for a spread: every handler registered, every queue served."""
+    if tuple(spread) == (1, 1):
+        return {}
+    handlers, queues = spread_names(spread)
+    return {"BENCH_KT_HANDLERS": str(len(handlers)), "KUBETASKS_QUEUES": ",".join(queues)}
+
 
 # Finished a day ago or earlier, 100 us apart, each having run 1 ms.
 _FINISHED_SQL = """
@@ -88,9 +118,11 @@ async def seed_finished(conn: asyncpg.Connection, n: int) -> None:
     await conn.execute(_FINISHED_SQL, HANDLER, QUEUE, SEED_WORKER, SEED_POD, n)
 
 
-async def add_pending(conn: asyncpg.Connection, n: int) -> None:
-    if n > 0:
+async def add_pending(conn: asyncpg.Connection, n: int, spread: tuple[int, int] = (1, 1)) -> None:
+    if n > 0 and tuple(spread) == (1, 1):
         await conn.execute(_PENDING_SQL, HANDLER, QUEUE, n)
+    elif n > 0:
+        await conn.execute(_PENDING_SPREAD_SQL, spread[0], spread[1], n)
 
 
 async def counts(conn: asyncpg.Connection) -> dict[str, int]:
@@ -100,7 +132,7 @@ async def counts(conn: asyncpg.Connection) -> dict[str, int]:
     return out
 
 
-async def set_pending(conn: asyncpg.Connection, target: int) -> int:
+async def set_pending(conn: asyncpg.Connection, target: int, spread: tuple[int, int] = (1, 1)) -> int:
     """Make exactly ``target`` tasks pending: drop what earlier drains finished, add or remove pending ones.
 
     Returns how many pending rows were added (negative: removed)."""
@@ -110,7 +142,7 @@ async def set_pending(conn: asyncpg.Connection, target: int) -> int:
     await conn.execute("DELETE FROM kubetasks.workers WHERE pod_id <> $1 AND status <> 'active'", SEED_POD)
     have = int(await conn.fetchval("SELECT count(*) FROM kubetasks.tasks WHERE status = 'pending'"))
     if have < target:
-        await add_pending(conn, target - have)
+        await add_pending(conn, target - have, spread)
     elif have > target:
         await conn.execute(
             "DELETE FROM kubetasks.tasks WHERE id IN "
@@ -181,7 +213,7 @@ def plan_facts(plan: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def explain_claim(url: str, want: int) -> dict[str, Any]:
+async def explain_claim(url: str, want: int, spread: tuple[int, int] = (1, 1)) -> dict[str, Any]:
     """EXPLAIN (ANALYZE, BUFFERS) of the claim for ``want`` tasks, rolled back (nothing stays claimed).
 
     A worker is registered in the same transaction so the lease EXISTS passes. One JSON run for the
@@ -189,6 +221,7 @@ async def explain_claim(url: str, want: int) -> dict[str, Any]:
     from kubetasks.store import queries
 
     claim = queries.load()["claim"].sql
+    handlers, queues = spread_names(spread)
     conn = await connect(url)
     try:
         out: dict[str, Any] = {"want": want}
@@ -198,15 +231,15 @@ async def explain_claim(url: str, want: int) -> dict[str, Any]:
             await tx.start()
             try:
                 await conn.fetchrow(
-                    "SELECT * FROM register_worker($1, $2, 'bench', 0, ARRAY[$3], $4, 60)",
+                    "SELECT * FROM register_worker($1, $2, 'bench', 0, $3::text[], $4, 60)",
                     wid,
                     EXPLAIN_POD,
-                    QUEUE,
+                    queues,
                     want,
                 )
                 rows = await conn.fetch(
                     f"EXPLAIN (ANALYZE, BUFFERS, FORMAT {fmt}) {claim}",
-                    *(wid, EXPLAIN_POD, QUEUE, want, [HANDLER]),
+                    *(wid, EXPLAIN_POD, queues[0], want, handlers),
                     *([], [], []),  # no successes to write first
                 )
             finally:
@@ -321,12 +354,13 @@ async def one_size(
     c: int,
     log: Callable[[str], None],
     tag: str,
+    spread: tuple[int, int] = (1, 1),
 ) -> dict[str, Any]:
     """Top the pending set up to size + drain_n, EXPLAIN the claim, drain drain_n, EXPLAIN again."""
     label = size_label(size)
     res: dict[str, Any] = {"pending": size}
     t = time.monotonic()
-    res["pending_rows_added"] = await set_pending(conn, size + drain_n)
+    res["pending_rows_added"] = await set_pending(conn, size + drain_n, spread)
     res["seed_pending_s"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
     await _vacuum(conn)
@@ -338,7 +372,7 @@ async def one_size(
     res["pending_index_size_mb"] = round(
         int(await conn.fetchval("SELECT pg_relation_size('kubetasks.tasks_pending_claim')")) / 2**20, 2
     )
-    res["claim_plan"] = p = await _guard(explain_claim(url, c))
+    res["claim_plan"] = p = await _guard(explain_claim(url, c, spread))
     shape = "index scan of the pending set" if p.get("plan_ok") else f"PLAN NOT OK {p.get('scans')}"
     log(
         f"scale {tag} {label:>4} pending + {res['table_before'].get('succeeded', 0):,} finished: "
@@ -349,7 +383,7 @@ async def one_size(
     res["drain"] = d = await _guard(drain_some(dbs, name, url, system, drain_n, w, c, 60 + drain_n / 50))
     if "jobs_per_s" in d and "error" not in d:
         res["jobs_per_s"] = d["jobs_per_s"]
-    res["claim_plan_after_drain"] = pa = await _guard(explain_claim(url, c))
+    res["claim_plan_after_drain"] = pa = await _guard(explain_claim(url, c, spread))
     res["table_after"] = await counts(conn)
     log(
         f"scale {tag} {label:>4} pending: "
@@ -369,11 +403,17 @@ async def measure(
     reps: int,
     log: Callable[[str], None],
     system: systems.Kubetasks | None = None,
+    spread: tuple[int, int] = (1, 1),
 ) -> dict[str, Any]:
     """The ``scale`` section of the results; see the module docstring."""
     system = system or systems.Kubetasks()
+    if tuple(spread) != (1, 1):
+        system = systems.Kubetasks(
+            extra_env={**system.extra_env, **spread_env(spread)}, setup_sql=system.setup_sql
+        )
     sizes = sorted(sizes)
     out: dict[str, Any] = {
+        "spread": {"handlers": spread[0], "queues": spread[1]},
         "sizes": sizes,
         "finished": finished,
         "drained_per_run": drain_n,
@@ -399,7 +439,7 @@ async def measure(
             await seed_finished(conn, finished)
             out["seed_finished_s"] = round(time.monotonic() - t, 1)
             warm = min(drain_n, 5000)
-            await set_pending(conn, sizes[0] + warm)
+            await set_pending(conn, sizes[0] + warm, spread)
             await _vacuum(conn)
             wd = await _guard(drain_some(dbs, name, url, system, warm, w, c, 60 + warm / 50))
             out["warm_up"] = {"jobs": warm, "jobs_per_s": wd.get("jobs_per_s"), "error": wd.get("error")}
@@ -407,7 +447,7 @@ async def measure(
                 k = rep % len(sizes)
                 for size in sizes[k:] + sizes[:k]:
                     run = await one_size(
-                        dbs, name, url, conn, system, size, drain_n, w, c, log, f"{rep + 1}/{reps}"
+                        dbs, name, url, conn, system, size, drain_n, w, c, log, f"{rep + 1}/{reps}", spread
                     )
                     if rep > 0:  # the plan text of the first repetition is enough
                         for key in ("claim_plan", "claim_plan_after_drain"):
@@ -452,14 +492,18 @@ async def _guard(coro: Awaitable[dict[str, Any]]) -> dict[str, Any]:
         return {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
 
 
-def summary(scale: dict[str, Any]) -> dict[str, Any]:
-    """Top-level keys: jobs_per_s_<size>_pending and scale_ratio_<largest>_vs_<smallest>."""
+def summary(scale: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Top-level keys: [prefix]jobs_per_s_<size>_pending, [prefix]scale_ratio_<largest>_vs_<smallest>
+    and [prefix]claim_plan_ok_every_size."""
     out: dict[str, Any] = {}
     by = scale.get("by_size", {})
     for label, res in by.items():
-        out[f"jobs_per_s_{label}_pending"] = res.get("jobs_per_s")
+        out[f"{prefix}jobs_per_s_{label}_pending"] = res.get("jobs_per_s")
     labels = [size_label(s) for s in sorted(scale.get("sizes", []))]
     if len(labels) >= 2:
         lo, hi = by.get(labels[0], {}).get("jobs_per_s"), by.get(labels[-1], {}).get("jobs_per_s")
-        out[f"scale_ratio_{labels[-1]}_vs_{labels[0]}"] = round(hi / lo, 3) if lo and hi else None
+        out[f"{prefix}scale_ratio_{labels[-1]}_vs_{labels[0]}"] = round(hi / lo, 3) if lo and hi else None
+    oks = [r["plan_ok_every_run"] for r in by.values() if "plan_ok_every_run" in r]
+    if oks:
+        out[f"{prefix}claim_plan_ok_every_size"] = all(oks)
     return out

@@ -34,6 +34,11 @@ async def noop(task: TaskContext) -> None:
     return None
 
 
+# bench/scale.py's spread: BENCH_KT_HANDLERS no-op handlers noop0.. besides noop.
+for _i in range(int(os.environ.get("BENCH_KT_HANDLERS", "0"))):
+    app.register(f"noop{_i}", noop, max_attempts=1)
+
+
 @app.task("latency", max_attempts=1)
 async def latency(task: TaskContext) -> None:
     record(float(task.payload["t"]), bool(task.payload.get("w")), task.id)

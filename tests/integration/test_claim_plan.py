@@ -6,6 +6,7 @@ import json
 import uuid
 
 import asyncpg
+from bench import scale
 
 from kubetasks import App
 
@@ -62,3 +63,35 @@ async def test_claim_is_an_index_scan_on_a_large_table(app: App, db_url: str) ->
     )
     ms = plan["Execution Time"]
     print(f"\n[plan] claim of 50 from 200k pending + 200k finished: {ms:.2f} ms, scans {sorted(scans)}")
+
+
+async def test_claim_plan_at_scale_with_one_and_with_ten_thousand_handlers(db_url: str) -> None:
+    """Issue 18 item 6: with 1,000,000 finished tasks, the claim reads the pending index (never
+    the table) at 10k, 100k and 1M pending of one handler in one queue, and at 10k and 100k
+    pending spread over 10,000 handlers and 100 queues (the worker allowed all 10,000 and
+    serving all 100 queues), each after ANALYZE; and it takes as many as it asks for. Seeded
+    with generate_series (bench/scale.py's rows); the throughput at these sizes is bench/'s."""
+    spread = (10_000, 100)
+    conn = await scale.connect(db_url)
+    seen: list[str] = []
+    try:
+        # The seeding inserts are no enqueues: no trigger work per statement.
+        await conn.execute("ALTER TABLE kubetasks.tasks DISABLE TRIGGER tasks_notify_enqueued")
+        await scale.seed_finished(conn, 1_000_000)
+        plain = spread_n = 0
+        for size, spread_size in ((10_000, 10_000), (100_000, 100_000), (1_000_000, None)):
+            await scale.add_pending(conn, size - plain)
+            plain = size
+            if spread_size is not None:
+                await scale.add_pending(conn, spread_size - spread_n, spread)
+                spread_n = spread_size
+            await conn.execute("ANALYZE kubetasks.tasks")
+            cases = [("1 handler", (1, 1))] + ([("10k handlers", spread)] if spread_size else [])
+            for what, sp in cases:
+                facts = await scale.explain_claim(db_url, 50, sp)
+                seen.append(f"{size} + {what}: {facts['execution_ms']} ms, {facts['scans']}")
+                assert facts["plan_ok"], (size, what, facts["scans"], facts.get("plan_text"))
+                assert facts["limit_rows"] == 50, (size, what, facts)
+    finally:
+        await conn.close()
+    print("\n[plan] " + "\n[plan] ".join(seen))
