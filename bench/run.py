@@ -53,7 +53,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from bench import ceiling as sql_ceiling  # noqa: E402
-from bench import contention, harness, recovery, scale, systems  # noqa: E402
+from bench import contention, harness, recovery, scale, soak, systems  # noqa: E402
 from bench import k8s as k8s_bench  # noqa: E402
 from bench.harness import Databases, Workers, cpu_seconds, machine_cpu, running  # noqa: E402
 
@@ -438,6 +438,7 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
             },
             "k8s": {"tasks": a.k8s_tasks, "concurrency": 50},
             "contention": {"seconds": a.contention_seconds, "enqueuers": list(contention.ENQUEUERS)},
+            "soak": {"minutes": a.soak_minutes, "long_tx_seconds": a.soak_long_tx_seconds, "fraction": 0.5},
             "worker_settings": {s.name: {f"{w}x{c}": s.settings(c) for w, c in configs} for s in chosen},
         },
         "design_reference": DESIGN_REFERENCE,
@@ -574,6 +575,19 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         res["recovery"] = await guarded(
             "recovery", recovery.measure(dbs, a.recovery_tasks, a.recovery_ttl, a.recovery_heartbeat, log), {}
         )
+    if "soak" in a.measure:
+        res["soak"] = await guarded(
+            "soak",
+            soak.measure(
+                dbs,
+                log,
+                minutes=a.soak_minutes,
+                long_tx_seconds=a.soak_long_tx_seconds,
+                calibrate=5000 if a.quick else 20_000,
+            ),
+            {},
+        )
+        res.update({k: v for k, v in res["soak"].items() if k.startswith("soak_")})
     if "contention" in a.measure:
         res["contention"] = await guarded(
             "contention", contention.measure(dbs, a.contention_seconds, log), {"by_enqueuers": {}}
@@ -769,6 +783,29 @@ def report(res: dict[str, Any]) -> Table:
             or f"{silent.get('after_lease_expiry_s', 0):.2f} s after the lease expired "
             f"(heartbeat {rec.get('heartbeat_interval_s', 0):g} s)",
         )
+    so = res.get("soak")
+    if so and "soak_last_vs_first" in so:
+        t.add_section()
+        t.add_row(
+            f"soak {so['minutes']:g} min at ½ drain rate ({so.get('enqueue_rate_per_s', 0):,.0f}/s): "
+            "finished/s last ÷ first minute",
+            fmt(so.get("soak_last_vs_first"), 2),
+            *blank,
+            "",
+            "",
+            f"first {fmt(so.get('soak_first_minute_per_s'))}/s, "
+            f"last {fmt(so.get('soak_last_minute_per_s'))}/s; "
+            f"table {fmt(so.get('soak_table_mb_first'), 1)}→{fmt(so.get('soak_table_mb_last'), 1)} MB",
+        )
+        t.add_row(
+            f"  {so['long_tx_seconds']:g} s transaction elsewhere: worst p99 enqueue→start ms",
+            fmt(so.get("soak_p99_ms_max_during_long_tx")),
+            *blank,
+            "",
+            "",
+            f"backlog max {fmt(so.get('soak_backlog_max_during_long_tx'))}; after: p99 "
+            f"{fmt(so.get('soak_p99_ms_max_after_long_tx'))} ms; warned {so.get('long_tx_warning_logged')}",
+        )
     ct = res.get("contention", {}).get("by_enqueuers")
     if ct:
         t.add_section()
@@ -862,8 +899,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--measure",
         type=_names,
-        default=["throughput", "ceiling", "latency", "idle", "scale", "recovery", "contention", "k8s"],
-        help="any of throughput,ceiling,latency,idle,scale,recovery,contention,k8s,profile "
+        default=[
+            "throughput",
+            "ceiling",
+            "latency",
+            "idle",
+            "scale",
+            "recovery",
+            "contention",
+            "soak",
+            "k8s",
+        ],
+        help="any of throughput,ceiling,latency,idle,scale,recovery,contention,soak,k8s,profile "
         "(default: all but profile)",
     )
     p.add_argument(
@@ -894,6 +941,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--k8s-tasks", type=int, default=200, help="Task objects in the one kubectl apply")
     p.add_argument("--contention-seconds", type=float, help="per enqueuer count and mode (full 10; quick 3)")
+    p.add_argument("--soak-minutes", type=float, help="sustained load (full 10; quick 1.5)")
+    p.add_argument("--soak-long-tx-seconds", type=float, help="the long transaction (full 120; quick 30)")
     p.add_argument(
         "--ceiling-modes",
         type=_names,
@@ -954,6 +1003,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.scale_drain = a.scale_drain or (20000 if a.quick else 50000)
     a.scale_reps = a.scale_reps or (1 if a.quick else 5)
     a.contention_seconds = a.contention_seconds or (3.0 if a.quick else 10.0)
+    a.soak_minutes = a.soak_minutes or (1.5 if a.quick else 10.0)
+    a.soak_long_tx_seconds = a.soak_long_tx_seconds or (30.0 if a.quick else 120.0)
     if a.profile and "profile" not in a.measure:
         a.measure.append("profile")
     if a.systems is None:

@@ -85,6 +85,9 @@ class Settings:
     #: Seconds between looks when there is no LISTEN connection (transaction pooling
     #: without database_direct_url).
     poll_interval: float = 1.0
+    #: Seconds a transaction elsewhere in the database may stay open before workers warn
+    #: that it holds back vacuum (and name it); 0: never look.
+    long_transaction_warn: float = 60.0
     redis_url: str | None = None
     pod_id: str = field(default_factory=default_pod_id)
     queues: tuple[str, ...] = ("default",)
@@ -188,6 +191,8 @@ class Settings:
         if self.database_replica_url:
             validate_database_url(self.database_replica_url, "KUBETASKS_DATABASE_REPLICA_URL")
         _positive("KUBETASKS_POLL_INTERVAL", self.poll_interval, 0.05, 60)
+        if self.long_transaction_warn:
+            _positive("KUBETASKS_LONG_TRANSACTION_WARN", self.long_transaction_warn, 1, 86400)
         if self.redis_url:
             validate_redis_url(self.redis_url)
         if not self.queues:

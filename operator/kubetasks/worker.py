@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 
-from kubetasks import leases, metrics, serving, subprocs, validation
+from kubetasks import horizon, leases, metrics, serving, subprocs, validation
 from kubetasks.app import TaskDef, call_handler
 from kubetasks.context import TaskContext
 from kubetasks.errors import Fail, Retry, ValidationError
@@ -350,6 +350,10 @@ class Worker:
                 "claimer": asyncio.create_task(self._claim_loop(), name="kubetasks-claimer"),
                 "housekeeper": asyncio.create_task(self.housekeeper.run(stop), name="kubetasks-housekeeper"),
             }
+            warn = self.settings.long_transaction_warn
+            if warn:
+                watch = horizon.HorizonWatch(lambda: self.store, warn, every=min(30.0, max(1.0, warn / 4)))
+                side["horizon"] = asyncio.create_task(watch.run(stop), name="kubetasks-horizon")
             self.lease.arm_watchdog()
             self._claiming = True
             self._wake.set()

@@ -885,3 +885,17 @@ WITH back AS (
     SELECT pg_notify('kubetasks_enqueued', queue) FROM back
 )
 SELECT (SELECT count(*) FROM back) + 0 * (SELECT count(*) FROM wake);
+
+-- name: oldest_transaction :one
+-- The session of this database, other than the caller's, with the oldest open
+-- transaction holding a snapshot: it holds back what vacuum may remove from
+-- every table here (horizon.py). No row: none.
+SELECT pid, usename, application_name, client_addr::text AS client_addr, state,
+       extract(epoch FROM now() - xact_start)::float8 AS xact_age_s,
+       extract(epoch FROM xact_start)::float8 AS xact_start_epoch,
+       left(query, 300) AS query
+FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND backend_xmin IS NOT NULL AND xact_start IS NOT NULL
+ORDER BY xact_start
+LIMIT 1;
