@@ -218,7 +218,11 @@ def worker(
     database_url: DbOpt = None,
     queues: Annotated[
         str | None,
-        typer.Option(envvar="KUBETASKS_QUEUES", help="Comma-separated, in priority order."),
+        typer.Option(
+            envvar="KUBETASKS_QUEUES",
+            help="Comma-separated, in priority order. Unset: the queues of the app's handlers; "
+            "'*' (last): every queue holding tasks of its handlers.",
+        ),
     ] = None,
     concurrency: Annotated[
         int | None, typer.Option(envvar="KUBETASKS_CONCURRENCY", help="Tasks run at once.")
@@ -235,7 +239,11 @@ def run(
     database_url: DbOpt = None,
     queues: Annotated[
         str | None,
-        typer.Option(envvar="KUBETASKS_QUEUES", help="Comma-separated, in priority order."),
+        typer.Option(
+            envvar="KUBETASKS_QUEUES",
+            help="Comma-separated, in priority order. Unset: the queues of the app's handlers; "
+            "'*' (last): every queue holding tasks of its handlers.",
+        ),
     ] = None,
     concurrency: Annotated[
         int | None, typer.Option(envvar="KUBETASKS_CONCURRENCY", help="Tasks run at once.")

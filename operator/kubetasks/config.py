@@ -54,6 +54,23 @@ def validate_redis_url(url: str, var: str = "KUBETASKS_REDIS_URL") -> str:
     return url
 
 
+#: In KUBETASKS_QUEUES: every queue the worker's handlers have tasks in.
+ALL_QUEUES = "*"
+
+
+def validate_queues(var: str, queues: tuple[str, ...]) -> tuple[str, ...]:
+    """Queue names, or ``*`` once and last (the named queues before it are served first)."""
+    for i, q in enumerate(queues):
+        if q == ALL_QUEUES:
+            if i != len(queues) - 1:
+                raise ConfigError(var, f"'*' (every queue) must come last, got {','.join(queues)!r}")
+            continue
+        validation.name(var, q)
+    if len(set(queues)) != len(queues):
+        raise ConfigError(var, f"names a queue twice: {','.join(queues)!r}")
+    return queues
+
+
 def default_pod_id() -> str:
     return os.environ.get("POD_NAME") or socket.gethostname()
 
@@ -90,7 +107,10 @@ class Settings:
     long_transaction_warn: float = 60.0
     redis_url: str | None = None
     pod_id: str = field(default_factory=default_pod_id)
-    queues: tuple[str, ...] = ("default",)
+    #: Queues served, in priority order. Empty: the queues of the handlers the app has (each
+    #: handler's ``queue``, else default_queue). ``*`` serves every queue its handlers' tasks are
+    #: in (the named queues before it come first).
+    queues: tuple[str, ...] = ()
     concurrency: int = 10
     heartbeat_interval: float = 5.0
     lease_ttl: float = 15.0
@@ -195,10 +215,7 @@ class Settings:
             _positive("KUBETASKS_LONG_TRANSACTION_WARN", self.long_transaction_warn, 1, 86400)
         if self.redis_url:
             validate_redis_url(self.redis_url)
-        if not self.queues:
-            raise ConfigError("KUBETASKS_QUEUES", "must name at least one queue")
-        for q in self.queues:
-            validation.name("KUBETASKS_QUEUES", q)
+        validate_queues("KUBETASKS_QUEUES", self.queues)
         validation.name("KUBETASKS_DEFAULT_QUEUE", self.default_queue)
         if not 1 <= len(self.pod_id) <= 253:
             raise ConfigError("KUBETASKS_POD_ID", "must be 1 to 253 characters")

@@ -5,7 +5,9 @@ Shape of one process (every pod runs the same):
 * a **claim loop** that sleeps until woken (NOTIFY from an enqueue, a freed
   slot, a local timer for a retry it scheduled, or the heartbeat's polling
   fallback) and then claims up to its free slots in one statement per queue,
-  queues served in the order given -- only tasks of the handlers its app has,
+  queues served in priority order (by default the queues of the handlers its
+  app has; ``KUBETASKS_QUEUES`` names them, ``*`` adds every queue holding tasks
+  of those handlers) -- only tasks of the handlers its app has,
   which it records when it registers (``serving``): a task of any other
   handler is left pending for a worker that has it, never failed;
 * one asyncio task per claimed task running its handler under a timeout;
@@ -68,6 +70,7 @@ import asyncpg
 
 from kubetasks import horizon, leases, metrics, serving, subprocs, validation
 from kubetasks.app import TaskDef, call_handler
+from kubetasks.config import ALL_QUEUES, validate_queues
 from kubetasks.context import TaskContext
 from kubetasks.errors import Fail, Retry, ValidationError
 from kubetasks.store import Store, retry_connection_errors
@@ -181,7 +184,15 @@ class Worker:
         s = app.settings
         self.app = app
         self.settings = s
-        self.queues = tuple(validation.name("queues", q) for q in (queues or s.queues))
+        asked = validate_queues("queues", tuple(queues) if queues else s.queues)
+        # Named queues come first, in the order given; without any (or with `*`) the
+        # queues of the app's handlers follow, and under `*` every queue found holding
+        # tasks of those handlers (``_discover``).
+        self._named = tuple(q for q in asked if q != ALL_QUEUES)
+        self.all_queues = ALL_QUEUES in asked
+        self._found: dict[str, None] = {}
+        self._rediscover = self.all_queues
+        self.queues = self._wanted_queues()
         self.concurrency = validation.concurrency("concurrency", concurrency or s.concurrency)
         self.stats = WorkerStats()
         self._running: dict[int, _Run] = {}
@@ -256,6 +267,9 @@ class Worker:
         # A task became pending somewhere: it may be one that no worker serves.
         self.housekeeper.poke()
         queue, _, delay = payload.partition(" ")
+        if self.all_queues and queue not in self.queues and queue not in self._found:
+            self._rediscover = True  # a queue this worker does not know: look for its handlers there
+            self._wake.set()
         if queue in self.queues:
             if delay:
                 self.wake_at(float(delay))
@@ -266,6 +280,7 @@ class Worker:
         self._wake.set()
         if self._listened:
             self.housekeeper.poke()  # notifications were missed: tasks may have become unserved
+            self._rediscover = self.all_queues  # and tasks may wait in queues this worker never heard of
         self._listened = True  # the first connection: the housekeeper's start-up offer covers it
 
     def _on_lease_lost(self, why: str) -> None:
@@ -325,6 +340,9 @@ class Worker:
             on_orphans=self._on_orphans, running=self._running_pairs,
             loop_beat=lambda: self._loop_beat, stall_limit=self._stall_limit,
         )  # fmt: skip
+        if self.all_queues:
+            await retry_connection_errors(self._discover, what="finding the queues of its handlers")
+        self.queues = self._wanted_queues()
         self.lease = leases.Lease(self.settings, self.queues, self.concurrency, hooks)
         side: dict[str, asyncio.Task[None]] = {}
         try:
@@ -560,8 +578,11 @@ class Worker:
         """
         wid = self.worker_id
         pod = self.settings.pod_id
-        if self.app.handlers.keys() != set(self._served):
-            await self._serve()  # handlers were registered or removed since: say so first
+        if self._rediscover:
+            await self._discover()
+        if self.app.handlers.keys() != set(self._served) or self._wanted_queues() != self.queues:
+            await self._set_queues()
+            await self._serve()  # handlers or queues changed since: say so first
         limited, allowed = self._claim_filters()
         more = False
         for q in self.queues:
@@ -614,6 +635,33 @@ class Worker:
 
     def _set_limits(self, limits: dict[str, int]) -> None:
         self._db_limits = {str(k): int(v) for k, v in limits.items()}
+
+    def _wanted_queues(self) -> tuple[str, ...]:
+        """The queues to serve now, in priority order (see ``__init__``)."""
+        if self._named and not self.all_queues:
+            return self._named
+        dq = self.settings.default_queue
+        own = [td.queue or dq for td in self.app.handlers.values()] or [dq]
+        return tuple(dict.fromkeys([*self._named, *own, *self._found]))
+
+    async def _discover(self) -> None:
+        """Under ``*``: remember every queue holding pending tasks of this worker's handlers."""
+        self._rediscover = False
+        rows = await self.store.run("queues_with_pending", sorted(self.app.handlers))
+        for r in rows:
+            self._found.setdefault(r["queue"], None)
+
+    async def _set_queues(self) -> None:
+        """Tell the database the queues this worker serves now (before ``_serve``, which unparks
+        within them)."""
+        wanted = self._wanted_queues()
+        if wanted == self.queues:
+            return
+        self.queues = wanted
+        if self.lease is not None:
+            self.lease.queues = list(wanted)  # its next registration says the same
+            await self.store.run("set_worker_queues", self.worker_id, list(wanted))
+        log.info("worker now serves queues %s", ",".join(wanted))
 
     async def _serve(self) -> None:
         """Record what this worker serves (after registering, or when the app's handlers

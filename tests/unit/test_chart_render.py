@@ -320,7 +320,9 @@ class TestDeployment:
         assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
         assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
         assert env["KUBETASKS_APP"]["value"] == "examples.app:app"
-        assert env["KUBETASKS_QUEUES"]["value"] == "default"
+        # No queues named: each worker serves the queues of its app's handlers (issue 17 item 1).
+        assert "KUBETASKS_QUEUES" not in env
+        assert env_of(render(queues="{images,*}"))["KUBETASKS_QUEUES"]["value"] == "images,*"
         assert env["KUBETASKS_SHUTDOWN_GRACE"]["value"] == "30"
         assert env["KUBETASKS_METRICS_PORT"]["value"] == "9090"
         assert env["KUBETASKS_WATCH_NAMESPACES"]["value"] == NS
@@ -454,12 +456,15 @@ class TestDeployment:
         assert trigger["type"] == "postgresql"
         assert trigger["metadata"]["connectionFromEnv"] == "KUBETASKS_DATABASE_URL"
         assert trigger["metadata"]["targetQueryValue"] == "20"
+        # No queues named (the handlers' own, unknown to the chart): every queue counts.
         assert trigger["metadata"]["query"] == (
             "SELECT (SELECT count(*) FROM kubetasks.tasks WHERE status = 'pending' AND NOT parked "
-            "AND run_at <= now() AND queue IN ('default')) + (SELECT count(*) FROM kubetasks.tasks "
+            "AND run_at <= now()) + (SELECT count(*) FROM kubetasks.tasks "
             "WHERE status = 'pending' AND parked AND run_at <= now() "
-            "AND handler IN (SELECT name FROM kubetasks.handlers) AND queue IN ('default'))"
+            "AND handler IN (SELECT name FROM kubetasks.handlers))"
         )
+        star = one(render(keda__enabled="true", queues="{a,*}"), "ScaledObject")["spec"]["triggers"][0]
+        assert "queue IN" not in star["metadata"]["query"]
         assert "replicas" not in one(docs, "Deployment")["spec"]
         assert one(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
         q = one(render(keda__enabled="true", queues="{a,b.c}"), "ScaledObject")["spec"]["triggers"][0]

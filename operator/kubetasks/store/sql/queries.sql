@@ -832,6 +832,16 @@ RETURNING w.worker_id;
 -- of its handlers, how many it unparked and whether more are left.
 SELECT limits, unparked, more FROM worker_serves($1, $2, $3::text::jsonb, $4::text::jsonb, $5);
 
+-- name: set_worker_queues :exec
+-- $1 worker_id, $2 the queues it serves now (its handlers changed, or under `*` it
+-- found tasks of them in another queue). worker_serves, called next, unparks there.
+UPDATE workers SET queues = $2::text[] WHERE worker_id = $1 AND status IN ('active', 'stopping');
+
+-- name: queues_with_pending :many
+-- $1 handlers. The queues holding pending tasks of these handlers, claimable or
+-- parked: pending_pairs, a skip scan (one index descent per (queue, handler)).
+SELECT DISTINCT queue FROM pending_pairs WHERE handler = ANY ($1::text[]) ORDER BY queue;
+
 -- name: park_unserved :one
 -- $1 the caller's handlers (for the limits returned), $2 seconds between passes
 -- across the cluster, $3 force (a pass that ran out of rows goes on), $4 rows to
