@@ -428,6 +428,11 @@ class EnqueueRequest:
     max_attempts: int | None = None
     tags: Sequence[str] | None = None
     dedupe_key: str | None = None
+    #: Retry policy of this task: seconds before the first retry, the factor each later one
+    #: grows by, and the cap (None: the handler's option, else the App default).
+    retry_delay: float | None = None
+    backoff: float | None = None
+    max_retry_delay: float | None = None
 
 
 @dataclass(frozen=True)
@@ -569,9 +574,13 @@ class App(Blueprint):
             run_at=None if req.run_at is None else validation.run_at(req.run_at),
             delay=None if req.delay is None else validation.delay(req.delay),
             timeout=validation.timeout(pick(req.timeout, td and td.timeout, s.default_timeout)),
-            retry_delay=pick(None, td and td.retry_delay, s.default_retry_delay),
-            backoff=pick(None, td and td.backoff, s.default_backoff),
-            max_retry_delay=pick(None, td and td.max_retry_delay, s.default_max_retry_delay),
+            retry_delay=validation.retry_delay(
+                pick(req.retry_delay, td and td.retry_delay, s.default_retry_delay)
+            ),
+            backoff=validation.backoff(pick(req.backoff, td and td.backoff, s.default_backoff)),
+            max_retry_delay=validation.max_retry_delay(
+                pick(req.max_retry_delay, td and td.max_retry_delay, s.default_max_retry_delay)
+            ),
             tags=validation.tags(req.tags),
             dedupe_key=validation.dedupe_key(req.dedupe_key),
         )
@@ -607,9 +616,16 @@ class App(Blueprint):
         max_attempts: int | None = None,
         tags: Sequence[str] | None = None,
         dedupe_key: str | None = None,
+        retry_delay: float | None = None,
+        backoff: float | None = None,
+        max_retry_delay: float | None = None,
     ) -> int:
         """Add one task and return its id.
 
+        ``retry_delay`` (seconds before the first retry), ``backoff`` (the factor
+        each later retry's delay grows by) and ``max_retry_delay`` (its cap) set
+        this task's retry policy; each one not given comes from the handler's
+        option, else the App default (``KUBETASKS_DEFAULT_RETRY_DELAY``...).
         With a ``dedupe_key`` that names an unfinished task, that task's id is
         returned and nothing is added. A handler this app does not have raises
         ``UnknownHandler`` under ``strict_handlers``; without it, the task waits
@@ -617,8 +633,9 @@ class App(Blueprint):
         registration stored.
         """
         req = EnqueueRequest(
-            handler, payload, delay, run_at, priority, queue, timeout, max_attempts, tags, dedupe_key
-        )
+            handler, payload, delay, run_at, priority, queue, timeout, max_attempts, tags, dedupe_key,
+            retry_delay, backoff, max_retry_delay,
+        )  # fmt: skip
         if handler in self.handlers or self.strict_handlers:
             p = self._prepare(req)
             store = await self._ready_store()

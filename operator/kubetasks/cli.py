@@ -320,6 +320,16 @@ def enqueue(
     max_attempts: Annotated[int | None, typer.Option()] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds per attempt.")] = None,
     dedupe_key: Annotated[str | None, typer.Option()] = None,
+    retry_delay: Annotated[
+        float | None,
+        typer.Option(help="Seconds before the first retry (default: the handler's, else the app's)."),
+    ] = None,
+    backoff: Annotated[
+        float | None, typer.Option(help="Factor each later retry's delay grows by (1-10).")
+    ] = None,
+    max_retry_delay: Annotated[
+        float | None, typer.Option(help="Longest delay between retries, seconds.")
+    ] = None,
     app: AppOpt = None,
     database_url: DbOpt = None,
 ) -> None:
@@ -336,6 +346,7 @@ def enqueue(
             return await the_app.enqueue(
                 name, data, delay=delay, queue=queue, priority=priority,
                 max_attempts=max_attempts, timeout=timeout, dedupe_key=dedupe_key,
+                retry_delay=retry_delay, backoff=backoff, max_retry_delay=max_retry_delay,
             )  # fmt: skip
         finally:
             await the_app.close()

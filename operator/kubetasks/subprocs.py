@@ -428,11 +428,17 @@ class SyncTaskContext:
         timeout: float | None = None,
         max_attempts: int | None = None,
         tags: Sequence[str] | None = None,
+        retry_delay: float | None = None,
+        backoff: float | None = None,
+        max_retry_delay: float | None = None,
     ) -> int:
         """Add a child task of this one and return its id (see ``TaskContext.spawn``)."""
         from kubetasks.app import EnqueueRequest  # noqa: PLC0415 - app imports this module
 
-        req = EnqueueRequest(handler, payload, delay, run_at, priority, queue, timeout, max_attempts, tags)
+        req = EnqueueRequest(
+            handler, payload, delay, run_at, priority, queue, timeout, max_attempts, tags,
+            retry_delay=retry_delay, backoff=backoff, max_retry_delay=max_retry_delay,
+        )  # fmt: skip
         return self.spawn_many([req], keys=None if key is None else [key])[0]
 
     def spawn_many(

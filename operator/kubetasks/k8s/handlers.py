@@ -30,7 +30,6 @@ column), so a replayed event inserts nothing.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -103,7 +102,7 @@ async def retrying(ctx: OperatorContext, what: str, op: Callable[[], Awaitable[T
         delay = min(delay * 2, 5.0)
 
 
-def request_from_spec(spec: Mapping[str, Any]) -> tuple[EnqueueRequest, float | None]:
+def request_from_spec(spec: Mapping[str, Any]) -> EnqueueRequest:
     run_at = spec.get("runAt")
     when = None
     if run_at:
@@ -118,15 +117,17 @@ def request_from_spec(spec: Mapping[str, Any]) -> tuple[EnqueueRequest, float | 
         timeout=spec.get("timeoutSeconds"),
         max_attempts=spec.get("maxAttempts"),
         dedupe_key=spec.get("dedupeKey"),
+        retry_delay=spec.get("retryDelaySeconds"),
+        backoff=spec.get("retryBackoff"),
+        max_retry_delay=spec.get("maxRetryDelaySeconds"),
     )
-    retry = spec.get("retryDelaySeconds")
-    return req, None if retry is None else float(retry)
+    return req
 
 
 async def ingest(ctx: OperatorContext, uid: str, namespace: str, name: str, spec: Mapping[str, Any]) -> int:
     """Insert the row for a Task object (or find it); a Task we cannot run is recorded failed."""
     app = ctx.app
-    req, retry_delay = request_from_spec(spec)
+    req = request_from_spec(spec)
     error = webhook.payload_error(spec)  # the webhook's rule: it may not have been running
     prepared = None
     if error is None:
@@ -148,15 +149,13 @@ async def ingest(ctx: OperatorContext, uid: str, namespace: str, name: str, spec
             return int(row["id"])
         log.warning("Task %s/%s refused: %s", namespace, name, error)
         return int(tid)
-    if retry_delay is not None:
-        prepared = _with_retry_delay(prepared, retry_delay)
     return await app._insert(ctx.store, prepared, cr=(uid, namespace, name), paused=bool(spec.get("suspend")))
 
 
 async def unserved_warning(app: App, store: Store, spec: Mapping[str, Any]) -> str | None:
     """Why no active worker would run a Task with this spec now (None: one would, or the
     spec is refused anyway and the refusal says why)."""
-    req, _ = request_from_spec(spec)
+    req = request_from_spec(spec)
     try:
         p = await app._prepare_any(req, store)
     except ValidationError:
@@ -165,16 +164,15 @@ async def unserved_warning(app: App, store: Store, spec: Mapping[str, Any]) -> s
     return None if served.serves(p.handler, p.queue) else served.message(p.handler, p.queue)
 
 
-def _with_retry_delay(p: Any, delay: float) -> Any:
-    return dataclasses.replace(p, retry_delay=validation.retry_delay(delay))
-
-
 _SPEC_NAMES = {
     "timeout": "timeoutSeconds",
     "max_attempts": "maxAttempts",
     "delay": "delaySeconds",
     "run_at": "runAt",
     "dedupe_key": "dedupeKey",
+    "retry_delay": "retryDelaySeconds",
+    "backoff": "retryBackoff",
+    "max_retry_delay": "maxRetryDelaySeconds",
 }
 
 
