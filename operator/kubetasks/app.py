@@ -1037,6 +1037,47 @@ class App(Blueprint):
         """Let a paused schedule tick again, from now on; False when it was not paused."""
         return await schedules.resume(self, name)
 
+    async def create_schedule(
+        self,
+        name: str,
+        cron: str,
+        handler: str,
+        *,
+        timezone: str = "UTC",
+        queue: str | None = None,
+        payload: Mapping[str, Any] | None = None,
+        concurrency_policy: str = "Forbid",
+        lock_ttl: int | None = None,
+        starting_deadline: int | None = None,
+        suspend: bool = False,
+    ) -> None:
+        """Add a schedule at runtime (``cron`` as for ``@app.periodic``): every pod's scheduler
+        runs ``handler`` once per tick from now on. Refused when ``name`` exists."""
+        await schedules.create(
+            self, name, cron, handler, timezone=timezone, queue=queue, payload=payload,
+            concurrency_policy=concurrency_policy, lock_ttl=lock_ttl,
+            starting_deadline=starting_deadline, suspend=suspend,
+        )  # fmt: skip
+
+    async def update_schedule(self, name: str, **changes: Any) -> None:
+        """Change a runtime schedule's fields (``schedules.UPDATABLE``); one from the code or a
+        CronJobLock is refused."""
+        await schedules.update(self, name, **changes)
+
+    async def delete_schedule(self, name: str) -> None:
+        """Delete a runtime schedule and its tick history (its runs stay)."""
+        await schedules.delete(self, name)
+
+    async def list_schedules(self, names: Sequence[str] | None = None, *, history: int = 0) -> list[Any]:
+        """Every schedule (or those named) as ``cron.ScheduleStatus``: source, next and last
+        runs, paused, orphaned, lock holder, ``history`` recent runs."""
+        return await schedules.statuses(self, names, history=history)
+
+    async def prune_schedules(self, *, dry_run: bool = False) -> list[str]:
+        """Delete the ``@app.periodic`` schedules no active worker's code declares any more
+        (``dry_run``: list them); returns their names."""
+        return await schedules.prune(self, dry_run=dry_run)
+
     async def trigger_schedule(self, name: str) -> Any:
         """Run a schedule now (paused or not), respecting its concurrency policy; a ``cron.TickResult``."""
         return await schedules.trigger(self, name)

@@ -43,8 +43,15 @@ dev_cli = typer.Typer(help="Throwaway local PostgreSQL and Redis under .run/.", 
 cli.add_typer(tasks_cli, name="tasks")
 cli.add_typer(queues_cli, name="queues")
 cli.add_typer(dev_cli, name="dev")
-schedules_cli = typer.Typer(help="Cron schedules (@app.periodic, CronJobLock).", no_args_is_help=True)
+schedules_cli = typer.Typer(
+    help="Cron schedules (@app.periodic, CronJobLock, or made here at runtime).", no_args_is_help=True
+)
 cli.add_typer(schedules_cli, name="schedules")
+bulk_cli = typer.Typer(
+    help="Retry, cancel or delete every task a filter matches (--dry-run prints the count).",
+    no_args_is_help=True,
+)
+cli.add_typer(bulk_cli, name="bulk")
 
 out = Console()
 err = Console(stderr=True)
@@ -59,6 +66,36 @@ AppOpt = Annotated[
     typer.Option("--app", envvar="KUBETASKS_APP", help="The App to load, as module:attribute."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+# The TaskFilter criteria (kubetasks.filters), shared by `tasks list` and `bulk`.
+StatusOpt = Annotated[list[str] | None, typer.Option("--status", help="Repeat for several.")]
+HandlerOpt = Annotated[list[str] | None, typer.Option("--handler", help="Repeat for several.")]
+QueueOpt = Annotated[list[str] | None, typer.Option("--queue", help="Repeat for several.")]
+TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="Tasks carrying all these tags.")]
+AfterOpt = Annotated[str | None, typer.Option("--created-after", help="ISO 8601 with an offset (inclusive).")]
+BeforeOpt = Annotated[
+    str | None, typer.Option("--created-before", help="ISO 8601 with an offset (exclusive).")
+]
+ParentOpt = Annotated[int | None, typer.Option("--parent", help="The direct children of this task.")]
+RootOpt = Annotated[int | None, typer.Option("--root", help="This workflow: the task and its descendants.")]
+WorkerOpt = Annotated[str | None, typer.Option("--worker", help="The worker id that last ran it.")]
+PodOpt = Annotated[str | None, typer.Option("--pod", help="The pod that last ran it.")]
+CursorOpt = Annotated[str | None, typer.Option("--cursor", help="Continue a listing (its next cursor).")]
+
+
+def task_filter(**options: Any) -> Any:
+    """A ``TaskFilter`` from CLI options (None and empty lists: not given); bad values are
+    refused naming the option."""
+    from kubetasks.filters import TaskFilter  # noqa: PLC0415
+
+    params: dict[str, str | list[str]] = {}
+    for key, value in options.items():
+        if value is None or value == []:
+            continue
+        params[key] = [str(v) for v in value] if isinstance(value, list) else str(value)
+    try:
+        return TaskFilter.from_params(params)
+    except ValidationError as exc:
+        raise ValidationError("--" + exc.field.replace("_", "-"), exc.message) from None
 
 
 def setup_logging(level: str) -> None:
@@ -368,26 +405,30 @@ def _with_app(app_spec: str | None, database_url: str | None, fn: Callable[[App]
 
 @tasks_cli.command("list")
 def tasks_list(
-    status: Annotated[list[str] | None, typer.Option(help="Repeat for several.")] = None,
-    handler: Annotated[list[str] | None, typer.Option()] = None,
-    queue: Annotated[list[str] | None, typer.Option()] = None,
-    tag: Annotated[list[str] | None, typer.Option(help="Tasks carrying all these tags.")] = None,
+    status: StatusOpt = None,
+    handler: HandlerOpt = None,
+    queue: QueueOpt = None,
+    tag: TagOpt = None,
+    created_after: AfterOpt = None,
+    created_before: BeforeOpt = None,
+    parent: ParentOpt = None,
+    root: RootOpt = None,
+    worker: WorkerOpt = None,
+    pod: PodOpt = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
-    offset: Annotated[int, typer.Option(min=0)] = 0,
+    cursor: CursorOpt = None,
     as_json: JsonOpt = False,
     database_url: DbOpt = None,
 ) -> None:
-    """List tasks, newest first."""
-    page = _with_app(
-        None, database_url,
-        lambda a: a.list_tasks(
-            status=status or None, handler=handler or None, queue=queue or None, tags=tag or None,
-            limit=limit, offset=offset,
-        ),
+    """List tasks, newest first, filtered; --cursor continues where the last page ended."""
+    flt = _cli_filter(
+        status=status, queue=queue, handler=handler, tag=tag, created_after=created_after,
+        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
     )  # fmt: skip
+    page = _with_app(None, database_url, lambda a: a.find_tasks(flt, cursor=cursor, limit=limit))
     if as_json:
-        out.print_json(json.dumps({"total": page.total, "has_more": page.has_more,
-                                   "items": [_record_json(r) for r in page.items]}))  # fmt: skip
+        items = [dataclasses.asdict(t) for t in page.items]
+        out.print_json(json.dumps({"items": items, "next_cursor": page.next_cursor}, default=_json_default))
         return
     table = Table("ID", "HANDLER", "QUEUE", "STATUS", "ATTEMPTS", "PROGRESS", "POD", "CREATED")
     for r in page.items:
@@ -396,7 +437,16 @@ def tasks_list(
             "" if r.progress is None else f"{r.progress}%", r.pod_id or "", _fmt_time(r.created_at),
         )  # fmt: skip
     out.print(table)
-    out.print(f"{len(page.items)} of {page.total}" + (" (more: use --offset)" if page.has_more else ""))
+    more = f" (more: --cursor {page.next_cursor})" if page.next_cursor else ""
+    out.print(f"{len(page.items)} shown{more}", highlight=False, soft_wrap=True)
+
+
+def _cli_filter(**options: Any) -> Any:
+    try:
+        return task_filter(**options)
+    except ValidationError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 @tasks_cli.command("get")
@@ -534,6 +584,213 @@ def tasks_delete(
     out.print(f"{n} task(s) deleted")
 
 
+def _bulk(
+    action: str,
+    flt: Any,
+    dry_run: bool,
+    up_to_id: int | None,
+    batch_size: int,
+    database_url: str | None,
+    **extra: Any,
+) -> None:
+    async def go(a: App) -> Any:
+        verb = {"retry": a.bulk_retry, "cancel": a.bulk_cancel, "delete": a.bulk_delete}[action]
+        return await verb(flt, dry_run=dry_run, up_to_id=up_to_id, batch_size=batch_size, **extra)
+
+    res = _with_app(None, database_url, go)
+    done = {"retry": "retried", "cancel": "cancelled", "delete": "deleted"}[action]
+    if res.dry_run:
+        out.print(res.count)
+        if res.count:
+            err.print(
+                f"{res.count} task(s) would be {done} (ids up to {res.up_to_id}); run again without "
+                f"--dry-run and with --up-to-id {res.up_to_id} to act on these and no later ones",
+                highlight=False,
+            )
+        return
+    extra_text = f", {res.descendants} unfinished descendant(s) with them" if res.descendants else ""
+    out.print(f"{res.count} task(s) {done}{extra_text} in {res.batches} batch(es)", highlight=False)
+
+
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print how many tasks match; change nothing.")]
+UpToOpt = Annotated[
+    int | None, typer.Option("--up-to-id", help="Touch no task newer than this id (a dry run prints it).")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, max=10000, help="Tasks per statement.")]
+
+
+@bulk_cli.command("retry")
+def bulk_retry(
+    status: StatusOpt = None,
+    handler: HandlerOpt = None,
+    queue: QueueOpt = None,
+    tag: TagOpt = None,
+    created_after: AfterOpt = None,
+    created_before: BeforeOpt = None,
+    parent: ParentOpt = None,
+    root: RootOpt = None,
+    worker: WorkerOpt = None,
+    pod: PodOpt = None,
+    dry_run: DryRunOpt = False,
+    up_to_id: UpToOpt = None,
+    batch_size: BatchOpt = 1000,
+    database_url: DbOpt = None,
+) -> None:
+    """Start over every failed task the filter matches (--status cancelled for cancelled ones)."""
+    flt = _cli_filter(
+        status=status, queue=queue, handler=handler, tag=tag, created_after=created_after,
+        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
+    )  # fmt: skip
+    _bulk("retry", flt, dry_run, up_to_id, batch_size, database_url)
+
+
+@bulk_cli.command("cancel")
+def bulk_cancel(
+    status: StatusOpt = None,
+    handler: HandlerOpt = None,
+    queue: QueueOpt = None,
+    tag: TagOpt = None,
+    created_after: AfterOpt = None,
+    created_before: BeforeOpt = None,
+    parent: ParentOpt = None,
+    root: RootOpt = None,
+    worker: WorkerOpt = None,
+    pod: PodOpt = None,
+    dry_run: DryRunOpt = False,
+    up_to_id: UpToOpt = None,
+    batch_size: BatchOpt = 1000,
+    reason: Annotated[str, typer.Option(help="Recorded on each task.")] = "cancelled by a bulk action",
+    database_url: DbOpt = None,
+) -> None:
+    """Cancel every unfinished task the filter matches, with its unfinished descendants."""
+    flt = _cli_filter(
+        status=status, queue=queue, handler=handler, tag=tag, created_after=created_after,
+        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
+    )  # fmt: skip
+    _bulk("cancel", flt, dry_run, up_to_id, batch_size, database_url, reason=reason)
+
+
+@bulk_cli.command("delete")
+def bulk_delete(
+    status: StatusOpt = None,
+    handler: HandlerOpt = None,
+    queue: QueueOpt = None,
+    tag: TagOpt = None,
+    created_after: AfterOpt = None,
+    created_before: BeforeOpt = None,
+    parent: ParentOpt = None,
+    root: RootOpt = None,
+    worker: WorkerOpt = None,
+    pod: PodOpt = None,
+    dry_run: DryRunOpt = False,
+    up_to_id: UpToOpt = None,
+    batch_size: BatchOpt = 1000,
+    database_url: DbOpt = None,
+) -> None:
+    """Delete every finished task the filter matches, with its events and attempts."""
+    flt = _cli_filter(
+        status=status, queue=queue, handler=handler, tag=tag, created_after=created_after,
+        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
+    )  # fmt: skip
+    _bulk("delete", flt, dry_run, up_to_id, batch_size, database_url)
+
+
+def _when(option: str, text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValidationError(
+            option, f"must be an ISO 8601 date and time with an offset, got {text!r}"
+        ) from None
+    if t.tzinfo is None:
+        raise ValidationError(option, "must have an offset (2026-11-30T12:00:00+00:00)")
+    return t
+
+
+def _audit_page(kind: str, page: Any, as_json: bool, columns: list[tuple[str, str]]) -> None:
+    if as_json:
+        out.print_json(
+            json.dumps({"items": page.items, "next_cursor": page.next_cursor}, default=_json_default)
+        )
+        return
+    table = Table(*(title for title, _ in columns))
+    for item in page.items:
+        table.add_row(*("" if item.get(k) is None else _cell(item.get(k)) for _, k in columns))
+    out.print(table)
+    more = f" (more: --cursor {page.next_cursor})" if page.next_cursor else ""
+    out.print(f"{len(page.items)} {kind} shown{more}", highlight=False, soft_wrap=True)
+
+
+def _cell(v: object) -> str:
+    if isinstance(v, datetime):
+        return v.isoformat(timespec="milliseconds")
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+@cli.command()
+def events(
+    task: Annotated[int | None, typer.Option(help="One task's events.")] = None,
+    root: RootOpt = None,
+    worker: WorkerOpt = None,
+    pod: PodOpt = None,
+    kind: Annotated[list[str] | None, typer.Option(help="Repeat for several (retried, failed, ...).")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO 8601 with an offset (inclusive).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO 8601 with an offset (exclusive).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 100,
+    cursor: CursorOpt = None,
+    as_json: JsonOpt = False,
+    database_url: DbOpt = None,
+) -> None:
+    """Recorded events across tasks, newest first: by task, workflow, worker, pod, kind, time."""
+    page = _with_app(
+        None, database_url,
+        lambda a: a.query_events(
+            task=task, root=root, worker=worker, pod=pod, kind=kind or None,
+            since=_when("--since", since), until=_when("--until", until), cursor=cursor, limit=limit,
+        ),
+    )  # fmt: skip
+    _audit_page(
+        "event(s)", page, as_json,
+        [("ID", "id"), ("AT", "at"), ("TASK", "task_id"), ("EVENT", "kind"), ("ATTEMPT", "attempt"),
+         ("POD", "pod_id"), ("DETAIL", "detail")],
+    )  # fmt: skip
+
+
+@cli.command()
+def attempts(
+    task: Annotated[int | None, typer.Option(help="One task's attempts.")] = None,
+    root: RootOpt = None,
+    worker: WorkerOpt = None,
+    pod: PodOpt = None,
+    outcome: Annotated[
+        list[str] | None, typer.Option(help="Repeat for several (failed, timeout, ...).")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="ISO 8601 with an offset (inclusive).")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO 8601 with an offset (exclusive).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 100,
+    cursor: CursorOpt = None,
+    as_json: JsonOpt = False,
+    database_url: DbOpt = None,
+) -> None:
+    """Ended attempts across tasks, newest task first: by task, workflow, worker, pod, outcome, time."""
+    page = _with_app(
+        None, database_url,
+        lambda a: a.query_attempts(
+            task=task, root=root, worker=worker, pod=pod, outcome=outcome or None,
+            since=_when("--since", since), until=_when("--until", until), cursor=cursor, limit=limit,
+        ),
+    )  # fmt: skip
+    _audit_page(
+        "attempt(s)", page, as_json,
+        [("TASK", "task_id"), ("ATTEMPT", "attempt"), ("OUTCOME", "outcome"), ("POD", "pod_id"),
+         ("STARTED", "started_at"), ("FINISHED", "finished_at"), ("ERROR", "error")],
+    )  # fmt: skip
+
+
 @queues_cli.command("pause")
 def queue_pause(queue: str, database_url: DbOpt = None) -> None:
     """Stop claiming from a queue (running tasks go on)."""
@@ -634,9 +891,11 @@ def schedules_list(
         if r.last_outcome == "skipped" and r.last_reason:
             result = f"{result} (last tick skipped: {r.last_reason})".strip()
         table.add_row(
-            r.name, r.cron, r.timezone, "true" if r.suspend else "false", r.concurrency_policy,
+            r.name, r.cron, r.timezone,
+            "true" if r.suspend else f"paused by {r.paused_by}" if r.paused else "false",
+            r.concurrency_policy,
             r.holder or "", _fmt_time(r.last_scheduled_at), _fmt_time(r.next_at), result,
-            str(r.missed_total), r.source,
+            str(r.missed_total), r.source + (" (orphaned)" if r.orphaned else ""),
         )  # fmt: skip
     out.print(table)
     if history:
@@ -673,6 +932,128 @@ def schedules_trigger(
     holder = f" (holder {res.holder})" if res.holder else ""
     err.print(f"schedule {name} not run: {res.reason or res.outcome}{holder}")
     raise typer.Exit(1)
+
+
+@schedules_cli.command("pause")
+def schedules_pause(
+    name: Annotated[str, typer.Argument(help="The schedule to pause.")],
+    by: Annotated[str, typer.Option(help="Who paused it (shown by list).")] = "cli",
+    database_url: DbOpt = None,
+) -> None:
+    """Stop a schedule's ticks until `schedules resume` (whatever its source's suspend says)."""
+    changed = _with_app(None, database_url, lambda a: a.pause_schedule(name, by=by))
+    out.print(f"schedule {name} paused" if changed else f"schedule {name} was already paused")
+
+
+@schedules_cli.command("resume")
+def schedules_resume(
+    name: Annotated[str, typer.Argument(help="The schedule to resume.")], database_url: DbOpt = None
+) -> None:
+    """Let a paused schedule tick again, from now on (no catch-up run for the paused time)."""
+    changed = _with_app(None, database_url, lambda a: a.resume_schedule(name))
+    out.print(f"schedule {name} resumed" if changed else f"schedule {name} was not paused")
+
+
+def _payload_option(payload: str | None) -> dict[str, Any] | None:
+    if payload is None:
+        return None
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise ValidationError("--payload", f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValidationError("--payload", "must be a JSON object")
+    return data
+
+
+ScheduleName = Annotated[str, typer.Argument(help="The schedule's name.")]
+CronOpt = Annotated[str | None, typer.Option("--cron", help="Cron expression (5 fields, or 6 with seconds).")]
+ScheduleHandlerOpt = Annotated[str | None, typer.Option("--handler", help="The handler each tick runs.")]
+TzOpt = Annotated[str | None, typer.Option("--timezone", help="IANA time zone of the expression.")]
+SQueueOpt = Annotated[str | None, typer.Option("--queue", help="Default: the handler's own queue.")]
+PayloadOpt = Annotated[str | None, typer.Option("--payload", help="JSON object given to each run.")]
+PolicyOpt = Annotated[
+    str | None, typer.Option("--policy", help="Forbid (default: no overlapping runs) or Allow.")
+]
+LockTtlOpt = Annotated[int | None, typer.Option("--lock-ttl", help="Seconds of a Forbid run's job lock.")]
+DeadlineOpt = Annotated[
+    int | None, typer.Option("--starting-deadline", help="Seconds late a tick may start; later: missed.")
+]
+SuspendOpt = Annotated[bool | None, typer.Option("--suspend/--no-suspend", help="Created or set suspended.")]
+
+
+@schedules_cli.command("create")
+def schedules_create(
+    name: ScheduleName,
+    cron_expr: CronOpt = None,
+    handler: ScheduleHandlerOpt = None,
+    timezone: TzOpt = None,
+    queue: SQueueOpt = None,
+    payload: PayloadOpt = None,
+    policy: PolicyOpt = None,
+    lock_ttl: LockTtlOpt = None,
+    starting_deadline: DeadlineOpt = None,
+    suspend: SuspendOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Add a schedule at runtime: every pod's scheduler runs --handler once per tick."""
+    if not cron_expr or not handler:
+        err.print("[red]error:[/red] --cron and --handler: both are required")
+        raise typer.Exit(2)
+    data = _payload_option(payload)
+    _with_app(
+        None, database_url,
+        lambda a: a.create_schedule(
+            name, cron_expr, handler, timezone=timezone or "UTC", queue=queue, payload=data,
+            concurrency_policy=policy or "Forbid", lock_ttl=lock_ttl, starting_deadline=starting_deadline,
+            suspend=bool(suspend),
+        ),
+    )  # fmt: skip
+    out.print(f"schedule {name} created")
+
+
+@schedules_cli.command("update")
+def schedules_update(
+    name: ScheduleName,
+    cron_expr: CronOpt = None,
+    handler: ScheduleHandlerOpt = None,
+    timezone: TzOpt = None,
+    queue: SQueueOpt = None,
+    payload: PayloadOpt = None,
+    policy: PolicyOpt = None,
+    lock_ttl: LockTtlOpt = None,
+    starting_deadline: DeadlineOpt = None,
+    suspend: SuspendOpt = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Change a schedule made at runtime (one from code or a CronJobLock changes there)."""
+    changes = {
+        k: v
+        for k, v in {
+            "cron": cron_expr, "handler": handler, "timezone": timezone, "queue": queue,
+            "payload": _payload_option(payload), "concurrency_policy": policy, "lock_ttl": lock_ttl,
+            "starting_deadline": starting_deadline, "suspend": suspend,
+        }.items()
+        if v is not None
+    }  # fmt: skip
+    _with_app(None, database_url, lambda a: a.update_schedule(name, **changes))
+    out.print(f"schedule {name} updated")
+
+
+@schedules_cli.command("delete")
+def schedules_delete(name: ScheduleName, database_url: DbOpt = None) -> None:
+    """Delete a schedule made at runtime, with its tick history (its runs stay)."""
+    _with_app(None, database_url, lambda a: a.delete_schedule(name))
+    out.print(f"schedule {name} deleted")
+
+
+@schedules_cli.command("prune")
+def schedules_prune(dry_run: DryRunOpt = False, database_url: DbOpt = None) -> None:
+    """Delete @app.periodic schedules that no active worker's code declares any more."""
+    names = _with_app(None, database_url, lambda a: a.prune_schedules(dry_run=dry_run))
+    for n in names:
+        out.print(n, highlight=False)
+    err.print(f"{len(names)} orphaned schedule(s) {'found' if dry_run else 'deleted'}", highlight=False)
 
 
 def _json_default(v: object) -> object:

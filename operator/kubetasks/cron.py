@@ -93,7 +93,12 @@ CHANNEL = "kubetasks_schedules"
 #: NOTIFY'd with the schedule's name when one of its ticks was handled (for status writers).
 TICKED_CHANNEL = "kubetasks_cron_ticked"
 POLICIES = ("Forbid", "Allow")
-SOURCES = ("code", "crd")
+SOURCES = ("code", "crd", "api")
+SOURCE_NAMES = {
+    "code": "@app.periodic in the app's code",
+    "crd": "a CronJobLock",
+    "api": "App.create_schedule / kubetasks schedules create",
+}
 UNFINISHED = ("pending", "running", "paused", "suspended")
 SCHEDULE_NAME_MAX = 253
 EXPR_MAX = 255
@@ -475,8 +480,10 @@ async def upsert_schedule(store: Store, spec: ScheduleSpec, *, since: datetime |
         s.starting_deadline, s.suspend, s.source, s.cr_uid, since,
     )  # fmt: skip
     if row is None:
-        other = "a CronJobLock" if s.source == "code" else "@app.periodic in the app's code"
-        raise ValidationError("name", f"schedule {s.name!r} is already defined by {other}")
+        other = await store.run("schedule_source", s.name)
+        raise ValidationError(
+            "name", f"schedule {s.name!r} is already defined by {SOURCE_NAMES.get(other, other)}"
+        )
     return bool(row["created"])
 
 
@@ -544,6 +551,9 @@ class ScheduleStatus:
     paused: bool = False
     paused_by: str | None = None
     paused_at: datetime | None = None
+    #: A ``code`` schedule that no active worker's code declares any more (see ``schedules.prune``).
+    orphaned: bool = False
+    payload: Mapping[str, Any] = field(default_factory=dict)
 
 
 async def _lock_holder(app: App, schedule: str) -> locks.Holder | None:
@@ -634,6 +644,8 @@ async def statuses(
                 paused=r["paused"],
                 paused_by=r["paused_by"],
                 paused_at=r["paused_at"],
+                orphaned=bool(r["orphaned"]),
+                payload=r["payload"] if isinstance(r["payload"], dict) else json.loads(r["payload"]),
             )
         )
     return out
@@ -786,8 +798,11 @@ class Scheduler:
         self._wake.set()
 
     async def sync_code_schedules(self) -> None:
-        """Upsert this app's ``@app.periodic`` schedules (source ``code``)."""
+        """Upsert this app's ``@app.periodic`` schedules (source ``code``), and delete the
+        ``code`` schedules no active worker's code declares any more (``schedules.prune``)."""
         app = self.app
+        for r in await app.store.run("schedules_prune", sorted(app.periodics)):
+            log.warning("periodic %s is declared by no active worker's code any more: deleted", r["name"])
         if not app.periodics:
             return
         since = await self.clock()

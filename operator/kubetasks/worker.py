@@ -676,6 +676,8 @@ class Worker:
         self._served = served
         if row is None:
             return  # no such worker (fenced meanwhile): the next registration says it again
+        # Which @app.periodic schedules this code declares: one no worker declares is orphaned.
+        await self.store.run("set_worker_periodics", self.worker_id, sorted(self.app.periodics))
         self._set_limits(row["limits"])
         if row["unparked"]:
             log.info("unparked %d task(s) this worker serves", row["unparked"])

@@ -277,3 +277,34 @@ WITH before AS (
     RETURNING s.name
 )
 SELECT before.name, before.paused AS was_paused FROM before;
+
+-- name: set_worker_periodics :exec
+-- $1 worker_id, $2 the @app.periodic names its code declares (0013).
+UPDATE workers SET periodics = $2::text[] WHERE worker_id = $1 AND status IN ('active', 'stopping');
+
+-- name: schedules_orphaned :many
+-- $1 names to keep whatever the workers say (the caller's own periodics). The
+-- 'code' schedules that no active worker's code declares. None while no worker
+-- is active, or while one's periodics are unknown (a worker of an earlier
+-- version, NULL): it may still declare any of them.
+SELECT s.name FROM schedules s
+WHERE s.source = 'code' AND s.name <> ALL ($1::text[])
+  AND EXISTS (SELECT 1 FROM workers w WHERE w.status = 'active')
+  AND NOT EXISTS (SELECT 1 FROM workers w
+                  WHERE w.status = 'active' AND (w.periodics IS NULL OR s.name = ANY (w.periodics)))
+ORDER BY s.name;
+
+-- name: schedules_prune :many
+-- $1 names to keep (as schedules_orphaned). Deletes the orphaned 'code'
+-- schedules, tested again in this statement, with their tick history (their
+-- runs stay). Rows: the names deleted.
+DELETE FROM schedules s
+WHERE s.source = 'code' AND s.name <> ALL ($1::text[])
+  AND EXISTS (SELECT 1 FROM workers w WHERE w.status = 'active')
+  AND NOT EXISTS (SELECT 1 FROM workers w
+                  WHERE w.status = 'active' AND (w.periodics IS NULL OR s.name = ANY (w.periodics)))
+RETURNING s.name;
+
+-- name: schedule_source :val
+-- $1 name. Its source (code | crd | api); no row: no such schedule.
+SELECT source FROM schedules WHERE name = $1;

@@ -536,7 +536,7 @@ SELECT version FROM schema_migrations ORDER BY version;
 -- name: schedule_upsert :one
 -- $1 name, $2 cron, $3 timezone, $4 handler, $5 queue, $6 payload (json text),
 -- $7 concurrency_policy, $8 lock_ttl_s, $9 starting_deadline_s, $10 suspend,
--- $11 source (code | crd), $12 cr_uid, $13 count ticks from (NULL: now()).
+-- $11 source (code | crd | api), $12 cr_uid, $13 count ticks from (NULL: now()).
 -- A change of timing or cr_uid, or a resume, restarts the cursor; a schedule
 -- of the other source under this name is left alone (nothing is returned).
 INSERT INTO schedules AS s (name, cron, timezone, handler, queue, payload, concurrency_policy,
@@ -643,7 +643,12 @@ SELECT s.name, s.cron, s.timezone, s.handler, s.queue, s.concurrency_policy, s.l
         WHERE c.schedule = s.name AND c.task_id IS NOT NULL
           AND (SELECT r.status FROM tasks r WHERE r.id = c.task_id)
               IN ('pending', 'running', 'paused', 'suspended')) AS active,
-       now() AS db_now
+       -- A 'code' schedule no active worker's code declares (see schedules_orphaned).
+       (s.source = 'code' AND EXISTS (SELECT 1 FROM workers w WHERE w.status = 'active')
+        AND NOT EXISTS (SELECT 1 FROM workers w
+                        WHERE w.status = 'active' AND (w.periodics IS NULL OR s.name = ANY (w.periodics))))
+           AS orphaned,
+       s.payload, now() AS db_now
 FROM schedules s
 LEFT JOIN tasks t ON t.id = s.last_task_id
 LEFT JOIN LATERAL (

@@ -1226,3 +1226,10 @@ CREATE TABLE rollup_state (
     name       text PRIMARY KEY,
     done_until timestamptz NOT NULL
 );
+
+-- Runtime schedules (0013): source 'api', and the periodics each worker's code declares.
+
+ALTER TABLE schedules DROP CONSTRAINT source_known,
+    ADD CONSTRAINT source_known CHECK (source IN ('code', 'crd', 'api'));
+
+ALTER TABLE workers ADD COLUMN periodics text[];
