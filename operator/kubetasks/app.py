@@ -922,6 +922,29 @@ class App(Blueprint):
         validation.seconds("older_than", older_than, 0, 10 * 365 * 86400)
         return int(await (await self._ready_store()).run("delete_finished_tasks", list(statuses), older_than))
 
+    async def run_retention(
+        self,
+        *,
+        succeeded: float | None = None,
+        failed: float | None = None,
+        cancelled: float | None = None,
+    ) -> Any:
+        """Run one retention pass now (``kubetasks.retention``): delete finished tasks kept
+        longer than their status's retention, workflow trees whole; a ``retention.Result``.
+        Each argument (seconds, 0: keep for ever) overrides the setting for this pass."""
+        from kubetasks import retention  # noqa: PLC0415
+
+        s = self.settings
+        for key, v in (("succeeded", succeeded), ("failed", failed), ("cancelled", cancelled)):
+            if v is not None and v != 0:
+                validation.seconds(key, v, 60, 10 * 365 * 86400)
+        policy = retention.Policy(
+            (s.retention_succeeded if succeeded is None else succeeded) or None,
+            (s.retention_failed if failed is None else failed) or None,
+            (s.retention_cancelled if cancelled is None else cancelled) or None,
+        )
+        return await retention.run_pass(await self._ready_store(), policy, batch=s.retention_batch)
+
     # -- operations on many tasks (kubetasks.bulk, listing, audit) ----------
 
     async def find_tasks(

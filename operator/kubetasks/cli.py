@@ -228,6 +228,10 @@ def runtime_services(app: App) -> list[tuple[str, Any]]:
 
     # Every pod schedules: code periodics and CronJobLock rows alike.
     services: list[tuple[str, Any]] = [("scheduler", cron.Scheduler(app).run)]
+    from kubetasks import retention  # noqa: PLC0415
+
+    # Every pod offers; one pass per interval runs, one batch at a time across the cluster.
+    services.append(("retention", retention.Retention(lambda: app.store, app.settings).run))
     from kubetasks.k8s import kube  # noqa: PLC0415
 
     if kube.configured():
@@ -789,6 +793,50 @@ def attempts(
         [("TASK", "task_id"), ("ATTEMPT", "attempt"), ("OUTCOME", "outcome"), ("POD", "pod_id"),
          ("STARTED", "started_at"), ("FINISHED", "finished_at"), ("ERROR", "error")],
     )  # fmt: skip
+
+
+@cli.command("retention")
+def retention_cmd(
+    succeeded: Annotated[
+        float | None,
+        typer.Option(
+            envvar="KUBETASKS_RETENTION_SUCCEEDED", help="Seconds succeeded tasks are kept; 0: for ever."
+        ),
+    ] = None,
+    failed: Annotated[
+        float | None,
+        typer.Option(envvar="KUBETASKS_RETENTION_FAILED", help="Seconds failed tasks are kept; 0: for ever."),
+    ] = None,
+    cancelled: Annotated[
+        float | None,
+        typer.Option(
+            envvar="KUBETASKS_RETENTION_CANCELLED", help="Seconds cancelled tasks are kept; 0: for ever."
+        ),
+    ] = None,
+    database_url: DbOpt = None,
+) -> None:
+    """Run one retention pass now: delete finished tasks (workflow trees whole) kept long enough."""
+    the_app = load_app(None, database_url)
+    the_app.configure(retention_succeeded=succeeded, retention_failed=failed, retention_cancelled=cancelled)
+
+    async def go() -> Any:
+        try:
+            return await the_app.run_retention()
+        finally:
+            await the_app.close()
+
+    res = run_async(go)
+    if not res.ran:
+        err.print(
+            "retention is off (every status kept for ever) or a pass runs elsewhere now", highlight=False
+        )
+        raise typer.Exit(1)
+    more = "" if res.done else "; more are left for the next pass"
+    out.print(
+        ", ".join(f"{n} {st}" for st, n in res.deleted.items())
+        + f" deleted in {res.batches} batch(es){more}",
+        highlight=False,
+    )
 
 
 @queues_cli.command("pause")

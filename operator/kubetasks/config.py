@@ -123,6 +123,15 @@ class Settings:
     default_backoff: float = 2.0
     default_max_retry_delay: float = 3600.0
     pool_size: int = 10
+    # Retention (kubetasks.retention): seconds a finished task is kept after it finished,
+    # per final status; 0 keeps that status for ever. All 0: no retention pass at all.
+    retention_succeeded: float = 7 * 86400.0
+    retention_failed: float = 30 * 86400.0
+    retention_cancelled: float = 7 * 86400.0
+    #: Seconds between retention passes across the cluster (one pod runs each).
+    retention_interval: float = 300.0
+    #: Workflow roots (each with its tree) one retention statement deletes at most.
+    retention_batch: int = 500
     # The probe and metrics server (health.py): on when metrics_port is set, or
     # when metrics_addr_file is (then port 0 means any free port, e.g. several
     # hostNetwork pods on one node, and the file says where it listens).
@@ -236,6 +245,18 @@ class Settings:
         validation.retry_delay(self.default_retry_delay)
         validation.backoff(self.default_backoff)
         validation.max_retry_delay(self.default_max_retry_delay)
+        for var, keep in (
+            ("KUBETASKS_RETENTION_SUCCEEDED", self.retention_succeeded),
+            ("KUBETASKS_RETENTION_FAILED", self.retention_failed),
+            ("KUBETASKS_RETENTION_CANCELLED", self.retention_cancelled),
+        ):
+            if keep != 0:
+                _positive(var, keep, 60, 10 * 365 * 86400.0)  # 0 (keep for ever) or a minute..10 years
+        _positive("KUBETASKS_RETENTION_INTERVAL", self.retention_interval, 1, 86400)
+        if not 1 <= self.retention_batch <= 10_000:
+            raise ConfigError(
+                "KUBETASKS_RETENTION_BATCH", f"must be between 1 and 10000, got {self.retention_batch}"
+            )
         if not 1 <= self.pool_size <= 200:
             raise ConfigError("KUBETASKS_POOL_SIZE", "must be between 1 and 200")
         if not 0 <= self.metrics_port <= 65535:

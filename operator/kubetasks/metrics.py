@@ -97,6 +97,12 @@ LOCK_ACQUISITIONS = Counter(
     ("backend", "outcome"),
     registry=REGISTRY,
 )
+RETENTION_DELETED = Counter(
+    "kubetasks_retention_deleted",
+    "Finished tasks this process deleted by retention (workflow trees whole), by final status.",
+    ("status",),
+    registry=REGISTRY,
+)
 CRON_TICKS = Counter(
     "kubetasks_cron_ticks",
     "Cron ticks seen by this process; outcome=won (this pod enqueued it), lost (another pod did), "

@@ -308,3 +308,17 @@ RETURNING s.name;
 -- name: schedule_source :val
 -- $1 name. Its source (code | crd | api); no row: no such schedule.
 SELECT source FROM schedules WHERE name = $1;
+
+-- name: retention_claim :val
+-- $1 seconds that must have passed since the last retention pass anywhere.
+-- True: this caller runs the pass now (others find it ran lately).
+UPDATE housekeeping SET ran_at = now()
+WHERE name = 'retention' AND ran_at <= now() - make_interval(secs => $1)
+RETURNING true;
+
+-- name: retention_batch :one
+-- $1 $2 $3 seconds succeeded, failed, cancelled tasks are kept (NULL: for ever),
+-- $4 roots per batch, $5 $6 the keyset to continue after (NULL: the oldest).
+-- See retention_batch in schema.sql.
+SELECT busy, picked, succeeded, failed, cancelled, last_at, last_id
+FROM retention_batch($1, $2, $3, $4, $5, $6);
