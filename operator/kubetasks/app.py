@@ -16,6 +16,7 @@ the handler (see ``serving``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from kubetasks.store import Store
 Handler = Callable[[TaskContext], Any] | Callable[[subprocs.SyncTaskContext], Any]
 F = TypeVar("F", bound=Handler)
 
+log = logging.getLogger("kubetasks.app")
 _MISSING: Any = object()
 STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "paused", "suspended")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -1127,6 +1129,31 @@ class App(Blueprint):
         if self._locks is None:
             raise RuntimeError("the app is not open: `await app.open()` or `async with app:`")
         return locks.JobLock(self._locks, name, ttl=ttl, wait=wait, renew=renew, owner=owner, on_lost=on_lost)
+
+    async def list_locks(self, prefix: str = "", *, limit: int = locks.LIST_MAX) -> list[locks.LockInfo]:
+        """The live job locks (Redis when configured, else PostgreSQL) whose name starts with
+        ``prefix``: owner, acquired and expiry on the backend's clock."""
+        if not isinstance(prefix, str) or len(prefix) > locks.NAME_MAX:
+            raise ValidationError("prefix", f"must be a string of at most {locks.NAME_MAX} characters")
+        validation.integer("limit", limit, 1, locks.LIST_MAX)
+        await self.open()
+        assert self._locks is not None
+        return await self._locks.list(prefix, limit)
+
+    async def force_release_lock(self, name: str, *, owner: str | None = None) -> str | None:
+        """Delete job lock ``name`` whoever holds it -- only while ``owner`` does, when given, so
+        a lock taken anew meanwhile is left alone. Returns the owner it was taken from (None:
+        it was free). WARNING: that holder may still be doing the work the lock protects; it
+        learns it lost the lock at its next renewal (within a third of its ttl) and another
+        holder may start at once."""
+        if owner is not None:
+            locks.validate_owner(owner)
+        await self.open()
+        assert self._locks is not None
+        taken = await self._locks.force_release(locks.validate_name(name), owner)
+        if taken is not None:
+            log.warning("job lock %r force-released from %s", name, taken)
+        return taken
 
     # -- running ---------------------------------------------------------
 

@@ -47,6 +47,8 @@ schedules_cli = typer.Typer(
     help="Cron schedules (@app.periodic, CronJobLock, or made here at runtime).", no_args_is_help=True
 )
 cli.add_typer(schedules_cli, name="schedules")
+locks_cli = typer.Typer(help="Named job locks: list them, force-release a stuck one.", no_args_is_help=True)
+cli.add_typer(locks_cli, name="locks")
 bulk_cli = typer.Typer(
     help="Retry, cancel or delete every task a filter matches (--dry-run prints the count).",
     no_args_is_help=True,
@@ -1102,6 +1104,94 @@ def schedules_prune(dry_run: DryRunOpt = False, database_url: DbOpt = None) -> N
     for n in names:
         out.print(n, highlight=False)
     err.print(f"{len(names)} orphaned schedule(s) {'found' if dry_run else 'deleted'}", highlight=False)
+
+
+RedisOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--redis-url", envvar="KUBETASKS_REDIS_URL", help="redis:// URL; unset: locks in PostgreSQL."
+    ),
+]
+
+
+def _lock_app(database_url: str | None, redis_url: str | None) -> App:
+    app = load_app(None, database_url)
+    if redis_url:
+        app.configure(redis_url=redis_url)
+    return app
+
+
+@locks_cli.command("list")
+def locks_list(
+    prefix: Annotated[str, typer.Option(help="Only locks whose name starts with this.")] = "",
+    as_json: JsonOpt = False,
+    database_url: DbOpt = None,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Live job locks: name, holder, acquired and expiry (the backend's clock)."""
+    the_app = _lock_app(database_url, redis_url)
+
+    async def go() -> Any:
+        try:
+            return await the_app.list_locks(prefix)
+        finally:
+            await the_app.close()
+
+    rows = run_async(go)
+    if as_json:
+        out.print_json(json.dumps([r.as_dict() for r in rows]))
+        return
+    table = Table("NAME", "HOLDER", "ACQUIRED", "EXPIRES", "LEFT", "BACKEND")
+    for r in rows:
+        table.add_row(
+            r.name, r.owner, _fmt_time(r.acquired_at), _fmt_time(r.expires_at),
+            "never" if r.expires_at is None else f"{r.expires_in_s:.1f}s", r.backend,
+        )  # fmt: skip
+    out.print(table)
+
+
+@locks_cli.command("release")
+def locks_release(
+    name: Annotated[str, typer.Argument(help="The lock to release.")],
+    owner: Annotated[
+        str | None, typer.Option(help="Release only while this owner holds it (as `locks list` shows).")
+    ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Release it: without this, only say who holds it.")
+    ] = False,
+    database_url: DbOpt = None,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Force-release a job lock whoever holds it. Its holder may still be doing the work the
+    lock protects (it learns of the loss at its next renewal), and another may start at once."""
+    the_app = _lock_app(database_url, redis_url)
+
+    async def go() -> tuple[Any, str | None]:
+        try:
+            held = [r for r in await the_app.list_locks(name) if r.name == name]
+            if not yes or not held:
+                return held, None
+            return held, await the_app.force_release_lock(name, owner=owner or held[0].owner)
+        finally:
+            await the_app.close()
+
+    held, taken = run_async(go)
+    if not held:
+        err.print(f"lock {name} is not held", highlight=False)
+        raise typer.Exit(1)
+    holder = held[0].owner
+    warning = (
+        f"WARNING: {holder} holds lock {name}; it may still be doing the work the lock protects. "
+        "Released, it learns the loss at its next renewal, and another holder may start at once."
+    )
+    if not yes:
+        err.print(warning + " Run again with --yes to release it.", highlight=False)
+        raise typer.Exit(1)
+    if taken is None:
+        err.print(f"lock {name} changed hands or was released meanwhile: nothing released", highlight=False)
+        raise typer.Exit(1)
+    err.print(warning, highlight=False)
+    out.print(f"lock {name} released (was held by {taken})", highlight=False)
 
 
 def _json_default(v: object) -> object:

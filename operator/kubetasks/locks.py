@@ -50,6 +50,8 @@ import random
 import secrets
 import socket
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -69,6 +71,8 @@ NAME_MAX = 255
 TTL_MIN, TTL_MAX = 0.1, 86400.0
 WAIT_MAX = 86400.0
 REDIS_PREFIX = "kubetasks:lock:"
+#: The most locks one ``list`` returns.
+LIST_MAX = 10_000
 #: The local clock may run faster or slower than the backend's: give up this much early.
 DRIFT_FACTOR, DRIFT_FLOOR_S = 0.01, 0.002
 
@@ -162,9 +166,40 @@ class LockBackend(Protocol):
         """The live holder and its seconds left, or None when the lock is free."""
         ...
 
+    async def list(self, prefix: str = "", limit: int = LIST_MAX) -> list[LockInfo]:
+        """Live locks whose name starts with ``prefix``, by name, ``limit`` at most."""
+        ...
+
+    async def force_release(self, name: str, owner: str | None = None) -> str | None:
+        """Delete ``name`` whoever holds it (only while ``owner`` does, when given): the
+        owner it took the lock from, or None when it was free (or held by someone else)."""
+        ...
+
     async def close(self) -> None:
         """Free the backend's own connections (never the shared store)."""
         ...
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """A live lock as ``locks list`` shows it: times from the backend's own clock
+    (Redis TIME, PostgreSQL now()); ``acquired_at`` None when unknown (a lock taken by a
+    version that did not record it)."""
+
+    name: str
+    owner: str
+    acquired_at: datetime | None
+    expires_at: datetime | None
+    expires_in_s: float
+    backend: str
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("acquired_at", "expires_at"):
+            d[k] = None if d[k] is None else d[k].isoformat()
+        if math.isinf(self.expires_in_s):
+            d["expires_in_s"] = None
+        return d
 
 
 def _redacted(url: str) -> str:
@@ -183,6 +218,10 @@ def _redacted(url: str) -> str:
 _ACQUIRE_LUA = """
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     redis.call('set', KEYS[2], ARGV[3], 'PX', ARGV[2])
+    if KEYS[3] then
+        local t = redis.call('time')
+        redis.call('set', KEYS[3], t[1] .. '.' .. string.format('%06d', tonumber(t[2])), 'PX', ARGV[2])
+    end
     return 1
 end
 if redis.call('get', KEYS[1]) == ARGV[1] and redis.call('get', KEYS[2]) == ARGV[3] then
@@ -193,6 +232,9 @@ return 0
 
 _RENEW_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
+    if KEYS[2] then
+        redis.call('pexpire', KEYS[2], ARGV[2])
+    end
     return redis.call('pexpire', KEYS[1], ARGV[2])
 end
 return 0
@@ -203,6 +245,36 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('del', KEYS[1])
 end
 return 0
+"""
+
+# KEYS: pairs of (lock key, its acquire-time key). For each live lock: key, owner,
+# pttl, acquired ('' when unknown); first the server's TIME, so expiry is stated on
+# Redis's clock.
+_LIST_LUA = """
+local out = {}
+local t = redis.call('time')
+out[1] = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+for i = 1, #KEYS, 2 do
+    local owner = redis.call('get', KEYS[i])
+    if owner then
+        table.insert(out, KEYS[i])
+        table.insert(out, owner)
+        table.insert(out, redis.call('pttl', KEYS[i]))
+        table.insert(out, redis.call('get', KEYS[i + 1]) or '')
+    end
+end
+return out
+"""
+
+# KEYS[1] the lock, KEYS[2] its call id, KEYS[3] its acquire time; ARGV[1] the owner
+# it must still have ('' for any). Returns the owner removed, or false.
+_FORCE_LUA = """
+local owner = redis.call('get', KEYS[1])
+if not owner or (ARGV[1] ~= '' and owner ~= ARGV[1]) then
+    return false
+end
+redis.call('del', KEYS[1], KEYS[2], KEYS[3])
+return owner
 """
 
 _HOLDER_LUA = """
@@ -249,9 +321,15 @@ class RedisLockBackend:
         self._renew = self._client.register_script(_RENEW_LUA)
         self._release = self._client.register_script(_RELEASE_LUA)
         self._holder = self._client.register_script(_HOLDER_LUA)
+        self._list = self._client.register_script(_LIST_LUA)
+        self._force = self._client.register_script(_FORCE_LUA)
 
     def key(self, name: str) -> str:
         return self.prefix + name
+
+    def at_key(self, name: str) -> str:
+        """Where the backend time the lock was taken is kept (expiring with it)."""
+        return f"{self.prefix.rstrip(':')}#at:{name}"
 
     def call_key(self, name: str) -> str:
         """Where the id of the acquire call that took ``name`` is kept (outside the lock keys)."""
@@ -267,7 +345,9 @@ class RedisLockBackend:
         ms = _ms(validate_ttl(ttl_s))
         call_id = secrets.token_hex(8)
         try:
-            n = await self._acquire(keys=[self.key(name), self.call_key(name)], args=[owner, ms, call_id])
+            n = await self._acquire(
+                keys=[self.key(name), self.call_key(name), self.at_key(name)], args=[owner, ms, call_id]
+            )
         except (RedisError, OSError) as exc:
             raise self._error("acquire", name, exc) from exc
         return int(n) == 1
@@ -276,7 +356,7 @@ class RedisLockBackend:
         validate_name(name)
         ms = _ms(validate_ttl(ttl_s))
         try:
-            n = await self._renew(keys=[self.key(name)], args=[owner, ms])
+            n = await self._renew(keys=[self.key(name), self.at_key(name)], args=[owner, ms])
         except (RedisError, OSError) as exc:
             raise self._error("renew", name, exc) from exc
         return int(n) == 1
@@ -302,12 +382,66 @@ class RedisLockBackend:
             return _text(owner), math.inf
         return (_text(owner), pttl / 1000.0) if pttl >= 0 else None
 
+    async def list(self, prefix: str = "", limit: int = LIST_MAX) -> list[LockInfo]:
+        names: list[str] = []
+        try:
+            # The lock keys only: call ids and acquire times live under "<prefix>#...".
+            async for key in self._client.scan_iter(match=_glob_escape(self.key(prefix)) + "*", count=1000):
+                names.append(_text(key)[len(self.prefix) :])
+                if len(names) >= limit:
+                    break
+            infos: list[LockInfo] = []
+            names.sort()
+            for i in range(0, len(names), 500):
+                chunk = names[i : i + 500]
+                res: Any = await self._list(keys=[k for n in chunk for k in (self.key(n), self.at_key(n))])
+                now = float(_text(res[0]))
+                for j in range(1, len(res), 4):
+                    name, owner, pttl, at = (
+                        _text(res[j])[len(self.prefix) :],
+                        _text(res[j + 1]),
+                        int(res[j + 2]),
+                        res[j + 3],
+                    )
+                    if pttl == -2:
+                        continue  # expired between the scan and the read
+                    left = math.inf if pttl == -1 else pttl / 1000.0
+                    infos.append(
+                        LockInfo(
+                            name=name, owner=owner,
+                            acquired_at=_utc(float(_text(at))) if _text(at) else None,
+                            expires_at=None if math.isinf(left) else _utc(now + left),
+                            expires_in_s=left, backend="redis",
+                        )
+                    )  # fmt: skip
+        except (RedisError, OSError) as exc:
+            raise self._error("list", prefix or "*", exc) from exc
+        return infos
+
+    async def force_release(self, name: str, owner: str | None = None) -> str | None:
+        validate_name(name)
+        try:
+            res: Any = await self._force(
+                keys=[self.key(name), self.call_key(name), self.at_key(name)], args=[owner or ""]
+            )
+        except (RedisError, OSError) as exc:
+            raise self._error("force-release", name, exc) from exc
+        return _text(res) if res else None
+
     async def close(self) -> None:
         await self._client.aclose()
 
 
 def _text(v: object) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=epoch)
+
+
+def _glob_escape(s: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
 
 class PostgresLockBackend:
@@ -348,6 +482,21 @@ class PostgresLockBackend:
         validate_name(name)
         row = await self._run("read the holder of", name, "job_lock_holder", name)
         return None if row is None else (str(row["owner"]), float(row["expires_in_s"]))
+
+    async def list(self, prefix: str = "", limit: int = LIST_MAX) -> list[LockInfo]:
+        rows = await self._run("list", prefix or "*", "job_locks_list", prefix, limit)
+        return [
+            LockInfo(
+                name=r["name"], owner=r["owner"], acquired_at=r["acquired_at"], expires_at=r["expires_at"],
+                expires_in_s=float(r["expires_in_s"]), backend="postgres",
+            )
+            for r in rows
+        ]  # fmt: skip
+
+    async def force_release(self, name: str, owner: str | None = None) -> str | None:
+        validate_name(name)
+        row = await self._run("force-release", name, "job_lock_force_release", name, owner)
+        return None if row is None else str(row)
 
     async def close(self) -> None:
         """Nothing to close: the store belongs to the app."""

@@ -322,3 +322,21 @@ RETURNING true;
 -- See retention_batch in schema.sql.
 SELECT busy, picked, succeeded, failed, cancelled, last_at, last_id
 FROM retention_batch($1, $2, $3, $4, $5, $6);
+
+-- name: job_locks_list :many
+-- $1 name prefix ('' for all), $2 at most. The live job locks (no Redis
+-- configured), by name, with database times.
+SELECT name, owner, acquired_at, expires_at, extract(epoch FROM expires_at - now())::float8 AS expires_in_s
+FROM job_locks
+WHERE expires_at > now() AND left(name, length($1::text)) = $1::text
+ORDER BY name
+LIMIT $2;
+
+-- name: job_lock_force_release :val
+-- $1 lock name, $2 the owner it must still have (NULL: any). Deletes the lock
+-- whoever holds it (an administrator's act: the holder learns it at its next
+-- renewal); the owner it was taken from, nothing when it was free or not $2's.
+WITH del AS (
+    DELETE FROM job_locks WHERE name = $1 AND ($2::text IS NULL OR owner = $2) RETURNING owner, expires_at > now() AS live
+)
+SELECT owner FROM del WHERE live;
