@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from kubetasks import audit, bulk, listing, locks, schedules, serving, subprocs, validation, workflows
+from kubetasks import audit, bulk, hooks, listing, locks, schedules, serving, subprocs, validation, workflows
 from kubetasks.config import Settings
 from kubetasks.context import TaskContext
 from kubetasks.errors import Fail, TaskNotFound, UnknownHandler, ValidationError
@@ -35,6 +35,7 @@ from kubetasks.store import Store
 #: A handler: ``async def f(task: TaskContext)``, or ``def f(task: SyncTaskContext)`` run in a child process.
 Handler = Callable[[TaskContext], Any] | Callable[[subprocs.SyncTaskContext], Any]
 F = TypeVar("F", bound=Handler)
+G = TypeVar("G", bound=Callable[..., Any])
 
 log = logging.getLogger("kubetasks.app")
 _MISSING: Any = object()
@@ -161,6 +162,29 @@ class Blueprint:
     def __init__(self) -> None:
         self.handlers: dict[str, TaskDef] = {}
         self.periodics: dict[str, PeriodicDef] = {}
+        self.hooks = hooks.Hooks()
+
+    def before_task(self, func: G | None = None, *, timeout: float = hooks.DEFAULT_TIMEOUT_S) -> Any:
+        """Call ``func(task)`` before every handler this app's workers run (see ``kubetasks.hooks``):
+        ``@app.before_task`` or ``@app.before_task(timeout=2)``; sync or async."""
+        return self._hook("before", func, timeout)
+
+    def after_task(self, func: G | None = None, *, timeout: float = hooks.DEFAULT_TIMEOUT_S) -> Any:
+        """Call ``func(task, result)`` after every handler that succeeded."""
+        return self._hook("after", func, timeout)
+
+    def on_task_failure(self, func: G | None = None, *, timeout: float = hooks.DEFAULT_TIMEOUT_S) -> Any:
+        """Call ``func(task, error, outcome)`` after every attempt that did not succeed: ``error``
+        the exception (``TimeoutError`` for a timeout), ``outcome`` ``retried`` (another attempt
+        follows) or ``failed`` (none does)."""
+        return self._hook("failure", func, timeout)
+
+    def _hook(self, kind: str, func: G | None, timeout: float) -> Any:
+        def add(f: G) -> G:
+            self.hooks.add(kind, f, timeout)
+            return f
+
+        return add if func is None else add(func)
 
     def task(
         self,
@@ -249,6 +273,7 @@ class Blueprint:
             raise UnknownHandler(name, list(self.handlers))
 
     def add_tasks_from(self, other: Blueprint) -> None:
+        self.hooks.extend(other.hooks)
         for td in other.handlers.values():
             if td.name in self.handlers:
                 raise ValidationError("handler", f"{td.name!r} is already registered")

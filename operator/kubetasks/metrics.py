@@ -97,6 +97,12 @@ LOCK_ACQUISITIONS = Counter(
     ("backend", "outcome"),
     registry=REGISTRY,
 )
+HOOK_ERRORS = Counter(
+    "kubetasks_hook_errors",
+    "Task hooks that raised or ran out of time (the task's outcome is unchanged); hook=before|after|failure.",
+    ("hook",),
+    registry=REGISTRY,
+)
 RETENTION_DELETED = Counter(
     "kubetasks_retention_deleted",
     "Finished tasks this process deleted by retention (workflow trees whole), by final status.",

@@ -64,7 +64,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -781,6 +781,9 @@ class Worker:
             task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, handler=ctx.handler,
             queue=ctx.queue, parent_id=ctx.parent_id, uncharged=ctx.uncharged,
         )  # fmt: skip
+        hooks_on = bool(self.app.hooks)
+        failure: BaseException | None = None
+        result: Any = None
         try:
             try:
                 td: TaskDef | None = self.app.handlers.get(ctx.handler)
@@ -792,28 +795,35 @@ class Worker:
                     return None
                 sem = self._sems.get(td.name)
                 async with sem if sem is not None else contextlib.nullcontext():
+                    if hooks_on:
+                        await self.app.hooks.call("before", ctx)
                     async with asyncio.timeout(run.timeout):
                         result = await call_handler(td, ctx)
                 try:
                     out.result = validation.to_json("result", result, self.settings.max_payload_bytes)
                 except ValidationError as exc:
                     raise Fail(f"handler returned a result that cannot be stored: {exc}") from None
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
                 if run.dropped is not None:
                     return None  # the task was taken away: write nothing
                 # Cancelled from inside the handler, not by us: an ordinary failure.
                 self._set_failure(out, row, "the handler was cancelled", traceback.format_exc(), "retried")
-            except TimeoutError:
+                failure = exc
+            except TimeoutError as exc:
                 self._set_failure(out, row, f"timed out after {run.timeout:g}s", None, "timeout")
+                failure = exc
             except Retry as exc:
                 self._set_failure(out, row, exc.message, None, "retried", delay=exc.delay, force_retry=True)
+                failure = exc
             except Fail as exc:
                 self._set_failure(out, row, exc.message, None, "failed", no_retry=True)
+                failure = exc
             except Suspend as sus:
                 # Waiting for children: written suspended, attempt handed back, slot freed.
                 out.kind, out.wait_ids, out.policy = "suspended", sus.child_ids, sus.policy
             except BaseException as exc:  # SystemExit and KeyboardInterrupt from a handler too
                 self._set_failure(out, row, f"{type(exc).__name__}: {exc}", traceback.format_exc(), "retried")
+                failure = exc
         except Exception as exc:
             # Recording the outcome itself failed (a Retry/Fail subclass with odd
             # attributes, an exception whose __str__ raises): the task still fails.
@@ -824,6 +834,14 @@ class Worker:
                 error=_clean(f"could not record the handler's outcome: {type(exc).__name__}: {exc}"),
             )  # fmt: skip
         metrics.task_counters(ctx.handler, ctx.queue).run_duration.observe(time.monotonic() - started)
+        if hooks_on and run.dropped is None:
+            # After the outcome is decided, before it is queued: a hook changes nothing about it.
+            if out.kind == "succeeded":
+                await self.app.hooks.call("after", ctx, result)
+            elif failure is not None and out.kind != "suspended":
+                await self.app.hooks.call(
+                    "failure", ctx, failure, "retried" if out.delay is not None else "failed"
+                )
         return None if run.dropped is not None else out
 
     async def _hand_back(self, run: _Run, why: str) -> None:
