@@ -27,7 +27,7 @@ from rich.table import Table
 
 from kubetasks import devenv
 from kubetasks.app import App, TaskRecord
-from kubetasks.config import validate_database_url
+from kubetasks.config import settings_help, validate_database_url
 from kubetasks.errors import KubetasksError, TaskNotFound, ValidationError
 
 cli = typer.Typer(
@@ -67,7 +67,47 @@ AppOpt = Annotated[
     str | None,
     typer.Option("--app", envvar="KUBETASKS_APP", help="The App to load, as module:attribute."),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table (as -o json).")]
+OUTPUTS = ("table", "wide", "json")
+#: How this command prints its listing (set by -o; one command per process).
+_OUTPUT = {"mode": "table"}
+
+
+def _set_output(value: str) -> str:
+    if value not in OUTPUTS:
+        raise typer.BadParameter(f"must be one of {', '.join(OUTPUTS)}, got {value!r}")
+    _OUTPUT["mode"] = value
+    return value
+
+
+OutputOpt = Annotated[
+    str,
+    typer.Option(
+        "-o", "--output", callback=_set_output,
+        help="table (wraps long cells, never cuts them), wide (one line per row, any width) or json.",
+    ),
+]  # fmt: skip
+
+
+def _json_out(as_json: bool) -> bool:
+    return as_json or _OUTPUT["mode"] == "json"
+
+
+def _table(*headers: str, title: str | None = None) -> Table:
+    """A table whose cells wrap rather than lose characters: ids and names stay whole."""
+    t = Table(title=title)
+    for h in headers:
+        t.add_column(h, overflow="fold")
+    return t
+
+
+def _show(renderable: Any) -> None:
+    if _OUTPUT["mode"] == "wide":
+        Console(width=100_000, soft_wrap=True).print(renderable)
+    else:
+        out.print(renderable)
+
+
 # The TaskFilter criteria (kubetasks.filters), shared by `tasks list` and `bulk`.
 StatusOpt = Annotated[list[str] | None, typer.Option("--status", help="Repeat for several.")]
 HandlerOpt = Annotated[list[str] | None, typer.Option("--handler", help="Repeat for several.")]
@@ -255,7 +295,7 @@ def runtime_services(app: App) -> list[tuple[str, Any]]:
     return services
 
 
-@cli.command()
+@cli.command(epilog=settings_help())
 def worker(
     app: AppOpt = None,
     database_url: DbOpt = None,
@@ -276,7 +316,7 @@ def worker(
     _worker_command(app, database_url, queues, concurrency, log_level, pod_services=False)
 
 
-@cli.command()
+@cli.command(epilog=settings_help())
 def run(
     app: AppOpt = None,
     database_url: DbOpt = None,
@@ -424,6 +464,7 @@ def tasks_list(
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
     cursor: CursorOpt = None,
     as_json: JsonOpt = False,
+    output: OutputOpt = "table",
     database_url: DbOpt = None,
 ) -> None:
     """List tasks, newest first, filtered; --cursor continues where the last page ended."""
@@ -432,17 +473,17 @@ def tasks_list(
         created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
     )  # fmt: skip
     page = _with_app(None, database_url, lambda a: a.find_tasks(flt, cursor=cursor, limit=limit))
-    if as_json:
+    if _json_out(as_json):
         items = [dataclasses.asdict(t) for t in page.items]
         out.print_json(json.dumps({"items": items, "next_cursor": page.next_cursor}, default=_json_default))
         return
-    table = Table("ID", "HANDLER", "QUEUE", "STATUS", "ATTEMPTS", "PROGRESS", "POD", "CREATED")
+    table = _table("ID", "HANDLER", "QUEUE", "STATUS", "ATTEMPTS", "PROGRESS", "POD", "CREATED")
     for r in page.items:
         table.add_row(
             str(r.id), r.handler, r.queue, r.status, f"{r.attempts_spent}/{r.max_attempts}",
             "" if r.progress is None else f"{r.progress}%", r.pod_id or "", _fmt_time(r.created_at),
         )  # fmt: skip
-    out.print(table)
+    _show(table)
     more = f" (more: --cursor {page.next_cursor})" if page.next_cursor else ""
     out.print(f"{len(page.items)} shown{more}", highlight=False, soft_wrap=True)
 
@@ -456,14 +497,16 @@ def _cli_filter(**options: Any) -> Any:
 
 
 @tasks_cli.command("get")
-def tasks_get(task_id: int, as_json: JsonOpt = False, database_url: DbOpt = None) -> None:
+def tasks_get(
+    task_id: int, as_json: JsonOpt = False, output: OutputOpt = "table", database_url: DbOpt = None
+) -> None:
     """Show one task, with its attempts and events."""
 
     async def fetch(a: App) -> tuple[TaskRecord, list[dict[str, Any]], list[dict[str, Any]]]:
         return await a.get_task(task_id), await a.get_attempts(task_id), await a.get_events(task_id)
 
     rec, attempts, events = _with_app(None, database_url, fetch)
-    if as_json:
+    if _json_out(as_json):
         d = _record_json(rec)
         d["attempts"] = [{k: str(v) if v is not None else None for k, v in a.items()} for a in attempts]
         d["events"] = [{k: str(v) if v is not None else None for k, v in e.items()} for e in events]
@@ -473,23 +516,23 @@ def tasks_get(task_id: int, as_json: JsonOpt = False, database_url: DbOpt = None
         if v not in (None, "", []):
             out.print(f"[bold]{k}[/bold]: {json.dumps(v) if isinstance(v, dict | list) else v}")
     if attempts:
-        table = Table("ATTEMPT", "OUTCOME", "POD", "STARTED", "DURATION", "ERROR")
+        table = _table("ATTEMPT", "OUTCOME", "POD", "STARTED", "DURATION", "ERROR")
         for a in attempts:
             dur = a["duration_s"]
             table.add_row(
                 str(a["attempt"]), a["outcome"], a["pod_id"] or "", _fmt_time(a["started_at"]),
                 "" if dur is None else f"{dur:.3f}s", (a["error"] or "")[:80],
             )  # fmt: skip
-        out.print(table)
+        _show(table)
     if events:
-        et = Table("AT", "EVENT", "ATTEMPT", "POD", "DETAIL")
+        et = _table("AT", "EVENT", "ATTEMPT", "POD", "DETAIL")
         for e in events:
             et.add_row(
                 e["at"].isoformat(timespec="milliseconds"), e["kind"],
                 "" if e["attempt"] is None else str(e["attempt"]), e["pod_id"] or "",
                 (e["detail"] or "")[:80],
             )  # fmt: skip
-        out.print(et)
+        _show(et)
 
 
 @tasks_cli.command("tree")
@@ -499,6 +542,7 @@ def tasks_tree(
         int, typer.Option(min=1, help="Children shown per task; the rest are counted by status.")
     ] = 50,
     as_json: JsonOpt = False,
+    output: OutputOpt = "table",
     database_url: DbOpt = None,
 ) -> None:
     """Show a workflow: its tree, counts by status, times, retries and critical path (marked *)."""
@@ -508,7 +552,7 @@ def tasks_tree(
     from kubetasks import workflows  # noqa: PLC0415
 
     summary = _with_app(None, database_url, lambda a: a.workflow_summary(task_id))
-    if as_json:
+    if _json_out(as_json):
         out.print_json(json.dumps(summary.to_dict()))
         return
 
@@ -530,7 +574,7 @@ def tasks_tree(
                 counts[c.status] = counts.get(c.status, 0) + 1
             more = ", ".join(f"{n} {st}" for st, n in sorted(counts.items()))
             branch.add(f"  ... {len(rest)} more: {more}")
-    out.print(view)
+    _show(view)
     out.print(
         f"{summary.tasks} task(s): " + ", ".join(f"{n} {st}" for st, n in summary.counts.items())
         + f"; total {summary.total_s:.3f}s, wall {summary.wall_s:.3f}s, retries {summary.retries}",
@@ -716,15 +760,15 @@ def _when(option: str, text: str | None) -> datetime | None:
 
 
 def _audit_page(kind: str, page: Any, as_json: bool, columns: list[tuple[str, str]]) -> None:
-    if as_json:
+    if _json_out(as_json):
         out.print_json(
             json.dumps({"items": page.items, "next_cursor": page.next_cursor}, default=_json_default)
         )
         return
-    table = Table(*(title for title, _ in columns))
+    table = _table(*(title for title, _ in columns))
     for item in page.items:
         table.add_row(*("" if item.get(k) is None else _cell(item.get(k)) for _, k in columns))
-    out.print(table)
+    _show(table)
     more = f" (more: --cursor {page.next_cursor})" if page.next_cursor else ""
     out.print(f"{len(page.items)} {kind} shown{more}", highlight=False, soft_wrap=True)
 
@@ -749,6 +793,7 @@ def events(
     limit: Annotated[int, typer.Option(min=1, max=500)] = 100,
     cursor: CursorOpt = None,
     as_json: JsonOpt = False,
+    output: OutputOpt = "table",
     database_url: DbOpt = None,
 ) -> None:
     """Recorded events across tasks, newest first: by task, workflow, worker, pod, kind, time."""
@@ -780,6 +825,7 @@ def attempts(
     limit: Annotated[int, typer.Option(min=1, max=500)] = 100,
     cursor: CursorOpt = None,
     as_json: JsonOpt = False,
+    output: OutputOpt = "table",
     database_url: DbOpt = None,
 ) -> None:
     """Ended attempts across tasks, newest task first: by task, workflow, worker, pod, outcome, time."""
@@ -856,13 +902,13 @@ def queue_resume(queue: str, database_url: DbOpt = None) -> None:
 
 
 @cli.command()
-def stats(as_json: JsonOpt = False, database_url: DbOpt = None) -> None:
+def stats(as_json: JsonOpt = False, output: OutputOpt = "table", database_url: DbOpt = None) -> None:
     """Counts per queue and status, oldest pending age, running per worker, unserved handlers."""
     data = _with_app(None, database_url, lambda a: a.stats())
-    if as_json:
+    if _json_out(as_json):
         out.print_json(json.dumps(data))
         return
-    table = Table("QUEUE", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "PAUSED", "SUSPENDED",
+    table = _table("QUEUE", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "PAUSED", "SUSPENDED",
                   "OLDEST DUE")  # fmt: skip
     for q, info in sorted(data["queues"].items()):
         c = info["counts"]
@@ -873,19 +919,19 @@ def stats(as_json: JsonOpt = False, database_url: DbOpt = None) -> None:
                                           "suspended")),
             "" if age is None else f"{age:.1f}s",
         )  # fmt: skip
-    out.print(table)
-    wt = Table("POD", "WORKER", "STATUS", "QUEUES", "RUNNING", "LEASE LEFT")
+    _show(table)
+    wt = _table("POD", "WORKER", "STATUS", "QUEUES", "RUNNING", "LEASE LEFT")
     for w in data["workers"]:
         wt.add_row(
-            w["pod_id"], w["worker_id"][:8], w["status"], ",".join(w["queues"]),
+            w["pod_id"], w["worker_id"], w["status"], ",".join(w["queues"]),
             f"{w['running']}/{w['concurrency']}", f"{w['lease_left_s']:.1f}s",
         )  # fmt: skip
-    out.print(wt)
+    _show(wt)
     if data["unserved"]:
-        ut = Table("HANDLER", "QUEUE", "WAITING", "WHY", title="Pending tasks no active worker serves")
+        ut = _table("HANDLER", "QUEUE", "WAITING", "WHY", title="Pending tasks no active worker serves")
         for u in data["unserved"]:
             ut.add_row(u["handler"], u["queue"], str(u["tasks"]), u["message"])
-        out.print(ut)
+        _show(ut)
 
 
 @dev_cli.command("up")
@@ -924,6 +970,7 @@ def dev_down() -> None:
 @schedules_cli.command("list")
 def schedules_list(
     as_json: JsonOpt = False,
+    output: OutputOpt = "table",
     history: Annotated[int, typer.Option(min=0, max=100, help="Recent runs to show per schedule.")] = 0,
     database_url: DbOpt = None,
 ) -> None:
@@ -931,10 +978,10 @@ def schedules_list(
     from kubetasks import cron  # noqa: PLC0415
 
     rows = _with_app(None, database_url, lambda a: cron.statuses(a, history=history))
-    if as_json:
+    if _json_out(as_json):
         out.print_json(json.dumps([dataclasses.asdict(r) for r in rows], default=_json_default))
         return
-    table = Table("NAME", "SCHEDULE", "TIMEZONE", "SUSPEND", "POLICY", "HOLDER", "LAST SCHEDULE", "NEXT",
+    table = _table("NAME", "SCHEDULE", "TIMEZONE", "SUSPEND", "POLICY", "HOLDER", "LAST SCHEDULE", "NEXT",
                   "LAST RESULT", "MISSED", "SOURCE")  # fmt: skip
     for r in rows:
         result = r.last_result or ""
@@ -947,19 +994,19 @@ def schedules_list(
             r.holder or "", _fmt_time(r.last_scheduled_at), _fmt_time(r.next_at), result,
             str(r.missed_total), r.source + (" (orphaned)" if r.orphaned else ""),
         )  # fmt: skip
-    out.print(table)
+    _show(table)
     if history:
         for r in rows:
             if not r.history:
                 continue
-            ht = Table("TICK", "OUTCOME", "TASK", "STATUS", "HOLDER / REASON", title=r.name)
+            ht = _table("TICK", "OUTCOME", "TASK", "STATUS", "HOLDER / REASON", title=r.name)
             for h in r.history:
                 ht.add_row(
                     _fmt_time(h.tick_at) + (" (manual)" if h.manual else ""), h.outcome,
                     "" if h.task_id is None else str(h.task_id), h.status or "",
                     " ".join(x for x in (h.holder, h.reason) if x),
                 )  # fmt: skip
-            out.print(ht)
+            _show(ht)
 
 
 @schedules_cli.command("trigger")
@@ -1125,6 +1172,7 @@ def _lock_app(database_url: str | None, redis_url: str | None) -> App:
 def locks_list(
     prefix: Annotated[str, typer.Option(help="Only locks whose name starts with this.")] = "",
     as_json: JsonOpt = False,
+    output: OutputOpt = "table",
     database_url: DbOpt = None,
     redis_url: RedisOpt = None,
 ) -> None:
@@ -1138,16 +1186,16 @@ def locks_list(
             await the_app.close()
 
     rows = run_async(go)
-    if as_json:
+    if _json_out(as_json):
         out.print_json(json.dumps([r.as_dict() for r in rows]))
         return
-    table = Table("NAME", "HOLDER", "ACQUIRED", "EXPIRES", "LEFT", "BACKEND")
+    table = _table("NAME", "HOLDER", "ACQUIRED", "EXPIRES", "LEFT", "BACKEND")
     for r in rows:
         table.add_row(
             r.name, r.owner, _fmt_time(r.acquired_at), _fmt_time(r.expires_at),
             "never" if r.expires_at is None else f"{r.expires_in_s:.1f}s", r.backend,
         )  # fmt: skip
-    out.print(table)
+    _show(table)
 
 
 @locks_cli.command("release")

@@ -7,11 +7,12 @@ the variable instead of minutes later inside a worker.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -87,6 +88,7 @@ _DOWNWARD = {"pod_id": "POD_NAME", "pod_namespace": "POD_NAMESPACE"}
 class Settings:
     """Everything a process needs; field names match the KUBETASKS_* variables."""
 
+    #: postgresql:// URL of the database (several hosts for failover: host1:5432,host2:5432).
     database_url: str = ""
     #: session: database_url reaches PostgreSQL itself (or a session-pooling proxy);
     #: transaction: it goes through a transaction-pooling proxy such as PgBouncer, so
@@ -105,28 +107,44 @@ class Settings:
     #: Seconds a transaction elsewhere in the database may stay open before workers warn
     #: that it holds back vacuum (and name it); 0: never look.
     long_transaction_warn: float = 60.0
+    #: redis:// URL for job locks; unset: locks live in PostgreSQL.
     redis_url: str | None = None
+    #: This process's pod (the Downward API's POD_NAME in a pod).
     pod_id: str = field(default_factory=default_pod_id)
     #: Queues served, in priority order. Empty: the queues of the handlers the app has (each
     #: handler's ``queue``, else default_queue). ``*`` serves every queue its handlers' tasks are
     #: in (the named queues before it come first).
     queues: tuple[str, ...] = ()
+    #: Tasks one process runs at once.
     concurrency: int = 10
+    #: Seconds between heartbeats (lease renewals, cancellation checks).
     heartbeat_interval: float = 5.0
+    #: Seconds a worker's lease lasts without a heartbeat before peers recover its tasks.
     lease_ttl: float = 15.0
+    #: Seconds running tasks may finish after SIGTERM before they are handed back.
     shutdown_grace: float = 30.0
+    #: Largest payload accepted, in bytes of JSON.
     max_payload_bytes: int = validation.DEFAULT_MAX_PAYLOAD_BYTES
+    #: Queue of a task whose handler names none.
     default_queue: str = "default"
+    #: Seconds an attempt may run, unless the handler or the task says otherwise.
     default_timeout: float = 300.0
+    #: Attempts a task gets, unless the handler or the task says otherwise.
     default_max_attempts: int = 3
+    #: Seconds before the first retry, unless the handler or the task says otherwise.
     default_retry_delay: float = 1.0
+    #: Factor each later retry's delay grows by, unless the handler or the task says otherwise.
     default_backoff: float = 2.0
+    #: Longest delay between retries in seconds, unless the handler or the task says otherwise.
     default_max_retry_delay: float = 3600.0
+    #: Connections in this process's pool.
     pool_size: int = 10
-    # Retention (kubetasks.retention): seconds a finished task is kept after it finished,
-    # per final status; 0 keeps that status for ever. All 0: no retention pass at all.
+    #: Seconds a succeeded task is kept after it finished; 0: for ever (all three 0: no
+    #: retention at all, see kubetasks.retention).
     retention_succeeded: float = 7 * 86400.0
+    #: Seconds a failed task is kept after it finished; 0: for ever.
     retention_failed: float = 30 * 86400.0
+    #: Seconds a cancelled task is kept after it finished; 0: for ever.
     retention_cancelled: float = 7 * 86400.0
     #: Seconds between retention passes across the cluster (one pod runs each).
     retention_interval: float = 300.0
@@ -136,7 +154,9 @@ class Settings:
     # when metrics_addr_file is (then port 0 means any free port, e.g. several
     # hostNetwork pods on one node, and the file says where it listens).
     metrics_port: int = 0
+    #: Address the probe and metrics server binds.
     metrics_addr: str = "0.0.0.0"
+    #: File the metrics server writes its address to (then port 0 means any free port).
     metrics_addr_file: str = ""
     # The Kubernetes side (k8s/). Unset pod_namespace: not in a pod, no pod recovery.
     pod_namespace: str = field(default_factory=default_pod_namespace)
@@ -144,9 +164,11 @@ class Settings:
     watch_namespaces: tuple[str, ...] = ()
     #: Label selector of this release's pods (its workers are recovered when they go).
     pod_selector: str = ""
+    #: kopf peering object name.
     peering_name: str = "default"
     #: kopf peering priority; 0 draws one per process (equal priorities freeze every replica).
     peering_priority: int = 0
+    #: Seconds a kopf peering record lives without renewal.
     peering_lifetime: int = 10
     #: Seconds a leader goes on without reaching PostgreSQL before it gives up leadership.
     leader_timeout: float = 10.0
@@ -154,9 +176,11 @@ class Settings:
     status_resync_interval: float = 30.0
     #: Seconds between full comparisons of Task objects with their rows.
     reconcile_interval: float = 60.0
+    #: kopf's log level (debug, info, warning, error, critical).
     kopf_log_level: str = "WARNING"
     #: Port of the validating admission webhook; 0: no webhook.
     webhook_port: int = 0
+    #: Address the admission webhook binds.
     webhook_addr: str = "127.0.0.1"
     #: Host name or IP in the serving certificate (default: webhook_addr).
     webhook_host: str = ""
@@ -173,7 +197,9 @@ class Settings:
     #: session cookie by the page's login; proxy: trust dashboard_user_header, set by an
     #: authenticating proxy that alone can reach the dashboard; none: no authentication.
     dashboard_auth: str = "token"
+    #: The dashboard's bearer token (from a Secret; at least 16 characters).
     dashboard_token: str = field(default="", repr=False)
+    #: Header naming the user, set by the authenticating proxy (dashboard_auth=proxy).
     dashboard_user_header: str = "X-Forwarded-User"
     #: Allow retry, cancel, pause, resume, delete and schedule actions (read-only otherwise).
     dashboard_writes: bool = False
@@ -342,6 +368,76 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes).validated()
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One setting as ``--help`` shows it: its variable, default and the comment above it."""
+
+    name: str
+    var: str
+    default: str
+    doc: str
+
+
+_SECRET = {"dashboard_token"}
+
+
+def describe() -> list[SettingDoc]:
+    """Every setting of ``Settings``, read from the class itself: field, type, default, and the
+    comments written above the field (so ``--help`` needs no second list to keep true)."""
+    docs = _field_comments()
+    out = []
+    for f in fields(Settings):
+        if f.default is not MISSING:
+            value: Any = f.default
+            if isinstance(value, bool):
+                shown = "true" if value else "false"
+            elif value in ("", None, ()):
+                shown = "(unset)"
+            else:
+                shown = ",".join(value) if isinstance(value, tuple) else _number(value)
+        else:
+            shown = f"${_DOWNWARD[f.name]}, else computed" if f.name in _DOWNWARD else "computed"
+        if f.name == "database_url":
+            shown = "(required)"
+        if f.name in _SECRET:
+            shown = "(unset; a secret)"
+        out.append(SettingDoc(f.name, ENV_PREFIX + f.name.upper(), shown, docs.get(f.name, "")))
+    return out
+
+
+def _number(value: object) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _field_comments() -> dict[str, str]:
+    try:
+        lines = inspect.getsource(Settings).splitlines()
+    except (OSError, TypeError):  # no source shipped: names and defaults only
+        return {}
+    out: dict[str, str] = {}
+    pending: list[str] = []
+    for raw in lines[1:]:
+        line = raw.strip()
+        if line.startswith("#"):
+            pending.append(line.lstrip("#:").strip())
+            continue
+        m = re.match(r"^([a-z_][a-z0-9_]*)\s*:", line)
+        if m and pending:
+            out[m.group(1)] = " ".join(pending)
+        if line.startswith(("def ", "@")):
+            break
+        pending = []
+    return out
+
+
+def settings_help() -> str:
+    """The text ``kubetasks run --help`` ends with: every KUBETASKS_* variable, its default, what it is."""
+    rows = ["Every setting is a KUBETASKS_* variable (an option above wins over it):", ""]
+    for d in describe():
+        rows.append(f"{d.var} = {d.default}" + (f"  -- {d.doc}" if d.doc else ""))
+    return "\n\n".join(rows)
 
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")

@@ -1,4 +1,4 @@
--- 0013: schedules made at runtime, and code schedules whose code is gone (issue 17 item 5).
+-- 0015: schedules made at runtime, and code schedules whose code is gone (issue 17 item 5).
 --  * schedules.source 'api': created, changed and deleted from Python or the
 --    CLI (App.create_schedule...), fired by any pod like a CronJobLock's.
 --  * workers.periodics: the @app.periodic names a worker's code declares

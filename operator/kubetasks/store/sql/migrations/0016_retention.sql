@@ -1,4 +1,4 @@
--- 0014: retention of finished tasks (issue 17 item 2). One batch at a time
+-- 0016: retention of finished tasks (issue 17 item 2). One batch at a time
 -- across the cluster (a transaction-level advisory lock), whole workflow trees
 -- only, Task objects' rows never (their object's TTL or deletion decides).
 
