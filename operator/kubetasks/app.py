@@ -1038,6 +1038,13 @@ class App(Blueprint):
             dry_run=dry_run, up_to_id=up_to_id, batch_size=batch_size,
         )  # fmt: skip
 
+    async def count_tasks(
+        self, by: str = "handler", filter: TaskFilter | None = None, **criteria: Any
+    ) -> dict[str, dict[str, int]]:
+        """Matching tasks counted per ``by`` (handler, queue, tag or status) and status, e.g.
+        ``{"images.resize": {"succeeded": 10, "failed": 2}}``; a tag counts every task carrying it."""
+        return await audit.count_by(await self._ready_store(), by, _filter(filter, criteria))
+
     async def query_events(
         self,
         *,

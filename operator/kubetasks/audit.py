@@ -23,6 +23,7 @@ Filters: ``task`` (one task) or ``root`` (a workflow's tree), ``worker``,
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from kubetasks.store import Store
 
 EVENT_KINDS = (
     "created", "claimed", "progress", "retried", "fenced_out", "recovered", "released", "paused",
-    "resumed", "suspended", "woken", "cancelled", "requeued", "succeeded", "failed",
+    "resumed", "suspended", "woken", "cancelled", "requeued", "succeeded", "failed", "checkpoint",
 )  # fmt: skip
 OUTCOMES = ("succeeded", "failed", "retried", "timeout", "worker_lost", "released", "cancelled", "suspended")
 DEFAULT_SCAN = 20_000
@@ -189,3 +190,42 @@ async def attempts(
     if len(items) == limit:
         return Page(items, encode_cursor("attempts", items[-1]["task_id"], items[-1]["attempt"]))
     return Page(items, encode_cursor("attempts", floor, 0) if floor > 1 else None)
+
+
+# -- checkpoints and counts -------------------------------------------------------------------
+
+CODE_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+MESSAGE_MAX = 1000
+METADATA_MAX_BYTES = 8192
+GROUPINGS = ("handler", "queue", "tag", "status")
+
+
+def checkpoint_detail(code: object, message: object = None, metadata: object = None) -> str:
+    """The event detail of a checkpoint, validated: ``code`` lowercase snake_case (at most 63
+    characters), ``message`` display text (at most 1000), ``metadata`` a JSON object (8 KiB)."""
+    if not isinstance(code, str) or not CODE_RE.match(code):
+        raise ValidationError("code", f"must be lowercase snake_case, 1 to 63 characters, got {code!r}")
+    if message is not None and (not isinstance(message, str) or len(message) > MESSAGE_MAX):
+        raise ValidationError("message", f"must be text of at most {MESSAGE_MAX} characters")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValidationError("metadata", f"must be a JSON object (a dict), got {type(metadata).__name__}")
+    detail = validation.to_json(
+        "metadata", {"code": code, "message": message, "metadata": metadata or {}}, METADATA_MAX_BYTES
+    )
+    return detail
+
+
+async def record_checkpoint(store: Store, task_id: int, attempt: int, worker_id: str, detail: str) -> bool:
+    """Write a checkpoint of this run; False when the task was taken away from it."""
+    return bool(await store.run("record_checkpoint", task_id, attempt, uuid.UUID(worker_id), detail))
+
+
+async def count_by(store: Store, by: str, flt: TaskFilter) -> dict[str, dict[str, int]]:
+    """Tasks matching ``flt`` counted per ``by`` (handler, queue, tag, status) and status."""
+    if by not in GROUPINGS:
+        raise ValidationError("by", f"must be one of {', '.join(GROUPINGS)}, got {by!r}")
+    ids = await flt.task_ids(store)
+    out: dict[str, dict[str, int]] = {}
+    for r in await store.run("tasks_count_by", *flt.sql_args(ids), by):
+        out.setdefault(r["key"], {})[r["status"]] = int(r["n"])
+    return out

@@ -496,6 +496,39 @@ def _cli_filter(**options: Any) -> Any:
         raise typer.Exit(2) from None
 
 
+@tasks_cli.command("count")
+def tasks_count(
+    by: Annotated[str, typer.Option(help="handler, queue, tag or status.")] = "handler",
+    status: StatusOpt = None,
+    handler: HandlerOpt = None,
+    queue: QueueOpt = None,
+    tag: TagOpt = None,
+    created_after: AfterOpt = None,
+    created_before: BeforeOpt = None,
+    parent: ParentOpt = None,
+    root: RootOpt = None,
+    worker: WorkerOpt = None,
+    pod: PodOpt = None,
+    as_json: JsonOpt = False,
+    output: OutputOpt = "table",
+    database_url: DbOpt = None,
+) -> None:
+    """Count the matching tasks per handler, queue, tag or status, and status."""
+    flt = _cli_filter(
+        status=status, queue=queue, handler=handler, tag=tag, created_after=created_after,
+        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
+    )  # fmt: skip
+    counts = _with_app(None, database_url, lambda a: a.count_tasks(by, flt))
+    if _json_out(as_json):
+        out.print_json(json.dumps(counts))
+        return
+    statuses = ("pending", "running", "succeeded", "failed", "cancelled", "paused", "suspended")
+    table = _table(by.upper(), *(st.upper() for st in statuses), "TOTAL")
+    for key, c in counts.items():
+        table.add_row(key, *(str(c.get(st, 0)) for st in statuses), str(sum(c.values())))
+    _show(table)
+
+
 @tasks_cli.command("get")
 def tasks_get(
     task_id: int, as_json: JsonOpt = False, output: OutputOpt = "table", database_url: DbOpt = None

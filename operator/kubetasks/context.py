@@ -93,6 +93,24 @@ class TaskContext:
         # progress() calls cannot starve the writes, the heartbeat or other tasks.
         await asyncio.sleep(0)
 
+    async def audit(
+        self, code: str, message: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> None:
+        """Record a checkpoint of this run as an event (kind ``checkpoint``): ``code`` in
+        lowercase snake_case (``payload_validated``), an optional display ``message`` and JSON
+        ``metadata``. Written at once, one round trip; the event carries the task, attempt,
+        worker and pod. Raises LeaseLost when the task was taken away from this run."""
+        from kubetasks import audit  # noqa: PLC0415 - audit imports filters, which app imports
+
+        detail = audit.checkpoint_detail(code, message, metadata)
+        if self._taken_away:
+            raise LeaseLost(f"task {self.id} attempt {self.attempt} is no longer held by this worker")
+        if self._app is None:
+            raise RuntimeError("audit() needs a task run by a kubetasks worker")
+        if not await audit.record_checkpoint(self._app.store, self.id, self.attempt, self.worker_id, detail):
+            self._taken_away = True
+            raise LeaseLost(f"task {self.id} attempt {self.attempt} is no longer held by this worker")
+
     async def _flush_after(self, wait: float) -> None:
         loop = asyncio.get_running_loop()
         while True:

@@ -441,6 +441,10 @@ class SyncTaskContext:
         )  # fmt: skip
         return self.spawn_many([req], keys=None if key is None else [key])[0]
 
+    def audit(self, code: str, message: str | None = None, metadata: dict[str, Any] | None = None) -> None:
+        """Record a checkpoint of this run (see ``TaskContext.audit``); carried out by the worker."""
+        self._call("audit", [code], {"message": message, "metadata": metadata})
+
     def spawn_many(
         self, requests: Iterable[EnqueueRequest], *, keys: Sequence[str] | None = None
     ) -> list[int]:
@@ -1184,6 +1188,9 @@ class Pool:
         try:
             if method == "spawn_many":
                 return ("ok", await ctx.spawn_many(*args, **kwargs))
+            if method == "audit":
+                await ctx.audit(*args, **kwargs)
+                return ("ok", None)
             if method == "wait":
                 results = await ctx.wait(*args, **kwargs)
                 return (

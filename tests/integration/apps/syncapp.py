@@ -120,3 +120,10 @@ def flow(task: SyncTaskContext) -> dict[str, int]:
 def yearly(task: SyncTaskContext) -> int:
     """A plain periodic under Forbid: the job lock is taken in the worker, the function runs in a child."""
     return os.getpid()
+
+
+@app.task("sync.audit")
+def audited(task: SyncTaskContext) -> str:
+    """Records a checkpoint from the child (issue 17 item 8)."""
+    task.audit("child_checkpoint", "from a def handler", {"pid": os.getpid()})
+    return "ok"

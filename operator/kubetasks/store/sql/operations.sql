@@ -340,3 +340,40 @@ WITH del AS (
     DELETE FROM job_locks WHERE name = $1 AND ($2::text IS NULL OR owner = $2) RETURNING owner, expires_at > now() AS live
 )
 SELECT owner FROM del WHERE live;
+
+-- name: record_checkpoint :val
+-- $1 task id, $2 attempt, $3 worker_id, $4 detail (JSON text). A handler's
+-- checkpoint, written only while the task is still this attempt's and running
+-- under this worker (nothing returned: taken away).
+INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
+SELECT t.id, 'checkpoint', t.attempt, t.worker_id, t.pod_id, $4
+FROM tasks t
+WHERE t.id = $1 AND t.attempt = $2 AND t.worker_id = $3 AND t.status = 'running'
+RETURNING true;
+
+-- name: tasks_count_by :many
+-- $1..$9 the filter, $10 the grouping (handler | queue | tag | status). Counts
+-- of the matching tasks per group and status (a tag counts every task carrying
+-- it). A pass over the table, like a dry run's count.
+SELECT g.key, t.status, count(*) AS n
+FROM tasks t
+CROSS JOIN LATERAL (
+    SELECT CASE $10::text WHEN 'handler' THEN t.handler WHEN 'queue' THEN t.queue ELSE t.status END AS key
+    WHERE $10::text <> 'tag'
+    UNION ALL
+    SELECT x.tag FROM unnest(t.tags) AS x (tag) WHERE $10::text = 'tag'
+) g
+WHERE true
+  -- filter:begin
+  AND ($1::text[] IS NULL OR t.status = ANY ($1::text[]))
+  AND ($2::text[] IS NULL OR t.queue = ANY ($2::text[]))
+  AND ($3::text[] IS NULL OR t.handler = ANY ($3::text[]))
+  AND ($4::text[] IS NULL OR t.tags @> $4::text[])
+  AND ($5::timestamptz IS NULL OR t.created_at >= $5::timestamptz)
+  AND ($6::timestamptz IS NULL OR t.created_at < $6::timestamptz)
+  AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
+  AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
+  AND ($9::text IS NULL OR t.pod_id = $9::text)
+  -- filter:end
+GROUP BY g.key, t.status
+ORDER BY g.key, t.status;

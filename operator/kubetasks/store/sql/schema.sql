@@ -1302,3 +1302,10 @@ BEGIN
     RETURN NEXT;
 END;
 $$;
+
+-- Checkpoints (0015): a handler's task.audit() events.
+
+ALTER TABLE task_events DROP CONSTRAINT event_kind_known,
+    ADD CONSTRAINT event_kind_known CHECK (kind IN (
+        'created', 'claimed', 'progress', 'retried', 'fenced_out', 'recovered', 'released', 'paused',
+        'resumed', 'suspended', 'woken', 'cancelled', 'requeued', 'succeeded', 'failed', 'checkpoint'));
