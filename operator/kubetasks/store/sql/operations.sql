@@ -279,7 +279,7 @@ WITH before AS (
 SELECT before.name, before.paused AS was_paused FROM before;
 
 -- name: set_worker_periodics :exec
--- $1 worker_id, $2 the @app.periodic names its code declares (0013).
+-- $1 worker_id, $2 the @app.periodic names its code declares (0015).
 UPDATE workers SET periodics = $2::text[] WHERE worker_id = $1 AND status IN ('active', 'stopping');
 
 -- name: schedules_orphaned :many

@@ -1227,14 +1227,14 @@ CREATE TABLE rollup_state (
     done_until timestamptz NOT NULL
 );
 
--- Runtime schedules (0013): source 'api', and the periodics each worker's code declares.
+-- Runtime schedules (0015): source 'api', and the periodics each worker's code declares.
 
 ALTER TABLE schedules DROP CONSTRAINT source_known,
     ADD CONSTRAINT source_known CHECK (source IN ('code', 'crd', 'api'));
 
 ALTER TABLE workers ADD COLUMN periodics text[];
 
--- Retention of finished tasks (0014): one batch at a time, whole workflow trees.
+-- Retention of finished tasks (0016): one batch at a time, whole workflow trees.
 
 INSERT INTO housekeeping (name) VALUES ('retention') ON CONFLICT DO NOTHING;
 
@@ -1303,7 +1303,7 @@ BEGIN
 END;
 $$;
 
--- Checkpoints (0015): a handler's task.audit() events.
+-- Checkpoints (0017): a handler's task.audit() events.
 
 ALTER TABLE task_events DROP CONSTRAINT event_kind_known,
     ADD CONSTRAINT event_kind_known CHECK (kind IN (

@@ -1,4 +1,4 @@
--- 0015: checkpoints a handler records (issue 17 item 8): task.audit(code,
+-- 0017: checkpoints a handler records (issue 17 item 8): task.audit(code,
 -- message, metadata) writes a task_events row of kind 'checkpoint', its detail
 -- a JSON object {"code", "message", "metadata"}, fenced like every write of a
 -- running task.
