@@ -36,9 +36,13 @@ BEGIN
             -- flag set meanwhile: it always notifies. (Qualified: an INSERT into
             -- kubetasks.tasks may come from a session without the schema on its path.)
             PERFORM pg_advisory_xact_lock_shared(hashtext('kubetasks.wait'));
+            -- A queue no active worker lists is announced too: a worker serving `*`
+            -- learns of new queues from this, and the parking pass of unserved work.
             IF current_setting('transaction_isolation') <> 'read committed'
                OR EXISTS (SELECT 1 FROM kubetasks.workers w
-                          WHERE w.status = 'active' AND w.waiting AND r.queue = ANY (w.queues)) THEN
+                          WHERE w.status = 'active' AND w.waiting AND r.queue = ANY (w.queues))
+               OR NOT EXISTS (SELECT 1 FROM kubetasks.workers w
+                              WHERE w.status = 'active' AND r.queue = ANY (w.queues)) THEN
                 PERFORM pg_notify('kubetasks_enqueued', r.queue);
             END IF;
         END IF;
