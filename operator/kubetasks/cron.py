@@ -184,6 +184,26 @@ def next_tick(expr: str, tz: str, after: datetime) -> datetime:
     return t.astimezone(UTC)
 
 
+#: (expression, time zone) -> (after, next_tick(after)): a croniter call takes about a third of
+#: a millisecond (more under load), and a status list asks for every schedule's next run each
+#: time it is shown -- 50 schedules were a tenth of the dashboard's schedules page.
+_NEXT: dict[tuple[str, str], tuple[datetime, datetime]] = {}
+_NEXT_MAX = 4096
+
+
+def _next_tick_cached(expr: str, tz: str, after: datetime) -> datetime:
+    """``next_tick``, remembered until it passes: no tick lies between the time it was asked
+    for and the answer, so that answer holds for every later time before it."""
+    hit = _NEXT.get((expr, tz))
+    if hit is not None and hit[0] <= after < hit[1]:
+        return hit[1]
+    nxt = next_tick(expr, tz, after)
+    if len(_NEXT) >= _NEXT_MAX:
+        _NEXT.clear()
+    _NEXT[(expr, tz)] = (after, nxt)
+    return nxt
+
+
 def prev_tick(expr: str, tz: str, at: datetime) -> datetime:
     """The last tick at or before ``at``, in UTC."""
     t = _iter(expr, zone(tz), _aware("at", at) + _EPS).get_prev(datetime)
@@ -595,25 +615,28 @@ async def statuses(
                     finished_at=h["finished_at"],
                 )
             )
+    held: dict[str, locks.Holder] = {}
+    unknown: str | None = None
+    if rows:
+        lnames = [lock_name(r["name"]) for r in rows]
+        try:
+            # One round trip for every schedule's lock, not one per schedule.
+            held = await (lock_backend or app.job_lock(lnames[0]).backend).holders(lnames)
+        except locks.LockBackendError as exc:
+            unknown = f"unknown ({exc})"
     out = []
     for r in rows:
         now: datetime = r["db_now"]
-        holder: str | None = None
+        holder: str | None = unknown
         expires: datetime | None = None
-        try:
-            lname = lock_name(r["name"])
-            backend = lock_backend or app.job_lock(lname).backend
-            h = await backend.holder(lname)
-        except locks.LockBackendError as exc:
-            holder = f"unknown ({exc})"
-        else:
-            if h is not None:
-                holder = h[0]
-                expires = None if math.isinf(h[1]) else now + timedelta(seconds=h[1])
+        h = held.get(lock_name(r["name"]))
+        if h is not None:
+            holder = h[0]
+            expires = None if math.isinf(h[1]) else now + timedelta(seconds=h[1])
         nxt: datetime | None = None
         if not (r["suspend"] or r["paused"]):
             with contextlib.suppress(ValidationError, CroniterError, ValueError):
-                nxt = next_tick(r["cron"], r["timezone"], now)
+                nxt = _next_tick_cached(r["cron"], r["timezone"], now)
         out.append(
             ScheduleStatus(
                 name=r["name"],

@@ -49,7 +49,7 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -175,6 +175,10 @@ class LockBackend(Protocol):
         owner it took the lock from, or None when it was free (or held by someone else)."""
         ...
 
+    async def holders(self, names: Sequence[str]) -> dict[str, Holder]:
+        """``holder`` of many locks in one round trip: the held ones by name (free ones left out)."""
+        ...
+
     async def close(self) -> None:
         """Free the backend's own connections (never the shared store)."""
         ...
@@ -200,6 +204,13 @@ class LockInfo:
         if math.isinf(self.expires_in_s):
             d["expires_in_s"] = None
         return d
+
+
+def _which(names: str | Sequence[str]) -> str:
+    """The locks an error is about: one by name (as every single-lock call says), or the first of many."""
+    if isinstance(names, str) or len(names) == 1:
+        return f"job lock {(names if isinstance(names, str) else names[0])!r}"
+    return f"job locks {names[0]!r} and {len(names) - 1} more"
 
 
 def _redacted(url: str) -> str:
@@ -335,9 +346,9 @@ class RedisLockBackend:
         """Where the id of the acquire call that took ``name`` is kept (outside the lock keys)."""
         return f"{self.prefix.rstrip(':')}#call:{name}"
 
-    def _error(self, verb: str, name: str, exc: BaseException) -> LockBackendError:
+    def _error(self, verb: str, name: str | Sequence[str], exc: BaseException) -> LockBackendError:
         return LockBackendError(
-            f"could not {verb} job lock {name!r}: {self._where} failed: {exc.__class__.__name__}: {exc}"
+            f"could not {verb} {_which(name)}: {self._where} failed: {exc.__class__.__name__}: {exc}"
         )
 
     async def acquire(self, name: str, owner: str, ttl_s: float) -> bool:
@@ -377,10 +388,28 @@ class RedisLockBackend:
             raise self._error("read the holder of", name, exc) from exc
         if not res:
             return None
-        owner, pttl = res[0], int(res[1])
-        if pttl == -1:  # no expiry: never written by us, but report it honestly
-            return _text(owner), math.inf
-        return (_text(owner), pttl / 1000.0) if pttl >= 0 else None
+        return _redis_holder(res[0], int(res[1]))
+
+    async def holders(self, names: Sequence[str]) -> dict[str, Holder]:
+        for name in names:
+            validate_name(name)
+        if not names:
+            return {}
+        try:
+            # MULTI/EXEC: each owner and its ttl are read together, as _HOLDER_LUA does.
+            async with self._client.pipeline(transaction=True) as pipe:
+                for name in names:
+                    pipe.get(self.key(name))
+                    pipe.pttl(self.key(name))
+                res: list[Any] = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self._error("read the holder of", names, exc) from exc
+        out = {}
+        for i, name in enumerate(names):
+            owner, pttl = res[2 * i], res[2 * i + 1]
+            if owner is not None and (h := _redis_holder(owner, int(pttl))) is not None:
+                out[name] = h
+        return out
 
     async def list(self, prefix: str = "", limit: int = LIST_MAX) -> list[LockInfo]:
         names: list[str] = []
@@ -432,6 +461,12 @@ class RedisLockBackend:
         await self._client.aclose()
 
 
+def _redis_holder(owner: object, pttl: int) -> Holder | None:
+    if pttl == -1:  # no expiry: never written by us, but report it honestly
+        return _text(owner), math.inf
+    return (_text(owner), pttl / 1000.0) if pttl >= 0 else None
+
+
 def _text(v: object) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -451,17 +486,17 @@ class PostgresLockBackend:
         self.store = store
         self.op_timeout = op_timeout
 
-    async def _run(self, verb: str, name: str, query: str, *args: Any) -> Any:
+    async def _run(self, verb: str, name: str | Sequence[str], query: str, *args: Any) -> Any:
         try:
             async with asyncio.timeout(self.op_timeout):
                 return await self.store.run(query, *args)
         except TimeoutError as exc:
             raise LockBackendError(
-                f"could not {verb} job lock {name!r}: PostgreSQL did not answer within {self.op_timeout:g}s"
+                f"could not {verb} {_which(name)}: PostgreSQL did not answer within {self.op_timeout:g}s"
             ) from exc
         except _DB_ERRORS as exc:
             raise LockBackendError(
-                f"could not {verb} job lock {name!r}: PostgreSQL failed: {exc.__class__.__name__}: {exc}"
+                f"could not {verb} {_which(name)}: PostgreSQL failed: {exc.__class__.__name__}: {exc}"
             ) from exc
 
     async def acquire(self, name: str, owner: str, ttl_s: float) -> bool:
@@ -497,6 +532,14 @@ class PostgresLockBackend:
         validate_name(name)
         row = await self._run("force-release", name, "job_lock_force_release", name, owner)
         return None if row is None else str(row)
+
+    async def holders(self, names: Sequence[str]) -> dict[str, Holder]:
+        for name in names:
+            validate_name(name)
+        if not names:
+            return {}
+        rows = await self._run("read the holder of", names, "job_lock_holders", list(names))
+        return {str(r["name"]): (str(r["owner"]), float(r["expires_in_s"])) for r in rows}
 
     async def close(self) -> None:
         """Nothing to close: the store belongs to the app."""

@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from kubetasks import App, TaskContext, cron
+from kubetasks import App, TaskContext, cron, locks
 from kubetasks.cron import Pass, Scheduler, ScheduleSpec
 from kubetasks.errors import KubetasksError, ValidationError
 from tests.integration.helpers import ROOT, stop, wait_for
@@ -388,6 +388,70 @@ async def test_upsert_refuses_bad_schedules_and_name_clashes(app: App) -> None:
     assert await cron.delete_schedule(app.store, "shared", source="code") is True
     with pytest.raises(KubetasksError, match="not found"):
         await cron.trigger(app, "shared")
+
+
+class CountingLocks:
+    """The app's own lock backend, counting the calls a status list makes."""
+
+    def __init__(self, inner: locks.LockBackend) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+
+    async def acquire(self, name: str, owner: str, ttl_s: float) -> bool:
+        return await self.inner.acquire(name, owner, ttl_s)
+
+    async def renew(self, name: str, owner: str, ttl_s: float) -> bool:
+        return await self.inner.renew(name, owner, ttl_s)
+
+    async def release(self, name: str, owner: str) -> bool:
+        return await self.inner.release(name, owner)
+
+    async def holder(self, name: str) -> locks.Holder | None:
+        self.calls["holder"] += 1
+        return await self.inner.holder(name)
+
+    async def holders(self, names: Sequence[str]) -> dict[str, locks.Holder]:
+        self.calls["holders"] += 1
+        return await self.inner.holders(names)
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_statuses_name_each_schedules_lock_holder_from_one_read(
+    db_url: str, redis_url: str, backend: str
+) -> None:
+    """Each schedule shows its own lock's holder and expiry (or none), all read in one call to
+    the lock backend however many schedules are listed."""
+    app = new_app(db_url, "pod-s", redis_url if backend == "redis" else None)
+    await app.open()
+    try:
+        names = sorted(unique("held") for _ in range(4))
+        for n in names:
+            await cron.upsert_schedule(app.store, ScheduleSpec(name=n, cron="*/5 * * * *", handler="h"))
+        spy = CountingLocks(app.job_lock("any").backend)
+        async with (
+            app.job_lock(cron.lock_name(names[0]), ttl=30, owner="alpha"),
+            app.job_lock(cron.lock_name(names[2]), ttl=600, owner="gamma"),
+        ):
+            before = await db_now(db_url)
+            got = await cron.statuses(app, names, store=app.store, lock_backend=spy)
+        assert [s.name for s in got] == names
+        assert [s.holder for s in got] == ["alpha", None, "gamma", None]
+        expires = [s.lock_expires_at for s in got]
+        assert expires[1] is None and expires[3] is None
+        assert expires[0] is not None and before + 25 * SECOND < expires[0] <= before + 31 * SECOND
+        assert expires[2] is not None and before + 595 * SECOND < expires[2] <= before + 601 * SECOND
+        assert spy.calls == {"holders": 1}
+        assert all(s.next_at is not None and s.next_at.minute % 5 == 0 for s in got)
+        # Released: nobody holds them, still in one read.
+        assert [s.holder for s in await cron.statuses(app, names, store=app.store, lock_backend=spy)] == [
+            None
+        ] * 4
+        assert spy.calls == {"holders": 2}
+    finally:
+        await app.close()
 
 
 def _cli(db_url: str, *args: str, app: str | None = None) -> subprocess.CompletedProcess[str]:

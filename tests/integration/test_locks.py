@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import os
 import random
 import subprocess
@@ -19,7 +20,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from subprocess import PIPE
 
@@ -230,6 +231,51 @@ async def test_only_the_owner_releases_or_renews(backend: LockBackend, name: str
     assert await backend.acquire(name, "bob", 5.0)
 
 
+async def test_holders_reads_many_locks_at_once_as_holder_reads_each(
+    kit: Kit, backend: LockBackend, name: str
+) -> None:
+    """One call for a status list's locks: the held ones, each with its owner and time left; a
+    free, released or expired lock is left out, as holder() answers None for it."""
+    names = [f"{name}:{i}" for i in range(6)]
+    assert await backend.holders([]) == {}
+    assert await backend.acquire(names[0], "alice", 5.0)
+    assert await backend.acquire(names[1], "bob", 30.0)
+    assert await backend.acquire(names[2], "carol", 0.2)  # expires below
+    assert await backend.acquire(names[3], "dave", 5.0)
+    assert await backend.release(names[3], "dave")
+    if kit.kind == "redis":  # a key without an expiry, written behind the API's back
+        r = aioredis.Redis.from_url(kit.url)
+        try:
+            await r.set(REDIS_PREFIX + names[4], "thief")
+        finally:
+            await r.aclose()
+    else:
+        assert await backend.acquire(names[4], "thief", 60.0)
+    # names[5]: never taken.
+    await eventually(lambda: _is_free(backend, names[2]), 3.0, "carol's lock to expire")
+    held = await backend.holders(names)
+    assert {n: h[0] for n, h in held.items()} == {names[0]: "alice", names[1]: "bob", names[4]: "thief"}
+    assert 4.0 < held[names[0]][1] <= 5.0 and 29.0 < held[names[1]][1] <= 30.0
+    assert held[names[4]][1] > 59.0
+    assert math.isinf(held[names[4]][1]) == (kit.kind == "redis")
+    for n in names:
+        one = await backend.holder(n)
+        assert (one is None) == (n not in held), n
+        if one is not None:
+            assert one[0] == held[n][0] and (one[1] == held[n][1] or abs(one[1] - held[n][1]) < 1.0), n
+    assert await backend.holders([names[5], names[3]]) == {}
+    if kit.kind == "redis":
+        r = aioredis.Redis.from_url(kit.url)
+        try:
+            await r.delete(REDIS_PREFIX + names[4])
+        finally:
+            await r.aclose()
+
+
+async def _is_free(backend: LockBackend, name: str) -> bool:
+    return await backend.holder(name) is None
+
+
 async def test_job_lock_refuses_a_second_holder_and_names_the_first(backend: LockBackend, name: str) -> None:
     async with job_lock(backend, name, ttl=5.0) as first:
         with pytest.raises(LockNotAcquired) as info:
@@ -326,6 +372,9 @@ class StuckRenewals:
 
     async def holder(self, name: str) -> tuple[str, float] | None:
         return await self.inner.holder(name)
+
+    async def holders(self, names: Sequence[str]) -> dict[str, tuple[str, float]]:
+        return await self.inner.holders(names)
 
     async def close(self) -> None:
         pass
@@ -454,6 +503,8 @@ async def test_redis_down_while_held_is_an_error_never_a_false_held(
                 await job_lock(backend, "another", ttl=1.0, wait=1.0).acquire()
             with pytest.raises(LockBackendError, match="could not read the holder"):
                 await backend.holder(name)
+            with pytest.raises(LockBackendError, match=r"could not read the holder of job locks .* 1 more"):
+                await backend.holders([name, "another"])
         # Leaving the block with Redis down logs the failed release; it does not raise.
     finally:
         await backend.close()

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from kubetasks import App, Blueprint, SyncTaskContext, TaskContext, ValidationError
+from kubetasks import App, Blueprint, SyncTaskContext, TaskContext, ValidationError, cron
 from kubetasks.cron import (
     Due,
     ScheduleSpec,
@@ -276,6 +276,22 @@ class TestDaylightSaving:
         ]
         second_0145 = local(NEW_YORK, 2025, 11, 2, 1, 45, fold=1)
         assert next_tick("30 1 * * *", NEW_YORK, second_0145) == utc(2025, 11, 3, 6, 30)
+
+    @pytest.mark.parametrize("day", [(3, 8), (3, 29), (10, 25), (11, 1)])  # both changes of both zones
+    def test_the_remembered_next_tick_is_next_tick(self, day: tuple[int, int]) -> None:
+        """What the status list shows as the next run (remembered until it passes) is next_tick's
+        answer at every instant: expressions and zones sharing the memory, through DST changes,
+        and with the clock stepping back (another database's now())."""
+        cron._NEXT.clear()
+        exprs = [("*/30 * * * *", BERLIN), ("30 1 * * *", NEW_YORK), ("30 2 * * *", NEW_YORK),
+                 ("0 * * * *", BERLIN), ("* * * * * */20", "UTC"), ("0 0 L * *", NEW_YORK)]  # fmt: skip
+        t = utc(2025, *day)
+        step = timedelta(minutes=11, seconds=13, microseconds=500)
+        for i in range(3 * 24 * 6):  # three days around the change, in uneven steps
+            t += step if i % 50 else -13 * step
+            for expr, tz in exprs:
+                assert cron._next_tick_cached(expr, tz, t) == next_tick(expr, tz, t), (expr, tz, t)
+        assert len(cron._NEXT) == len(exprs)
 
     @pytest.mark.parametrize("tz", [BERLIN, NEW_YORK])
     @pytest.mark.parametrize("expr", ["*/30 * * * *", "0 * * * *", "30 2 * * *", "15 1 * * *", "0 0 L * *"])

@@ -422,6 +422,11 @@ SELECT coalesce((SELECT live FROM del), false);
 SELECT owner, extract(epoch FROM expires_at - now())::float8 AS expires_in_s
 FROM job_locks WHERE name = $1 AND expires_at > now();
 
+-- name: job_lock_holders :many
+-- $1 lock names. job_lock_holder for many locks at once: one row per live lock.
+SELECT name, owner, extract(epoch FROM expires_at - now())::float8 AS expires_in_s
+FROM job_locks WHERE name = ANY ($1::text[]) AND expires_at > now();
+
 -- name: claim_limited :many
 -- $1 worker_id, $2 pod_id, $3 queue, $4 handler, $5 the limit this pod declares
 -- (NULL: none; the database's applies either way), $6 how many.
@@ -635,10 +640,13 @@ SELECT s.name, s.cron, s.timezone, s.handler, s.queue, s.concurrency_policy, s.l
        (SELECT c.tick_at FROM cron_ticks c
         WHERE c.schedule = s.name AND c.task_id = s.last_task_id) AS last_scheduled_at,
        -- Each tick's task by its id (a scalar subquery, one index probe per tick): as a join the
-       -- planner may merge it with the tasks table's whole primary key.
-       (SELECT c.tick_at FROM cron_ticks c
-        WHERE c.schedule = s.name AND (SELECT r.status FROM tasks r WHERE r.id = c.task_id) = 'succeeded'
-        ORDER BY c.tick_at DESC LIMIT 1) AS last_successful_at,
+       -- planner may merge it with the tasks table's whole primary key. The ticks newest first in
+       -- a subquery of their own (its ORDER BY keeps it from being flattened), so the walk stops
+       -- at the first success instead of probing every tick and sorting.
+       (SELECT c.tick_at FROM (SELECT c.tick_at, c.task_id FROM cron_ticks c
+                               WHERE c.schedule = s.name ORDER BY c.tick_at DESC) c
+        WHERE (SELECT r.status FROM tasks r WHERE r.id = c.task_id) = 'succeeded'
+        LIMIT 1) AS last_successful_at,
        (SELECT count(*) FROM cron_ticks c
         WHERE c.schedule = s.name AND c.task_id IS NOT NULL
           AND (SELECT r.status FROM tasks r WHERE r.id = c.task_id)
