@@ -45,6 +45,9 @@ Guarantees, and the clock each one trusts:
   the database granted, so the process gives up no later than the database
   does. It then registers again naming its previous worker, whose tasks are
   handed back without spending an attempt (the same process stayed alive).
+  When the registration's reply comes after the lease it granted has run out
+  by that clock (it waited out an outage), the lease is renewed before the
+  worker goes back to work, and a lease lost again meanwhile fences it again.
   Wall clocks of pods are never compared with anything.
 * Each heartbeat sends the (task, attempt) pairs this process runs and gets
   back those no longer running under it (cancelled, released: the worker
@@ -329,12 +332,13 @@ class Lease:
         s = self.settings
         for attempt in range(5):
             conn = await self._connection()
-            sent = time.monotonic()
             try:
                 if self.unlocked:
+                    sent = time.monotonic()  # the database grants the lease no sooner than this
                     row = await self._register_unlocked(conn, new_id, predecessor)
                     break
                 await self._hold_slot(conn)
+                sent = time.monotonic()
                 row = await self._queries.run(
                     "register_worker", new_id, self.pod_id, self.slot, predecessor, socket.gethostname(),
                     os.getpid(), self.queues, self.concurrency, s.lease_ttl, silence_after(s), conn=conn,
@@ -353,6 +357,8 @@ class Lease:
         self.epoch = int(row["epoch"])
         self._valid_until = sent + s.lease_ttl
         self._last_ok = time.monotonic()
+        if self.time_left() < s.heartbeat_interval:
+            await self._renew_at_once(conn)
         self._lost = False
         self._retiring = False
         self._registered_once = True
@@ -396,6 +402,32 @@ class Lease:
         self.slot = int(row["slot"])
         self._slot_held = True
         return row  # type: ignore[no-any-return]
+
+    async def _renew_at_once(self, conn: asyncpg.Connection) -> None:
+        """The registration's reply came when the lease it granted had (nearly) run out by our
+        own clock, which counts from before the request: it waited out an outage, or the process
+        was starved. Renew now, while nothing runs under the new worker yet, so waiting for the
+        reply risks nothing; left to the first heartbeat, the renewal would get the little time
+        the lease has left, and a late reply would lose a lease the database still holds."""
+        s = self.settings
+        sent = time.monotonic()
+        try:
+            async with asyncio.timeout(s.heartbeat_interval):
+                row = await self._queries.run(
+                    "heartbeat", self.worker_id, s.lease_ttl, self.queues, s.heartbeat_interval * 1.5,
+                    silence_after(s), [], [], conn=conn,
+                )  # fmt: skip
+        except DB_ERRORS as exc:
+            # The heartbeats that follow decide: renewed, or lost and registered again.
+            log.warning("renewing the lease just registered failed (%r)", exc)
+            await self._drop_connection_if_broken()
+            return
+        self._last_ok = time.monotonic()
+        if row["alive"]:
+            self.stats.renewals += 1
+            self._valid_until = sent + s.lease_ttl
+        if row["extended"]:
+            self._log_outage(int(row["extended"]))
 
     async def _drop_connection_if_broken(self) -> None:
         """A connection that answered nothing for a whole ttl is given up (and with it the slot lock)."""

@@ -423,6 +423,11 @@ class Worker:
             if run.worker_id == old:
                 dropped += self._drop(run, "lease lost")
         log.error("fenced: dropped %d running task(s) of worker %s; registering again", dropped, old)
+        # Cleared here, before registering, never after: the lease registered below can be
+        # lost in its turn before we are back at work (its first heartbeat late after an
+        # outage). That loss must bring us back here; cleared afterwards, it would leave a
+        # live process serving under a lease nobody renews, declared dead one ttl later.
+        self._lost.clear()
         await self._wait_tasks([r.task for r in self._running.values() if r.task], 10.0)
         delay = 0.2
         while not self._stopping and not stop.is_set():
@@ -437,7 +442,6 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
                 delay = min(delay * 2, 5.0)
-        self._lost.clear()
         self._claiming = True
         self._wake.set()
 

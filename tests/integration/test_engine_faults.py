@@ -595,6 +595,90 @@ class TestDatabaseStall:
         assert [tuple(r) for r in dead] == [("outage-gone", "lease expired")]
         assert gone_dead_after is not None and ttl * 0.9 <= gone_dead_after <= ttl + 1.5
 
+    async def test_a_lease_lost_while_registering_again_fences_the_worker_again(
+        self, app: App, db_url: str
+    ) -> None:
+        """After an outage the worker that fenced itself registers again; the new lease can be
+        lost in its turn before the worker is back at work (hb_storm: its first heartbeat's
+        reply came after its own clock's lease ran out, a starved process). That loss must
+        fence the worker again and bring a new registration; forgotten, the process serves on
+        under a lease nobody renews and is declared dead one ttl later while alive."""
+        pod = app.settings.pod_id
+        async with RunningWorker(app, concurrency=1) as worker:
+            w = worker
+            original = w._serve
+            entered, gate = asyncio.Event(), asyncio.Event()
+
+            async def gated() -> None:  # the re-registration's step after register, held open
+                entered.set()
+                await gate.wait()
+                await original()
+
+            w._serve = gated  # type: ignore[method-assign]
+            kill = (
+                "UPDATE workers SET status = 'dead', stopped_at = now(), stop_reason = 'test: lease"
+                " taken' WHERE worker_id = $1 AND status = 'active'"
+            )
+
+            async def epochs() -> list[int]:
+                rows = await fetch(db_url, "SELECT epoch FROM workers WHERE pod_id = $1 ORDER BY epoch", pod)
+                return [int(r["epoch"]) for r in rows]
+
+            first = w.worker_id
+            assert await fetchval(db_url, kill, first) is None  # the next heartbeat loses this lease
+            await asyncio.wait_for(entered.wait(), 10)
+            second = w.worker_id
+            assert second != first and await epochs() == [1, 2]
+            await fetch(db_url, kill, second)  # lost again, while the worker is not back yet
+
+            async def lost() -> bool:
+                return w.lease is not None and w.lease.lost
+
+            await wait_for(lost, 10, "the second lease to be lost")
+            gate.set()
+
+            async def third() -> bool:
+                return len(await epochs()) == 3 and w.lease is not None and not w.lease.lost
+
+            await wait_for(third, 10, "the worker to register a third time")
+            alive = await fetchval(db_url, "SELECT status FROM workers WHERE worker_id = $1", w.worker_id)
+            report("a lease lost while registering again", registrations=await epochs(), third=alive)
+            assert alive == "active"
+
+    async def test_a_registration_that_waited_out_an_outage_leaves_a_whole_lease(
+        self, app: App, db_url: str
+    ) -> None:
+        """A worker fenced by an outage registers again, and the reply comes when the outage
+        ends: by its own clock (counted from the request) that new lease has already run out,
+        so its first heartbeat would get 0.1 s, and a starved process's late reply would lose a
+        lease the database holds (hb_storm). The worker renews before it goes back to work."""
+        ttl = app.settings.lease_ttl
+        async with RunningWorker(app, concurrency=1) as worker:
+            w = worker
+            original = w._serve
+            left: list[float] = []
+
+            async def noting() -> None:  # runs as register() returns, before the first heartbeat
+                assert w.lease is not None
+                left.append(w.lease.time_left())
+                await original()
+
+            w._serve = noting  # type: ignore[method-assign]
+            blocker = await connect(db_url)
+            try:
+                async with blocker.transaction():
+                    await blocker.execute("LOCK TABLE workers IN ACCESS EXCLUSIVE MODE")
+                    await asyncio.sleep(2 * ttl + 0.5)  # fenced after ttl; registering for > ttl
+
+                async def registered() -> bool:
+                    return bool(left)
+
+                await wait_for(registered, 10, "the worker to register again")
+            finally:
+                await blocker.close()
+            report("a registration that waited out an outage", time_left_s=round(left[0], 2), ttl=ttl)
+            assert left[0] > ttl / 2
+
     async def test_a_stall_longer_than_the_ttl_spends_no_attempt(
         self, app: App, db_url: str, tmp_path: Path
     ) -> None:
