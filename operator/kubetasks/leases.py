@@ -33,11 +33,15 @@ Guarantees, and the clock each one trusts:
   the first heartbeat, registration or reap to commit after it -- records
   the outage in the same commit (``lease_outages``), and a lease that still
   ran when the silence began counts as run out no sooner than one ttl after
-  the database came back: every live process has that long to renew or
-  register again, whatever became of the other transactions in the rush
-  (a heartbeat its client gave up on rolls back; nothing depends on it).
-  Processes that died are reaped one ttl after the database returned; one
-  worker cut off alone is reaped as usual, since its peers keep heartbeating.
+  the recovery: from the database's return for as long as the processes it
+  silenced keep coming back (each superseding its worker within a ttl of the
+  one before), so every live process has a ttl after the last of the others
+  to renew or register again, however slowly a starved machine reconnects
+  them all, whatever became of the other transactions in the rush (a
+  heartbeat its client gave up on rolls back; nothing depends on it).
+  Processes that died are reaped one ttl after the others stopped coming
+  back; one worker cut off alone is reaped as usual, since its peers keep
+  heartbeating.
 * The process fences itself when a heartbeat finds its row no longer live
   (superseded, declared dead), or when it has not renewed for ``ttl``
   measured on its own monotonic clock from the moment the last successful

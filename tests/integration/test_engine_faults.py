@@ -595,6 +595,61 @@ class TestDatabaseStall:
         assert [tuple(r) for r in dead] == [("outage-gone", "lease expired")]
         assert gone_dead_after is not None and ttl * 0.9 <= gone_dead_after <= ttl + 1.5
 
+    async def test_processes_still_coming_back_after_an_outage_are_not_declared_dead(
+        self, app: App, db_url: str
+    ) -> None:
+        """After an outage every process that fenced itself comes back at once, and on a starved
+        machine the last of them registers again more than a ttl after the database returned
+        (hb_storm: 80 workers on two busy cores). While they keep coming back, none still on
+        its way may be declared dead; one whose process never comes back is declared dead one
+        ttl after the last of the others came back."""
+        ttl, silence = 2.0, 1.0
+        beat = "SELECT * FROM heartbeat($1, $2, ARRAY['default'], $2::float8 * 0.75, $3, NULL, NULL)"
+        register = "SELECT * FROM register_worker($1, $2, 1, $5, 'h', 1, ARRAY['default'], 1, $3, $4)"
+        names = ("a", "b", "c", "gone")
+        conns = {name: await connect(db_url) for name in names}
+        wids = {name: uuid.uuid4() for name in names}
+        try:
+            for name in names:
+                await conns[name].fetchrow(register, wids[name], f"return-{name}", ttl, silence, None)
+            await asyncio.sleep(ttl + silence)  # nobody reaches the database; every lease runs out
+            row = await conns["a"].fetchrow(beat, wids["a"], ttl, silence)  # a's heartbeat ends it
+            back = time.monotonic()
+            assert row["alive"] and row["extended"] == 4
+            returned: dict[str, float] = {}
+            gone_dead_after: float | None = None
+            # b's process registers again 0.6 ttl after the database returned, c's 1.2 ttl after
+            # (later than a ttl); a heartbeats (and reaps) all along.
+            due = {"b": 0.6 * ttl, "c": 1.2 * ttl}
+            while time.monotonic() - back < 4 * ttl:
+                for name, at in due.items():
+                    if name not in returned and time.monotonic() - back >= at:
+                        old, wids[name] = wids[name], uuid.uuid4()
+                        await conns[name].fetchrow(register, wids[name], f"return-{name}", ttl, silence, old)
+                        returned[name] = time.monotonic() - back
+                for name in ("a", *returned):
+                    assert (await conns[name].fetchrow(beat, wids[name], ttl, silence))["alive"], name
+                status = await conns["a"].fetchval(
+                    "SELECT status FROM workers WHERE worker_id = $1", wids["gone"]
+                )
+                if status != "active":
+                    gone_dead_after = time.monotonic() - back
+                    break
+                await asyncio.sleep(0.1)
+            dead = await conns["a"].fetch(
+                "SELECT pod_id, stop_reason FROM workers WHERE status = 'dead' ORDER BY pod_id"
+            )
+        finally:
+            for c in conns.values():
+                await c.close()
+        report("processes still coming back after an outage", returned=returned,
+               gone_dead_after_s=gone_dead_after and round(gone_dead_after, 2),
+               dead=[tuple(r) for r in dead])  # fmt: skip
+        assert [tuple(r) for r in dead] == [("return-gone", "lease expired")], "live workers declared dead"
+        assert set(returned) == {"b", "c"} and returned["c"] > ttl
+        assert gone_dead_after is not None
+        assert returned["c"] + ttl * 0.9 <= gone_dead_after <= returned["c"] + ttl + 1.5
+
     async def test_a_lease_lost_while_registering_again_fences_the_worker_again(
         self, app: App, db_url: str
     ) -> None:

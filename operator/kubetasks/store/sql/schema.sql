@@ -37,6 +37,8 @@ CREATE UNIQUE INDEX workers_one_live_per_pod_slot ON workers (pod_id, pod_slot)
     WHERE status IN ('active', 'stopping');
 CREATE INDEX workers_live_by_lease ON workers (lease_expires_at) WHERE status IN ('active', 'stopping');
 CREATE INDEX workers_waiting ON workers (worker_id) WHERE status = 'active' AND waiting;
+-- The chain of an outage's returns (outage_recovered_at) walks supersessions by time (0018).
+CREATE INDEX workers_superseded_by_time ON workers (stopped_at) WHERE status = 'superseded';
 
 CREATE TABLE tasks (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -357,13 +359,37 @@ BEGIN
 END;
 $$;
 
+-- The last return of the outage that silenced everyone from p_silent_since to
+-- p_back_at: the database's return, then each supersession of a worker that
+-- started before the silence, as long as each comes within p_ttl of the one before.
+CREATE FUNCTION outage_recovered_at(p_silent_since timestamptz, p_back_at timestamptz, p_ttl interval)
+RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE chain (at) AS (
+        SELECT p_back_at
+        UNION ALL
+        SELECT (SELECT max(w.stopped_at) FROM workers w
+                WHERE w.status = 'superseded' AND w.stopped_at > c.at AND w.stopped_at <= c.at + p_ttl
+                  AND w.started_at < p_silent_since)
+        FROM chain c WHERE c.at IS NOT NULL
+    )
+    SELECT max(chain.at) FROM chain
+$$;
+
 -- When a live worker's lease counts as run out: at lease_expires_at, unless
 -- everyone lost the database while that lease still ran; then no sooner than
--- one of its ttls (lease_expires_at - heartbeat_at) after the database came back.
-CREATE FUNCTION lease_end(p_heartbeat_at timestamptz, p_lease_expires_at timestamptz) RETURNS timestamptz
+-- one of its ttls (lease_expires_at - heartbeat_at) after the outage's recovery
+-- (outage_recovered_at): its process has that long after the last of the others
+-- came back to come back too. Rows of one outage (the transactions that ended
+-- it at once each recorded it) are taken together, from its first return.
+CREATE FUNCTION lease_end(p_heartbeat_at timestamptz, p_lease_expires_at timestamptz)
+RETURNS timestamptz
 LANGUAGE sql STABLE AS $$
-    SELECT greatest(p_lease_expires_at, max(o.back_at) + (p_lease_expires_at - p_heartbeat_at))
-    FROM lease_outages o WHERE o.silent_since < p_lease_expires_at
+    SELECT greatest(p_lease_expires_at,
+                    max(outage_recovered_at(o.silent_since, o.back_at, p_lease_expires_at - p_heartbeat_at))
+                        + (p_lease_expires_at - p_heartbeat_at))
+    FROM (SELECT x.silent_since, min(x.back_at) AS back_at FROM lease_outages x
+          WHERE x.silent_since < p_lease_expires_at GROUP BY x.silent_since) o
 $$;
 
 -- Register a worker in slot p_slot of pod p_pod (the caller holds that slot's
