@@ -253,7 +253,10 @@ async def test_port_per_process_with_an_address_file(db_url: str, tmp_path: Path
         async def written() -> bool:
             for p in procs:
                 assert p.poll() is None, f"kubetasks run exited with {p.returncode}"
-            return all(f.exists() and f.read_text().strip() != stale for f in files)
+            try:
+                return all(f.read_text().strip() != stale for f in files)
+            except FileNotFoundError:  # not written yet, or the stale one just removed at start
+                return False
 
         await wait_for(written, 30, "both processes to write their address")
         urls = [f.read_text().strip() for f in files]
