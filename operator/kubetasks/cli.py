@@ -276,7 +276,7 @@ def runtime_services(app: App) -> list[tuple[str, Any]]:
     services.append(("retention", retention.Retention(lambda: app.store, app.settings).run))
     from kubetasks.k8s import kube  # noqa: PLC0415
 
-    if kube.configured():
+    if kube.configured(app.settings):
         from kubetasks.k8s.operator import Operator  # noqa: PLC0415
 
         services.append(("operator", Operator(app).run))

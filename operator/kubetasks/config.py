@@ -13,6 +13,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -72,6 +73,13 @@ def validate_queues(var: str, queues: tuple[str, ...]) -> tuple[str, ...]:
     return queues
 
 
+def dev_run_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where ``kubetasks dev`` keeps its servers: ``KUBETASKS_RUN_DIR``, else ./.run. Read apart
+    from ``Settings``: the local servers start before there is a database to name."""
+    env = os.environ if env is None else env
+    return Path(env.get("KUBETASKS_RUN_DIR", ".run")).resolve()
+
+
 def default_pod_id() -> str:
     return os.environ.get("POD_NAME") or socket.gethostname()
 
@@ -82,6 +90,8 @@ def default_pod_namespace() -> str:
 
 #: Variables the Kubernetes downward API sets under their conventional names.
 _DOWNWARD = {"pod_id": "POD_NAME", "pod_namespace": "POD_NAMESPACE"}
+#: Settings read only under the name Kubernetes and its clients give them (no KUBETASKS_ one).
+_EXTERNAL = {"kubernetes_service_host": "KUBERNETES_SERVICE_HOST", "kubeconfig": "KUBECONFIG"}
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,12 @@ class Settings:
     reconcile_interval: float = 60.0
     #: kopf's log level (debug, info, warning, error, critical).
     kopf_log_level: str = "WARNING"
+    #: KUBETASKS_OPERATOR=false: never run the operator, even where a cluster can be reached.
+    operator: bool = True
+    #: Set by Kubernetes in every pod: the operator then uses the in-cluster configuration.
+    kubernetes_service_host: str = ""
+    #: $KUBECONFIG (a path list): a cluster to reach from outside it (else ~/.kube/config).
+    kubeconfig: str = ""
     #: Port of the validating admission webhook; 0: no webhook.
     webhook_port: int = 0
     #: Address the admission webhook binds.
@@ -217,7 +233,7 @@ class Settings:
             if overrides.get(f.name) is not None:
                 values[f.name] = overrides[f.name]
                 continue
-            var = ENV_PREFIX + f.name.upper()
+            var = _EXTERNAL.get(f.name) or ENV_PREFIX + f.name.upper()
             raw = env.get(var)
             if raw is None and f.name in _DOWNWARD:
                 raw = env.get(_DOWNWARD[f.name])

@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetasks import config
+
 STATE_FILE = "dev.json"
 PG_USER = "kubetasks"
 PG_DB = "kubetasks"
@@ -68,7 +70,7 @@ class DevState:
 
 
 def run_dir() -> Path:
-    return Path(os.environ.get("KUBETASKS_RUN_DIR", ".run")).resolve()
+    return config.dev_run_dir()
 
 
 def free_port() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -196,6 +197,27 @@ class TestSettings:
             Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_LEASE_TTL": "6"})
         with pytest.raises(ValidationError, match=r"^KUBETASKS_QUEUES: 'a b' has forbidden characters"):
             Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_QUEUES": "a b"})
+
+    def test_kubernetes_settings_come_from_the_settings_object(self, tmp_path: Path) -> None:
+        from kubetasks.k8s import kube
+
+        kc = tmp_path / "config"
+        env = {"KUBETASKS_DATABASE_URL": URL, "KUBECONFIG": f"{tmp_path / 'absent'}:{kc}"}
+        s = Settings.load(env=env)
+        assert s.operator and s.kubeconfig == env["KUBECONFIG"] and not s.kubernetes_service_host
+        assert not kube.configured(s)  # neither file exists
+        kc.write_text("{}")
+        assert kube.configured(s)
+        assert not kube.configured(Settings.load(env={**env, "KUBETASKS_OPERATOR": "off"}))
+        assert kube.configured(
+            Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+        )
+        # A KUBETASKS_ prefix is not a second name for the Kubernetes variables.
+        assert (
+            Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_KUBECONFIG": "x"}).kubeconfig == ""
+        )
+        with pytest.raises(ConfigError, match=r"^KUBETASKS_OPERATOR: must be true or false, got 'maybe'$"):
+            Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_OPERATOR": "maybe"})
 
     def test_metrics_server_settings(self) -> None:
         """Off by default; on with a port, or with an address file (then port 0 is any free port)."""

@@ -22,10 +22,13 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
+
+if TYPE_CHECKING:
+    from kubetasks.config import Settings
 
 GROUP = "kubetasks.dev"
 VERSION = "v1alpha1"
@@ -39,30 +42,36 @@ class ObjectGone(Exception):
     """The object is gone, or its name now belongs to another object (another uid)."""
 
 
-def configured() -> bool:
+def configured(settings: Settings) -> bool:
     """Is there a cluster to talk to: in-cluster, $KUBECONFIG or ~/.kube/config?"""
-    if os.environ.get("KUBETASKS_OPERATOR", "").lower() in ("0", "false", "off", "no"):
+    if not settings.operator:
         return False
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if settings.kubernetes_service_host:
         return True
-    kc = os.environ.get("KUBECONFIG")
-    if kc:
-        return any(Path(p).exists() for p in kc.split(os.pathsep) if p)
+    if settings.kubeconfig:
+        return any(Path(p).exists() for p in settings.kubeconfig.split(os.pathsep) if p)
     return (Path.home() / ".kube" / "config").exists()
 
 
 def new_api_client() -> Any:
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+    """In a pod, the in-cluster configuration (the client reads the service variables itself);
+    elsewhere, the kubeconfig."""
+    try:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return kubernetes.client.ApiClient()
-    return kubernetes.config.new_client_from_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        return kubernetes.config.new_client_from_config()  # type: ignore[no-untyped-call]
+    return kubernetes.client.ApiClient()
 
 
 class Kube:
     """The handful of calls kubetasks makes, each in a worker thread."""
 
-    def __init__(self, api_client: Any | None = None, *, request_timeout: float = 20.0) -> None:
+    def __init__(
+        self, api_client: Any | None = None, *, request_timeout: float = 20.0, instance: str = "kubetasks"
+    ) -> None:
         self.api = api_client if api_client is not None else new_api_client()
+        #: The events' reportingInstance: this pod's name.
+        self.instance = instance
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.admission = kubernetes.client.AdmissionregistrationV1Api(self.api)
@@ -233,7 +242,7 @@ class Kube:
             count=1,
             source=kubernetes.client.V1EventSource(component="kubetasks"),
             reporting_component="kubetasks",
-            reporting_instance=os.environ.get("POD_NAME", "kubetasks"),
+            reporting_instance=self.instance,
         )
         await self._call(self.core.create_namespaced_event, namespace, body)
 

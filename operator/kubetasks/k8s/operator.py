@@ -102,7 +102,7 @@ class Operator:
         # No connection at start: a database that is down must not stop the process.
         store = Store(s.database_url, min_size=0, max_size=4, pooled=s.transaction_pooled)
         await store.open()
-        k = kube.Kube()
+        k = kube.Kube(instance=self.settings.pod_id)
         self.leadership = lead = leadership.Leadership(
             s.direct_url or s.database_url, leadership.scope_of(s.watch_namespaces), s.pod_id,
             s.leader_timeout, pooled=not s.direct_url,
@@ -219,7 +219,7 @@ class Operator:
         ctx = handlers.OperatorContext(
             app=self.app,
             store=store,
-            kube=kube.Kube(),
+            kube=kube.Kube(instance=self.settings.pod_id),
             namespaces=s.watch_namespaces,
             fence=self.leadership.valid,
         )
