@@ -213,7 +213,7 @@ def _which(names: str | Sequence[str]) -> str:
     return f"job locks {names[0]!r} and {len(names) - 1} more"
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -320,7 +320,7 @@ class RedisLockBackend:
     ) -> None:
         self.url = redis_url
         self.prefix = prefix
-        self._where = f"Redis at {_redacted(redis_url)}"
+        self._where = f"Redis at {redacted(redis_url)}"
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             redis_url,
             socket_timeout=socket_timeout,

@@ -125,7 +125,7 @@ class _Run:
 
 
 @dataclass
-class _Outcome:
+class Outcome:
     task_id: int
     attempt: int
     worker_id: uuid.UUID
@@ -144,11 +144,11 @@ class _Outcome:
 
 @dataclass
 class _Buffers:
-    outcomes: list[_Outcome] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)
 
 
 #: Writes some outcomes of one worker in one statement; returns the ids written.
-Writer = Callable[[list["_Outcome"]], Awaitable[set[int]]]
+Writer = Callable[[list["Outcome"]], Awaitable[set[int]]]
 
 
 def retry_delay(attempt: int, base: float, backoff: float, cap: float) -> float:
@@ -198,7 +198,7 @@ class Worker:
         self._running: dict[int, _Run] = {}
         self._per_handler: Counter[str] = Counter()
         self._sems: dict[str, asyncio.Semaphore] = {}
-        self._outcomes: list[_Outcome] = []
+        self._outcomes: list[Outcome] = []
         self._wake = asyncio.Event()
         self._flush = asyncio.Event()
         self._lost = asyncio.Event()
@@ -777,11 +777,11 @@ class Worker:
             if not queued:
                 self._finish(ctx.id)  # taken away (nothing to write) or torn down
 
-    async def _run_handler(self, run: _Run, row: asyncpg.Record) -> _Outcome | None:
+    async def _run_handler(self, run: _Run, row: asyncpg.Record) -> Outcome | None:
         """The handler's outcome; None when the run was taken away (nothing is written)."""
         ctx = run.ctx
         started = time.monotonic()
-        out = _Outcome(
+        out = Outcome(
             task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, handler=ctx.handler,
             queue=ctx.queue, parent_id=ctx.parent_id, uncharged=ctx.uncharged,
         )  # fmt: skip
@@ -832,7 +832,7 @@ class Worker:
             # Recording the outcome itself failed (a Retry/Fail subclass with odd
             # attributes, an exception whose __str__ raises): the task still fails.
             log.exception("could not record the outcome of task %d attempt %d", ctx.id, ctx.attempt)
-            out = _Outcome(
+            out = Outcome(
                 task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, handler=ctx.handler,
                 queue=ctx.queue, parent_id=ctx.parent_id, uncharged=ctx.uncharged, kind="failed",
                 error=_clean(f"could not record the handler's outcome: {type(exc).__name__}: {exc}"),
@@ -863,7 +863,7 @@ class Worker:
 
     def _set_failure(
         self,
-        out: _Outcome,
+        out: Outcome,
         row: asyncpg.Record,
         error: str,
         tb: str | None,
@@ -928,24 +928,24 @@ class Worker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    async def _write_batch(self, batch: list[_Outcome]) -> tuple[list[_Outcome], BaseException | None]:
+    async def _write_batch(self, batch: list[Outcome]) -> tuple[list[Outcome], BaseException | None]:
         """Write a batch, statement by statement; the outcomes to send again (their
         statement failed on the connection) and the last such error."""
-        by_worker: dict[uuid.UUID, list[_Outcome]] = {}
+        by_worker: dict[uuid.UUID, list[Outcome]] = {}
         for o in batch:
             by_worker.setdefault(o.worker_id, []).append(o)
         written: set[int] = set()
-        again: list[_Outcome] = []
+        again: list[Outcome] = []
         errors: list[BaseException] = []
         wake = True
 
-        async def guarded(write: Writer, outs: list[_Outcome], one: Writer | None = None) -> None:
+        async def guarded(write: Writer, outs: list[Outcome], one: Writer | None = None) -> None:
             w, a, e = await self._guarded(write, outs, one or write)
             written.update(w)
             again.extend(a)
             errors.extend(e)
 
-        claim_with: list[_Outcome] = []
+        claim_with: list[Outcome] = []
         for wid, outs in by_worker.items():
             ok = [o for o in outs if o.kind == "succeeded"]
             bad = [o for o in outs if o.kind not in ("succeeded", "suspended")]
@@ -964,7 +964,7 @@ class Worker:
                 await guarded(self._suspend_writer(wid), sus)
         if claim_with:
 
-            async def with_claim(outs: list[_Outcome]) -> set[int]:
+            async def with_claim(outs: list[Outcome]) -> set[int]:
                 nonlocal wake
                 done, wake = await self._complete_and_claim(outs, len(batch))
                 return done
@@ -1013,8 +1013,8 @@ class Worker:
         return again, errors[-1] if errors else None
 
     async def _guarded(
-        self, write: Writer, outs: list[_Outcome], one: Writer
-    ) -> tuple[set[int], list[_Outcome], list[BaseException]]:
+        self, write: Writer, outs: list[Outcome], one: Writer
+    ) -> tuple[set[int], list[Outcome], list[BaseException]]:
         """Run ``write``; on a data error write the rows one by one with ``one``, and a
         row that still fails as a failure saying why. Returns the written ids, the
         outcomes to send again (a connection error) and those errors."""
@@ -1024,7 +1024,7 @@ class Worker:
             if len(outs) == 1 and write is one:
                 return await self._write_unstorable(outs[0], exc)
             written: set[int] = set()
-            again: list[_Outcome] = []
+            again: list[Outcome] = []
             errors: list[BaseException] = []
             for o in outs:
                 w, a, e = await self._guarded(one, [o], one)
@@ -1036,8 +1036,8 @@ class Worker:
             return set(), outs, [exc]
 
     async def _write_unstorable(
-        self, o: _Outcome, exc: BaseException
-    ) -> tuple[set[int], list[_Outcome], list[BaseException]]:
+        self, o: Outcome, exc: BaseException
+    ) -> tuple[set[int], list[Outcome], list[BaseException]]:
         """An outcome the database refuses as it is: written as a failure with a clean error
         (the attempt counts); one it still refuses is abandoned (the task stays running
         under this worker, and is never handed back as an orphan)."""
@@ -1058,13 +1058,13 @@ class Worker:
             return set(), [o], [exc2]
 
     def _successes_writer(self, wid: uuid.UUID) -> Writer:
-        async def write(outs: list[_Outcome]) -> set[int]:
+        async def write(outs: list[Outcome]) -> set[int]:
             return (await self._run_claim(wid, self.queues[0], 0, [], outs))[0]
 
         return write
 
     def _failures_writer(self, wid: uuid.UUID) -> Writer:
-        async def write(outs: list[_Outcome]) -> set[int]:
+        async def write(outs: list[Outcome]) -> set[int]:
             rows = await self.store.run(
                 "complete_unsuccessful", wid, [o.task_id for o in outs], [o.attempt for o in outs],
                 [o.delay for o in outs], [o.error for o in outs], [o.tb for o in outs],
@@ -1075,7 +1075,7 @@ class Worker:
         return write
 
     def _suspend_writer(self, wid: uuid.UUID) -> Writer:
-        async def write(outs: list[_Outcome]) -> set[int]:
+        async def write(outs: list[Outcome]) -> set[int]:
             rows = await self.store.run(
                 "suspend_tasks", wid, [o.task_id for o in outs], [o.attempt for o in outs],
                 json.dumps([o.wait_ids for o in outs]), [o.policy for o in outs],
@@ -1084,7 +1084,7 @@ class Worker:
 
         return write
 
-    async def _complete_and_claim(self, ok: list[_Outcome], ending: int) -> tuple[set[int], bool]:
+    async def _complete_and_claim(self, ok: list[Outcome], ending: int) -> tuple[set[int], bool]:
         """Write successes of the current worker and claim the next tasks in one statement.
 
         A busy worker then pays one round trip and one commit per batch rather
@@ -1115,7 +1115,7 @@ class Worker:
         return written, len(self.queues) > 1 or bool(limited) or skipped or short
 
     async def _run_claim(
-        self, wid: uuid.UUID, q: str, free: int, allowed: list[str], ok: Sequence[_Outcome] = ()
+        self, wid: uuid.UUID, q: str, free: int, allowed: list[str], ok: Sequence[Outcome] = ()
     ) -> tuple[set[int], int]:
         """The claim statement: write ``ok`` (successes of worker ``wid``), then claim up to
         ``free`` tasks of the ``allowed`` handlers in queue ``q`` and start them; the written

@@ -26,7 +26,7 @@ import pytest
 from kubetasks import App, EnqueueRequest, Fail, Retry, TaskContext, devenv
 from kubetasks.errors import ValidationError
 from kubetasks.store import migrate
-from kubetasks.worker import Worker, _Outcome
+from kubetasks.worker import Outcome, Worker
 from tests.integration.helpers import RunningWorker, audit, read_sidelog, start_worker, stop, wait_for
 
 pytestmark = pytest.mark.chaos
@@ -145,7 +145,7 @@ class TestUnstorableOutcomes:
             return 1
 
         class Careless(Worker):
-            def _set_failure(self, out: _Outcome, row: Any, *args: Any, **kw: Any) -> None:
+            def _set_failure(self, out: Outcome, row: Any, *args: Any, **kw: Any) -> None:
                 super()._set_failure(out, row, *args, **kw)
                 out.error = "unsanitised \x00 text"  # what an unguarded path would send
                 out.delay = 1e300

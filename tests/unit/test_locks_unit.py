@@ -14,8 +14,8 @@ from kubetasks.locks import (
     LockBackendError,
     LockLost,
     LockNotAcquired,
-    _redacted,
     job_lock,
+    redacted,
     validate_name,
     validate_ttl,
     validate_wait,
@@ -113,9 +113,9 @@ def test_errors_are_kubetasks_errors_with_clear_messages() -> None:
 
 
 def test_passwords_are_redacted_from_redis_urls() -> None:
-    assert _redacted("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
-    assert _redacted("redis://:s3cret@host/0") == "redis://:***@host/0"
-    assert _redacted("redis://host:6379/0") == "redis://host:6379/0"
+    assert redacted("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redacted("redis://:s3cret@host/0") == "redis://:***@host/0"
+    assert redacted("redis://host:6379/0") == "redis://host:6379/0"
 
 
 async def test_owners_are_random_and_distinct() -> None:
