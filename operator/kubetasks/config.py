@@ -419,7 +419,8 @@ def describe() -> list[SettingDoc]:
             shown = "(required)"
         if f.name in _SECRET:
             shown = "(unset; a secret)"
-        out.append(SettingDoc(f.name, ENV_PREFIX + f.name.upper(), shown, docs.get(f.name, "")))
+        var = _EXTERNAL.get(f.name) or ENV_PREFIX + f.name.upper()
+        out.append(SettingDoc(f.name, var, shown, docs.get(f.name, "")))
     return out
 
 
