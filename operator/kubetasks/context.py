@@ -16,19 +16,31 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from kubetasks import enqueue
 from kubetasks.errors import Fail, LeaseLost, ValidationError
+from kubetasks.model import EnqueueRequest
 from kubetasks.workflows import POLICIES, TERMINAL, ChildFailed, Suspend
 
 if TYPE_CHECKING:
-    from kubetasks.app import App, EnqueueRequest
+    from kubetasks.store import Store
 
 PROGRESS_INTERVAL = 0.5
 
 #: Writes progress; returns False when the write was fenced out (the task is no
 #: longer this attempt's), None when the database could not be reached.
 ProgressWriter = Callable[["TaskContext", int, str | None], Awaitable[bool | None]]
+
+
+class TaskHost(enqueue.Registry, Protocol):
+    """What a running task needs of its App: the registry and store to spawn children with,
+    and ``cancel`` for ``wait``'s fail_fast."""
+
+    @property
+    def store(self) -> Store: ...
+
+    async def cancel(self, task_id: int, reason: str = "cancelled") -> bool: ...
 
 
 @dataclass
@@ -61,7 +73,7 @@ class TaskContext:
     _sleeping: bool = field(default=False, repr=False)
     _closing: bool = field(default=False, repr=False)
     _taken_away: bool = field(default=False, repr=False)
-    _app: App | None = field(default=None, repr=False)
+    _app: TaskHost | None = field(default=None, repr=False)
     _spawn_seq: int = field(default=0, repr=False)
 
     @property
@@ -168,8 +180,6 @@ class TaskContext:
         is ``#n``, and a key this task spawned before returns that child again.
         Options resolve as for ``App.enqueue``; nothing is inherited.
         """
-        from kubetasks.app import EnqueueRequest  # noqa: PLC0415 - app imports this module
-
         req = EnqueueRequest(
             handler, payload, delay, run_at, priority, queue, timeout, max_attempts, tags,
             retry_delay=retry_delay, backoff=backoff, max_retry_delay=max_retry_delay,
@@ -195,7 +205,9 @@ class TaskContext:
             self._spawn_seq += len(reqs)
         else:
             spawn_keys = list(keys)
-        ids = await self._app._spawn_children(self, reqs, spawn_keys)
+        ids = await enqueue.spawn_children(
+            self._app, self._app.store, (self.id, self.attempt, self.worker_id), reqs, spawn_keys
+        )
         if ids is None:
             self._taken_away = True
             raise LeaseLost(f"task {self.id} attempt {self.attempt} is no longer held by this worker")

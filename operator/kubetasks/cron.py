@@ -63,27 +63,52 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import json
 import logging
 import math
-import re
-import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from datetime import datetime, timedelta
+from typing import Any, Protocol
 
 import asyncpg
-from croniter import croniter
 from croniter.croniter import CroniterError
 
-from kubetasks import locks, metrics, subprocs, validation
-from kubetasks.app import App, Blueprint, EnqueueRequest, Handler, PeriodicDef, TaskDef
-from kubetasks.context import TaskContext
+from kubetasks import enqueue, locks, metrics
+
+# The maths and definitions live in crontab; re-exported: ``cron.validate`` etc. are used widely.
+from kubetasks.crontab import (
+    DEADLINE_MAX,
+    EXPR_MAX,
+    LOCK_TTL_MAX,
+    LOCK_TTL_MIN,
+    MISSED_COUNT_MAX,
+    MISSED_ROWS_MAX,
+    POLICIES,
+    SCHEDULE_NAME_MAX,
+    SOURCE_NAMES,
+    SOURCES,
+    TZ_MAX,
+    Due,
+    ScheduleSpec,
+    due_ticks,
+    lock_name,
+    next_tick,
+    prev_tick,
+    run_tags,
+    tick_of,
+    tick_tag,
+    ticks_between,
+    validate,
+    validate_deadline,
+    validate_lock_ttl,
+    validate_name,
+    validate_policy,
+    zone,
+)
 from kubetasks.errors import KubetasksError, ValidationError
+from kubetasks.model import EnqueueRequest, PeriodicDef
+from kubetasks.registry import Locking
 from kubetasks.store import Store
 from kubetasks.store import listen as store_listen
 
@@ -92,33 +117,13 @@ log = logging.getLogger("kubetasks.cron")
 CHANNEL = "kubetasks_schedules"
 #: NOTIFY'd with the schedule's name when one of its ticks was handled (for status writers).
 TICKED_CHANNEL = "kubetasks_cron_ticked"
-POLICIES = ("Forbid", "Allow")
-SOURCES = ("code", "crd", "api")
-SOURCE_NAMES = {
-    "code": "@app.periodic in the app's code",
-    "crd": "a CronJobLock",
-    "api": "App.create_schedule / kubetasks schedules create",
-}
 UNFINISHED = ("pending", "running", "paused", "suspended")
-SCHEDULE_NAME_MAX = 253
-EXPR_MAX = 255
-TZ_MAX = 64
-LOCK_TTL_MIN, LOCK_TTL_MAX = 1, 86400
-DEADLINE_MAX = 10 * 365 * 86400
-#: Missed ticks recorded one row each per pass, at most; more are counted, not listed.
-MISSED_ROWS_MAX = 1000
-#: Older missed ticks are counted up to this many per pass (a lower bound beyond).
-MISSED_COUNT_MAX = 10_000
 #: Tick rows kept per schedule (newest first).
 KEEP_TICKS = 1000
 #: Longest sleep between passes. Not a polling interval: a pass is due at the
 #: next tick or on NOTIFY; this only bounds how far the loop clock and the
 #: database clock can drift apart during one sleep.
 MAX_SLEEP = 3600.0
-#: A fixed instant to validate expressions from, so validation is pure.
-_VALIDATE_FROM = datetime(2000, 1, 1, tzinfo=UTC)
-_EPS = timedelta(microseconds=1)
-_TICK_TAG = re.compile(r"^tick:(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?)Z$")
 DB_ERRORS = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -128,60 +133,6 @@ DB_ERRORS = (
 )
 
 Clock = Callable[[], Awaitable[datetime]]
-
-
-# -- pure maths --------------------------------------------------------------
-
-
-def zone(tz: object) -> ZoneInfo:
-    """The ZoneInfo of an IANA name; ``ValidationError`` on ``timezone`` otherwise."""
-    if not isinstance(tz, str) or not tz:
-        raise ValidationError("timezone", f"must be an IANA time zone name such as Europe/Berlin, got {tz!r}")
-    if len(tz) > TZ_MAX:
-        raise ValidationError("timezone", f"must be at most {TZ_MAX} characters, got {len(tz)}")
-    try:
-        return ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValidationError("timezone", f"unknown time zone {tz!r}") from None
-
-
-def _aware(field_name: str, t: datetime) -> datetime:
-    if t.tzinfo is None or t.utcoffset() is None:
-        raise ValueError(f"{field_name} must be timezone-aware, got {t!r}")
-    return t.astimezone(UTC)
-
-
-def _iter(expr: str, tz: ZoneInfo, start: datetime) -> croniter:
-    return croniter(expr, start.astimezone(tz))
-
-
-def validate(expr: object, tz: object = "UTC") -> tuple[str, str]:
-    """Check a cron expression and time zone by computing a next time; returns them.
-
-    Raises ``ValidationError`` naming ``schedule`` (unparsable, out of range,
-    never fires) or ``timezone`` (unknown).
-    """
-    zi = zone(tz)
-    if not isinstance(expr, str) or not expr.strip():
-        raise ValidationError("schedule", f"must be a cron expression such as '*/5 * * * *', got {expr!r}")
-    if len(expr) > EXPR_MAX:
-        raise ValidationError("schedule", f"must be at most {EXPR_MAX} characters, got {len(expr)}")
-    try:
-        it = _iter(expr, zi, _VALIDATE_FROM)
-    except (CroniterError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ValidationError("schedule", f"{expr!r} is not a valid cron expression: {exc}") from None
-    try:
-        it.get_next(datetime)
-    except (CroniterError, ValueError, OverflowError):
-        raise ValidationError("schedule", f"{expr!r} never fires") from None
-    assert isinstance(tz, str)
-    return expr, tz
-
-
-def next_tick(expr: str, tz: str, after: datetime) -> datetime:
-    """The first tick strictly after ``after``, in UTC."""
-    t = _iter(expr, zone(tz), _aware("after", after)).get_next(datetime)
-    return t.astimezone(UTC)
 
 
 #: (expression, time zone) -> (after, next_tick(after)): a croniter call takes about a third of
@@ -204,282 +155,16 @@ def _next_tick_cached(expr: str, tz: str, after: datetime) -> datetime:
     return nxt
 
 
-def prev_tick(expr: str, tz: str, at: datetime) -> datetime:
-    """The last tick at or before ``at``, in UTC."""
-    t = _iter(expr, zone(tz), _aware("at", at) + _EPS).get_prev(datetime)
-    return t.astimezone(UTC)
-
-
-def ticks_between(
-    expr: str, tz: str, after: datetime, until: datetime, limit: int = 10_000
-) -> list[datetime]:
-    """Ticks in ``(after, until]``, oldest first, at most ``limit`` (the oldest ones)."""
-    zi = zone(tz)
-    after, until = _aware("after", after), _aware("until", until)
-    it = _iter(expr, zi, after)
-    out: list[datetime] = []
-    while len(out) < limit:
-        t = it.get_next(datetime).astimezone(UTC)
-        if t > until:
-            break
-        out.append(t)
-    return out
-
-
-@dataclass(frozen=True)
-class Due:
-    """What a pass owes one schedule: the tick to run (if any) and the ticks missed.
-
-    ``missed`` is oldest first and holds at most ``limit`` ticks (the newest
-    ones); ``missed_more`` counts the older missed ticks not listed.
-    """
-
-    run: datetime | None
-    missed: tuple[datetime, ...] = ()
-    missed_more: int = 0
+class CronApp(enqueue.Registry, Locking, Protocol):
+    """What firing ticks needs of an App: its store, registry, job locks and schedules."""
 
     @property
-    def newest(self) -> datetime | None:
-        """The newest tick this pass handles (run or missed): the schedule's new cursor."""
-        if self.run is not None:
-            return self.run
-        return self.missed[-1] if self.missed else None
+    def store(self) -> Store: ...
 
     @property
-    def missed_count(self) -> int:
-        return len(self.missed) + self.missed_more
+    def periodics(self) -> Mapping[str, PeriodicDef]: ...
 
-    def __bool__(self) -> bool:
-        return self.run is not None or bool(self.missed)
-
-
-def due_ticks(
-    expr: str,
-    tz: str,
-    last: datetime,
-    now: datetime,
-    starting_deadline: float | None,
-    *,
-    limit: int = MISSED_ROWS_MAX,
-    count_limit: int = MISSED_COUNT_MAX,
-) -> Due:
-    """The ticks in ``(last, now]``: the newest runs unless older than the deadline; the rest are missed.
-
-    ``starting_deadline`` is in seconds (None: no deadline, the newest due tick
-    always runs). A tick ``t`` is too late when ``now - t > starting_deadline``.
-    At most one tick runs, however many are due. Past the ``limit`` newest
-    missed ticks, the older ones are counted up to ``count_limit`` (so that a
-    long outage of a fast schedule costs milliseconds, not seconds of CPU):
-    ``missed_more`` is exact below that and a lower bound at it.
-    """
-    zi = zone(tz)
-    last, now = _aware("last", last), _aware("now", now)
-    if now <= last:
-        return Due(None)
-    # Walk back from now: the newest ticks are the ones that matter, and an
-    # outage of any length costs at most limit + 2 steps.
-    it = _iter(expr, zi, now + _EPS)
-    newest_first: list[datetime] = []
-    while len(newest_first) < limit + 2:
-        t = it.get_prev(datetime).astimezone(UTC)
-        if t <= last:
-            break
-        newest_first.append(t)
-    if not newest_first:
-        return Due(None)
-    more = 0
-    if len(newest_first) == limit + 2:
-        # Too many to list: count the rest going forward from the cursor.
-        oldest_listed = newest_first[-1]
-        more = len(ticks_between(expr, tz, last, oldest_listed - _EPS, limit=count_limit))
-    head = newest_first[0]
-    runs = starting_deadline is None or (now - head).total_seconds() <= starting_deadline
-    run = head if runs else None
-    missed = newest_first[1:] if runs else newest_first
-    if len(missed) > limit:
-        more += len(missed) - limit
-        missed = missed[:limit]
-    return Due(run, tuple(reversed(missed)), more)
-
-
-def tick_tag(tick_at: datetime) -> str:
-    t = _aware("tick_at", tick_at)
-    fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if t.microsecond else "%Y-%m-%dT%H:%M:%SZ"
-    return "tick:" + t.strftime(fmt)
-
-
-def tick_of(ctx: TaskContext | Sequence[str]) -> datetime | None:
-    """The tick a cron run was enqueued for (from its ``tick:`` tag), or None."""
-    tags = ctx.tags if isinstance(ctx, TaskContext) else ctx
-    for tag in tags:
-        m = _TICK_TAG.match(tag)
-        if m:
-            return datetime.fromisoformat(m.group(1)).replace(tzinfo=UTC)
-    return None
-
-
-def lock_name(schedule: str) -> str:
-    """The job lock a Forbid run holds: ``cron:<name>`` (hashed when too long for a lock name)."""
-    full = f"cron:{schedule}"
-    if len(full) <= locks.NAME_MAX:
-        return full
-    digest = hashlib.sha256(schedule.encode()).hexdigest()[:16]
-    return f"{full[: locks.NAME_MAX - 17]}~{digest}"
-
-
-def run_tags(schedule: str, tick_at: datetime) -> list[str]:
-    tags = [tick_tag(tick_at)]
-    # A long or slash-bearing name gets no name tag: the tick row still links the task.
-    with contextlib.suppress(ValidationError):
-        tags.insert(0, validation.name("tags", f"cron:{schedule}"))
-    return tags
-
-
-# -- definitions ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScheduleSpec:
-    """One row of ``schedules`` as written: what a CronJobLock or ``@app.periodic`` declares."""
-
-    name: str
-    cron: str
-    handler: str
-    timezone: str = "UTC"
-    queue: str = "default"
-    payload: Mapping[str, Any] = field(default_factory=dict)
-    concurrency_policy: str = "Forbid"
-    lock_ttl: int = validation.DEFAULT_LOCK_TTL_S
-    starting_deadline: int | None = None
-    suspend: bool = False
-    source: str = "crd"
-    cr_uid: str | None = None
-
-    def validated(self) -> ScheduleSpec:
-        validate_name(self.name)
-        validate(self.cron, self.timezone)
-        validation.name("handler", self.handler)
-        validation.name("queue", self.queue)
-        validate_policy(self.concurrency_policy)
-        validate_lock_ttl(self.lock_ttl)
-        validate_deadline(self.starting_deadline)
-        if not isinstance(self.suspend, bool):
-            raise ValidationError("suspend", f"must be true or false, got {self.suspend!r}")
-        if self.source not in SOURCES:
-            raise ValidationError("source", f"must be one of {', '.join(SOURCES)}, got {self.source!r}")
-        if not isinstance(self.payload, Mapping):
-            raise ValidationError("payload", f"must be a JSON object, got {type(self.payload).__name__}")
-        validation.to_json("payload", dict(self.payload), validation.DEFAULT_MAX_PAYLOAD_BYTES)
-        return self
-
-
-def validate_name(name: object) -> str:
-    if not isinstance(name, str) or not name:
-        raise ValidationError("name", f"must be a non-empty string, got {name!r}")
-    if len(name) > SCHEDULE_NAME_MAX:
-        raise ValidationError("name", f"must be at most {SCHEDULE_NAME_MAX} characters, got {len(name)}")
-    if any(c.isspace() or not c.isprintable() for c in name):
-        raise ValidationError("name", f"{name!r} must not contain spaces or control characters")
-    return name
-
-
-def validate_policy(policy: object) -> str:
-    if policy not in POLICIES:
-        raise ValidationError("concurrency_policy", f"must be Forbid or Allow, got {policy!r}")
-    assert isinstance(policy, str)
-    return policy
-
-
-def validate_lock_ttl(ttl: object) -> int:
-    return validation.integer("lock_ttl", ttl, LOCK_TTL_MIN, LOCK_TTL_MAX)
-
-
-def validate_deadline(deadline: object) -> int | None:
-    if deadline is None:
-        return None
-    return validation.integer("starting_deadline", deadline, 0, DEADLINE_MAX)
-
-
-def guard(owner: Blueprint, pd: PeriodicDef) -> Callable[[TaskContext], Awaitable[Any]]:
-    """The handler ``@app.periodic`` registers under Forbid: the user's function inside the job lock.
-
-    ``owner`` must be (or be merged into) an open App when the run starts.
-    The lock is waited for up to ``lock_ttl``: a holder that died lets it
-    expire within that time; a live holder is a run enqueued outside the
-    scheduler, and the attempt fails naming it.
-    """
-    func = pd.func
-    is_async = subprocs.is_async_handler(func)
-
-    async def body(ctx: TaskContext) -> Any:
-        if is_async:
-            return await func(ctx)  # type: ignore[arg-type]
-        return await subprocs.run(func, ctx)  # a child process: killed if the lock is lost
-
-    async def run_locked(ctx: TaskContext) -> Any:
-        if not isinstance(owner, App):
-            raise RuntimeError(f"periodic {pd.name!r} is declared on a Blueprint that no App includes")
-        owner_token = f"{ctx.pod_id or 'pod'}/task-{ctx.id}.{ctx.attempt}/{secrets.token_hex(6)}"
-        lock = owner.job_lock(lock_name(pd.name), ttl=pd.lock_ttl, wait=pd.lock_ttl, owner=owner_token)
-        async with lock:
-            work = asyncio.ensure_future(body(ctx))
-            lost = asyncio.ensure_future(lock.lost.wait())
-            try:
-                await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await work
-                raise
-            finally:
-                lost.cancel()
-            if not work.done():
-                work.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await work
-                lock.raise_if_lost()
-            return work.result()
-
-    run_locked.__name__ = getattr(func, "__name__", "periodic")
-    run_locked.__qualname__ = getattr(func, "__qualname__", run_locked.__name__)
-    return run_locked
-
-
-def rebound(owner: Blueprint, pd: PeriodicDef, td: TaskDef) -> TaskDef:
-    """``td`` with its job-lock wrapper taking the lock through ``owner`` (``add_tasks_from``)."""
-    return dataclasses.replace(td, func=guard(owner, pd), is_async=True)
-
-
-def periodic_def(
-    owner: Blueprint,
-    func: Handler,
-    cron: str,
-    *,
-    name: str,
-    timezone: str,
-    queue: str | None,
-    payload: Mapping[str, Any] | None,
-    concurrency_policy: str,
-    lock_ttl: int,
-    starting_deadline: int | None,
-    suspend: bool,
-) -> PeriodicDef:
-    """Validate ``@app.periodic``'s arguments into a PeriodicDef (the handler is registered by the caller)."""
-    validate_name(name)
-    validation.name("handler", name)
-    validate(cron, timezone)
-    if queue is not None:
-        validation.name("queue", queue)
-    validate_policy(concurrency_policy)
-    validate_lock_ttl(lock_ttl)
-    validate_deadline(starting_deadline)
-    body = dict(payload or {})
-    validation.to_json("payload", body, validation.DEFAULT_MAX_PAYLOAD_BYTES)
-    return PeriodicDef(
-        name=name, cron=cron, handler=name, func=func, timezone=timezone, queue=queue, payload=body,
-        concurrency_policy=concurrency_policy, lock_ttl=lock_ttl, starting_deadline=starting_deadline,
-        suspend=suspend,
-    )  # fmt: skip
+    async def open(self) -> object: ...
 
 
 # -- the database side, for the scheduler, the CLI and the Kubernetes layer -----------------
@@ -576,13 +261,13 @@ class ScheduleStatus:
     payload: Mapping[str, Any] = field(default_factory=dict)
 
 
-async def _lock_holder(app: App, schedule: str) -> locks.Holder | None:
+async def _lock_holder(app: CronApp, schedule: str) -> locks.Holder | None:
     name = lock_name(schedule)
     return await app.job_lock(name).backend.holder(name)
 
 
 async def statuses(
-    app: App,
+    app: CronApp,
     names: Sequence[str] | None = None,
     *,
     history: int = 5,
@@ -680,7 +365,7 @@ async def _db_now(store: Store) -> datetime:
 
 
 async def fire(
-    app: App,
+    app: CronApp,
     name: str,
     tick_at: datetime,
     *,
@@ -692,7 +377,8 @@ async def fire(
     ``manual`` is ``kubetasks schedules trigger``: a tick at ``tick_at`` (now)
     that respects Forbid and leaves the cursor alone.
     """
-    store = (await app.open()).store
+    await app.open()
+    store = app.store
     async with store.transaction() as conn:
         s = await store.run("schedule_for_tick", name, conn=conn)
         if s is None:
@@ -738,7 +424,7 @@ async def fire(
         return TickResult(name, tick_at, "skipped", holder=holder, reason=reason, missed=missed)
 
 
-async def _forbid_check(app: App, s: Mapping[str, Any]) -> tuple[str | None, str | None]:
+async def _forbid_check(app: CronApp, s: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """(holder, reason) when the tick must be skipped under Forbid, else (None, None)."""
     name = s["name"]
     try:
@@ -758,9 +444,10 @@ async def _forbid_check(app: App, s: Mapping[str, Any]) -> tuple[str | None, str
     return None, None
 
 
-async def _enqueue(app: App, store: Store, conn: Any, s: Mapping[str, Any], tick_at: datetime) -> int:
+async def _enqueue(app: CronApp, store: Store, conn: Any, s: Mapping[str, Any], tick_at: datetime) -> int:
     # A CronJobLock may name a handler this pod lacks: it runs on a pod that has it.
-    p = await app._prepare_any(
+    p = await enqueue.prepare_any(
+        app,
         EnqueueRequest(s["handler"], s["payload"], queue=s["queue"], tags=run_tags(s["name"], tick_at)),
         store,
         conn,
@@ -772,9 +459,10 @@ async def _enqueue(app: App, store: Store, conn: Any, s: Mapping[str, Any], tick
     return int(task_id)
 
 
-async def trigger(app: App, name: str) -> TickResult:
+async def trigger(app: CronApp, name: str) -> TickResult:
     """Run schedule ``name`` now (``kubetasks schedules trigger``), respecting Forbid."""
-    store = (await app.open()).store
+    await app.open()
+    store = app.store
     return await fire(app, name, await _db_now(store), manual=True)
 
 
@@ -799,7 +487,7 @@ class Scheduler:
 
     def __init__(
         self,
-        app: App,
+        app: CronApp,
         *,
         clock: Clock | None = None,
         signals: asyncio.Queue[Pass] | None = None,
@@ -948,7 +636,18 @@ class Scheduler:
 
 __all__ = [
     "CHANNEL",
+    "DEADLINE_MAX",
+    "EXPR_MAX",
+    "LOCK_TTL_MAX",
+    "LOCK_TTL_MIN",
+    "MISSED_COUNT_MAX",
+    "MISSED_ROWS_MAX",
+    "POLICIES",
+    "SCHEDULE_NAME_MAX",
+    "SOURCES",
+    "SOURCE_NAMES",
     "TICKED_CHANNEL",
+    "TZ_MAX",
     "Clock",
     "Due",
     "Pass",
@@ -959,15 +658,20 @@ __all__ = [
     "delete_schedule",
     "due_ticks",
     "fire",
-    "guard",
     "lock_name",
     "next_tick",
-    "periodic_def",
     "prev_tick",
-    "rebound",
+    "run_tags",
     "statuses",
     "tick_of",
+    "tick_tag",
+    "ticks_between",
     "trigger",
     "upsert_schedule",
     "validate",
+    "validate_deadline",
+    "validate_lock_ttl",
+    "validate_name",
+    "validate_policy",
+    "zone",
 ]

@@ -127,7 +127,7 @@ class HealthServer:
             return self._db
 
     async def _query_db(self) -> DbCheck:
-        store = self.worker._store
+        store = self.worker.opened_store
         if store is None:
             return DbCheck(False, "the worker has not opened its database pool")
         try:
@@ -195,7 +195,7 @@ class HealthServer:
         return _verdict(await self.readiness())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        store = self.worker._store
+        store = self.worker.opened_store
         if store is not None:
             await self.queue_stats.refresh(store)
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))

@@ -26,7 +26,7 @@ import functools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -35,8 +35,8 @@ from prometheus_client.process_collector import ProcessCollector
 from kubetasks import serving
 
 if TYPE_CHECKING:
+    from kubetasks.leases import Lease
     from kubetasks.store import Store
-    from kubetasks.worker import Worker
 
 #: The registry every instrumented kubetasks metric belongs to.
 REGISTRY = CollectorRegistry()
@@ -226,10 +226,34 @@ class LoopMonitor:
         return time.monotonic() - self.last_tick
 
 
+class StatsView(Protocol):
+    @property
+    def fenced_out(self) -> int: ...
+    @property
+    def fenced_self(self) -> int: ...
+    @property
+    def cancelled(self) -> int: ...
+
+
+class WorkerView(Protocol):
+    """What the scrape-time metrics read of a worker (``kubetasks.worker.Worker``)."""
+
+    @property
+    def stats(self) -> StatsView: ...
+    @property
+    def running_attempts(self) -> int: ...
+    @property
+    def concurrency(self) -> int: ...
+    @property
+    def lease(self) -> Lease | None: ...
+    @property
+    def queues(self) -> Sequence[str]: ...
+
+
 class WorkerCollector:
     """Scrape-time metrics of one worker: lease, fencing, slots, queue depths."""
 
-    def __init__(self, worker: Worker, queues: QueueStats, loop: LoopMonitor | None = None) -> None:
+    def __init__(self, worker: WorkerView, queues: QueueStats, loop: LoopMonitor | None = None) -> None:
         self.worker = worker
         self.queues = queues
         self.loop = loop
@@ -248,7 +272,7 @@ class WorkerCollector:
             s.fenced_self,
         )
         yield _counter("kubetasks_tasks_cancelled", "Running attempts cancelled on request.", s.cancelled)
-        yield _gauge("kubetasks_tasks_running", "Attempts this process runs now.", len(w._running))
+        yield _gauge("kubetasks_tasks_running", "Attempts this process runs now.", w.running_attempts)
         yield _gauge("kubetasks_worker_slots", "Tasks this process may run at once.", w.concurrency)
         lease = w.lease
         if lease is not None:
@@ -323,7 +347,7 @@ class WorkerCollector:
         yield from (pending, due, age, unserved)
 
 
-def _live(w: Worker) -> bool:
+def _live(w: WorkerView) -> bool:
     return w.lease is not None and not w.lease.lost and w.lease.time_left() > 0
 
 

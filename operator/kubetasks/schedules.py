@@ -30,13 +30,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from kubetasks import cron
+from kubetasks.cron import CronApp, ScheduleStatus, TickResult
 from kubetasks.errors import KubetasksError, ValidationError
-
-if TYPE_CHECKING:
-    from kubetasks.app import App
-    from kubetasks.cron import ScheduleStatus, TickResult
 
 BY_MAX = 253
 
@@ -53,41 +51,41 @@ def _name(name: object) -> str:
     return name
 
 
-async def pause(app: App, name: str, *, by: str = "api") -> bool:
+async def pause(app: CronApp, name: str, *, by: str = "api") -> bool:
     """Stop ``name``'s ticks until ``resume``; False when it was already paused."""
     if not isinstance(by, str) or not 1 <= len(by) <= BY_MAX:
         raise ValidationError("by", f"must be 1 to {BY_MAX} characters")
-    row = await (await app.open()).store.run("schedule_pause", _name(name), by)
+    await app.open()
+    row = await app.store.run("schedule_pause", _name(name), by)
     if row is None:
         raise ScheduleNotFound(name)
     return not row["was_paused"]
 
 
-async def resume(app: App, name: str, *, since: datetime | None = None) -> bool:
+async def resume(app: CronApp, name: str, *, since: datetime | None = None) -> bool:
     """Let ``name`` tick again from ``since`` on (default: the database's now()); False when it
     was not paused."""
     if since is not None and (not isinstance(since, datetime) or since.tzinfo is None):
         raise ValidationError("since", "must be a timezone-aware datetime")
-    row = await (await app.open()).store.run("schedule_resume", _name(name), since)
+    await app.open()
+    row = await app.store.run("schedule_resume", _name(name), since)
     if row is None:
         raise ScheduleNotFound(name)
     return bool(row["was_paused"])
 
 
-async def trigger(app: App, name: str) -> TickResult:
+async def trigger(app: CronApp, name: str) -> TickResult:
     """Run ``name`` now (paused or not), respecting concurrencyPolicy Forbid."""
-    from kubetasks import cron  # noqa: PLC0415 - cron imports app, which imports this module
-
     _name(name)
     if not await statuses(app, [name], history=0):
         raise ScheduleNotFound(name)
     return await cron.trigger(app, name)
 
 
-async def statuses(app: App, names: Sequence[str] | None = None, *, history: int = 5) -> list[ScheduleStatus]:
+async def statuses(
+    app: CronApp, names: Sequence[str] | None = None, *, history: int = 5
+) -> list[ScheduleStatus]:
     """Every schedule (or those named): next and last runs, lock holder, paused or not, recent runs."""
-    from kubetasks import cron  # noqa: PLC0415 - cron imports app, which imports this module
-
     return await cron.statuses(app, names, history=history)
 
 
@@ -99,7 +97,7 @@ UPDATABLE = (
 
 
 async def create(
-    app: App,
+    app: CronApp,
     name: str,
     cron_expr: str,
     handler: str,
@@ -113,9 +111,10 @@ async def create(
     suspend: bool = False,
 ) -> None:
     """Add a schedule (source ``api``) that ticks from now on; refused when ``name`` exists."""
-    from kubetasks import cron, validation  # noqa: PLC0415 - cron imports app, which imports this module
+    from kubetasks import validation  # noqa: PLC0415
 
-    store = (await app.open()).store
+    await app.open()
+    store = app.store
     spec = _checked(cron.ScheduleSpec(
         name=_name(name), cron=cron_expr, handler=handler, timezone=timezone,
         queue=queue or await _handler_queue(app, handler), payload=dict(payload or {}),
@@ -131,11 +130,9 @@ async def create(
         raise ValidationError("name", f"schedule {spec.name!r} already exists (update_schedule changes it)")
 
 
-async def update(app: App, name: str, **changes: Any) -> None:
+async def update(app: CronApp, name: str, **changes: Any) -> None:
     """Change fields of a runtime schedule; a new ``cron`` or ``timezone`` (or a resume from
     ``suspend``) restarts its cursor at now, so the old timing brings no catch-up run."""
-    from kubetasks import cron  # noqa: PLC0415 - cron imports app, which imports this module
-
     unknown = sorted(set(changes) - set(UPDATABLE))
     if unknown:
         raise ValidationError(unknown[0], f"cannot be changed; the fields are: {', '.join(UPDATABLE)}")
@@ -156,19 +153,18 @@ async def update(app: App, name: str, **changes: Any) -> None:
     await cron.upsert_schedule(app.store, _checked(spec))
 
 
-async def delete(app: App, name: str) -> None:
+async def delete(app: CronApp, name: str) -> None:
     """Delete a runtime schedule and its tick history (its runs stay)."""
-    from kubetasks import cron  # noqa: PLC0415 - cron imports app, which imports this module
-
     await _own(app, name)
     if not await cron.delete_schedule(app.store, name, source="api"):
         raise ScheduleNotFound(name)
 
 
-async def prune(app: App, *, dry_run: bool = False) -> list[str]:
+async def prune(app: CronApp, *, dry_run: bool = False) -> list[str]:
     """The ``code`` schedules no active worker's code declares (see the module docstring):
     deleted, or with ``dry_run`` only listed. This app's own periodics are never among them."""
-    store = (await app.open()).store
+    await app.open()
+    store = app.store
     keep = sorted(app.periodics)
     rows = await store.run("schedules_orphaned" if dry_run else "schedules_prune", keep)
     return sorted(r["name"] for r in rows)
@@ -184,10 +180,8 @@ def _checked(spec: Any) -> Any:
         raise
 
 
-async def _own(app: App, name: str) -> list[ScheduleStatus]:
+async def _own(app: CronApp, name: str) -> list[ScheduleStatus]:
     """The status of runtime schedule ``name``; refuses one of another source, naming its owner."""
-    from kubetasks import cron  # noqa: PLC0415 - cron imports app, which imports this module
-
     found = await statuses(app, [_name(name)], history=0)
     if not found:
         raise ScheduleNotFound(name)
@@ -198,7 +192,7 @@ async def _own(app: App, name: str) -> list[ScheduleStatus]:
     return found
 
 
-async def _handler_queue(app: App, handler: str) -> str:
+async def _handler_queue(app: CronApp, handler: str) -> str:
     """The queue a schedule of ``handler`` runs in: the handler's own (this app's registration,
     else the latest stored), else the default queue."""
     td = app.handlers.get(handler)

@@ -78,14 +78,15 @@ import types
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kubetasks import validation
 from kubetasks.errors import Fail, KubetasksError, LeaseLost, Retry, ValidationError
+from kubetasks.model import EnqueueRequest, PeriodicDef, TaskDef
 from kubetasks.workflows import POLICIES, ChildFailed, Suspend
 
 if TYPE_CHECKING:
-    from kubetasks.app import App, EnqueueRequest
+    from kubetasks.config import Settings
     from kubetasks.context import TaskContext
 
 log = logging.getLogger("kubetasks.subprocs")
@@ -433,8 +434,6 @@ class SyncTaskContext:
         max_retry_delay: float | None = None,
     ) -> int:
         """Add a child task of this one and return its id (see ``TaskContext.spawn``)."""
-        from kubetasks.app import EnqueueRequest  # noqa: PLC0415 - app imports this module
-
         req = EnqueueRequest(
             handler, payload, delay, run_at, priority, queue, timeout, max_attempts, tags,
             retry_delay=retry_delay, backoff=backoff, max_retry_delay=max_retry_delay,
@@ -832,11 +831,24 @@ class _Child:
         self.pump.cancel()
 
 
+class PoolApp(Protocol):
+    """What the pool needs of its App: the handlers its children may run, and the payload limit."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def handlers(self) -> Mapping[str, TaskDef]: ...
+
+    @property
+    def periodics(self) -> Mapping[str, PeriodicDef]: ...
+
+
 class Pool:
     """The worker's children for sync handlers (see the module docstring)."""
 
     def __init__(
-        self, app: App, *, max_idle: int, lease_left: Callable[[], float | None] | None = None
+        self, app: PoolApp, *, max_idle: int, lease_left: Callable[[], float | None] | None = None
     ) -> None:
         self.app = app
         self.max_idle = max_idle

@@ -64,21 +64,30 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import asyncpg
 
 from kubetasks import horizon, leases, metrics, serving, subprocs, validation
-from kubetasks.app import TaskDef, call_handler
 from kubetasks.config import ALL_QUEUES, validate_queues
-from kubetasks.context import TaskContext
+from kubetasks.context import TaskContext, TaskHost
 from kubetasks.errors import Fail, Retry, ValidationError
+from kubetasks.hooks import Hooks
+from kubetasks.model import TaskDef
+from kubetasks.registry import call_handler
 from kubetasks.store import Store, retry_connection_errors
 from kubetasks.store import listen as store_listen
 from kubetasks.workflows import Suspend
 
-if TYPE_CHECKING:
-    from kubetasks.app import App
+
+class WorkerApp(TaskHost, subprocs.PoolApp, Protocol):
+    """What a worker needs of its App (an ``App``): settings, handlers, hooks, an open store."""
+
+    @property
+    def hooks(self) -> Hooks: ...
+
+    async def open(self) -> object: ...
+
 
 log = logging.getLogger("kubetasks.worker")
 
@@ -176,7 +185,7 @@ def _clean(text: object, *, tail: bool = False, limit: int = ERROR_MAX_CHARS) ->
 class Worker:
     def __init__(
         self,
-        app: App,
+        app: WorkerApp,
         *,
         queues: Sequence[str] | None = None,
         concurrency: int | None = None,
@@ -242,6 +251,16 @@ class Worker:
     def store(self) -> Store:
         assert self._store is not None
         return self._store
+
+    @property
+    def opened_store(self) -> Store | None:
+        """The worker's pool once it has opened it (for health and metrics), else None."""
+        return self._store
+
+    @property
+    def running_attempts(self) -> int:
+        """How many attempts this worker runs now."""
+        return len(self._running)
 
     @property
     def worker_id(self) -> uuid.UUID:

@@ -26,6 +26,7 @@ from prometheus_client import generate_latest
 
 from kubetasks import App, EnqueueRequest, TaskContext, UnknownHandler, cron, metrics
 from kubetasks.k8s import handlers as k8s_handlers
+from kubetasks.k8s import opcontext
 from tests.integration.helpers import ROOT, RunningWorker, wait_for
 
 
@@ -470,7 +471,7 @@ class TestEnteringWithoutTheHandler:
         operator_app = app  # the pod running the operator and the scheduler has no handler at all
         with pytest.raises(UnknownHandler):
             await operator_app.enqueue("remote.h", {})
-        ctx = k8s_handlers.OperatorContext(app=operator_app, store=operator_app.store, kube=None)  # type: ignore[arg-type]
+        ctx = opcontext.OperatorContext(app=operator_app, store=operator_app.store, kube=None)  # type: ignore[arg-type]
         from_cr = await k8s_handlers.ingest(ctx, "uid-1", "ns", "t1", {"handler": "remote.h", "payload": {}})
         await cron.upsert_schedule(
             operator_app.store,

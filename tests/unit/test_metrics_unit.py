@@ -64,10 +64,10 @@ class FakeLease:
 
 @dataclass
 class FakeWorker:
-    _store: FakeStore | None = field(default_factory=FakeStore)
+    opened_store: FakeStore | None = field(default_factory=FakeStore)
     lease: FakeLease | None = field(default_factory=FakeLease)
     stats: WorkerStats = field(default_factory=WorkerStats)
-    _running: dict[int, object] = field(default_factory=dict)
+    running_attempts: int = 0
     concurrency: int = 4
     queues: tuple[str, ...] = ("default", "images")
 
@@ -114,15 +114,15 @@ def test_metric_names_are_prefixed_and_registry_is_our_own() -> None:
 async def test_collector_reads_worker_lease_and_queues() -> None:
     w = FakeWorker()
     w.stats.fenced_out = 2
-    w._running = {1: object(), 2: object()}
+    w.running_attempts = 2
     assert w.lease is not None
     w.lease.stats = LeaseStats(renewals=7, failures=1, reaped_tasks=3, last_latency_s=0.004)
     q = metrics.QueueStats()
-    assert w._store is not None
-    w._store.depths = [{"queue": "default", "pending": 5, "due": 2, "oldest_due_age_s": 1.5}]
-    w._store.served = [{"queue": "default", "handler": "a.b"}]
-    w._store.unserved = [{"queue": "default", "handler": "x.y", "tasks": 3}]
-    await q.refresh(w._store)  # type: ignore[arg-type]
+    assert w.opened_store is not None
+    w.opened_store.depths = [{"queue": "default", "pending": 5, "due": 2, "oldest_due_age_s": 1.5}]
+    w.opened_store.served = [{"queue": "default", "handler": "a.b"}]
+    w.opened_store.unserved = [{"queue": "default", "handler": "x.y", "tasks": 3}]
+    await q.refresh(w.opened_store)  # type: ignore[arg-type]
     m = scrape(metrics.WorkerCollector(w, q))  # type: ignore[arg-type]
     assert m[("kubetasks_fenced_out_writes_total", ())] == 2
     assert m[("kubetasks_tasks_running", ())] == 2
@@ -191,13 +191,13 @@ async def test_probes_report_each_check() -> None:
         assert code == 200, body
         assert body["checks"]["migrations"] == {"ok": True, "pending": []}
 
-        assert w._store is not None and w.lease is not None
-        w._store.applied = SHIPPED[:-1]
+        assert w.opened_store is not None and w.lease is not None
+        w.opened_store.applied = SHIPPED[:-1]
         code, body = await _probe(port, "/readyz")
         assert code == 503 and body["failed"] == ["migrations"]
         assert body["checks"]["migrations"]["pending"] == SHIPPED[-1:]
 
-        w._store.applied = list(SHIPPED)
+        w.opened_store.applied = list(SHIPPED)
         w.lease.lost = True
         code, body = await _probe(port, "/readyz")
         assert code == 503 and body["failed"] == ["lease"]
@@ -206,15 +206,15 @@ async def test_probes_report_each_check() -> None:
         assert code == 503 and body["failed"] == ["lease"]
 
         w.lease.left = 10.0
-        w._store.error = asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
+        w.opened_store.error = asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
         code, body = await _probe(port, "/readyz")
         assert code == 503 and body["failed"] == ["database"] and body["unknown"] == ["migrations"]
         assert "starting up" in body["checks"]["database"]["error"]
-        w._store.error, w._store.delay = None, 5.0
+        w.opened_store.error, w.opened_store.delay = None, 5.0
         server.db_timeout_s = 0.1
         code, body = await _probe(port, "/readyz")
         assert code == 503 and "no answer within 0.1s" in body["checks"]["database"]["error"]
-        w._store.delay = 0.0
+        w.opened_store.delay = 0.0
 
         stop.set()
         code, body = await _probe(port, "/readyz")
@@ -233,7 +233,7 @@ async def test_readiness_is_cached() -> None:
     server = HealthServer(w, db_cache_s=1.0)  # type: ignore[arg-type]
     for _ in range(5):
         assert (await server.check_db()).ok
-    assert w._store is not None and w._store.calls["health_applied_migrations"] == 1
+    assert w.opened_store is not None and w.opened_store.calls["health_applied_migrations"] == 1
 
 
 async def test_metrics_endpoint_serves_text_format() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetasks import App, ConfigError, EnqueueRequest, Settings, UnknownHandler, ValidationError
+from kubetasks import App, ConfigError, EnqueueRequest, Settings, UnknownHandler, ValidationError, enqueue
 from tests.handlers import noop
 
 URL = "postgresql://u@127.0.0.1:1/db"
@@ -29,7 +29,7 @@ def app() -> App:
 
 def prepare(app: App, **kw: object) -> None:
     req = EnqueueRequest(**{"handler": "images.resize", **kw})  # type: ignore[arg-type]
-    app._prepare(req)
+    enqueue.prepare(app, req)
 
 
 class TestEnqueueRefusals:
@@ -86,7 +86,7 @@ class TestEnqueueRefusals:
         with pytest.raises(
             ValidationError, match=r"^payload: is \d+ bytes as JSON; the limit is 2048 bytes$"
         ):
-            a._prepare(EnqueueRequest("x", {"blob": "y" * 3000}))
+            enqueue.prepare(a, EnqueueRequest("x", {"blob": "y" * 3000}))
 
     @pytest.mark.parametrize(
         ("kw", "message"),
@@ -141,11 +141,11 @@ class TestPrecedence:
         a = App(database_url=URL, default_timeout=50, default_max_attempts=4)
         a.register("opt", noop, queue="q1", timeout=20, priority=3)
         a.register("bare", noop)
-        p = a._prepare(EnqueueRequest("opt"))
+        p = enqueue.prepare(a, EnqueueRequest("opt"))
         assert (p.queue, p.timeout, p.priority, p.max_attempts) == ("q1", 20, 3, 4)
-        p = a._prepare(EnqueueRequest("opt", queue="q2", timeout=5, priority=-1, max_attempts=9))
+        p = enqueue.prepare(a, EnqueueRequest("opt", queue="q2", timeout=5, priority=-1, max_attempts=9))
         assert (p.queue, p.timeout, p.priority, p.max_attempts) == ("q2", 5, -1, 9)
-        p = a._prepare(EnqueueRequest("bare"))
+        p = enqueue.prepare(a, EnqueueRequest("bare"))
         assert (p.queue, p.timeout, p.priority, p.max_attempts) == ("default", 50, 0, 4)
 
 

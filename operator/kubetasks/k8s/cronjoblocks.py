@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 from kubetasks import cron, locks, validation
 from kubetasks.errors import ValidationError
 from kubetasks.k8s.kube import ObjectGone
+from kubetasks.k8s.opcontext import NotLeading
 from kubetasks.store import Store
 
 if TYPE_CHECKING:
-    from kubetasks.k8s.handlers import OperatorContext
+    from kubetasks.k8s.opcontext import OperatorContext
 
 log = logging.getLogger("kubetasks.k8s.cronjoblocks")
 PLURAL = "cronjoblocks"
@@ -100,8 +101,6 @@ async def delete_schedule(store: Store, namespace: str, name: str, uid: str) -> 
 async def sync_object(ctx: OperatorContext, event: Mapping[str, Any]) -> tuple[bool, str] | None:
     """Apply one CronJobLock event to the schedules table; returns (ready, message) when synced."""
     if not ctx.fence():
-        from kubetasks.k8s.handlers import NotLeading  # noqa: PLC0415 - a cycle at import time
-
         raise NotLeading("syncing a CronJobLock")
     store, kube = ctx.store, ctx.kube
     body = event["object"]

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -40,11 +39,13 @@ import asyncpg
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kubetasks import serving, validation
-from kubetasks.app import App, EnqueueRequest
+from kubetasks import enqueue, serving, validation
+from kubetasks.app import App
 from kubetasks.errors import ValidationError
 from kubetasks.k8s import cronjoblocks, webhook
-from kubetasks.k8s.kube import FINALIZER, GROUP, VERSION, Kube, ObjectGone, is_transient
+from kubetasks.k8s.kube import FINALIZER, GROUP, VERSION, ObjectGone, is_transient
+from kubetasks.k8s.opcontext import NotLeading, OperatorContext
+from kubetasks.model import EnqueueRequest
 from kubetasks.store import Store
 from kubetasks.store.pg import CONNECTION_ERRORS
 
@@ -60,26 +61,6 @@ TRANSIENT_DB = (
     asyncpg.TooManyConnectionsError,
 )
 T = TypeVar("T")
-
-
-class NotLeading(Exception):
-    """This process no longer leads: the next leader takes over what was in hand."""
-
-
-@dataclass
-class OperatorContext:
-    app: App
-    store: Store
-    kube: Kube
-    namespaces: tuple[str, ...] = ()
-    #: True while this process may write (it leads and reached the database lately).
-    fence: Callable[[], bool] = lambda: True
-    ttl_timers: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
-    background: set[asyncio.Task[None]] = field(default_factory=set)
-
-    def scope(self) -> list[str] | None:
-        """The namespaces for SQL filters; None: every namespace."""
-        return list(self.namespaces) if self.namespaces else None
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -133,7 +114,7 @@ async def ingest(ctx: OperatorContext, uid: str, namespace: str, name: str, spec
     if error is None:
         try:
             # Never refused for a handler this pod lacks: a pod that has it runs it.
-            prepared = await app._prepare_any(req, ctx.store)
+            prepared = await enqueue.prepare_any(app, req, ctx.store)
         except ValidationError as exc:
             error = f"spec.{_spec_field(exc.field)}: {exc.message}" if exc.field != "handler" else str(exc)
     if prepared is None:
@@ -149,7 +130,9 @@ async def ingest(ctx: OperatorContext, uid: str, namespace: str, name: str, spec
             return int(row["id"])
         log.warning("Task %s/%s refused: %s", namespace, name, error)
         return int(tid)
-    return await app._insert(ctx.store, prepared, cr=(uid, namespace, name), paused=bool(spec.get("suspend")))
+    return await enqueue.insert(
+        ctx.store, prepared, cr=(uid, namespace, name), paused=bool(spec.get("suspend"))
+    )
 
 
 async def unserved_warning(app: App, store: Store, spec: Mapping[str, Any]) -> str | None:
@@ -157,7 +140,7 @@ async def unserved_warning(app: App, store: Store, spec: Mapping[str, Any]) -> s
     spec is refused anyway and the refusal says why)."""
     req = request_from_spec(spec)
     try:
-        p = await app._prepare_any(req, store)
+        p = await enqueue.prepare_any(app, req, store)
     except ValidationError:
         return None
     served = await serving.read(store)

@@ -39,7 +39,7 @@ import kopf
 
 from kubetasks.app import App
 from kubetasks.config import Settings
-from kubetasks.k8s import cronjoblocks, handlers, kube, leadership, pods, status, webhook
+from kubetasks.k8s import cronjoblocks, handlers, kube, leadership, opcontext, pods, status, webhook
 from kubetasks.store import Store
 
 log = logging.getLogger("kubetasks.k8s.operator")
@@ -143,7 +143,7 @@ class Operator:
         """What the leader runs, until ``term_stop``."""
         s = self.settings
         assert self.leadership is not None
-        ctx = handlers.OperatorContext(
+        ctx = opcontext.OperatorContext(
             app=self.app, store=store, kube=k, namespaces=s.watch_namespaces, fence=self.leadership.valid
         )
         writer = status.StatusWriter(
@@ -168,7 +168,7 @@ class Operator:
             for t in jobs:
                 t.cancel()
 
-    async def _reconcile(self, ctx: handlers.OperatorContext, stop: asyncio.Event) -> None:
+    async def _reconcile(self, ctx: opcontext.OperatorContext, stop: asyncio.Event) -> None:
         """Objects against rows: when the term starts, then every ``reconcile_interval`` s."""
         delay = self.settings.reconcile_interval
         while not stop.is_set():
@@ -177,7 +177,7 @@ class Operator:
                 if counts["ingested"] or counts["cancelled"]:
                     log.info("reconciled Task objects with rows: %s", counts)
                 delay = self.settings.reconcile_interval
-            except handlers.NotLeading:
+            except opcontext.NotLeading:
                 return
             except Exception as exc:
                 if not handlers.is_retryable(exc):
@@ -216,7 +216,7 @@ class Operator:
         assert self.leadership is not None
         store = Store(s.database_url, min_size=0, max_size=4, pooled=s.transaction_pooled)
         await store.open()
-        ctx = handlers.OperatorContext(
+        ctx = opcontext.OperatorContext(
             app=self.app,
             store=store,
             kube=kube.Kube(instance=self.settings.pod_id),

@@ -40,7 +40,7 @@ from kubetasks.leases import DB_ERRORS
 from kubetasks.store.listen import listen
 
 if TYPE_CHECKING:
-    from kubetasks.k8s.handlers import OperatorContext
+    from kubetasks.k8s.opcontext import OperatorContext
 
 log = logging.getLogger("kubetasks.k8s.status")
 
