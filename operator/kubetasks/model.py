@@ -15,6 +15,7 @@ from typing import Any
 
 from kubetasks import validation
 from kubetasks.errors import ValidationError
+from kubetasks.store.tasks import TaskColumns
 
 MISSING: Any = object()
 
@@ -252,3 +253,12 @@ class Prepared:
     max_retry_delay: float
     tags: list[str]
     dedupe_key: str | None
+
+    def columns(self) -> TaskColumns:
+        """The inserted values, as the store's typed inserts take them."""
+        return TaskColumns(
+            handler=self.handler, queue=self.queue, priority=self.priority, payload=self.payload,
+            max_attempts=self.max_attempts, run_at=self.run_at, delay=self.delay, timeout=self.timeout,
+            retry_delay=self.retry_delay, backoff=self.backoff, max_retry_delay=self.max_retry_delay,
+            tags=self.tags, dedupe_key=self.dedupe_key,
+        )  # fmt: skip
