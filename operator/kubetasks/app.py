@@ -44,7 +44,7 @@ from kubetasks.model import (
     TaskRecord,
 )
 from kubetasks.registry import Blueprint, Handler, call_handler
-from kubetasks.store import Store
+from kubetasks.store import Store, queues, tasks
 
 log = logging.getLogger("kubetasks.app")
 
@@ -191,7 +191,7 @@ class App(Blueprint):
     # -- queries ---------------------------------------------------------
 
     async def get_task(self, task_id: int) -> TaskRecord:
-        row = await (await self._ready_store()).run("get_task", task_id)
+        row = await tasks.get_task(await self._ready_store(), task_id=task_id)
         if row is None:
             raise TaskNotFound(task_id)
         return TaskRecord.from_row(row)
@@ -214,24 +214,23 @@ class App(Blueprint):
                 raise ValidationError("status", f"unknown status {st!r}; one of {', '.join(STATUSES)}")
         validation.integer("limit", limit, 1, 1000)
         validation.integer("offset", offset, 0, 2**31 - 1)
-        rows = await (await self._ready_store()).run(
-            "list_tasks", statuses, _as_list(handler), _as_list(queue),
-            list(tags) if tags else None, created_after, created_before, limit, offset,
-        )  # fmt: skip
+        filters: dict[str, Any] = {
+            "statuses": statuses, "handlers": _as_list(handler), "queues": _as_list(queue),
+            "tags": list(tags) if tags else None, "created_after": created_after,
+            "created_before": created_before,
+        }  # fmt: skip
+        rows = await tasks.list_tasks(await self._ready_store(), **filters, limit=limit, offset=offset)
         total = int(rows[0]["total"]) if rows else 0
         if not rows and offset:
             # Past the end: count without a page to report the real total.
-            probe = await (await self._ready_store()).run(
-                "list_tasks", statuses, _as_list(handler), _as_list(queue),
-                list(tags) if tags else None, created_after, created_before, 1, 0,
-            )  # fmt: skip
+            probe = await tasks.list_tasks(await self._ready_store(), **filters, limit=1, offset=0)
             total = int(probe[0]["total"]) if probe else 0
         return TaskPage([TaskRecord.from_row(r) for r in rows], total, limit, offset)
 
     async def get_attempts(self, task_id: int) -> list[dict[str, Any]]:
         """One dict per ended attempt: attempt, worker_id, pod_id, started_at, finished_at,
         outcome, error, duration_s."""
-        rows = await (await self._ready_store()).run("get_attempts", task_id)
+        rows = await tasks.get_attempts(await self._ready_store(), task_id=task_id)
         return [dict(r) for r in rows]
 
     # -- workflows and audit -------------------------------------------------
@@ -242,7 +241,7 @@ class App(Blueprint):
         Kinds: created, claimed, progress, retried, fenced_out, recovered, released,
         paused, resumed, suspended, woken, cancelled, requeued, succeeded, failed.
         """
-        rows = await (await self._ready_store()).run("get_events", task_id)
+        rows = await tasks.get_events(await self._ready_store(), task_id=task_id)
         if not rows:
             await self.get_task(task_id)  # raises TaskNotFound
         return [
@@ -251,7 +250,7 @@ class App(Blueprint):
 
     async def workflow_summary(self, root_id: int) -> workflows.WorkflowSummary:
         """The tree under ``root_id``: counts by status, total and wall time, retries, critical path."""
-        rows = await (await self._ready_store()).run("workflow_tasks", root_id)
+        rows = await tasks.workflow_tasks(await self._ready_store(), root_id=root_id)
         if not rows:
             raise TaskNotFound(root_id)
         return workflows.summarize(rows)
@@ -259,7 +258,7 @@ class App(Blueprint):
     async def children_counts(self, task_ids: Sequence[int]) -> dict[int, dict[str, int]]:
         """Direct children of each task, counted by status (tasks without children are absent)."""
         out: dict[int, dict[str, int]] = {}
-        for r in await (await self._ready_store()).run("children_counts", list(task_ids)):
+        for r in await tasks.children_counts(await self._ready_store(), parent_ids=task_ids):
             out.setdefault(int(r["parent_id"]), {})[r["status"]] = int(r["n"])
         return out
 
@@ -268,9 +267,9 @@ class App(Blueprint):
         (handler, queue) pairs whose pending tasks no active worker serves."""
         store = await self._ready_store()
         counts: dict[str, dict[str, int]] = {}
-        for r in await store.run("stats_counts"):
+        for r in await queues.stats_counts(store):
             counts.setdefault(r["queue"], {})[r["status"]] = int(r["n"])
-        oldest = {r["queue"]: float(r["age_s"]) for r in await store.run("stats_oldest_pending")}
+        oldest = {r["queue"]: float(r["age_s"]) for r in await queues.stats_oldest_pending(store)}
         workers = [
             {
                 "worker_id": str(r["worker_id"]),
@@ -281,9 +280,9 @@ class App(Blueprint):
                 "running": int(r["running"]),
                 "lease_left_s": float(r["lease_left_s"]),
             }
-            for r in await store.run("stats_workers")
+            for r in await queues.stats_workers(store)
         ]
-        paused = [r["queue"] for r in await store.run("paused_queues")]
+        paused = [r["queue"] for r in await queues.paused_queues(store)]
         return {
             "queues": {
                 q: {"counts": c, "oldest_pending_s": oldest.get(q), "paused": q in paused}
@@ -305,7 +304,7 @@ class App(Blueprint):
         store = await self._ready_store()
         for attempt in range(5):
             try:
-                row = await store.run("cancel_task", task_id, reason)
+                row = await tasks.cancel_task(store, task_id=task_id, reason=reason)
                 break
             except asyncpg.DeadlockDetectedError:
                 # A child ending at this moment locks its parent after itself; the
@@ -322,37 +321,39 @@ class App(Blueprint):
             raise ValidationError("task_id", "give a task id or handler=, not both or neither")
         store = await self._ready_store()
         if handler is not None:
-            return int(await store.run("retry_failed_of_handler", validation.name("handler", handler)))
-        row = await store.run("retry_task", task_id)
+            return await tasks.retry_failed_of_handler(store, handler=validation.name("handler", handler))
+        row = await tasks.retry_task(store, task_id=task_id)  # type: ignore[arg-type]
         if row is None:
             await self.get_task(task_id)  # type: ignore[arg-type]  # raises TaskNotFound
             return 0
         rec = await self.get_task(task_id)  # type: ignore[arg-type]
-        await store.run("wake_queue", rec.queue)
+        await queues.wake_queue(store, queue=rec.queue)
         return 1
 
     async def pause_task(self, task_id: int) -> bool:
-        row = await (await self._ready_store()).run("pause_task", task_id)
+        row = await tasks.pause_task(await self._ready_store(), task_id=task_id)
         if row is None:
             await self.get_task(task_id)
         return row is not None
 
     async def resume_task(self, task_id: int) -> bool:
         store = await self._ready_store()
-        row = await store.run("resume_task", task_id)
+        row = await tasks.resume_task(store, task_id=task_id)
         if row is None:
             await self.get_task(task_id)
             return False
-        await store.run("wake_queue", row["queue"])
+        await queues.wake_queue(store, queue=row["queue"])
         return True
 
     async def pause_queue(self, queue: str) -> None:
-        await (await self._ready_store()).run("set_queue_paused", validation.name("queue", queue), True)
+        await queues.set_queue_paused(
+            await self._ready_store(), queue=validation.name("queue", queue), paused=True
+        )
 
     async def resume_queue(self, queue: str) -> None:
         store = await self._ready_store()
-        await store.run("set_queue_paused", validation.name("queue", queue), False)
-        await store.run("wake_queue", queue)
+        await queues.set_queue_paused(store, queue=validation.name("queue", queue), paused=False)
+        await queues.wake_queue(store, queue=queue)
 
     async def delete_tasks(self, *, older_than: float = 0.0, statuses: Sequence[str] = FINISHED) -> int:
         """Delete finished tasks that ended more than ``older_than`` seconds ago."""
@@ -360,7 +361,9 @@ class App(Blueprint):
             if st not in FINISHED:
                 raise ValidationError("statuses", f"only finished statuses can be deleted, got {st!r}")
         validation.seconds("older_than", older_than, 0, 10 * 365 * 86400)
-        return int(await (await self._ready_store()).run("delete_finished_tasks", list(statuses), older_than))
+        return await tasks.delete_finished_tasks(
+            await self._ready_store(), statuses=statuses, older_than=older_than
+        )
 
     async def run_retention(
         self,

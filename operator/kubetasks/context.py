@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kubetasks import enqueue
 from kubetasks.errors import Fail, LeaseLost, ValidationError
 from kubetasks.model import EnqueueRequest
+from kubetasks.store import tasks
 from kubetasks.workflows import POLICIES, TERMINAL, ChildFailed, Suspend
 
 if TYPE_CHECKING:
@@ -230,7 +231,7 @@ class TaskContext:
         ids = [int(c) for c in children]
         if not ids:
             return []
-        rows = {r["id"]: r for r in await self._app.store.run("children_state", ids)}
+        rows = {r["id"]: r for r in await tasks.children_state(self._app.store, task_ids=ids)}
         for i in ids:
             r = rows.get(i)
             if r is None or r["parent_id"] != self.id:

@@ -8,17 +8,16 @@ default. ``Registry`` is what this needs of an App: its settings and handlers.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kubetasks import validation
 from kubetasks.errors import Fail, UnknownHandler, ValidationError
 from kubetasks.model import EnqueueRequest, HandlerOptions, Prepared, TaskDef
+from kubetasks.store import Store, queues, tasks
 
 if TYPE_CHECKING:
     from kubetasks.config import Settings
-    from kubetasks.store import Store
 
 
 class Registry(Protocol):
@@ -94,7 +93,7 @@ async def stored_options(
     missing = sorted({n for n in names if n not in reg.handlers})
     if not missing:
         return {}
-    rows = await store.run("handler_options", missing, conn=conn)
+    rows = await queues.handler_options(store, handlers=missing, conn=conn)
     return {r["name"]: HandlerOptions.from_row(r) for r in rows}
 
 
@@ -117,19 +116,17 @@ async def insert(
     a dedupe key or Task object that names a live task returns that task's id."""
     cr_uid, cr_ns, cr_name = cr if cr else (None, None, None)
     for _ in range(5):
-        task_id = await store.run(
-            "enqueue", p.handler, p.queue, p.priority, p.payload, p.max_attempts, p.run_at,
-            p.delay, p.timeout, p.retry_delay, p.backoff, p.max_retry_delay, p.tags,
-            p.dedupe_key, cr_uid, cr_ns, cr_name, paused,
-        )  # fmt: skip
+        task_id = await tasks.enqueue(
+            store, p.columns(), cr_uid=cr_uid, cr_namespace=cr_ns, cr_name=cr_name, paused=paused
+        )
         if task_id is not None:
-            return int(task_id)
+            return task_id
         if cr_uid is not None:
-            existing = await store.run("find_by_cr_uid", cr_uid)
+            existing = await tasks.find_by_cr_uid(store, cr_uid=cr_uid)
             if existing is not None:
-                return int(existing)
+                return existing
         if p.dedupe_key is not None:
-            rows = await store.run("find_live_by_dedupe_key", [p.dedupe_key])
+            rows = await tasks.find_live_by_dedupe_key(store, keys=[p.dedupe_key])
             if rows:
                 return int(rows[0]["id"])
         # The conflicting task finished in between: insert again.
@@ -144,28 +141,13 @@ async def insert_many(store: Store, prepared: Sequence[Prepared]) -> list[int]:
     keys = [p.dedupe_key for p in prepared if p.dedupe_key is not None]
     if len(keys) != len(set(keys)):
         raise ValidationError("dedupe_key", "the same dedupe key appears twice in one batch")
-    rows = await store.run(
-        "enqueue_many",
-        [p.handler for p in prepared],
-        [p.queue for p in prepared],
-        [p.priority for p in prepared],
-        [p.payload for p in prepared],
-        [p.max_attempts for p in prepared],
-        [p.run_at for p in prepared],
-        [p.delay for p in prepared],
-        [p.timeout for p in prepared],
-        [p.retry_delay for p in prepared],
-        [p.backoff for p in prepared],
-        [p.max_retry_delay for p in prepared],
-        ["\x1f".join(p.tags) if p.tags else None for p in prepared],
-        [p.dedupe_key for p in prepared],
-    )
+    rows = await tasks.enqueue_many(store, [p.columns() for p in prepared])
     if len(rows) == len(prepared):
         return [int(r["id"]) for r in rows]
     # Some dedupe keys named live tasks: map them, insert-order for the rest.
     by_key = {r["dedupe_key"]: int(r["id"]) for r in rows if r["dedupe_key"] is not None}
     missing = [k for k in keys if k not in by_key]
-    for r in await store.run("find_live_by_dedupe_key", missing):
+    for r in await tasks.find_live_by_dedupe_key(store, keys=missing):
         by_key[r["dedupe_key"]] = int(r["id"])
     plain = iter(int(r["id"]) for r in rows if r["dedupe_key"] is None)
     return [by_key[p.dedupe_key] if p.dedupe_key is not None else next(plain) for p in prepared]
@@ -190,20 +172,16 @@ async def spawn_children(
         if r.dedupe_key is not None:
             raise ValidationError("dedupe_key", "a child task is identified by its spawn key instead")
     ps = [prepare(reg, r) for r in requests]
-    rows = await store.run(
-        "spawn_children", parent_id, attempt, uuid.UUID(worker_id), list(keys),
-        [p.handler for p in ps], [p.queue for p in ps], [p.priority for p in ps],
-        [p.payload for p in ps], [p.max_attempts for p in ps], [p.run_at for p in ps],
-        [p.delay for p in ps], [p.timeout for p in ps], [p.retry_delay for p in ps],
-        [p.backoff for p in ps], [p.max_retry_delay for p in ps],
-        ["\x1f".join(p.tags) if p.tags else None for p in ps],
+    rows = await tasks.spawn_children(
+        store, parent_id=parent_id, attempt=attempt, worker_id=worker_id, keys=keys,
+        tasks=[p.columns() for p in ps],
     )  # fmt: skip
     if not rows or any(r["id"] is None for r in rows):
         return None
-    for p, r in zip(ps, rows, strict=True):
-        if r["handler"] != p.handler:
+    for p, row in zip(ps, rows, strict=True):
+        if row["handler"] != p.handler:
             raise Fail(
-                f"spawn {r['spawn_key']!r} of task {parent_id} was {r['handler']!r} in an earlier run "
+                f"spawn {row['spawn_key']!r} of task {parent_id} was {row['handler']!r} in an earlier run "
                 f"and is {p.handler!r} now: a workflow handler must spawn the same children in the "
                 "same order on every run (or give each a key)"
             )
