@@ -109,8 +109,9 @@ from kubetasks.crontab import (
 from kubetasks.errors import KubetasksError, ValidationError
 from kubetasks.model import EnqueueRequest, PeriodicDef
 from kubetasks.registry import Locking
-from kubetasks.store import Store
+from kubetasks.store import Store, queues, tasks
 from kubetasks.store import listen as store_listen
+from kubetasks.store import schedules as store_schedules
 
 log = logging.getLogger("kubetasks.cron")
 
@@ -179,10 +180,12 @@ async def upsert_schedule(store: Store, spec: ScheduleSpec, *, since: datetime |
     A schedule of the other source under the same name is refused.
     """
     s = spec.validated()
-    row = await store.run(
-        "schedule_upsert", s.name, s.cron, s.timezone, s.handler, s.queue,
-        json.dumps(dict(s.payload), separators=(",", ":")), s.concurrency_policy, s.lock_ttl,
-        s.starting_deadline, s.suspend, s.source, s.cr_uid, since,
+    row = await store_schedules.schedule_upsert(
+        store, name=s.name, cron=s.cron, timezone=s.timezone, handler=s.handler, queue=s.queue,
+        payload=json.dumps(dict(s.payload), separators=(",", ":")),
+        concurrency_policy=s.concurrency_policy, lock_ttl=s.lock_ttl,
+        starting_deadline=s.starting_deadline, suspend=s.suspend, source=s.source, cr_uid=s.cr_uid,
+        since=since,
     )  # fmt: skip
     if row is None:
         other = await store.run("schedule_source", s.name)
@@ -194,7 +197,7 @@ async def upsert_schedule(store: Store, spec: ScheduleSpec, *, since: datetime |
 
 async def delete_schedule(store: Store, name: str, *, source: str | None = None) -> bool:
     """Delete a schedule and its tick history (its runs stay); True when it existed."""
-    return bool(await store.run("schedule_delete", name, source))
+    return await store_schedules.schedule_delete(store, name=name, source=source)
 
 
 @dataclass(frozen=True)
@@ -283,21 +286,21 @@ async def statuses(
         await app.open()
     store = store or app.store
     wanted = list(names) if names else None
-    rows = await store.run("schedules_status", wanted)
+    rows = await store_schedules.schedules_status(store, names=wanted)
     runs: dict[str, list[RunRecord]] = {}
     if history > 0:
-        for h in await store.run("schedules_history", wanted, history):
-            runs.setdefault(h["schedule"], []).append(
+        for hist in await store_schedules.schedules_history(store, names=wanted, per_schedule=history):
+            runs.setdefault(hist["schedule"], []).append(
                 RunRecord(
-                    tick_at=h["tick_at"],
-                    outcome=h["outcome"],
-                    manual=h["manual"],
-                    task_id=h["task_id"],
-                    status=h["status"],
-                    holder=h["holder"],
-                    reason=h["reason"],
-                    started_at=h["started_at"],
-                    finished_at=h["finished_at"],
+                    tick_at=hist["tick_at"],
+                    outcome=hist["outcome"],
+                    manual=hist["manual"],
+                    task_id=hist["task_id"],
+                    status=hist["status"],
+                    holder=hist["holder"],
+                    reason=hist["reason"],
+                    started_at=hist["started_at"],
+                    finished_at=hist["finished_at"],
                 )
             )
     held: dict[str, locks.Holder] = {}
@@ -360,8 +363,7 @@ async def statuses(
 
 
 async def _db_now(store: Store) -> datetime:
-    now: datetime = await store.run("db_now")
-    return now
+    return await queues.db_now(store)
 
 
 async def fire(
@@ -380,7 +382,7 @@ async def fire(
     await app.open()
     store = app.store
     async with store.transaction() as conn:
-        s = await store.run("schedule_for_tick", name, conn=conn)
+        s = await store_schedules.schedule_for_tick(store, name=name, conn=conn)
         if s is None:
             if manual:
                 raise KubetasksError(f"schedule {name!r} not found")
@@ -391,22 +393,26 @@ async def fire(
                 return TickResult(name, tick_at, "taken")
         missed = 0
         if due is not None and due.missed:
-            missed = int(
-                await store.run("cron_ticks_missed", name, list(due.missed), due.missed_more, conn=conn)
+            missed = await store_schedules.ticks_missed(
+                store, schedule=name, ticks=due.missed, more=due.missed_more, conn=conn
             )
             if due.missed_more:
                 log.warning(
                     "schedule %s: %d more missed ticks were counted but not listed", name, due.missed_more
                 )
         if not manual:
-            await store.run("schedule_advance", name, due.newest if due else tick_at, conn=conn)
+            await store_schedules.schedule_advance(
+                store, name=name, newest=due.newest if due else tick_at, conn=conn
+            )
         if due is not None and due.run is None:
-            await store.run("cron_notify_ticked", name, conn=conn)
+            await store_schedules.notify_ticked(store, schedule=name, conn=conn)
             return TickResult(name, tick_at, "missed", missed=missed)
-        won = await store.run("cron_tick_claim", name, tick_at, manual, conn=conn)
+        won = await store_schedules.tick_claim(
+            store, schedule=name, tick_at=tick_at, manual=manual, conn=conn
+        )
         if not won:
             return TickResult(name, tick_at, "taken", missed=missed)
-        await store.run("cron_notify_ticked", name, conn=conn)
+        await store_schedules.notify_ticked(store, schedule=name, conn=conn)
         holder, reason = None, None
         if s["concurrency_policy"] == "Forbid":
             holder, reason = await _forbid_check(app, s)
@@ -417,10 +423,14 @@ async def fire(
                 reason = f"cannot enqueue: {exc}"
                 log.error("schedule %s: tick %s not run: %s", name, tick_at.isoformat(), exc)
             else:
-                await store.run("cron_tick_enqueued", name, tick_at, task_id, conn=conn)
-                await store.run("cron_ticks_prune", name, KEEP_TICKS, conn=conn)
+                await store_schedules.tick_enqueued(
+                    store, schedule=name, tick_at=tick_at, task_id=task_id, conn=conn
+                )
+                await store_schedules.ticks_prune(store, schedule=name, keep=KEEP_TICKS, conn=conn)
                 return TickResult(name, tick_at, "enqueued", task_id=task_id, missed=missed)
-        await store.run("cron_tick_skipped", name, tick_at, holder, reason, conn=conn)
+        await store_schedules.tick_skipped(
+            store, schedule=name, tick_at=tick_at, holder=holder, reason=reason, conn=conn
+        )
         return TickResult(name, tick_at, "skipped", holder=holder, reason=reason, missed=missed)
 
 
@@ -452,11 +462,7 @@ async def _enqueue(app: CronApp, store: Store, conn: Any, s: Mapping[str, Any], 
         store,
         conn,
     )
-    task_id = await store.run(
-        "cron_enqueue", p.handler, p.queue, p.priority, p.payload, p.max_attempts, p.timeout,
-        p.retry_delay, p.backoff, p.max_retry_delay, p.tags, conn=conn,
-    )  # fmt: skip
-    return int(task_id)
+    return await tasks.cron_enqueue(store, p.columns(), conn=conn)
 
 
 async def trigger(app: CronApp, name: str) -> TickResult:
@@ -538,7 +544,7 @@ class Scheduler:
         """One pass: fire every due tick; returns what was done and the next tick's time."""
         app = self.app
         now = await self.clock()
-        rows = await app.store.run("schedules_all")
+        rows = await store_schedules.schedules_all(app.store)
         results: list[TickResult] = []
         next_at: datetime | None = None
         for r in rows:

@@ -35,6 +35,7 @@ from typing import Any
 from kubetasks import cron
 from kubetasks.cron import CronApp, ScheduleStatus, TickResult
 from kubetasks.errors import KubetasksError, ValidationError
+from kubetasks.store import schedules as store_schedules
 
 BY_MAX = 253
 
@@ -56,7 +57,7 @@ async def pause(app: CronApp, name: str, *, by: str = "api") -> bool:
     if not isinstance(by, str) or not 1 <= len(by) <= BY_MAX:
         raise ValidationError("by", f"must be 1 to {BY_MAX} characters")
     await app.open()
-    row = await app.store.run("schedule_pause", _name(name), by)
+    row = await store_schedules.schedule_pause(app.store, name=_name(name), by=by)
     if row is None:
         raise ScheduleNotFound(name)
     return not row["was_paused"]
@@ -68,7 +69,7 @@ async def resume(app: CronApp, name: str, *, since: datetime | None = None) -> b
     if since is not None and (not isinstance(since, datetime) or since.tzinfo is None):
         raise ValidationError("since", "must be a timezone-aware datetime")
     await app.open()
-    row = await app.store.run("schedule_resume", _name(name), since)
+    row = await store_schedules.schedule_resume(app.store, name=_name(name), since=since)
     if row is None:
         raise ScheduleNotFound(name)
     return bool(row["was_paused"])
