@@ -188,10 +188,9 @@ async def upsert_schedule(store: Store, spec: ScheduleSpec, *, since: datetime |
         since=since,
     )  # fmt: skip
     if row is None:
-        other = await store.run("schedule_source", s.name)
-        raise ValidationError(
-            "name", f"schedule {s.name!r} is already defined by {SOURCE_NAMES.get(other, other)}"
-        )
+        other = await store_schedules.schedule_source(store, name=s.name)
+        owner = SOURCE_NAMES.get(other or "", other or "another source")
+        raise ValidationError("name", f"schedule {s.name!r} is already defined by {owner}")
     return bool(row["created"])
 
 
@@ -518,8 +517,8 @@ class Scheduler:
         """Upsert this app's ``@app.periodic`` schedules (source ``code``), and delete the
         ``code`` schedules no active worker's code declares any more (``schedules.prune``)."""
         app = self.app
-        for r in await app.store.run("schedules_prune", sorted(app.periodics)):
-            log.warning("periodic %s is declared by no active worker's code any more: deleted", r["name"])
+        for name in await store_schedules.schedules_prune(app.store, keep=sorted(app.periodics)):
+            log.warning("periodic %s is declared by no active worker's code any more: deleted", name)
         if not app.periodics:
             return
         since = await self.clock()

@@ -35,6 +35,7 @@ from typing import Any
 from kubetasks import cron
 from kubetasks.cron import CronApp, ScheduleStatus, TickResult
 from kubetasks.errors import KubetasksError, ValidationError
+from kubetasks.store import queues as store_queues
 from kubetasks.store import schedules as store_schedules
 
 BY_MAX = 253
@@ -123,7 +124,7 @@ async def create(
         lock_ttl=validation.DEFAULT_LOCK_TTL_S if lock_ttl is None else lock_ttl,
         starting_deadline=starting_deadline, suspend=suspend, source="api",
     ))  # fmt: skip
-    existing = await store.run("schedule_source", spec.name)
+    existing = await store_schedules.schedule_source(store, name=spec.name)
     if existing is not None:
         how = "update_schedule changes it" if existing == "api" else cron.SOURCE_NAMES[existing]
         raise ValidationError("name", f"schedule {spec.name!r} already exists ({how})")
@@ -167,8 +168,9 @@ async def prune(app: CronApp, *, dry_run: bool = False) -> list[str]:
     await app.open()
     store = app.store
     keep = sorted(app.periodics)
-    rows = await store.run("schedules_orphaned" if dry_run else "schedules_prune", keep)
-    return sorted(r["name"] for r in rows)
+    if dry_run:
+        return sorted(await store_schedules.schedules_orphaned(store, keep=keep))
+    return sorted(await store_schedules.schedules_prune(store, keep=keep))
 
 
 def _checked(spec: Any) -> Any:
@@ -199,7 +201,7 @@ async def _handler_queue(app: CronApp, handler: str) -> str:
     td = app.handlers.get(handler)
     if td is not None and td.queue:
         return td.queue
-    rows = await app.store.run("handler_options", [handler])
+    rows = await store_queues.handler_options(app.store, handlers=[handler])
     if rows and rows[0]["queue"]:
         return str(rows[0]["queue"])
     return app.settings.default_queue

@@ -102,3 +102,19 @@ async def tick_skipped(
 
 async def ticks_prune(store: Store, *, schedule: str, keep: int, conn: Conn) -> None:
     await store.run("cron_ticks_prune", schedule, keep, conn=conn)
+
+
+async def schedule_source(store: Store, *, name: str) -> str | None:
+    """The schedule's source (code | crd | api); None: no such schedule."""
+    source: str | None = await store.run("schedule_source", name)
+    return source
+
+
+async def schedules_orphaned(store: Store, *, keep: Sequence[str]) -> list[str]:
+    """The ``code`` schedules no active worker's code declares, apart from ``keep``."""
+    return [r["name"] for r in await store.run("schedules_orphaned", list(keep))]
+
+
+async def schedules_prune(store: Store, *, keep: Sequence[str]) -> list[str]:
+    """Delete the schedules ``schedules_orphaned`` names; the names deleted."""
+    return [r["name"] for r in await store.run("schedules_prune", list(keep))]
