@@ -94,8 +94,9 @@ from typing import Any, TypeVar
 import asyncpg
 
 from kubetasks.config import Settings
-from kubetasks.store import Store
+from kubetasks.store import Store, workers
 from kubetasks.store.pg import connect_lease
+from kubetasks.store.tasks import Row
 
 log = logging.getLogger("kubetasks.leases")
 
@@ -305,12 +306,12 @@ class Lease:
         """Make sure this session holds a slot's lock: our own again, or the first free one."""
         if self._slot_held:
             return
-        if self.slot is not None and await self._queries.run(
-            "retake_pod_slot", self.pod_id, self.slot, conn=conn
+        if self.slot is not None and await workers.retake_pod_slot(
+            self._queries, pod_id=self.pod_id, slot=self.slot, conn=conn
         ):
             self._slot_held = True
             return
-        slot = await self._queries.run("take_pod_slot", self.pod_id, SLOTS_MAX, conn=conn)
+        slot = await workers.take_pod_slot(self._queries, pod_id=self.pod_id, slots=SLOTS_MAX, conn=conn)
         if slot is None:
             raise RuntimeError(
                 f"live processes hold all {SLOTS_MAX} slots of pod id {self.pod_id!r}: "
@@ -343,9 +344,11 @@ class Lease:
                     break
                 await self._hold_slot(conn)
                 sent = time.monotonic()
-                row = await self._queries.run(
-                    "register_worker", new_id, self.pod_id, self.slot, predecessor, socket.gethostname(),
-                    os.getpid(), self.queues, self.concurrency, s.lease_ttl, silence_after(s), conn=conn,
+                row = await workers.register_worker(
+                    self._queries, worker_id=new_id, pod_id=self.pod_id, slot=self.slot,
+                    predecessor=predecessor, hostname=socket.gethostname(), pid=os.getpid(),
+                    queues=self.queues, concurrency=self.concurrency, lease_ttl=s.lease_ttl,
+                    silence_after=silence_after(s), conn=conn,
                 )  # fmt: skip
                 break
             except asyncpg.UniqueViolationError:
@@ -369,9 +372,10 @@ class Lease:
         self._reap_at = None
         if s.pod_namespace:
             # Lets the operator match its release's workers against a Pod listing.
-            await self._queries.run(
-                "set_worker_namespace", self.worker_id, s.pod_namespace, s.pod_selector or None, conn=conn
-            )
+            await workers.set_worker_namespace(
+                self._queries, worker_id=self.worker_id, namespace=s.pod_namespace,
+                selector=s.pod_selector or None, conn=conn,
+            )  # fmt: skip
         if row["extended"]:
             self._log_outage(int(row["extended"]))
         if row["superseded"]:
@@ -386,7 +390,7 @@ class Lease:
 
     async def _register_unlocked(
         self, conn: asyncpg.Connection, new_id: uuid.UUID, predecessor: uuid.UUID | None
-    ) -> asyncpg.Record:
+    ) -> Row:
         s = self.settings
         if not self._registered_once:
             log.warning(
@@ -394,9 +398,11 @@ class Lease:
                 "holds no slot lock, so a restarted pod's old worker is recovered when its lease runs "
                 "out (%gs) instead of at once", s.lease_ttl,
             )  # fmt: skip
-        row = await self._queries.run(
-            "register_worker_unlocked", new_id, self.pod_id, SLOTS_MAX, predecessor, socket.gethostname(),
-            os.getpid(), self.queues, self.concurrency, s.lease_ttl, silence_after(s), conn=conn,
+        row = await workers.register_worker_unlocked(
+            self._queries, worker_id=new_id, pod_id=self.pod_id, slots=SLOTS_MAX,
+            predecessor=predecessor, hostname=socket.gethostname(), pid=os.getpid(),
+            queues=self.queues, concurrency=self.concurrency, lease_ttl=s.lease_ttl,
+            silence_after=silence_after(s), conn=conn,
         )  # fmt: skip
         if row is None or row["slot"] is None:
             raise RuntimeError(
@@ -405,7 +411,7 @@ class Lease:
             )
         self.slot = int(row["slot"])
         self._slot_held = True
-        return row  # type: ignore[no-any-return]
+        return row
 
     async def _renew_at_once(self, conn: asyncpg.Connection) -> None:
         """The registration's reply came when the lease it granted had (nearly) run out by our
@@ -417,9 +423,10 @@ class Lease:
         sent = time.monotonic()
         try:
             async with asyncio.timeout(s.heartbeat_interval):
-                row = await self._queries.run(
-                    "heartbeat", self.worker_id, s.lease_ttl, self.queues, s.heartbeat_interval * 1.5,
-                    silence_after(s), [], [], conn=conn,
+                row = await workers.heartbeat(
+                    self._queries, worker_id=self.worker_id, lease_ttl=s.lease_ttl, queues=self.queues,
+                    suspect_after=s.heartbeat_interval * 1.5, silence_after=silence_after(s),
+                    task_ids=[], attempts=[], conn=conn,
                 )  # fmt: skip
         except DB_ERRORS as exc:
             # The heartbeats that follow decide: renewed, or lost and registered again.
@@ -456,12 +463,13 @@ class Lease:
                 if not self._slot_held and self.slot is not None and not self.unlocked:
                     # A new connection: hold our slot again (a live predecessor session of
                     # ours may still hold it until the server notices it is gone).
-                    self._slot_held = bool(
-                        await self._queries.run("retake_pod_slot", self.pod_id, self.slot, conn=conn)
+                    self._slot_held = await workers.retake_pod_slot(
+                        self._queries, pod_id=self.pod_id, slot=self.slot, conn=conn
                     )
-                row = await self._queries.run(
-                    "heartbeat", wid, s.lease_ttl, self.queues, s.heartbeat_interval * 1.5,
-                    silence_after(s), [i for i, _ in pairs], [a for _, a in pairs], conn=conn,
+                row = await workers.heartbeat(
+                    self._queries, worker_id=wid, lease_ttl=s.lease_ttl, queues=self.queues,
+                    suspect_after=s.heartbeat_interval * 1.5, silence_after=silence_after(s),
+                    task_ids=[i for i, _ in pairs], attempts=[a for _, a in pairs], conn=conn,
                 )  # fmt: skip
         except DB_ERRORS as exc:
             self.stats.failures += 1
@@ -505,8 +513,8 @@ class Lease:
         try:
             async with asyncio.timeout(self.settings.heartbeat_interval):
                 conn = await self._connection()
-                rows = await self._queries.run(
-                    "reap_expired_workers", silence_after(self.settings), conn=conn
+                rows = await workers.reap_expired_workers(
+                    self._queries, silence_after=silence_after(self.settings), conn=conn
                 )
         except DB_ERRORS as exc:
             log.warning("reaping expired leases failed: %r", exc)

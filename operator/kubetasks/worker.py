@@ -62,7 +62,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -75,7 +75,7 @@ from kubetasks.errors import Fail, Retry, ValidationError
 from kubetasks.hooks import Hooks
 from kubetasks.model import TaskDef
 from kubetasks.registry import call_handler
-from kubetasks.store import Store, retry_connection_errors
+from kubetasks.store import Store, queues, retry_connection_errors, workers
 from kubetasks.store import listen as store_listen
 from kubetasks.workflows import Suspend
 
@@ -485,7 +485,7 @@ class Worker:
         grace = self.settings.shutdown_grace
         with contextlib.suppress(*DB_ERRORS):
             async with asyncio.timeout(5):
-                await self.store.run("set_worker_stopping", self.worker_id)
+                await workers.set_worker_stopping(self.store, worker_id=self.worker_id)
         live = [r.task for r in self._running.values() if r.task is not None and not r.task.done()]
         if live:
             log.info("stopping: waiting up to %.0fs for %d running task(s)", grace, len(live))
@@ -509,7 +509,9 @@ class Worker:
             self.lease.retiring()  # its next heartbeat finds the row stopped: no lease loss to report
         try:
             async with asyncio.timeout(10):
-                await self.store.run("stop_worker", self.worker_id, "dead", "graceful shutdown")
+                await workers.stop_worker(
+                    self.store, worker_id=self.worker_id, status="dead", reason="graceful shutdown"
+                )
                 # What only this worker served is unserved now: park it rather than
                 # leave it in peers' claims until the next pass.
                 await self.housekeeper.offer(force=True)
@@ -582,7 +584,7 @@ class Worker:
         if waiting == self._db_waiting or self._stopping:
             return False
         try:
-            await self.store.run("worker_waits" if waiting else "worker_busy", self.worker_id)
+            await workers.worker_waits(self.store, worker_id=self.worker_id, waiting=waiting)
         except DB_ERRORS as exc:
             if waiting:
                 # Enqueues may not wake us meanwhile: look again soon instead.
@@ -620,7 +622,10 @@ class Worker:
                 td = self.app.handlers[name]
                 if td.concurrency:
                     want = min(want, td.concurrency - self._per_handler[name])
-                rows = await self.store.run("claim_limited", wid, pod, q, name, td.cluster_concurrency, want)
+                rows = await workers.claim_limited(
+                    self.store, worker_id=wid, pod_id=pod, queue=q, handler=name,
+                    limit=td.cluster_concurrency, want=want,
+                )  # fmt: skip
                 for r in rows:
                     self._start(r, wid)
                 free -= len(rows)
@@ -670,9 +675,8 @@ class Worker:
     async def _discover(self) -> None:
         """Under ``*``: remember every queue holding pending tasks of this worker's handlers."""
         self._rediscover = False
-        rows = await self.store.run("queues_with_pending", sorted(self.app.handlers))
-        for r in rows:
-            self._found.setdefault(r["queue"], None)
+        for q in await queues.queues_with_pending(self.store, handlers=sorted(self.app.handlers)):
+            self._found.setdefault(q, None)
 
     async def _set_queues(self) -> None:
         """Tell the database the queues this worker serves now (before ``_serve``, which unparks
@@ -683,7 +687,7 @@ class Worker:
         self.queues = wanted
         if self.lease is not None:
             self.lease.queues = list(wanted)  # its next registration says the same
-            await self.store.run("set_worker_queues", self.worker_id, list(wanted))
+            await workers.set_worker_queues(self.store, worker_id=self.worker_id, queues=wanted)
         log.info("worker now serves queues %s", ",".join(wanted))
 
     async def _serve(self) -> None:
@@ -692,15 +696,17 @@ class Worker:
         unparked and their queues woken."""
         tds = list(self.app.handlers.values())
         served = tuple(sorted(td.name for td in tds))
-        row = await self.store.run(
-            "worker_serves", self.worker_id, list(served), serving.limits_json(tds),
-            serving.options_json(tds), serving.BUDGET,
+        row = await workers.worker_serves(
+            self.store, worker_id=self.worker_id, handlers=list(served), limits=serving.limits_json(tds),
+            options=serving.options_json(tds), budget=serving.BUDGET,
         )  # fmt: skip
         self._served = served
         if row is None:
             return  # no such worker (fenced meanwhile): the next registration says it again
         # Which @app.periodic schedules this code declares: one no worker declares is orphaned.
-        await self.store.run("set_worker_periodics", self.worker_id, sorted(self.app.periodics))
+        await workers.set_worker_periodics(
+            self.store, worker_id=self.worker_id, periodics=sorted(self.app.periodics)
+        )
         self._set_limits(row["limits"])
         if row["unparked"]:
             log.info("unparked %d task(s) this worker serves", row["unparked"])
@@ -716,7 +722,9 @@ class Worker:
             return
         keep = [*self._running, *self._abandoned]
         try:
-            n = await self.store.run("release_orphans", self.worker_id, keep, "claim reply lost")
+            n = await workers.release_orphans(
+                self.store, worker_id=self.worker_id, keep=keep, reason="claim reply lost"
+            )
         except DB_ERRORS as exc:
             log.warning("could not check for orphaned claims (%r); retrying later", exc)
             self._orphans_reported = True
@@ -726,7 +734,7 @@ class Worker:
             self.stats.orphans_released += int(n)
             log.warning("handed back %d task(s) claimed by a statement whose reply was lost", n)
 
-    def _start(self, r: asyncpg.Record, wid: uuid.UUID) -> None:
+    def _start(self, r: Mapping[str, Any], wid: uuid.UUID) -> None:
         self.stats.claimed += 1
         metrics.task_counters(r["handler"], r["queue"]).claimed.inc()
         ctx = TaskContext(
@@ -749,9 +757,9 @@ class Worker:
         if run is None or run.dropped:
             return False
         try:
-            n = await self.store.run(
-                "set_progress", ctx.id, ctx.attempt, run.worker_id, percent,
-                None if message is None else _clean(message),
+            n = await workers.set_progress(
+                self.store, task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, percent=percent,
+                message=None if message is None else _clean(message),
             )  # fmt: skip
         except DB_ERRORS as exc:
             log.warning("progress of task %d not written (%r)", ctx.id, exc)
@@ -767,14 +775,14 @@ class Worker:
     async def _record_fenced(self, wid: uuid.UUID, items: list[tuple[int, int, str]]) -> None:
         """Best effort: a fenced_out event per dropped write (rare; off the hot path)."""
         try:
-            await self.store.run(
-                "record_fenced_out", wid, self.settings.pod_id,
-                [i for i, _, _ in items], [a for _, a, _ in items], [d for _, _, d in items],
+            await workers.record_fenced_out(
+                self.store, worker_id=wid, pod_id=self.settings.pod_id, task_ids=[i for i, _, _ in items],
+                attempts=[a for _, a, _ in items], dropped=[d for _, _, d in items],
             )  # fmt: skip
         except DB_ERRORS as exc:
             log.warning("fenced_out event(s) not recorded (%r)", exc)
 
-    async def _execute(self, run: _Run, row: asyncpg.Record) -> None:
+    async def _execute(self, run: _Run, row: Mapping[str, Any]) -> None:
         """Run the handler and queue its outcome; the slot is freed whatever happens."""
         ctx = run.ctx
         queued = False
@@ -796,7 +804,7 @@ class Worker:
             if not queued:
                 self._finish(ctx.id)  # taken away (nothing to write) or torn down
 
-    async def _run_handler(self, run: _Run, row: asyncpg.Record) -> Outcome | None:
+    async def _run_handler(self, run: _Run, row: Mapping[str, Any]) -> Outcome | None:
         """The handler's outcome; None when the run was taken away (nothing is written)."""
         ctx = run.ctx
         started = time.monotonic()
@@ -872,7 +880,9 @@ class Worker:
         ctx = run.ctx
         run.dropped = why
         try:
-            await self.store.run("hand_back", run.worker_id, ctx.id, ctx.attempt, why)
+            await workers.hand_back(
+                self.store, worker_id=run.worker_id, task_id=ctx.id, attempt=ctx.attempt, reason=why
+            )
         except DB_ERRORS as exc:
             # Still running under us: the heartbeat reports it as an orphan and it is handed back then.
             log.warning("task %d not handed back (%r)", ctx.id, exc)
@@ -883,7 +893,7 @@ class Worker:
     def _set_failure(
         self,
         out: Outcome,
-        row: asyncpg.Record,
+        row: Mapping[str, Any],
         error: str,
         tb: str | None,
         kind: str,
@@ -1028,7 +1038,7 @@ class Worker:
         limited_queues = {o.queue for o in settled if o.handler in limits}
         for q in limited_queues:
             with contextlib.suppress(*DB_ERRORS):
-                await self.store.run("wake_queue", q)
+                await queues.wake_queue(self.store, queue=q)
         return again, errors[-1] if errors else None
 
     async def _guarded(
@@ -1084,10 +1094,11 @@ class Worker:
 
     def _failures_writer(self, wid: uuid.UUID) -> Writer:
         async def write(outs: list[Outcome]) -> set[int]:
-            rows = await self.store.run(
-                "complete_unsuccessful", wid, [o.task_id for o in outs], [o.attempt for o in outs],
-                [o.delay for o in outs], [o.error for o in outs], [o.tb for o in outs],
-                [o.kind for o in outs],
+            rows = await workers.complete_unsuccessful(
+                self.store, worker_id=wid, task_ids=[o.task_id for o in outs],
+                attempts=[o.attempt for o in outs], delays=[o.delay for o in outs],
+                errors=[o.error for o in outs], tracebacks=[o.tb for o in outs],
+                outcomes=[o.kind for o in outs],
             )  # fmt: skip
             return {r["id"] for r in rows}
 
@@ -1095,9 +1106,10 @@ class Worker:
 
     def _suspend_writer(self, wid: uuid.UUID) -> Writer:
         async def write(outs: list[Outcome]) -> set[int]:
-            rows = await self.store.run(
-                "suspend_tasks", wid, [o.task_id for o in outs], [o.attempt for o in outs],
-                json.dumps([o.wait_ids for o in outs]), [o.policy for o in outs],
+            rows = await workers.suspend_tasks(
+                self.store, worker_id=wid, task_ids=[o.task_id for o in outs],
+                attempts=[o.attempt for o in outs], waits=json.dumps([o.wait_ids for o in outs]),
+                policies=[o.policy for o in outs],
             )  # fmt: skip
             return {r["id"] for r in rows}
 
@@ -1140,9 +1152,10 @@ class Worker:
         ``free`` tasks of the ``allowed`` handlers in queue ``q`` and start them; the written
         ids and how many were claimed."""
         t0 = time.monotonic()
-        rows = await self.store.run(
-            "claim", wid, self.settings.pod_id, q, free, allowed,
-            [o.task_id for o in ok], [o.attempt for o in ok], [o.result for o in ok],
+        rows = await workers.claim(
+            self.store, worker_id=wid, pod_id=self.settings.pod_id, queue=q, limit=free, handlers=allowed,
+            done_ids=[o.task_id for o in ok], done_attempts=[o.attempt for o in ok],
+            done_results=[o.result for o in ok],
         )  # fmt: skip
         if free:
             metrics.CLAIM_DURATION.labels(q).observe(time.monotonic() - t0)

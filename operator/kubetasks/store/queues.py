@@ -78,3 +78,8 @@ async def db_now(store: Store, *, conn: Conn = None) -> datetime:
 async def health_applied_migrations(store: Store) -> list[Row]:
     rows: list[Row] = await store.run("health_applied_migrations")
     return rows
+
+
+async def queues_with_pending(store: Store, *, handlers: Sequence[str]) -> list[str]:
+    """The queues holding pending tasks of these handlers (claimable or parked)."""
+    return [r["queue"] for r in await store.run("queues_with_pending", list(handlers))]

@@ -187,3 +187,40 @@ async def set_worker_stopping(store: Store, *, worker_id: uuid.UUID) -> None:
 
 async def stop_worker(store: Store, *, worker_id: uuid.UUID, status: str, reason: str) -> int:
     return int(await store.run("stop_worker", worker_id, status, reason) or 0)
+
+
+async def register_worker_unlocked(
+    store: Store,
+    *,
+    worker_id: uuid.UUID,
+    pod_id: str,
+    slots: int,
+    predecessor: uuid.UUID | None,
+    hostname: str,
+    pid: int,
+    queues: Sequence[str],
+    concurrency: int,
+    lease_ttl: float,
+    silence_after: float,
+    conn: Conn,
+) -> Row | None:
+    """``register_worker`` without a slot lock (a transaction-pooling proxy): the first of
+    ``slots`` with no live lease is taken, returned as ``slot`` (None: all taken)."""
+    row: Row | None = await store.run(
+        "register_worker_unlocked", worker_id, pod_id, slots, predecessor, hostname, pid,
+        list(queues), concurrency, lease_ttl, silence_after, conn=conn,
+    )  # fmt: skip
+    return row
+
+
+async def worker_waits(store: Store, *, worker_id: uuid.UUID, waiting: bool) -> None:
+    """Mark the worker waiting for work (enqueues of its queues wake it) or busy (they need not)."""
+    await store.run("worker_waits" if waiting else "worker_busy", worker_id)
+
+
+async def set_worker_queues(store: Store, *, worker_id: uuid.UUID, queues: Sequence[str]) -> None:
+    await store.run("set_worker_queues", worker_id, list(queues))
+
+
+async def set_worker_periodics(store: Store, *, worker_id: uuid.UUID, periodics: Sequence[str]) -> None:
+    await store.run("set_worker_periodics", worker_id, list(periodics))
