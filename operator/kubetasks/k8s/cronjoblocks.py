@@ -32,7 +32,7 @@ from kubetasks import cron, locks, validation
 from kubetasks.errors import ValidationError
 from kubetasks.k8s.kube import ObjectGone
 from kubetasks.k8s.opcontext import NotLeading
-from kubetasks.store import Store
+from kubetasks.store import Store, objects
 
 if TYPE_CHECKING:
     from kubetasks.k8s.opcontext import OperatorContext
@@ -95,7 +95,7 @@ def spec_error(namespace: str, name: str, spec: Mapping[str, Any], default_queue
 
 async def delete_schedule(store: Store, namespace: str, name: str, uid: str) -> bool:
     """Remove the schedule of the CronJobLock with ``uid`` (not a newer one of the same name)."""
-    return bool(await store.run("crd_schedule_delete", schedule_name(namespace, name), uid))
+    return await objects.crd_schedule_delete(store, name=schedule_name(namespace, name), cr_uid=uid)
 
 
 async def sync_object(ctx: OperatorContext, event: Mapping[str, Any]) -> tuple[bool, str] | None:
@@ -188,7 +188,7 @@ class CronStatusRefresher:
         # Rows first, objects second: a schedule created between the two reads
         # is not among ``rows``, so it cannot be taken for an orphan. Without
         # CronJobLocks seen lately, the rows are read only when a prune is due.
-        rows = await self.store.run("crd_schedules", scope) if prune or self._had_objects else []
+        rows = await objects.crd_schedules(self.store, namespaces=scope) if prune or self._had_objects else []
         items = await self.kube.list_objects(PLURAL, self.namespaces)
         by_schedule = {schedule_name(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in items}
         self._had_objects = bool(by_schedule)
@@ -197,7 +197,7 @@ class CronStatusRefresher:
             if (
                 row["cr_uid"] not in uids
                 and self.fence()
-                and await self.store.run("crd_schedule_delete", row["name"], row["cr_uid"])
+                and await objects.crd_schedule_delete(self.store, name=row["name"], cr_uid=row["cr_uid"])
             ):
                 log.info("schedule %s removed: its CronJobLock no longer exists", row["name"])
         if rows or prune:

@@ -46,7 +46,7 @@ from kubetasks.k8s import cronjoblocks, webhook
 from kubetasks.k8s.kube import FINALIZER, GROUP, VERSION, ObjectGone, is_transient
 from kubetasks.k8s.opcontext import NotLeading, OperatorContext
 from kubetasks.model import EnqueueRequest
-from kubetasks.store import Store
+from kubetasks.store import Store, objects, queues, tasks
 from kubetasks.store.pg import CONNECTION_ERRORS
 
 log = logging.getLogger("kubetasks.k8s")
@@ -124,9 +124,13 @@ async def ingest(ctx: OperatorContext, uid: str, namespace: str, name: str, spec
             else "invalid"
         )
         queue = req.queue or app.settings.default_queue
-        tid = await ctx.store.run("ingest_refused", h, queue, error, uid, namespace, name)
+        assert error is not None  # no prepared task: refused, and why
+        tid = await objects.ingest_refused(
+            ctx.store, handler=h, queue=queue, error=error, cr_uid=uid, cr_namespace=namespace, cr_name=name
+        )
         if tid is None:
-            row = await ctx.store.run("cr_task_by_uid", uid)
+            row = await objects.cr_task_by_uid(ctx.store, cr_uid=uid)
+            assert row is not None  # the conflicting row: rows of Task objects are never deleted first
             return int(row["id"])
         log.warning("Task %s/%s refused: %s", namespace, name, error)
         return int(tid)
@@ -185,7 +189,7 @@ async def _drop_legacy_finalizer(ctx: OperatorContext, body: Mapping[str, Any]) 
 
 async def _cancel_deleted(ctx: OperatorContext, row: Any, ns: str, name: str) -> None:
     if row is not None and row["status"] in UNFINISHED:
-        await ctx.store.run("cancel_task", row["id"], DELETED_REASON)
+        await tasks.cancel_task(ctx.store, task_id=row["id"], reason=DELETED_REASON)
         log.info("Task %s/%s deleted: task %d cancelled", ns, name, row["id"])
 
 
@@ -236,25 +240,26 @@ async def reconcile_task(ctx: OperatorContext, body: Mapping[str, Any], *, delet
         timer = ctx.ttl_timers.pop(uid, None)
         if timer:
             timer.cancel()
-        await _cancel_deleted(ctx, await ctx.store.run("cr_task_by_uid", uid), ns, name)
+        await _cancel_deleted(ctx, await objects.cr_task_by_uid(ctx.store, cr_uid=uid), ns, name)
         return
     await _drop_legacy_finalizer(ctx, body)
-    row = await ctx.store.run("cr_task_by_uid", uid)
+    row = await objects.cr_task_by_uid(ctx.store, cr_uid=uid)
     if meta.get("deletionTimestamp"):
         await _cancel_deleted(ctx, row, ns, name)
         return
     if row is None:
         tid = await ingest(ctx, uid, ns, name, spec)
-        row = await ctx.store.run("cr_task_by_uid", uid)
+        row = await objects.cr_task_by_uid(ctx.store, cr_uid=uid)
+        assert row is not None  # just ingested; rows of Task objects are not deleted while they live
         log.info("Task %s/%s accepted as task %d", ns, name, tid)
     if row["status"] not in UNFINISHED and status.get("phase") in FINISHED_PHASES:
         _schedule_ttl_delete(ctx, body)
     if spec.get("suspend") and row["status"] == "pending":
-        await ctx.store.run("pause_task", row["id"])
+        await tasks.pause_task(ctx.store, task_id=row["id"])
     elif not spec.get("suspend") and row["status"] == "paused":
-        resumed = await ctx.store.run("resume_task", row["id"])
+        resumed = await tasks.resume_task(ctx.store, task_id=row["id"])
         if resumed is not None:
-            await ctx.store.run("wake_queue", resumed["queue"])
+            await queues.wake_queue(ctx.store, queue=resumed["queue"])
 
 
 async def on_task_event(ctx: OperatorContext, event: Mapping[str, Any]) -> None:
@@ -276,14 +281,14 @@ async def reconcile_all(ctx: OperatorContext) -> dict[str, int]:
     Rows are read before the listing, so a row whose object is missing from
     it really lost its object (one created after the listing has no row yet).
     """
-    unfinished = await ctx.store.run("cr_unfinished", ctx.scope())
-    objects = await ctx.kube.list_objects("tasks", ctx.namespaces)
+    unfinished = await objects.cr_unfinished(ctx.store, namespaces=ctx.scope())
+    found = await ctx.kube.list_objects("tasks", ctx.namespaces)
     rows = {
         r["cr_uid"]: r
-        for r in await ctx.store.run("cr_tasks_by_uids", [o["metadata"]["uid"] for o in objects])
+        for r in await objects.cr_tasks_by_uids(ctx.store, cr_uids=[o["metadata"]["uid"] for o in found])
     }
-    counts = {"objects": len(objects), "ingested": 0, "cancelled": 0, "touched": 0}
-    for obj in objects:
+    counts = {"objects": len(found), "ingested": 0, "cancelled": 0, "touched": 0}
+    for obj in found:
         meta, spec = obj["metadata"], obj.get("spec") or {}
         row = rows.get(meta["uid"])
         needs = (
@@ -297,12 +302,12 @@ async def reconcile_all(ctx: OperatorContext) -> dict[str, int]:
         if needs:
             counts["ingested" if row is None else "touched"] += 1
             await reconcile_task(ctx, obj)
-    listed = {o["metadata"]["uid"] for o in objects}
+    listed = {o["metadata"]["uid"] for o in found}
     for r in unfinished:
         if r["cr_uid"] not in listed:
             if not ctx.fence():
                 raise NotLeading("reconciling Task rows")
-            await ctx.store.run("cancel_task", r["id"], DELETED_REASON)
+            await tasks.cancel_task(ctx.store, task_id=r["id"], reason=DELETED_REASON)
             counts["cancelled"] += 1
             log.info("Task %s/%s is gone: task %d cancelled", r["cr_namespace"], r["cr_name"], r["id"])
     return counts

@@ -24,7 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetasks.k8s.kube import Kube
 from kubetasks.leases import DB_ERRORS
-from kubetasks.store import Store
+from kubetasks.store import Store, objects, workers
 
 log = logging.getLogger("kubetasks.k8s.pods")
 
@@ -42,14 +42,21 @@ class PodWatcher:
         n = 0
         # One transaction: a worker declared dead never keeps tasks running.
         async with self.store.transaction() as conn:
-            dead = await self.store.run(
-                "workers_of_pod_dead", pod, self.namespace, self.selector, reason, conn=conn
+            dead = await objects.workers_of_pod_dead(
+                self.store,
+                pod=pod,
+                namespace=self.namespace,
+                selector=self.selector,
+                reason=reason,
+                conn=conn,
             )
             for w in dead:
-                n += int(
-                    await self.store.run(
-                        "release_worker", w["worker_id"], "lost", f"worker lost: {reason}", conn=conn
-                    )
+                n += await workers.release_worker(
+                    self.store,
+                    worker_id=w["worker_id"],
+                    mode="lost",
+                    reason=f"worker lost: {reason}",
+                    conn=conn,
                 )
         if n:
             log.warning("%s: released %d of its tasks", reason, n)
@@ -73,9 +80,11 @@ class PodWatcher:
         delay = 0.5
         while not stop.is_set():
             try:
-                workers = await self.store.run("live_workers_of_release", self.namespace, self.selector)
+                live = await objects.live_workers_of_release(
+                    self.store, namespace=self.namespace, selector=self.selector
+                )
                 pods, rv = await self.kube.list_pods(self.namespace, self.selector)
-                await self.reconcile(workers, pods)
+                await self.reconcile(live, pods)
                 delay = 0.5
                 await self._watch(rv, stop)
             except (ApiException, *DB_ERRORS) as exc:

@@ -29,14 +29,14 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-
-import asyncpg
 
 from kubetasks import serving
 from kubetasks.k8s.kube import ObjectGone
 from kubetasks.leases import DB_ERRORS
+from kubetasks.store import objects, tasks
 from kubetasks.store.listen import listen
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def summarise_result(result: Any) -> Any:
 
 
 def status_of(
-    row: asyncpg.Record | dict[str, Any],
+    row: Mapping[str, Any],
     children: dict[str, int] | None = None,
     served: serving.Serving | None = None,
 ) -> dict[str, Any]:
@@ -210,7 +210,9 @@ class StatusWriter:
                     next_resync = min(next_resync, loop.time() + self._retry_delay())
                 try:
                     if loop.time() >= next_resync:
-                        owed = await self.store.run("cr_status_owed", self.ctx.scope(), self.batch)
+                        owed = await objects.cr_status_owed(
+                            self.store, namespaces=self.ctx.scope(), limit=self.batch
+                        )
                         self._failures = 0
                         await self.write([r["task_id"] for r in owed])
                         more = len(owed) == self.batch
@@ -240,9 +242,9 @@ class StatusWriter:
     async def write(self, ids: list[int]) -> None:
         if not ids:
             return
-        rows = await self.store.run("cr_tasks_by_ids", ids, self.ctx.scope())
+        rows = await objects.cr_tasks_by_ids(self.store, task_ids=ids, namespaces=self.ctx.scope())
         children: dict[int, dict[str, int]] = {}
-        for c in await self.store.run("children_counts", [r["id"] for r in rows]):
+        for c in await tasks.children_counts(self.store, parent_ids=[r["id"] for r in rows]):
             children.setdefault(c["parent_id"], {})[c["status"]] = int(c["n"])
         served = None
         if any(r["parked"] and r["status"] == "pending" for r in rows):
@@ -250,7 +252,7 @@ class StatusWriter:
         sem = asyncio.Semaphore(self.parallel)
         failed = 0
 
-        async def one(row: asyncpg.Record) -> None:
+        async def one(row: Mapping[str, Any]) -> None:
             nonlocal failed
             async with sem:
                 if not await self._write_one(row, children.get(row["id"]), served):
@@ -264,7 +266,7 @@ class StatusWriter:
 
     async def _write_one(
         self,
-        row: asyncpg.Record,
+        row: Mapping[str, Any],
         children: dict[str, int] | None = None,
         served: serving.Serving | None = None,
     ) -> bool:
@@ -290,7 +292,7 @@ class StatusWriter:
         self.patches += 1
         self._written[row["id"]] = key
         if row["owed_ver"] is not None:
-            await self.store.run("cr_status_written", row["id"], row["owed_ver"])
+            await objects.cr_status_written(self.store, task_id=row["id"], version=row["owed_ver"])
         # A phase or attempt changed, or a waiting task's reason (no worker serves it) did.
         reason_changed = prev is not None and prev[4] != key[4] and status["phase"] == "Pending"
         if prev is None or prev[0] != key[0] or prev[1] != key[1] or (reason_changed and row["parked"]):
@@ -298,7 +300,7 @@ class StatusWriter:
         return True
 
     async def _post_event(
-        self, row: asyncpg.Record, status: dict[str, Any], prev: tuple[Any, ...] | None
+        self, row: Mapping[str, Any], status: dict[str, Any], prev: tuple[Any, ...] | None
     ) -> None:
         phase = status["phase"]
         if prev is None and phase not in FINISHED and phase != "Running" and not row["parked"]:
@@ -324,7 +326,7 @@ class StatusWriter:
         except Exception as exc:
             log.debug("event for task %s not posted: %r", row["cr_name"], exc)
 
-    async def _object_gone(self, row: asyncpg.Record) -> None:
+    async def _object_gone(self, row: Mapping[str, Any]) -> None:
         self._written.pop(row["id"], None)
         if row["status"] in ("pending", "running", "paused", "suspended"):
             log.info(
@@ -333,9 +335,9 @@ class StatusWriter:
                 row["cr_name"],
                 row["id"],
             )
-            await self.store.run("cancel_task", row["id"], "the Task object was deleted")
+            await tasks.cancel_task(self.store, task_id=row["id"], reason="the Task object was deleted")
         # Its uid will never come back: nothing is owed to it any more.
-        await self.store.run("cr_status_drop", [row["id"]])
+        await objects.cr_status_drop(self.store, task_ids=[row["id"]])
 
 
 async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
