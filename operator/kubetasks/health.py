@@ -42,7 +42,7 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
 from kubetasks import metrics
-from kubetasks.store import queries
+from kubetasks.store import queries, queues
 
 if TYPE_CHECKING:
     from kubetasks.worker import Worker
@@ -132,7 +132,7 @@ class HealthServer:
             return DbCheck(False, "the worker has not opened its database pool")
         try:
             async with asyncio.timeout(self.db_timeout_s):
-                rows = await store.run("health_applied_migrations")
+                rows = await queues.health_applied_migrations(store)
         except asyncpg.UndefinedTableError:
             return DbCheck(True, pending_migrations=self.shipped_migrations)
         except TimeoutError:

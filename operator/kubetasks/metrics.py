@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 
 from kubetasks import serving
+from kubetasks.store import queues
 
 if TYPE_CHECKING:
     from kubetasks.leases import Lease
@@ -186,7 +187,7 @@ class QueueStats:
                 return
             try:
                 async with asyncio.timeout(self.timeout):
-                    rows = await store.run("metrics_queue_depths")
+                    rows = await queues.metrics_queue_depths(store)
                     unserved = await serving.unserved(store)
             except Exception as exc:  # any failure: no queue figures, and why
                 self.depths, self.unserved, self.ok, self.error = [], [], False, repr(exc)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetasks.leases import DB_ERRORS
-from kubetasks.store import Store
+from kubetasks.store import Store, queues
 
 log = logging.getLogger("kubetasks.serving")
 
@@ -80,7 +80,7 @@ class Serving:
 
 
 async def read(store: Store, conn: Any = None) -> Serving:
-    return Serving.from_rows(await store.run("served_pairs", conn=conn))
+    return Serving.from_rows(await queues.served_pairs(store, conn=conn))
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ async def unserved(store: Store) -> list[Unserved]:
     serving = await read(store)
     return [
         Unserved(r["handler"], r["queue"], int(r["tasks"]), serving.message(r["handler"], r["queue"]))
-        for r in await store.run("unserved_counts")
+        for r in await queues.unserved_counts(store)
     ]
 
 
@@ -170,7 +170,9 @@ class Housekeeper:
     async def offer(self, *, force: bool = False) -> tuple[bool, bool, float | None]:
         """One call of park_unserved: (ran, more rows left, seconds until it may run)."""
         self.stats.offers += 1
-        row = await self._store().run("park_unserved", list(self._handlers()), self.gap, force, BUDGET)
+        row = await queues.park_unserved(
+            self._store(), handlers=list(self._handlers()), gap=self.gap, force=force, budget=BUDGET
+        )
         self._on_limits(json.loads(row["limits"]) if isinstance(row["limits"], str) else dict(row["limits"]))
         if row["ran"]:
             self.stats.passes += 1
