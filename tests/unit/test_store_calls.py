@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from kubetasks.store import objects, queries, queues, schedules, tasks, workers
+from kubetasks.store import dashboard, locks, objects, operations, queries, queues, schedules, tasks, workers
 
-MODULES = [tasks, queues, objects, schedules, workers]
+MODULES = [tasks, queues, objects, schedules, workers, operations, locks, dashboard]
 QUERIES = queries.load()
 RESULT = {"one": None, "many": [], "val": 1, "exec": None}
 
@@ -41,6 +41,12 @@ class Opaque:
         return iter((self,))
 
 
+FILTER: operations.TaskFilterParams = {
+    "statuses": None, "queues": None, "handlers": None, "tags": None, "created_after": None,
+    "created_before": None, "ids": None, "worker": None, "pod": None,
+}  # fmt: skip
+
+
 def functions() -> list[tuple[str, Any]]:
     out = []
     for mod in MODULES:
@@ -63,6 +69,12 @@ async def test_each_call_passes_every_parameter_of_its_query(name: str, fn: Any)
             kwargs[p.name] = COLUMNS
         elif p.name == "tasks":
             kwargs[p.name] = [COLUMNS, COLUMNS]
+        elif p.name == "flt":
+            kwargs[p.name] = FILTER
+        elif p.name == "action":
+            kwargs[p.name] = "cancel"  # the one with an extra parameter; all three: below
+        elif p.name == "topics":
+            kwargs[p.name] = ["finished", "depth"]
         elif p.name == "worker_id":
             kwargs[p.name] = "00000000-0000-0000-0000-000000000001"
         elif p.default is inspect.Parameter.empty:
@@ -77,6 +89,14 @@ async def test_each_call_passes_every_parameter_of_its_query(name: str, fn: Any)
         assert len(args) == params(QUERIES[query].sql), (
             f"{name}: {len(args)} arguments for {query!r}, whose SQL has {params(QUERIES[query].sql)}"
         )
+
+
+@pytest.mark.parametrize("action", ["retry", "cancel", "delete"])
+async def test_every_bulk_batch_passes_every_parameter(action: str) -> None:
+    rec = Recorder()
+    await operations.bulk_batch(rec, action, FILTER, after_id=0, up_to_id=9, batch_size=5, reason="r")
+    ((query, args),) = rec.calls
+    assert query == f"bulk_{action}_batch" and len(args) == params(QUERIES[query].sql)
 
 
 def test_the_typed_functions_cover_queries() -> None:
