@@ -25,7 +25,7 @@ from prometheus_client import Gauge
 
 from kubetasks import metrics
 from kubetasks.leases import DB_ERRORS
-from kubetasks.store import Store
+from kubetasks.store import Store, queues
 
 log = logging.getLogger("kubetasks.horizon")
 
@@ -49,7 +49,7 @@ class HorizonWatch:
 
     async def check(self) -> dict[str, Any] | None:
         """One look: the oldest transaction (None: none open), the gauge set, a warning if due."""
-        row = await self.store().run("oldest_transaction")
+        row = await queues.oldest_transaction(self.store())
         if row is None:
             OLDEST_TRANSACTION_AGE.set(0)
             self.last = None

@@ -83,3 +83,9 @@ async def health_applied_migrations(store: Store) -> list[Row]:
 async def queues_with_pending(store: Store, *, handlers: Sequence[str]) -> list[str]:
     """The queues holding pending tasks of these handlers (claimable or parked)."""
     return [r["queue"] for r in await store.run("queues_with_pending", list(handlers))]
+
+
+async def oldest_transaction(store: Store) -> Row | None:
+    """The other session with the oldest open transaction holding a snapshot; None: none."""
+    row: Row | None = await store.run("oldest_transaction")
+    return row
