@@ -33,7 +33,7 @@ from typing import Any
 from kubetasks import validation
 from kubetasks.errors import ValidationError
 from kubetasks.filters import MAX_ID_SET, MAX_VALUES, TaskFilter, decode_cursor, encode_cursor
-from kubetasks.store import Store
+from kubetasks.store import Store, operations
 
 EVENT_KINDS = (
     "created", "claimed", "progress", "retried", "fenced_out", "recovered", "released", "paused",
@@ -122,24 +122,19 @@ async def events(
     if scope is not None:
         if not scope:
             return Page([], None)
-        rows = await store.run(
-            "events_of_tasks",
-            scope,
-            kinds,
-            w,
-            p,
-            since,
-            until,
-            below if below is not None else 2**63 - 1,
-            limit,
-        )
+        rows = await operations.events_of_tasks(
+            store, task_ids=scope, kinds=kinds, worker=w, pod=p, since=since, until=until,
+            below=below if below is not None else 2**63 - 1, limit=limit,
+        )  # fmt: skip
         items = [_event(r) for r in rows]
         nxt = encode_cursor("events", items[-1]["id"]) if len(items) == limit else None
         return Page(items, nxt)
     if below is None:
-        below = int(await store.run("events_max_id")) + 1
+        below = await operations.events_max_id(store) + 1
     floor = max(below - scan, 1)
-    rows = await store.run("events_page", kinds, w, p, since, until, below, floor, limit)
+    rows = await operations.events_page(
+        store, kinds=kinds, worker=w, pod=p, since=since, until=until, below=below, floor=floor, limit=limit
+    )
     items = [_event(r) for r in rows]
     if len(items) == limit:
         return Page(items, encode_cursor("events", items[-1]["id"]))
@@ -173,7 +168,10 @@ async def attempts(
         if len(scope) > MAX_ID_SET:  # pragma: no cover - task_ids refuses first
             raise ValidationError("root", f"stands for more than {MAX_ID_SET} tasks")
         tid, att = at if at is not None else (2**63 - 1, 0)
-        rows = await store.run("attempts_of_tasks", scope, outcomes, w, p, since, until, tid, att, limit)
+        rows = await operations.attempts_of_tasks(
+            store, task_ids=scope, outcomes=outcomes, worker=w, pod=p, since=since, until=until,
+            below_task=tid, below_attempt=att, limit=limit,
+        )  # fmt: skip
         items = [_event(r) for r in rows]
         nxt = (
             encode_cursor("attempts", items[-1]["task_id"], items[-1]["attempt"])
@@ -182,10 +180,13 @@ async def attempts(
         )
         return Page(items, nxt)
     if at is None:
-        at = (int(await store.run("tasks_max_id")) + 1, 0)
+        at = (await operations.tasks_max_id(store) + 1, 0)
     tid, att = at
     floor = max(tid - scan, 1)
-    rows = await store.run("attempts_page", outcomes, w, p, since, until, tid, att, floor, limit)
+    rows = await operations.attempts_page(
+        store, outcomes=outcomes, worker=w, pod=p, since=since, until=until, below_task=tid,
+        below_attempt=att, floor=floor, limit=limit,
+    )  # fmt: skip
     items = [_event(r) for r in rows]
     if len(items) == limit:
         return Page(items, encode_cursor("attempts", items[-1]["task_id"], items[-1]["attempt"]))

@@ -38,7 +38,7 @@ import asyncpg
 from kubetasks import validation
 from kubetasks.errors import ValidationError
 from kubetasks.filters import FINISHED, UNFINISHED, TaskFilter
-from kubetasks.store import Store
+from kubetasks.store import Store, operations
 
 ACTIONS = ("retry", "cancel", "delete")
 #: The statuses each action may take, and those it takes when the filter names none.
@@ -114,19 +114,20 @@ async def run(
     ids = await flt.task_ids(store)
     args = flt.sql_args(ids)
     if dry_run:
-        row = await store.run("tasks_count", *args, up_to_id)
+        row = await operations.tasks_count(store, args, up_to_id=up_to_id)
         return BulkResult(action, True, int(row["n"]), row["up_to_id"])
     if up_to_id is None:
-        up_to_id = int(await store.run("tasks_max_id"))
-    query = f"bulk_{action}_batch"
-    extra: tuple[object, ...] = (reason,) if action == "cancel" else ()
+        up_to_id = await operations.tasks_max_id(store)
     count = descendants = batches = 0
     cursor = after_id
     loop = asyncio.get_running_loop()
     while True:
         for attempt in range(DEADLOCK_RETRIES):
             try:
-                row = await store.run(query, *args, cursor, up_to_id, batch_size, *extra)
+                row = await operations.bulk_batch(
+                    store, action, args, after_id=cursor, up_to_id=up_to_id, batch_size=batch_size,
+                    reason=reason,
+                )  # fmt: skip
                 break
             except asyncpg.DeadlockDetectedError:
                 # A child ending now locks its parent after itself; a cascade locks

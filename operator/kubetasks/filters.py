@@ -29,7 +29,7 @@ from typing import Any
 
 from kubetasks import validation
 from kubetasks.errors import ValidationError
-from kubetasks.store import Store
+from kubetasks.store import Store, operations
 
 STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "paused", "suspended")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -166,13 +166,13 @@ class TaskFilter:
         """The id set ``parent`` and ``root`` stand for (both given: the tasks in both);
         None when neither is given."""
         sets: list[set[int]] = []
-        for key, query, value in (
-            ("parent", "task_children_ids", self.parent),
-            ("root", "task_tree_ids", self.root),
-        ):
+        for key, value in (("parent", self.parent), ("root", self.root)):
             if value is None:
                 continue
-            rows = await store.run(query, value, MAX_ID_SET + 1)
+            if key == "parent":
+                rows = await operations.task_children_ids(store, parent_id=value, limit=MAX_ID_SET + 1)
+            else:
+                rows = await operations.task_tree_ids(store, root_id=value, limit=MAX_ID_SET + 1)
             if len(rows) > MAX_ID_SET:
                 raise ValidationError(
                     key, f"stands for more than {MAX_ID_SET} tasks; narrow it with other criteria"
@@ -182,12 +182,12 @@ class TaskFilter:
             return None
         return sorted(set.intersection(*sets))
 
-    def sql_args(self, ids: list[int] | None) -> tuple[Any, ...]:
-        """The filter's nine parameters, in the order of operations.sql's filter block."""
-        return (
-            _list(self.status), _list(self.queue), _list(self.handler), _list(self.tag),
-            self.created_after, self.created_before, ids,
-            None if self.worker is None else uuid.UUID(self.worker), self.pod,
+    def sql_args(self, ids: list[int] | None) -> operations.TaskFilterParams:
+        """The filter as the SQL takes it (``ids``: the set ``task_ids`` resolved)."""
+        return operations.TaskFilterParams(
+            statuses=_list(self.status), queues=_list(self.queue), handlers=_list(self.handler),
+            tags=_list(self.tag), created_after=self.created_after, created_before=self.created_before,
+            ids=ids, worker=None if self.worker is None else uuid.UUID(self.worker), pod=self.pod,
         )  # fmt: skip
 
 

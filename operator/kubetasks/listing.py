@@ -21,7 +21,7 @@ from typing import Any
 
 from kubetasks import validation
 from kubetasks.filters import TaskFilter, decode_cursor, encode_cursor
-from kubetasks.store import Store
+from kubetasks.store import Store, operations
 
 #: Task ids one call walks at most, by default.
 DEFAULT_SCAN = 20_000
@@ -98,18 +98,18 @@ async def find_tasks(
     below = decode_cursor(CURSOR_KIND, cursor, 1)[0] if cursor is not None else None
     ids = await flt.task_ids(store)
     if below is None:
-        below = (ids[-1] + 1 if ids else 1) if ids is not None else int(await store.run("tasks_max_id")) + 1
+        below = (ids[-1] + 1 if ids else 1) if ids is not None else await operations.tasks_max_id(store) + 1
     if ids is not None:
         # A parent's children or a workflow's tree: walk the set itself, `scan` ids at a time.
         window = [i for i in ids if i < below][-scan:]
         if not window:
             return TaskListPage([], None, below, below, flt)
         floor = window[0]
-        rows = await store.run("tasks_page", *flt.sql_args(window), below, floor, limit)
+        rows = await operations.tasks_page(store, flt.sql_args(window), below=below, floor=floor, limit=limit)
         more = ids[0] < floor
     else:
         floor = max(below - scan, 1)
-        rows = await store.run("tasks_page", *flt.sql_args(None), below, floor, limit)
+        rows = await operations.tasks_page(store, flt.sql_args(None), below=below, floor=floor, limit=limit)
         more = floor > 1
     items = [TaskSummary.from_row(r) for r in rows]
     if len(items) == limit:
