@@ -33,7 +33,7 @@ from typing import Any
 from kubetasks import validation
 from kubetasks.errors import ValidationError
 from kubetasks.filters import MAX_ID_SET, MAX_VALUES, TaskFilter, decode_cursor, encode_cursor
-from kubetasks.store import Store, operations
+from kubetasks.store import Store, operations, tasks
 
 EVENT_KINDS = (
     "created", "claimed", "progress", "retried", "fenced_out", "recovered", "released", "paused",
@@ -218,7 +218,9 @@ def checkpoint_detail(code: object, message: object = None, metadata: object = N
 
 async def record_checkpoint(store: Store, task_id: int, attempt: int, worker_id: str, detail: str) -> bool:
     """Write a checkpoint of this run; False when the task was taken away from it."""
-    return bool(await store.run("record_checkpoint", task_id, attempt, uuid.UUID(worker_id), detail))
+    return await tasks.record_checkpoint(
+        store, task_id=task_id, attempt=attempt, worker_id=uuid.UUID(worker_id), detail=detail
+    )
 
 
 async def count_by(store: Store, by: str, flt: TaskFilter) -> dict[str, dict[str, int]]:
@@ -227,6 +229,6 @@ async def count_by(store: Store, by: str, flt: TaskFilter) -> dict[str, dict[str
         raise ValidationError("by", f"must be one of {', '.join(GROUPINGS)}, got {by!r}")
     ids = await flt.task_ids(store)
     out: dict[str, dict[str, int]] = {}
-    for r in await store.run("tasks_count_by", *flt.sql_args(ids), by):
+    for r in await operations.tasks_count_by(store, flt.sql_args(ids), by=by):
         out.setdefault(r["key"], {})[r["status"]] = int(r["n"])
     return out

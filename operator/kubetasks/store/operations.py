@@ -156,3 +156,9 @@ async def attempts_of_tasks(
         below_attempt, limit,
     )  # fmt: skip
     return rows
+
+
+async def tasks_count_by(store: Store, flt: TaskFilterParams, *, by: str) -> list[Row]:
+    """Matching tasks counted per group (``by``: handler | queue | tag | status) and status."""
+    rows: list[Row] = await store.run("tasks_count_by", *_filter(flt), by)
+    return rows

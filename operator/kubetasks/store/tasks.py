@@ -208,3 +208,10 @@ async def resume_task(store: Store, *, task_id: int) -> Row | None:
 
 async def delete_finished_tasks(store: Store, *, statuses: Sequence[str], older_than: float) -> int:
     return int(await store.run("delete_finished_tasks", list(statuses), older_than))
+
+
+async def record_checkpoint(
+    store: Store, *, task_id: int, attempt: int, worker_id: uuid.UUID, detail: str
+) -> bool:
+    """A handler's checkpoint event; False when the task is no longer this run's."""
+    return bool(await store.run("record_checkpoint", task_id, attempt, worker_id, detail))
