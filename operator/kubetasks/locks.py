@@ -49,11 +49,11 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -64,8 +64,10 @@ from redis.exceptions import RedisError
 
 from kubetasks.errors import KubetasksError, ValidationError
 from kubetasks.store import Store
+from kubetasks.store import locks as pg_locks
 
 log = logging.getLogger("kubetasks.locks")
+T = TypeVar("T")
 
 NAME_MAX = 255
 TTL_MIN, TTL_MAX = 0.1, 86400.0
@@ -486,10 +488,10 @@ class PostgresLockBackend:
         self.store = store
         self.op_timeout = op_timeout
 
-    async def _run(self, verb: str, name: str | Sequence[str], query: str, *args: Any) -> Any:
+    async def _run(self, verb: str, name: str | Sequence[str], call: Awaitable[T]) -> T:
         try:
             async with asyncio.timeout(self.op_timeout):
-                return await self.store.run(query, *args)
+                return await call
         except TimeoutError as exc:
             raise LockBackendError(
                 f"could not {verb} {_which(name)}: PostgreSQL did not answer within {self.op_timeout:g}s"
@@ -502,24 +504,26 @@ class PostgresLockBackend:
     async def acquire(self, name: str, owner: str, ttl_s: float) -> bool:
         validate_name(name)
         ttl = validate_ttl(ttl_s)
-        return await self._run("acquire", name, "job_lock_acquire", name, owner, ttl) is not None
+        return await self._run("acquire", name, pg_locks.acquire(self.store, name=name, owner=owner, ttl=ttl))
 
     async def renew(self, name: str, owner: str, ttl_s: float) -> bool:
         validate_name(name)
         ttl = validate_ttl(ttl_s)
-        return bool(await self._run("renew", name, "job_lock_renew", name, owner, ttl))
+        return await self._run("renew", name, pg_locks.renew(self.store, name=name, owner=owner, ttl=ttl))
 
     async def release(self, name: str, owner: str) -> bool:
         validate_name(name)
-        return bool(await self._run("release", name, "job_lock_release", name, owner))
+        return await self._run("release", name, pg_locks.release(self.store, name=name, owner=owner))
 
     async def holder(self, name: str) -> Holder | None:
         validate_name(name)
-        row = await self._run("read the holder of", name, "job_lock_holder", name)
+        row = await self._run("read the holder of", name, pg_locks.holder(self.store, name=name))
         return None if row is None else (str(row["owner"]), float(row["expires_in_s"]))
 
     async def list(self, prefix: str = "", limit: int = LIST_MAX) -> list[LockInfo]:
-        rows = await self._run("list", prefix or "*", "job_locks_list", prefix, limit)
+        rows = await self._run(
+            "list", prefix or "*", pg_locks.list_locks(self.store, prefix=prefix, limit=limit)
+        )
         return [
             LockInfo(
                 name=r["name"], owner=r["owner"], acquired_at=r["acquired_at"], expires_at=r["expires_at"],
@@ -530,15 +534,16 @@ class PostgresLockBackend:
 
     async def force_release(self, name: str, owner: str | None = None) -> str | None:
         validate_name(name)
-        row = await self._run("force-release", name, "job_lock_force_release", name, owner)
-        return None if row is None else str(row)
+        return await self._run(
+            "force-release", name, pg_locks.force_release(self.store, name=name, owner=owner)
+        )
 
     async def holders(self, names: Sequence[str]) -> dict[str, Holder]:
         for name in names:
             validate_name(name)
         if not names:
             return {}
-        rows = await self._run("read the holder of", names, "job_lock_holders", list(names))
+        rows = await self._run("read the holder of", names, pg_locks.holders(self.store, names=names))
         return {str(r["name"]): (str(r["owner"]), float(r["expires_in_s"])) for r in rows}
 
     async def close(self) -> None:
