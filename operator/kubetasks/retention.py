@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetasks import metrics, validation
 from kubetasks.leases import DB_ERRORS
-from kubetasks.store import Store
+from kubetasks.store import Store, operations
 
 if TYPE_CHECKING:
     from kubetasks.config import Settings
@@ -97,7 +97,7 @@ async def run_pass(
     validation.integer("batch", batch, 1, 10_000)
     if not policy.enabled:
         return Result(ran=False)
-    if not await store.run("retention_claim", min_gap):
+    if not await operations.retention_claim(store, min_gap=min_gap):
         return Result(ran=False)
     res = Result(ran=True)
     after_at: Any = None
@@ -106,9 +106,10 @@ async def run_pass(
         if stop is not None and stop.is_set():
             res.done = False
             break
-        row = await store.run(
-            "retention_batch", policy.succeeded, policy.failed, policy.cancelled, batch, after_at, after_id
-        )
+        row = await operations.retention_batch(
+            store, succeeded=policy.succeeded, failed=policy.failed, cancelled=policy.cancelled,
+            batch=batch, after_at=after_at, after_id=after_id,
+        )  # fmt: skip
         if row["busy"]:
             res.done = False  # another pod's batch runs: its pass goes on
             break

@@ -44,6 +44,8 @@ from kubetasks.dashboard.auth import CSRF_COOKIE, SESSION_COOKIE, Auth, Denied, 
 from kubetasks.dashboard.live import Hub
 from kubetasks.errors import TaskNotFound, ValidationError
 from kubetasks.filters import TaskFilter
+from kubetasks.store import dashboard as dash
+from kubetasks.store import queues as store_queues
 
 PREVIEW_MAX = 64 * 1024
 FULL_MAX = 4 * 1024 * 1024
@@ -297,13 +299,13 @@ def build_router(ctx: Context) -> APIRouter:
             )
         q = rollups.ALL if queue is None else filters.TaskFilter.of(queue=queue).queue[0]  # type: ignore[index]
         store = app.store
-        now: datetime = await store.run("db_now")
+        now = await store_queues.db_now(store)
         step = STEP_MINUTES[window]
         end = now.replace(second=0, microsecond=0)
         start = end - timedelta(minutes=window - 1)
         start -= timedelta(minutes=(start.minute % step))
         minutes = int((end - start).total_seconds() // 60) + 1
-        rows = await store.run("dash_minutes", q, start)
+        rows = await dash.minutes(store, queue=q, since=start)
         series = _series(list(rows), start, minutes, step)
         totals: dict[str, Any] = {k: sum(p[k] for p in series) for k in ("succeeded", "failed", "cancelled")}
         wait_all, run_all = [0] * rollups.BUCKETS, [0] * rollups.BUCKETS
@@ -313,11 +315,11 @@ def build_router(ctx: Context) -> APIRouter:
         for name, qq in QUANTILES:
             totals[f"wait_{name}"] = rollups.percentile(wait_all, qq)
             totals[f"run_{name}"] = rollups.percentile(run_all, qq)
-        depth = [dict(r) for r in await store.run("dash_depth_series", q, start)]
-        latest = [dict(r) for r in await store.run("dash_depth_latest")]
-        workers = await store.run("dash_workers")
-        failures = [dict(r) for r in await store.run("dash_failures", 10)]
-        handlers = [dict(r) for r in await store.run("dash_handlers", start)]
+        depth = [dict(r) for r in await dash.depth_series(store, queue=q, since=start)]
+        latest = [dict(r) for r in await dash.depth_latest(store)]
+        workers = await dash.workers(store)
+        failures = [dict(r) for r in await dash.failures(store, limit=10)]
+        handlers = [dict(r) for r in await dash.handlers(store, since=start)]
         sampled = [r["sampled_at"] for r in latest]
         return _json_obj(
             {
@@ -385,13 +387,13 @@ def build_router(ctx: Context) -> APIRouter:
         out = _task_detail(rec, hidden)
         out["worker"] = None
         if rec.worker_id is not None:
-            w = await app.store.run("dash_worker", uuid.UUID(rec.worker_id))
+            w = await dash.worker(app.store, worker_id=uuid.UUID(rec.worker_id))
             out["worker"] = None if w is None else _jsonable(dict(w))
         counts = await app.children_counts([task_id])
         out["children"] = counts.get(task_id, {})
         # A pending task no active worker serves waits (parked once the pass has seen it): say why,
         # from the workers now, as `kubetasks stats` does, so it holds before the pass runs too.
-        out["parked"] = bool(await app.store.run("dash_task_parked", task_id))
+        out["parked"] = await dash.task_parked(app.store, task_id=task_id)
         out["waiting"] = None
         if rec.status == "pending":
             now_serving = await serving.read(app.store)
@@ -521,7 +523,7 @@ def build_router(ctx: Context) -> APIRouter:
 
     @router.get("/queues", summary="Every queue: depth, workers serving it, the last hour's outcomes")
     async def queues(_: Who) -> list[dict[str, Any]]:
-        return _json_list([dict(r) for r in await app.store.run("dash_queues")])
+        return _json_list([dict(r) for r in await dash.queues(app.store)])
 
     @router.post("/queues/{queue}/pause", response_model=ActionResult, summary="Stop claiming from a queue")
     async def queue_pause(_: Writer, queue: Annotated[str, Path(max_length=63)]) -> ActionResult:
@@ -570,8 +572,8 @@ def build_router(ctx: Context) -> APIRouter:
 
     @router.get("/workers", summary="Live workers (lease time left, running tasks) and recent stops")
     async def workers(_: Who) -> dict[str, Any]:
-        live = [dict(r) for r in await app.store.run("dash_workers")]
-        stopped = [dict(r) for r in await app.store.run("dash_workers_stopped", 20)]
+        live = [dict(r) for r in await dash.workers(app.store)]
+        stopped = [dict(r) for r in await dash.workers_stopped(app.store, limit=20)]
         unserved = [u.as_dict() for u in await serving.unserved(app.store)]
         return _json_obj({"live": live, "stopped": stopped, "unserved": unserved})
 

@@ -39,6 +39,7 @@ from datetime import datetime
 from typing import Any
 
 from kubetasks.store import Store
+from kubetasks.store import dashboard as dash
 from kubetasks.store.pg import CONNECTION_ERRORS
 
 log = logging.getLogger("kubetasks.dashboard.rollups")
@@ -158,34 +159,38 @@ class Rollup:
         loop = asyncio.get_running_loop()
         sample = force_depth or loop.time() - self._depth_at >= DEPTH_EVERY_S
         async with store.transaction() as conn:
-            if not await store.run("rollup_try_lock", conn=conn):
+            if not await dash.rollup_try_lock(store, conn=conn):
                 return None
-            w = await store.run("rollup_window", BACKFILL_S, GRACE_S, CHUNK_S, conn=conn)
-            rows = build_rows(await store.run("rollup_finished", w["from_at"], w["to_at"], conn=conn))
+            w = await dash.rollup_window(
+                store, backfill_s=BACKFILL_S, grace_s=GRACE_S, chunk_s=CHUNK_S, conn=conn
+            )
+            rows = build_rows(
+                await dash.rollup_finished(store, from_at=w["from_at"], to_at=w["to_at"], conn=conn)
+            )
             keys = list(rows)
-            res = await store.run(
-                "rollup_store", w["from_at"], w["to_at"],
-                [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
-                [rows[k].succeeded for k in keys], [rows[k].failed for k in keys],
-                [rows[k].cancelled for k in keys],
-                [_pg_array(rows[k].wait) for k in keys], [_pg_array(rows[k].run) for k in keys],
-                conn=conn,
+            res = await dash.rollup_store(
+                store, from_at=w["from_at"], to_at=w["to_at"], minutes=[k[0] for k in keys],
+                queues=[k[1] for k in keys], handlers=[k[2] for k in keys],
+                succeeded=[rows[k].succeeded for k in keys], failed=[rows[k].failed for k in keys],
+                cancelled=[rows[k].cancelled for k in keys],
+                wait_hists=[_pg_array(rows[k].wait) for k in keys],
+                run_hists=[_pg_array(rows[k].run) for k in keys], conn=conn,
             )  # fmt: skip
-            await store.run("rollup_done", w["final_until"], conn=conn)
+            await dash.rollup_done(store, final_until=w["final_until"], conn=conn)
             topics: list[str] = []
             if int(res["changed"]) or int(res["removed"]):
                 topics.append("finished")
             if sample:
-                depth = [tuple(r) for r in await store.run("queue_sample", conn=conn)]
+                depth = [tuple(r.values()) for r in await dash.queue_sample(store, conn=conn)]
                 self._depth_at = loop.time()
                 if depth != self._last_depth:
                     topics.append("depth")
                 self._last_depth = depth
             if loop.time() - self._pruned_at >= PRUNE_EVERY_S:
-                await store.run("rollup_prune", KEEP_S, conn=conn)
+                await dash.rollup_prune(store, keep_s=KEEP_S, conn=conn)
                 self._pruned_at = loop.time()
             if topics:
-                await store.run("dashboard_notify", ",".join(topics), conn=conn)
+                await dash.dashboard_notify(store, topics=topics, conn=conn)
         self.passes += 1
         return PassResult(w["from_at"], w["to_at"], int(res["changed"]), sample, tuple(topics))
 

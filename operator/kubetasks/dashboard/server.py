@@ -41,6 +41,7 @@ from kubetasks.dashboard.live import Hub
 from kubetasks.dashboard.rollups import Rollup
 from kubetasks.errors import TaskNotFound, ValidationError
 from kubetasks.schedules import ScheduleNotFound
+from kubetasks.store import operations
 
 log = logging.getLogger("kubetasks.dashboard")
 
@@ -169,7 +170,7 @@ async def serve(
     # Polling (no LISTEN behind a transaction pooler): pages refetch every few seconds at most.
     hub = Hub(
         settings.direct_url, poll_every=max(5.0, settings.poll_interval),
-        newest=lambda: app.store.run("tasks_max_id"),
+        newest=lambda: operations.tasks_max_id(app.store),
     )  # fmt: skip
     ctx = Context(app=app, settings=settings, auth=Auth(settings), hub=hub, stop=stop)
     config = uvicorn.Config(

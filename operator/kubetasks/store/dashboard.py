@@ -115,3 +115,8 @@ async def worker(store: Store, *, worker_id: uuid.UUID) -> Row | None:
 async def queues(store: Store) -> list[Row]:
     rows: list[Row] = await store.run("dash_queues")
     return rows
+
+
+async def task_parked(store: Store, *, task_id: int) -> bool:
+    """Whether the parking pass took the task out of the claim's way."""
+    return bool(await store.run("dash_task_parked", task_id))

@@ -162,3 +162,24 @@ async def tasks_count_by(store: Store, flt: TaskFilterParams, *, by: str) -> lis
     """Matching tasks counted per group (``by``: handler | queue | tag | status) and status."""
     rows: list[Row] = await store.run("tasks_count_by", *_filter(flt), by)
     return rows
+
+
+async def retention_claim(store: Store, *, min_gap: float) -> bool:
+    """True: this caller runs the retention pass now (none ran anywhere in ``min_gap`` seconds)."""
+    return bool(await store.run("retention_claim", min_gap))
+
+
+async def retention_batch(
+    store: Store,
+    *,
+    succeeded: float | None,
+    failed: float | None,
+    cancelled: float | None,
+    batch: int,
+    after_at: datetime | None,
+    after_id: int | None,
+) -> Row:
+    """One batch of a retention pass (``retention_batch`` in schema.sql): the seconds each
+    finished status is kept (None: for ever), roots per batch, the keyset to continue after."""
+    row: Row = await store.run("retention_batch", succeeded, failed, cancelled, batch, after_at, after_id)
+    return row
