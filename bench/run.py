@@ -981,8 +981,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra environment for kubetasks workers (what-ifs: KUBETASKS_POOL_SIZE=20, "
-        "BENCH_KT_POOL_RESET=0)",
+        help="extra environment for kubetasks workers (what-ifs: KUBETASKS_POOL_SIZE=20)",
     )
     p.add_argument(
         "--kt-setup-sql",

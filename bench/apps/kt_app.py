@@ -4,27 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
 
 from bench.apps._record import record
 from kubetasks import App, TaskContext
-
-if os.environ.get("BENCH_KT_POOL_RESET") == "0":
-    # What-if, off by default (run.py --kt-env BENCH_KT_POOL_RESET=0): asyncpg's pool sends
-    # "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL" on every release,
-    # one more round trip and transaction per query. This measures kubetasks without it.
-    import asyncpg
-
-    _create_pool = asyncpg.create_pool
-
-    async def _no_reset(conn: asyncpg.Connection) -> None:
-        return None
-
-    def _create_pool_no_reset(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("reset", _no_reset)
-        return _create_pool(*args, **kwargs)
-
-    asyncpg.create_pool = _create_pool_no_reset
 
 app = App()
 

@@ -36,7 +36,7 @@ Guarantees, and the clock each one trusts:
   error is raised rather than claiming it.
 * The exclusion lasts as long as the holder notices ``lost``: a process paused
   longer than its ttl (GC, SIGSTOP) can still run after its lock expired. Work
-  that must never overlap should also fence its writes (DESIGN §3).
+  that must never overlap should also fence its writes (the README's "Guarantees").
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from kubetasks import metrics
 from kubetasks.errors import KubetasksError, ValidationError
 from kubetasks.store import Store
 from kubetasks.store import locks as pg_locks
@@ -304,6 +305,8 @@ def _ms(ttl_s: float) -> int:
 
 
 class RedisLockBackend:
+    #: The ``backend`` label of ``kubetasks_lock_acquisitions``.
+    kind = "redis"
     """Locks as Redis keys ``kubetasks:lock:<name>`` holding the owner token, expiring by ``PX``.
 
     The client retries a failed command once at once (a pooled connection may
@@ -484,6 +487,8 @@ def _glob_escape(s: str) -> str:
 class PostgresLockBackend:
     """Locks as ``job_locks`` rows; free, expired and renewed are all judged by ``now()``."""
 
+    kind = "postgres"
+
     def __init__(self, store: Store, *, op_timeout: float = 10.0) -> None:
         self.store = store
         self.op_timeout = op_timeout
@@ -624,7 +629,7 @@ class JobLock:
         delay = min(0.005, self.poll_interval)
         while True:
             sent = loop.time()
-            if await self.backend.acquire(self.name, self.owner, self.ttl):
+            if await self._try_acquire():
                 if loop.time() < self._granted_until(sent):
                     break
                 # The reply came after the whole ttl: whatever was granted has run out.
@@ -648,6 +653,17 @@ class JobLock:
         self.lost_reason = None
         self._keeper = asyncio.create_task(self._keep(sent), name=f"kubetasks-lock:{self.name}")
         return self
+
+    async def _try_acquire(self) -> bool:
+        """One acquisition attempt, counted in ``kubetasks_lock_acquisitions``."""
+        kind = getattr(self.backend, "kind", "other")
+        try:
+            got = await self.backend.acquire(self.name, self.owner, self.ttl)
+        except LockBackendError:
+            metrics.LOCK_ACQUISITIONS.labels(kind, "error").inc()
+            raise
+        metrics.LOCK_ACQUISITIONS.labels(kind, "acquired" if got else "held").inc()
+        return got
 
     async def release(self) -> bool:
         """Stop renewing and release (owner-checked); True if the lock was still ours."""

@@ -1,4 +1,4 @@
-"""The limits a user can rely on (DESIGN §7), checked before anything is written.
+"""The limits a user can rely on (the README's "Limits you can rely on"), checked before anything is written.
 
 The same bounds are CHECK constraints in the schema and OpenAPI bounds in the
 CRDs; this module is where Python callers get a message that names the field

@@ -151,11 +151,6 @@ class Outcome:
     policy: str = ""
 
 
-@dataclass
-class _Buffers:
-    outcomes: list[Outcome] = field(default_factory=list)
-
-
 #: Writes some outcomes of one worker in one statement; returns the ids written.
 Writer = Callable[[list["Outcome"]], Awaitable[set[int]]]
 

@@ -1,4 +1,4 @@
-"""The fault matrix (DESIGN.md §9): each scenario injects a real fault, the history checker judges.
+"""The fault matrix: each scenario injects a real fault, the history checker judges.
 
 Every scenario ends in the same five figures, each asserted to be 0 (see
 history.py): lost, accepted duplicates, (task, attempt) started twice, a task

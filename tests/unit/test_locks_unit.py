@@ -221,3 +221,28 @@ async def test_a_lock_object_can_be_reused_but_not_entered_twice() -> None:
     assert lock.held and not lock.lost.is_set()
     assert await lock.release()
     assert not await lock.release()
+
+
+async def test_every_acquisition_attempt_is_counted_by_backend_and_outcome() -> None:
+    from kubetasks import metrics
+
+    def count(outcome: str) -> float:
+        return (
+            metrics.REGISTRY.get_sample_value(
+                "kubetasks_lock_acquisitions_total", {"backend": "memory", "outcome": outcome}
+            )
+            or 0.0
+        )
+
+    b = MemoryBackend()
+    b.kind = "memory"  # type: ignore[attr-defined]
+    before = {o: count(o) for o in ("acquired", "held", "error")}
+    async with job_lock(b, "m", ttl=5):
+        with pytest.raises(LockNotAcquired):
+            await job_lock(b, "m", wait=0.05).acquire()
+    b.down = True
+    with pytest.raises(LockBackendError):
+        await job_lock(b, "m", wait=0).acquire()
+    assert count("acquired") - before["acquired"] == 1
+    assert count("held") - before["held"] >= 2  # polled while the first held it
+    assert count("error") - before["error"] == 1

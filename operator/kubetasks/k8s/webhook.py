@@ -5,7 +5,7 @@ with the field named in the refusal:
 
 * a Task's payload size (no schema keyword or CEL rule can bound the
   serialised size of a free-form object): compact JSON, UTF-8, at most
-  128 KiB (DESIGN §7);
+  128 KiB (the README's "Limits you can rely on");
 * a CronJobLock's schedule (an expression that never fires, such as
   ``0 0 31 2 *``) and time zone (one the tz database does not know).
 
@@ -61,7 +61,7 @@ MAX_REVIEW_BYTES = 8 * 1024 * 1024
 
 
 def cr_payload_bytes(payload: Any) -> int:
-    """The size rule for Task objects: compact JSON, UTF-8, as DESIGN §7 defines it."""
+    """The size rule for Task objects: compact JSON, UTF-8, as the README's limits define it."""
     return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
 
 
