@@ -31,9 +31,6 @@ from kubetasks.filters import TaskFilter
 
 # The model and the registry, re-exported (``__all__``): ``kubetasks.app`` was their home.
 from kubetasks.model import (
-    FINISHED,
-    STATUSES,
-    UNFINISHED,
     EnqueueRequest,
     HandlerOptions,
     Input,
@@ -44,6 +41,7 @@ from kubetasks.model import (
     TaskRecord,
 )
 from kubetasks.registry import Blueprint, Handler, call_handler
+from kubetasks.statuses import FINISHED, STATUSES, UNFINISHED
 from kubetasks.store import Store, queues, tasks
 
 log = logging.getLogger("kubetasks.app")

@@ -37,7 +37,8 @@ import asyncpg
 
 from kubetasks import validation
 from kubetasks.errors import ValidationError
-from kubetasks.filters import FINISHED, UNFINISHED, TaskFilter
+from kubetasks.filters import TaskFilter
+from kubetasks.statuses import FINISHED, UNFINISHED
 from kubetasks.store import Store, operations
 
 ACTIONS = ("retry", "cancel", "delete")

@@ -29,6 +29,7 @@ from kubetasks import devenv
 from kubetasks.app import App, TaskRecord
 from kubetasks.config import settings_help, validate_database_url
 from kubetasks.errors import KubetasksError, TaskNotFound, ValidationError
+from kubetasks.statuses import STATUSES
 
 cli = typer.Typer(
     name="kubetasks",
@@ -522,10 +523,9 @@ def tasks_count(
     if _json_out(as_json):
         out.print_json(json.dumps(counts))
         return
-    statuses = ("pending", "running", "succeeded", "failed", "cancelled", "paused", "suspended")
-    table = _table(by.upper(), *(st.upper() for st in statuses), "TOTAL")
+    table = _table(by.upper(), *(st.upper() for st in STATUSES), "TOTAL")
     for key, c in counts.items():
-        table.add_row(key, *(str(c.get(st, 0)) for st in statuses), str(sum(c.values())))
+        table.add_row(key, *(str(c.get(st, 0)) for st in STATUSES), str(sum(c.values())))
     _show(table)
 
 
@@ -948,8 +948,7 @@ def stats(as_json: JsonOpt = False, output: OutputOpt = "table", database_url: D
         age = info["oldest_pending_s"]
         table.add_row(
             q + (" (paused)" if info["paused"] else ""),
-            *(str(c.get(s, 0)) for s in ("pending", "running", "succeeded", "failed", "cancelled", "paused",
-                                          "suspended")),
+            *(str(c.get(s, 0)) for s in STATUSES),
             "" if age is None else f"{age:.1f}s",
         )  # fmt: skip
     _show(table)

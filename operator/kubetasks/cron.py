@@ -71,7 +71,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-import asyncpg
 from croniter.croniter import CroniterError
 
 from kubetasks import enqueue, locks, metrics
@@ -109,7 +108,8 @@ from kubetasks.crontab import (
 from kubetasks.errors import KubetasksError, ValidationError
 from kubetasks.model import EnqueueRequest, PeriodicDef
 from kubetasks.registry import Locking
-from kubetasks.store import Store, queues, tasks
+from kubetasks.statuses import UNFINISHED
+from kubetasks.store import DB_ERRORS, Store, queues, tasks
 from kubetasks.store import listen as store_listen
 from kubetasks.store import schedules as store_schedules
 
@@ -118,20 +118,12 @@ log = logging.getLogger("kubetasks.cron")
 CHANNEL = "kubetasks_schedules"
 #: NOTIFY'd with the schedule's name when one of its ticks was handled (for status writers).
 TICKED_CHANNEL = "kubetasks_cron_ticked"
-UNFINISHED = ("pending", "running", "paused", "suspended")
 #: Tick rows kept per schedule (newest first).
 KEEP_TICKS = 1000
 #: Longest sleep between passes. Not a polling interval: a pass is due at the
 #: next tick or on NOTIFY; this only bounds how far the loop clock and the
 #: database clock can drift apart during one sleep.
 MAX_SLEEP = 3600.0
-DB_ERRORS = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-    asyncio.TimeoutError,
-)
 
 Clock = Callable[[], Awaitable[datetime]]
 

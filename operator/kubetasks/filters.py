@@ -29,11 +29,9 @@ from typing import Any
 
 from kubetasks import validation
 from kubetasks.errors import ValidationError
+from kubetasks.statuses import STATUSES
 from kubetasks.store import Store, operations
 
-STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "paused", "suspended")
-FINISHED = ("succeeded", "failed", "cancelled")
-UNFINISHED = ("pending", "running", "paused", "suspended")
 #: The most tasks a ``parent`` or ``root`` criterion may stand for.
 MAX_ID_SET = 100_000
 #: How many values one criterion may list.

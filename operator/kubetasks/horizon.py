@@ -24,8 +24,7 @@ from typing import Any
 from prometheus_client import Gauge
 
 from kubetasks import metrics
-from kubetasks.leases import DB_ERRORS
-from kubetasks.store import Store, queues
+from kubetasks.store import DB_ERRORS, Store, queues
 
 log = logging.getLogger("kubetasks.horizon")
 

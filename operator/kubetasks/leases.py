@@ -94,21 +94,11 @@ from typing import Any, TypeVar
 import asyncpg
 
 from kubetasks.config import Settings
-from kubetasks.store import Store, workers
+from kubetasks.store import DB_ERRORS, Store, workers
 from kubetasks.store.pg import connect_lease
 from kubetasks.store.tasks import Row
 
 log = logging.getLogger("kubetasks.leases")
-
-# InternalClientError: asyncpg can leave a pooled connection mid-protocol when the
-# server kills it; the pool discards that connection, and we retry like any other.
-DB_ERRORS = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-    asyncio.TimeoutError,
-)
 
 #: Slots per pod id: how many live processes may share one pod id.
 SLOTS_MAX = 64

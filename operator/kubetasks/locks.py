@@ -56,15 +56,14 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from kubetasks import metrics
+from kubetasks import metrics, validation
 from kubetasks.errors import KubetasksError, ValidationError
-from kubetasks.store import Store
+from kubetasks.store import DB_ERRORS, Store
 from kubetasks.store import locks as pg_locks
 
 log = logging.getLogger("kubetasks.locks")
@@ -82,8 +81,6 @@ DRIFT_FACTOR, DRIFT_FLOOR_S = 0.01, 0.002
 #: (owner token, seconds until the backend lets the lock expire)
 Holder = tuple[str, float]
 OnLost = Callable[[str], object]
-
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 class LockBackendError(KubetasksError):
@@ -117,21 +114,12 @@ def validate_name(name: object) -> str:
     return name
 
 
-def _seconds(field: str, value: object, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValidationError(field, f"must be a number of seconds, got {value!r}")
-    f = float(value)
-    if math.isnan(f) or not lo <= f <= hi:
-        raise ValidationError(field, f"must be between {lo:g} and {hi:g} seconds, got {value}")
-    return f
-
-
 def validate_ttl(ttl: object) -> float:
-    return _seconds("ttl", ttl, TTL_MIN, TTL_MAX)
+    return validation.seconds("ttl", ttl, TTL_MIN, TTL_MAX)
 
 
 def validate_wait(wait: object) -> float | None:
-    return None if wait is None else _seconds("wait", wait, 0.0, WAIT_MAX)
+    return None if wait is None else validation.seconds("wait", wait, 0.0, WAIT_MAX)
 
 
 def validate_owner(owner: object) -> str:
@@ -501,7 +489,7 @@ class PostgresLockBackend:
             raise LockBackendError(
                 f"could not {verb} {_which(name)}: PostgreSQL did not answer within {self.op_timeout:g}s"
             ) from exc
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             raise LockBackendError(
                 f"could not {verb} {_which(name)}: PostgreSQL failed: {exc.__class__.__name__}: {exc}"
             ) from exc
@@ -592,7 +580,7 @@ class JobLock:
         self.renew = renew
         self.owner = new_owner() if owner is None else validate_owner(owner)
         self.on_lost = on_lost
-        self.poll_interval = _seconds("poll_interval", poll_interval, 0.001, 60.0)
+        self.poll_interval = validation.seconds("poll_interval", poll_interval, 0.001, 60.0)
         self.lost = asyncio.Event()
         self.lost_reason: str | None = None
         self.renewals = 0

@@ -19,10 +19,6 @@ from kubetasks.store.tasks import TaskColumns
 
 MISSING: Any = object()
 
-STATUSES = ("pending", "running", "succeeded", "failed", "cancelled", "paused", "suspended")
-FINISHED = ("succeeded", "failed", "cancelled")
-UNFINISHED = ("pending", "running", "paused", "suspended")  # suspended: a workflow waiting for children
-
 
 @dataclass(frozen=True)
 class Input:

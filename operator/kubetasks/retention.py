@@ -39,8 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kubetasks import metrics, validation
-from kubetasks.leases import DB_ERRORS
-from kubetasks.store import Store, operations
+from kubetasks.store import DB_ERRORS, Store, operations
 
 if TYPE_CHECKING:
     from kubetasks.config import Settings

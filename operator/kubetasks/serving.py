@@ -32,8 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetasks.leases import DB_ERRORS
-from kubetasks.store import Store, queues
+from kubetasks.store import DB_ERRORS, Store, queues
 
 log = logging.getLogger("kubetasks.serving")
 

@@ -75,7 +75,7 @@ from kubetasks.errors import Fail, Retry, ValidationError
 from kubetasks.hooks import Hooks
 from kubetasks.model import TaskDef
 from kubetasks.registry import call_handler
-from kubetasks.store import Store, queues, retry_connection_errors, workers
+from kubetasks.store import DB_ERRORS, Store, queues, retry_connection_errors, workers
 from kubetasks.store import listen as store_listen
 from kubetasks.workflows import Suspend
 
@@ -94,7 +94,6 @@ log = logging.getLogger("kubetasks.worker")
 CHANNEL_ENQUEUED = "kubetasks_enqueued"
 CHANNEL_CANCEL = "kubetasks_cancel"
 ERROR_MAX_CHARS = 4000
-DB_ERRORS = leases.DB_ERRORS
 #: Errors that say the row's data will fail again however often it is sent; any
 #: other database error is taken to be about the connection and retried.
 DATA_ERRORS = (

@@ -30,9 +30,10 @@ from datetime import datetime
 from typing import Any
 
 from kubetasks.errors import Fail
+from kubetasks.statuses import FINISHED
 
 POLICIES = ("fail_fast", "collect")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL = frozenset(FINISHED)
 
 
 class Suspend(BaseException):

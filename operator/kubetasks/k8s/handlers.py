@@ -46,11 +46,11 @@ from kubetasks.k8s import cronjoblocks, webhook
 from kubetasks.k8s.kube import FINALIZER, GROUP, VERSION, ObjectGone, is_transient
 from kubetasks.k8s.opcontext import NotLeading, OperatorContext
 from kubetasks.model import EnqueueRequest
+from kubetasks.statuses import UNFINISHED
 from kubetasks.store import Store, objects, queues, tasks
 from kubetasks.store.pg import CONNECTION_ERRORS
 
 log = logging.getLogger("kubetasks.k8s")
-UNFINISHED = ("pending", "running", "paused", "suspended")
 FINISHED_PHASES = ("Succeeded", "Failed", "Cancelled")
 DELETED_REASON = "the Task object was deleted"
 #: Database errors worth retrying: the connection, not the statement, failed.

@@ -34,8 +34,7 @@ from typing import Any
 
 import asyncpg
 
-from kubetasks.leases import DB_ERRORS
-from kubetasks.store import connect_listener, queries
+from kubetasks.store import DB_ERRORS, connect_listener, queries
 
 log = logging.getLogger("kubetasks.k8s.leadership")
 

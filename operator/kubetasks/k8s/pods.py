@@ -23,8 +23,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from kubetasks.k8s.kube import Kube
-from kubetasks.leases import DB_ERRORS
-from kubetasks.store import Store, objects, workers
+from kubetasks.store import DB_ERRORS, Store, objects, workers
 
 log = logging.getLogger("kubetasks.k8s.pods")
 

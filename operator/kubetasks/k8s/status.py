@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from kubetasks import serving
 from kubetasks.k8s.kube import ObjectGone
-from kubetasks.leases import DB_ERRORS
-from kubetasks.store import objects, tasks
+from kubetasks.statuses import UNFINISHED
+from kubetasks.store import DB_ERRORS, objects, tasks
 from kubetasks.store.listen import listen
 
 if TYPE_CHECKING:
@@ -328,7 +328,7 @@ class StatusWriter:
 
     async def _object_gone(self, row: Mapping[str, Any]) -> None:
         self._written.pop(row["id"], None)
-        if row["status"] in ("pending", "running", "paused", "suspended"):
+        if row["status"] in UNFINISHED:
             log.info(
                 "Task object %s/%s is gone: cancelling task %d",
                 row["cr_namespace"],

@@ -23,14 +23,14 @@ from typing import Any
 
 import asyncpg
 
-from kubetasks.store.pg import connect_listener
+from kubetasks.store.pg import DB_ERRORS, connect_listener
 
 log = logging.getLogger("kubetasks.store.listen")
 
 #: asyncpg's listener callback: (connection, server pid, channel, payload).
 Callback = Callable[[Any, int, str, str], None]
 
-ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
+ERRORS = DB_ERRORS
 
 
 async def listen(

@@ -92,6 +92,19 @@ async def connect_lease(dsn: str, *, pooled: bool = False) -> asyncpg.Connection
     return conn
 
 
+#: Any failure of a database call (the server's errors, the connection's, the client's, a
+#: timeout): what a caller that must keep going catches. CONNECTION_ERRORS below is the
+#: subset that says the connection failed, not the statement. InternalClientError: asyncpg
+#: can leave a pooled connection mid-protocol when the server kills it; the pool discards
+#: that connection, and callers retry as for any other.
+DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
 CONNECTION_ERRORS = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
