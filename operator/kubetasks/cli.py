@@ -225,8 +225,6 @@ def _worker_command(
     pod_services: bool,
 ) -> None:
     from kubetasks import runtime  # noqa: PLC0415
-    from kubetasks import worker as worker_module  # noqa: PLC0415
-    from kubetasks.store import migrate as do_migrate  # noqa: PLC0415
 
     setup_logging(log_level)
     if not app_spec:
@@ -241,20 +239,8 @@ def _worker_command(
     app.configure(**overrides)
 
     async def go() -> None:
-        from kubetasks.store import retry_connection_errors  # noqa: PLC0415
-
-        s = app.settings
-        await retry_connection_errors(
-            lambda: do_migrate(s.direct_url or s.database_url, pooled=not s.direct_url), what="migrating"
-        )
-        try:
-            rt = runtime.Runtime(app, worker_module.Worker(app))
-            if pod_services:
-                for name, service in runtime_services(app):
-                    rt.add(name, service)
-            await rt.run()
-        finally:
-            await app.close()
+        services = (runtime.pod_services(app) + _dashboard_service(app)) if pod_services else []
+        await runtime.serve(app, services)
 
     try:
         import uvloop  # noqa: PLC0415
@@ -265,35 +251,18 @@ def _worker_command(
     run_async(go)
 
 
-def runtime_services(app: App) -> list[tuple[str, Any]]:
-    """The services `kubetasks run` adds beside the worker (scheduler, health, operator)."""
-    from kubetasks import cron  # noqa: PLC0415
+def _dashboard_service(app: App) -> list[tuple[str, Any]]:
+    """The dashboard, when KUBETASKS_DASHBOARD_PORT asks for it: added here, because only the
+    CLI may import it (an import contract keeps FastAPI out of the library)."""
+    if not app.settings.dashboard_port:
+        return []
+    app.settings.dashboard_ready()  # a missing token fails the pod now, naming the variable
+    from kubetasks.dashboard import server  # noqa: PLC0415
 
-    # Every pod schedules: code periodics and CronJobLock rows alike.
-    services: list[tuple[str, Any]] = [("scheduler", cron.Scheduler(app).run)]
-    from kubetasks import retention  # noqa: PLC0415
+    async def dashboard_service(stop: asyncio.Event, _worker: object) -> None:
+        await server.serve(app, stop)
 
-    # Every pod offers; one pass per interval runs, one batch at a time across the cluster.
-    services.append(("retention", retention.Retention(lambda: app.store, app.settings).run))
-    from kubetasks.k8s import kube  # noqa: PLC0415
-
-    if kube.configured(app.settings):
-        from kubetasks.k8s.operator import Operator  # noqa: PLC0415
-
-        services.append(("operator", Operator(app).run))
-    if app.settings.metrics_enabled:
-        from kubetasks import health  # noqa: PLC0415
-
-        services.append(("health", health.serve))
-    if app.settings.dashboard_port:
-        app.settings.dashboard_ready()  # a missing token fails the pod now, naming the variable
-        from kubetasks.dashboard import server  # noqa: PLC0415
-
-        async def dashboard_service(stop: asyncio.Event, _worker: object) -> None:
-            await server.serve(app, stop)
-
-        services.append(("dashboard", dashboard_service))
-    return services
+    return [("dashboard", dashboard_service)]
 
 
 @cli.command(epilog=settings_help())

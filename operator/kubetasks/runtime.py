@@ -1,4 +1,4 @@
-"""`kubetasks run`: the one process every pod runs, composed of services.
+"""The composition root: `kubetasks run`, the one process every pod runs, composed of services.
 
 The worker (with its lease and recoverer) always runs. Beside it, each
 optional service is a coroutine ``run(stop)`` started here and stopped when
@@ -9,6 +9,9 @@ restart, not limp on.
 
 Signals: the first SIGTERM/SIGINT starts a graceful stop (the worker's
 shutdown grace applies), a second one cuts the grace short.
+
+``pod_services`` decides which services a pod runs and ``serve`` runs them; the CLI
+only parses its options, loads the app and adds the dashboard (which only it may import).
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetasks import cron, health, retention
 from kubetasks.app import App
+from kubetasks.k8s import kube
+from kubetasks.store import migrate, retry_connection_errors
 from kubetasks.worker import Worker
 
 log = logging.getLogger("kubetasks.runtime")
@@ -86,3 +92,34 @@ async def _first(main: asyncio.Task[None], ready: Awaitable[bool]) -> None:
         ready_t.cancel()
         await main  # raises the start-up error
         raise RuntimeError("the worker stopped while starting")
+
+
+def pod_services(app: App) -> list[tuple[str, Service]]:
+    """The services `kubetasks run` adds beside the worker: the scheduler (every pod schedules
+    code periodics and CronJobLock rows alike), retention, the operator when a cluster can be
+    reached, and the health/metrics server when its port is set."""
+    services: list[tuple[str, Service]] = [("scheduler", cron.Scheduler(app).run)]
+    # Every pod offers; one pass per interval runs, one batch at a time across the cluster.
+    services.append(("retention", retention.Retention(lambda: app.store, app.settings).run))
+    if kube.configured(app.settings):
+        from kubetasks.k8s.operator import Operator  # noqa: PLC0415 - kopf loads only where it runs
+
+        services.append(("operator", Operator(app).run))
+    if app.settings.metrics_enabled:
+        services.append(("health", health.serve))
+    return services
+
+
+async def serve(app: App, services: list[tuple[str, Any]]) -> None:
+    """Migrate (waiting for the database), then run the worker and ``services`` until a stop."""
+    s = app.settings
+    await retry_connection_errors(
+        lambda: migrate(s.direct_url or s.database_url, pooled=not s.direct_url), what="migrating"
+    )
+    try:
+        rt = Runtime(app, Worker(app))
+        for name, service in services:
+            rt.add(name, service)
+        await rt.run()
+    finally:
+        await app.close()
