@@ -40,7 +40,7 @@ from kubetasks.model import (
     TaskPage,
     TaskRecord,
 )
-from kubetasks.registry import Blueprint, Handler, call_handler
+from kubetasks.registry import AsyncHandler, Blueprint, Handler, call_handler
 from kubetasks.statuses import FINISHED, STATUSES, UNFINISHED
 from kubetasks.store import Store, queues, tasks
 
@@ -632,6 +632,7 @@ __all__ = [
     "STATUSES",
     "UNFINISHED",
     "App",
+    "AsyncHandler",
     "Blueprint",
     "EnqueueRequest",
     "Handler",
