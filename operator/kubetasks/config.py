@@ -382,6 +382,17 @@ class Settings:
     def metrics_enabled(self) -> bool:
         return bool(self.metrics_port or self.metrics_addr_file)
 
+    def kubernetes_reachable(self) -> bool:
+        """Should this process run the operator: is there a cluster to talk to (in-cluster,
+        $KUBECONFIG or ~/.kube/config) and is the operator not turned off?"""
+        if not self.operator:
+            return False
+        if self.kubernetes_service_host:
+            return True
+        if self.kubeconfig:
+            return any(Path(p).exists() for p in self.kubeconfig.split(os.pathsep) if p)
+        return (Path.home() / ".kube" / "config").exists()
+
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes).validated()
 

@@ -199,19 +199,17 @@ class TestSettings:
             Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_QUEUES": "a b"})
 
     def test_kubernetes_settings_come_from_the_settings_object(self, tmp_path: Path) -> None:
-        from kubetasks.k8s import kube
-
         kc = tmp_path / "config"
         env = {"KUBETASKS_DATABASE_URL": URL, "KUBECONFIG": f"{tmp_path / 'absent'}:{kc}"}
         s = Settings.load(env=env)
         assert s.operator and s.kubeconfig == env["KUBECONFIG"] and not s.kubernetes_service_host
-        assert not kube.configured(s)  # neither file exists
+        assert not s.kubernetes_reachable()  # neither file exists
         kc.write_text("{}")
-        assert kube.configured(s)
-        assert not kube.configured(Settings.load(env={**env, "KUBETASKS_OPERATOR": "off"}))
-        assert kube.configured(
-            Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBERNETES_SERVICE_HOST": "10.0.0.1"})
-        )
+        assert s.kubernetes_reachable()
+        assert not Settings.load(env={**env, "KUBETASKS_OPERATOR": "off"}).kubernetes_reachable()
+        assert Settings.load(
+            env={"KUBETASKS_DATABASE_URL": URL, "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+        ).kubernetes_reachable()
         # A KUBETASKS_ prefix is not a second name for the Kubernetes variables.
         assert (
             Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_KUBECONFIG": "x"}).kubeconfig == ""

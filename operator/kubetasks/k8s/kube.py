@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import os
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 if TYPE_CHECKING:
-    from kubetasks.config import Settings
+    pass
 
 GROUP = "kubetasks.dev"
 VERSION = "v1alpha1"
@@ -40,17 +38,6 @@ LIST_PAGE = 500
 
 class ObjectGone(Exception):
     """The object is gone, or its name now belongs to another object (another uid)."""
-
-
-def configured(settings: Settings) -> bool:
-    """Is there a cluster to talk to: in-cluster, $KUBECONFIG or ~/.kube/config?"""
-    if not settings.operator:
-        return False
-    if settings.kubernetes_service_host:
-        return True
-    if settings.kubeconfig:
-        return any(Path(p).exists() for p in settings.kubeconfig.split(os.pathsep) if p)
-    return (Path.home() / ".kube" / "config").exists()
 
 
 def new_api_client() -> Any:
