@@ -102,7 +102,6 @@ async def test_a_graceful_stop_reports_no_lease_loss(app: App, db_url: str, tmp_
         "KUBETASKS_LEASE_TTL": "2",
         "FAULTS_HISTORY": str(tmp_path / "history.log"),
     }
-    await app.enqueue_many([EnqueueRequest("fx.work", {"n": i, "ms": [200, 800]}) for i in range(300)])
     one = start_worker(
         db_url, pod="one", sidelog=tmp_path / "side.log", app="tests.faults.apps:app_v1", extra_env=env,
         log_path=tmp_path / "one.log",
@@ -117,16 +116,27 @@ async def test_a_graceful_stop_reports_no_lease_loss(app: App, db_url: str, tmp_
         )
     try:
 
-        async def all_busy() -> bool:
+        async def count(sql: str) -> int:
             conn = await asyncpg.connect(db_url)
             try:
-                n = await conn.fetchval(
-                    "SELECT count(DISTINCT w.worker_id) FROM kubetasks.workers w JOIN kubetasks.tasks t"
-                    " ON t.worker_id = w.worker_id AND t.status = 'running' WHERE w.status = 'active'"
-                )
+                return int(await conn.fetchval(sql))
             finally:
                 await conn.close()
-            return int(n) == 21
+
+        # Tasks go in once all 21 workers are registered: whichever process started first would
+        # otherwise drain them all before the other one serves.
+        async def all_registered() -> bool:
+            return await count("SELECT count(*) FROM kubetasks.workers WHERE status = 'active'") == 21
+
+        await wait_for(all_registered, 60, "21 workers registered")
+        await app.enqueue_many([EnqueueRequest("fx.work", {"n": i, "ms": [200, 800]}) for i in range(300)])
+
+        async def all_busy() -> bool:
+            n = await count(
+                "SELECT count(DISTINCT w.worker_id) FROM kubetasks.workers w JOIN kubetasks.tasks t"
+                " ON t.worker_id = w.worker_id AND t.status = 'running' WHERE w.status = 'active'"
+            )
+            return n == 21
 
         await wait_for(all_busy, 60, "21 workers running tasks")
     finally:
