@@ -4,7 +4,7 @@
 # directory, which `--app module:attr` imports from), and if it has
 # dependencies, install them as root before switching back to USER 10001.
 # Debian 12 (bookworm) and Python 3.11: what e2e/cluster/image.py builds without Docker
-# (tests/unit/test_dockerfile.py keeps the two in step).
+# (tests/packaging/test_dockerfile.py keeps the two in step).
 
 # The dashboard's page (dashboard-ui/: Preact, uPlot, dagre), bundled by Vite. Only the
 # built page leaves this stage: the image carries no Node.js.

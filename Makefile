@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export KUBETASKS_RUN_DIR := $(CURDIR)/.run
 
-.PHONY: venv ui chromium dev down demo test lint unit integration e2e bench cluster cluster-down clean faults
+.PHONY: venv ui chromium dev down demo test lint unit packaging integration e2e bench cluster cluster-down clean faults
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { apt-get update -qq && apt-get install -y -qq python3-venv && $(PY) -m venv $(VENV); }
@@ -45,8 +45,16 @@ lint: venv
 	$(BIN)/mypy
 	cd operator && ../$(BIN)/lint-imports --config ../pyproject.toml
 
+# No server, no network, no program but Python: tests/unit/conftest.py fails a test that tries.
 unit: venv
 	$(BIN)/pytest tests/unit -q
+
+# The chart through the real helm and kubeconform (built from Go on first use), the Dockerfile
+# and its install step (pip from the package registry).
+packaging: venv
+	bash e2e/cluster/build.sh helm kubeconform
+	bash e2e/cluster/schemas.sh
+	$(BIN)/pytest tests/packaging -q
 
 integration: venv chromium
 	$(BIN)/pytest tests/integration -q
@@ -54,7 +62,7 @@ integration: venv chromium
 e2e: venv
 	$(BIN)/pytest e2e -q -p no:cacheprovider
 
-test: venv lint chromium ## everything CI runs: unit, integration (PostgreSQL, Redis, Chromium), e2e (kube-apiserver, kubectl, helm, a real node)
+test: venv lint chromium ## everything CI runs: unit, packaging (helm, kubeconform, pip), integration (PostgreSQL, Redis, Chromium), faults, e2e (kube-apiserver, kubectl, helm, a real node)
 	bash e2e/cluster/build.sh
 	bash e2e/cluster/schemas.sh
 	bash tests/faults/build_toxiproxy.sh >/dev/null

@@ -2,7 +2,7 @@
 """Build kubetasks' images without Docker or a registry, and import them into the local node.
 
 The Dockerfile stays the way to build the image with a builder; this script
-builds the same image (tests/unit/test_image_recipe.py and the node tests keep
+builds the same image (tests/packaging/test_dockerfile.py and the node tests keep
 the two in step: Python 3.11, user 10001, entrypoint `kubetasks run`, /app,
 the files of pyproject.toml, README.md and operator/) from four layers, each
 cached under $KUBETASKS_IMAGES by a hash of its inputs:

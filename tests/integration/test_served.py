@@ -522,7 +522,7 @@ class TestReports:
     async def test_keda_query_counts_parked_tasks_of_known_handlers_only(self, app: App, db_url: str) -> None:
         """The chart's KEDA query, run against the database: a Deployment scaled to zero still wakes
         for its own handlers' parked tasks, never for a typo'd handler's."""
-        from tests.unit.test_chart_render import one, render
+        from tests.packaging.test_chart_render import one, render
 
         so = one(render(keda__enabled="true"), "ScaledObject")
         query = so["spec"]["triggers"][0]["metadata"]["query"]

@@ -1,75 +1,19 @@
-"""Metric definitions, the scrape-time collector and the probe server, without a database."""
+"""Metric definitions, the scrape-time collector and the readiness cache, without a database or a socket
+(the probe server over real HTTP: tests/integration/test_probes.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-import asyncpg
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kubetasks import metrics
 from kubetasks.health import HealthServer
 from kubetasks.leases import LeaseStats
-from kubetasks.store import queries
-from kubetasks.worker import WorkerStats
-
-SHIPPED = [v for v, _, _ in queries.migrations()]
-
-
-@dataclass
-class FakeStore:
-    """Answers the named queries the probe server and the queue figures send; counts the calls."""
-
-    applied: list[int] = field(default_factory=lambda: list(SHIPPED))
-    depths: list[dict[str, Any]] = field(default_factory=list)
-    served: list[dict[str, Any]] = field(default_factory=list)
-    unserved: list[dict[str, Any]] = field(default_factory=list)
-    error: BaseException | None = None
-    delay: float = 0.0
-    calls: dict[str, int] = field(default_factory=dict)
-
-    async def run(self, name: str, *args: Any, conn: Any = None) -> Any:
-        self.calls[name] = self.calls.get(name, 0) + 1
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.error is not None:
-            raise self.error
-        if name == "health_applied_migrations":
-            return [{"version": v} for v in self.applied]
-        if name == "metrics_queue_depths":
-            return self.depths
-        if name == "served_pairs":
-            return self.served
-        if name == "unserved_counts":
-            return self.unserved
-        raise AssertionError(f"unexpected query {name}")
-
-
-@dataclass
-class FakeLease:
-    stats: LeaseStats = field(default_factory=LeaseStats)
-    lost: bool = False
-    left: float = 10.0
-    worker_id: str = "w-1"
-
-    def time_left(self) -> float:
-        return self.left
-
-
-@dataclass
-class FakeWorker:
-    opened_store: FakeStore | None = field(default_factory=FakeStore)
-    lease: FakeLease | None = field(default_factory=FakeLease)
-    stats: WorkerStats = field(default_factory=WorkerStats)
-    running_attempts: int = 0
-    concurrency: int = 4
-    queues: tuple[str, ...] = ("default", "images")
+from tests.fakes import FakeStore, FakeWorker
 
 
 def scrape(collector: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -172,84 +116,9 @@ async def test_loop_monitor_sees_a_blocked_loop() -> None:
     assert mon.since_tick() < 1
 
 
-async def _probe(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as r:
-        return r.status, json.loads(await r.text())
-
-
-async def test_probes_report_each_check() -> None:
-    w = FakeWorker()
-    stop = asyncio.Event()
-    done = asyncio.get_running_loop().create_future()
-    worker_task = asyncio.ensure_future(done)
-    server = HealthServer(w, stop=stop, worker_task=worker_task, db_cache_s=0.0)  # type: ignore[arg-type]
-    port = await server.start("127.0.0.1", 0)
-    try:
-        code, body = await _probe(port, "/healthz")
-        assert code == 200 and body["failed"] == []
-        code, body = await _probe(port, "/readyz")
-        assert code == 200, body
-        assert body["checks"]["migrations"] == {"ok": True, "pending": []}
-
-        assert w.opened_store is not None and w.lease is not None
-        w.opened_store.applied = SHIPPED[:-1]
-        code, body = await _probe(port, "/readyz")
-        assert code == 503 and body["failed"] == ["migrations"]
-        assert body["checks"]["migrations"]["pending"] == SHIPPED[-1:]
-
-        w.opened_store.applied = list(SHIPPED)
-        w.lease.lost = True
-        code, body = await _probe(port, "/readyz")
-        assert code == 503 and body["failed"] == ["lease"]
-        w.lease.lost, w.lease.left = False, -0.5
-        code, body = await _probe(port, "/readyz")
-        assert code == 503 and body["failed"] == ["lease"]
-
-        w.lease.left = 10.0
-        w.opened_store.error = asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
-        code, body = await _probe(port, "/readyz")
-        assert code == 503 and body["failed"] == ["database"] and body["unknown"] == ["migrations"]
-        assert "starting up" in body["checks"]["database"]["error"]
-        w.opened_store.error, w.opened_store.delay = None, 5.0
-        server.db_timeout_s = 0.1
-        code, body = await _probe(port, "/readyz")
-        assert code == 503 and "no answer within 0.1s" in body["checks"]["database"]["error"]
-        w.opened_store.delay = 0.0
-
-        stop.set()
-        code, body = await _probe(port, "/readyz")
-        assert code == 503 and body["failed"] == ["stopping"]
-
-        done.set_result(None)
-        await asyncio.sleep(0)
-        code, body = await _probe(port, "/healthz")
-        assert code == 503 and body["failed"] == ["worker"]
-    finally:
-        await server.close()
-
-
 async def test_readiness_is_cached() -> None:
     w = FakeWorker()
     server = HealthServer(w, db_cache_s=1.0)  # type: ignore[arg-type]
     for _ in range(5):
         assert (await server.check_db()).ok
     assert w.opened_store is not None and w.opened_store.calls["health_applied_migrations"] == 1
-
-
-async def test_metrics_endpoint_serves_text_format() -> None:
-    server = HealthServer(FakeWorker())  # type: ignore[arg-type]
-    port = await server.start("127.0.0.1", 0)
-    try:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
-                assert r.status == 200
-                assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-                text = await r.text()
-            headers = {"Accept": "application/openmetrics-text; version=1.0.0"}
-            async with http.get(f"http://127.0.0.1:{port}/metrics", headers=headers) as r:
-                assert r.headers["Content-Type"].startswith("application/openmetrics-text")
-                assert (await r.text()).rstrip().endswith("# EOF")
-    finally:
-        await server.close()
-    assert "# TYPE kubetasks_lease_renewals_total counter" in text
-    assert "kubetasks_process_resident_memory_bytes" in text
