@@ -62,7 +62,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -174,6 +174,142 @@ def _clean(text: object, *, tail: bool = False, limit: int = ERROR_MAX_CHARS) ->
     except Exception as exc:  # a __str__ that raises
         s = f"<unprintable {type(text).__name__}: {type(exc).__name__}>"
     return validation.clean_text(s, limit, keep="tail" if tail else "head")
+
+
+# -- decisions -------------------------------------------------------------
+# What the worker decides without I/O, as functions of their inputs: the
+# methods below only gather the inputs and act on the answer.
+
+
+def wanted_queues(
+    named: Sequence[str], all_queues: bool, handlers: Mapping[str, TaskDef], default_queue: str,
+    found: Iterable[str],
+) -> tuple[str, ...]:  # fmt: skip
+    """The queues to serve, in priority order: the named ones alone, or (none named, or ``*``)
+    the named ones, then the queues of the app's handlers, then under ``*`` those ``found``."""
+    if named and not all_queues:
+        return tuple(named)
+    own = [td.queue or default_queue for td in handlers.values()] or [default_queue]
+    return tuple(dict.fromkeys([*named, *own, *found]))
+
+
+def cluster_limits(
+    served: Sequence[str], handlers: Mapping[str, TaskDef], db_limits: Mapping[str, int]
+) -> dict[str, int]:
+    """Cluster-wide limits of the served handlers: declared here or held by the database, the
+    smaller where both are."""
+    out = dict(db_limits)
+    for name in served:
+        td = handlers.get(name)
+        if td is not None and td.cluster_concurrency:
+            out[name] = min(td.cluster_concurrency, out.get(name, td.cluster_concurrency))
+    return out
+
+
+def claim_filters(
+    served: Sequence[str], handlers: Mapping[str, TaskDef], limits: Mapping[str, int],
+    running: Mapping[str, int],
+) -> tuple[list[str], list[str]]:  # fmt: skip
+    """Handlers with a cluster-wide limit (claimed one by one) and those the plain claim takes.
+
+    Only handlers recorded as ``served`` that this app still has; a handler whose
+    per-process limit (``concurrency``) its ``running`` tasks fill is in neither.
+    """
+    local_full: set[str] = set()
+    for name in served:
+        td = handlers.get(name)
+        if td is not None and td.concurrency and running.get(name, 0) >= td.concurrency:
+            local_full.add(name)
+    limited = [n for n in served if n in limits and n not in local_full and n in handlers]
+    allowed = [n for n in served if n not in limits and n not in local_full and n in handlers]
+    return limited, allowed
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How a handler's exception ends its attempt, before the task's retry policy is applied."""
+
+    error: str
+    tb: str | None
+    kind: str  # retried | failed | timeout
+    delay: float | None = None  # Retry(delay): instead of the task's backoff
+    no_retry: bool = False  # Fail: no further attempt, whatever is left
+    force_retry: bool = False  # Retry: the error says so when no attempt is left
+
+
+def classify_failure(exc: BaseException, timeout: float) -> Failure:
+    """The failure a handler's exception makes. A ``CancelledError`` reaching here came from
+    inside the handler (a run the worker took away writes nothing and never gets here)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return Failure("the handler was cancelled", _traceback(exc), "retried")
+    if isinstance(exc, TimeoutError):
+        return Failure(f"timed out after {timeout:g}s", None, "timeout")
+    if isinstance(exc, Retry):
+        return Failure(exc.message, None, "retried", delay=exc.delay, force_retry=True)
+    if isinstance(exc, Fail):
+        return Failure(exc.message, None, "failed", no_retry=True)
+    # SystemExit and KeyboardInterrupt from a handler too: an ordinary failure.
+    return Failure(f"{type(exc).__name__}: {exc}", _traceback(exc), "retried")
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+def set_failure(out: Outcome, row: Mapping[str, Any], failure: Failure) -> None:
+    """Make ``out`` a retry (with its delay) or a final failure, by the attempts the task has
+    left (``row``: its max_attempts and retry policy); texts cleaned and bounded."""
+    kind = failure.kind
+    out.error = _clean(failure.error)
+    out.tb = None if failure.tb is None else _clean(failure.tb, tail=True, limit=ERROR_MAX_CHARS * 4)
+    spent = out.attempt - out.uncharged
+    max_attempts = int(row["max_attempts"])
+    if failure.no_retry or spent >= max_attempts:
+        out.delay = None
+        out.kind = "timeout" if kind == "timeout" else "failed"
+        if not failure.no_retry and failure.force_retry:
+            out.error = _clean(f"{out.error} (no attempts left: {spent} of {max_attempts})")
+        return
+    delay = failure.delay
+    if delay is None:
+        delay = retry_delay(
+            spent, float(row["retry_delay_s"]), float(row["retry_backoff"]),
+            float(row["max_retry_delay_s"]),
+        )  # fmt: skip
+    out.delay = bounded_delay(delay)
+    out.kind = "timeout" if kind == "timeout" else "retried"
+
+
+def group_outcomes(
+    batch: Sequence[Outcome],
+) -> list[tuple[uuid.UUID, list[Outcome], list[Outcome], list[Outcome]]]:
+    """A batch split for its statements: per worker (in the order first seen) its successes,
+    its other endings (failed, retried, timeout, ...) and its suspensions (by task id).
+
+    A child's ending locks its parent: where a worker's outcomes have parents, successes
+    and endings go by parent id, so concurrent batches take parents in one order.
+    """
+    by_worker: dict[uuid.UUID, list[Outcome]] = {}
+    for o in batch:
+        by_worker.setdefault(o.worker_id, []).append(o)
+    groups = []
+    for wid, outs in by_worker.items():
+        ok = [o for o in outs if o.kind == "succeeded"]
+        bad = [o for o in outs if o.kind not in ("succeeded", "suspended")]
+        sus = sorted((o for o in outs if o.kind == "suspended"), key=lambda o: o.task_id)
+        if any(o.parent_id is not None for o in outs):
+            ok.sort(key=lambda o: o.parent_id or 0)
+            bad.sort(key=lambda o: o.parent_id or 0)
+        groups.append((wid, ok, bad, sus))
+    return groups
+
+
+def as_unstorable(o: Outcome, exc: BaseException) -> None:
+    """Make an outcome the database refused a failure it can store: no result, traceback or
+    waits, and a clean error saying what it was and why (the attempt counts)."""
+    was = o.kind
+    o.kind, o.delay, o.result, o.tb, o.wait_ids = "failed", None, None, None, []
+    o.error = _clean(f"outcome could not be stored ({was}): {type(exc).__name__}: {exc}")
 
 
 class Worker:
@@ -635,36 +771,20 @@ class Worker:
         database holds the smallest, and the plain claim skips limited handlers
         whatever this list says).
         """
-        handlers = self.app.handlers
-        limits = self._limits()
-        local_full: set[str] = set()
-        for name in self._served:
-            td = handlers.get(name)
-            if td is not None and td.concurrency and self._per_handler[name] >= td.concurrency:
-                local_full.add(name)
-        limited = [n for n in self._served if n in limits and n not in local_full and n in handlers]
-        allowed = [n for n in self._served if n not in limits and n not in local_full and n in handlers]
-        return limited, allowed
+        return claim_filters(self._served, self.app.handlers, self._limits(), self._per_handler)
 
     def _limits(self) -> dict[str, int]:
         """Cluster-wide limits of the served handlers: declared here or held by the database."""
-        out = dict(self._db_limits)
-        for name in self._served:
-            td = self.app.handlers.get(name)
-            if td is not None and td.cluster_concurrency:
-                out[name] = min(td.cluster_concurrency, out.get(name, td.cluster_concurrency))
-        return out
+        return cluster_limits(self._served, self.app.handlers, self._db_limits)
 
     def _set_limits(self, limits: dict[str, int]) -> None:
         self._db_limits = {str(k): int(v) for k, v in limits.items()}
 
     def _wanted_queues(self) -> tuple[str, ...]:
         """The queues to serve now, in priority order (see ``__init__``)."""
-        if self._named and not self.all_queues:
-            return self._named
-        dq = self.settings.default_queue
-        own = [td.queue or dq for td in self.app.handlers.values()] or [dq]
-        return tuple(dict.fromkeys([*self._named, *own, *self._found]))
+        return wanted_queues(
+            self._named, self.all_queues, self.app.handlers, self.settings.default_queue, self._found
+        )
 
     async def _discover(self) -> None:
         """Under ``*``: remember every queue holding pending tasks of this worker's handlers."""
@@ -831,24 +951,14 @@ class Worker:
             except asyncio.CancelledError as exc:
                 if run.dropped is not None:
                     return None  # the task was taken away: write nothing
-                # Cancelled from inside the handler, not by us: an ordinary failure.
-                self._set_failure(out, row, "the handler was cancelled", traceback.format_exc(), "retried")
-                failure = exc
-            except TimeoutError as exc:
-                self._set_failure(out, row, f"timed out after {run.timeout:g}s", None, "timeout")
-                failure = exc
-            except Retry as exc:
-                self._set_failure(out, row, exc.message, None, "retried", delay=exc.delay, force_retry=True)
-                failure = exc
-            except Fail as exc:
-                self._set_failure(out, row, exc.message, None, "failed", no_retry=True)
-                failure = exc
+                failure = exc  # cancelled from inside the handler, not by us: an ordinary failure
             except Suspend as sus:
                 # Waiting for children: written suspended, attempt handed back, slot freed.
                 out.kind, out.wait_ids, out.policy = "suspended", sus.child_ids, sus.policy
             except BaseException as exc:  # SystemExit and KeyboardInterrupt from a handler too
-                self._set_failure(out, row, f"{type(exc).__name__}: {exc}", traceback.format_exc(), "retried")
                 failure = exc
+            if failure is not None:
+                self._set_failure(out, row, classify_failure(failure, run.timeout))
         except Exception as exc:
             # Recording the outcome itself failed (a Retry/Fail subclass with odd
             # attributes, an exception whose __str__ raises): the task still fails.
@@ -884,35 +994,9 @@ class Worker:
         log.warning("task %d handed back: %s", ctx.id, why)
         self._wake.set()
 
-    def _set_failure(
-        self,
-        out: Outcome,
-        row: Mapping[str, Any],
-        error: str,
-        tb: str | None,
-        kind: str,
-        *,
-        delay: float | None = None,
-        no_retry: bool = False,
-        force_retry: bool = False,
-    ) -> None:
-        out.error = _clean(error)
-        out.tb = None if tb is None else _clean(tb, tail=True, limit=ERROR_MAX_CHARS * 4)
-        spent = out.attempt - out.uncharged
-        max_attempts = int(row["max_attempts"])
-        if no_retry or spent >= max_attempts:
-            out.delay = None
-            out.kind = "timeout" if kind == "timeout" else "failed"
-            if not no_retry and force_retry:
-                out.error = _clean(f"{out.error} (no attempts left: {spent} of {max_attempts})")
-            return
-        if delay is None:
-            delay = retry_delay(
-                spent, float(row["retry_delay_s"]), float(row["retry_backoff"]),
-                float(row["max_retry_delay_s"]),
-            )  # fmt: skip
-        out.delay = bounded_delay(delay)
-        out.kind = "timeout" if kind == "timeout" else "retried"
+    def _set_failure(self, out: Outcome, row: Mapping[str, Any], failure: Failure) -> None:
+        # A method so a test can stand in for an unguarded path (test_engine_faults' Careless).
+        set_failure(out, row, failure)
 
     # -- writing outcomes --------------------------------------------------
 
@@ -954,9 +1038,6 @@ class Worker:
     async def _write_batch(self, batch: list[Outcome]) -> tuple[list[Outcome], BaseException | None]:
         """Write a batch, statement by statement; the outcomes to send again (their
         statement failed on the connection) and the last such error."""
-        by_worker: dict[uuid.UUID, list[Outcome]] = {}
-        for o in batch:
-            by_worker.setdefault(o.worker_id, []).append(o)
         written: set[int] = set()
         again: list[Outcome] = []
         errors: list[BaseException] = []
@@ -969,14 +1050,7 @@ class Worker:
             errors.extend(e)
 
         claim_with: list[Outcome] = []
-        for wid, outs in by_worker.items():
-            ok = [o for o in outs if o.kind == "succeeded"]
-            bad = [o for o in outs if o.kind not in ("succeeded", "suspended")]
-            sus = sorted((o for o in outs if o.kind == "suspended"), key=lambda o: o.task_id)
-            # An ending child locks its parent: take parents in one order across batches.
-            if any(o.parent_id is not None for o in outs):
-                ok.sort(key=lambda o: o.parent_id or 0)
-                bad.sort(key=lambda o: o.parent_id or 0)
+        for wid, ok, bad, sus in group_outcomes(batch):
             if ok and wid == self.worker_id and self._claiming and not self._stopping:
                 claim_with = ok  # written last, together with the next claim
             elif ok:
@@ -1066,8 +1140,7 @@ class Worker:
         under this worker, and is never handed back as an orphan)."""
         self.stats.unstorable += 1
         was = o.kind
-        o.kind, o.delay, o.result, o.tb, o.wait_ids = "failed", None, None, None, []
-        o.error = _clean(f"outcome could not be stored ({was}): {type(exc).__name__}: {exc}")
+        as_unstorable(o, exc)
         log.error("outcome of task %d attempt %d could not be stored (%s): %r; writing it as failed",
                   o.task_id, o.attempt, was, exc)  # fmt: skip
         try:
