@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from tests import support
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -51,20 +52,11 @@ class Databases:
     async def create(self, tag: str) -> tuple[str, str]:
         self._seq += 1
         name = f"{DB_PREFIX}{tag}_{os.getpid()}_{self._seq}"
-        conn = await self._admin()
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
+        await support.create_database(self.admin_url, name, replace=True)
         return name, with_database(self.admin_url, name)
 
     async def drop(self, name: str) -> None:
-        conn = await self._admin()
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await support.drop_database(self.admin_url, name)
 
     @contextlib.asynccontextmanager
     async def fresh(self, tag: str) -> AsyncIterator[tuple[str, str]]:
@@ -110,11 +102,11 @@ class Databases:
 
     async def wait_backends(self, name: str, n: int, timeout: float = 30.0) -> None:
         """Wait until ``n`` sessions are connected to database ``name``."""
-        end = time.monotonic() + timeout
-        while len(await self.backend_pids(name)) < n:
-            if time.monotonic() > end:
-                raise RuntimeError(f"fewer than {n} sessions on {name} after {timeout:.0f}s")
-            await asyncio.sleep(0.1)
+
+        async def enough() -> bool:
+            return len(await self.backend_pids(name)) >= n
+
+        await support.until(enough, timeout, f"{n} sessions on {name}", 0.1)
 
     async def backend_pids(self, name: str) -> list[int]:
         conn = await self._admin()

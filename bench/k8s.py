@@ -28,21 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from tests.support import CLUSTER_DIR, cluster_env
 
 from bench import systems
 from bench.harness import ROOT, Databases, Workers, launcher, running
 
-CLUSTER_DIR = ROOT / "e2e" / "cluster"
 SELECTOR = "app.kubernetes.io/name=kubetasks-bench"
-
-
-def cluster_env() -> dict[str, str]:
-    """The variables e2e/cluster/env.sh exports (tool paths, kubeconfig, run dir)."""
-    out = subprocess.run(
-        ["bash", "-c", f". {CLUSTER_DIR / 'env.sh'} && env -0"], capture_output=True, text=True, check=True
-    )
-    pairs = (item.split("=", 1) for item in out.stdout.split("\0") if "=" in item)
-    return {k: v for k, v in pairs if k.startswith(("KUBETASKS_", "K8S_", "ETCD_"))}
 
 
 class Kube:

@@ -36,15 +36,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
+from tests.support import connect, create_database, drop_database  # noqa: E402
 
 from kubetasks import devenv  # noqa: E402
 from kubetasks.store import migrate, queries  # noqa: E402
 
 DB = "bench_parking"
-
-
-async def connect(url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(url, server_settings={"search_path": "kubetasks"})
 
 
 def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -89,12 +86,7 @@ async def claim_figures(conn: asyncpg.Connection, wid: uuid.UUID, handlers: list
 
 async def main(a: argparse.Namespace) -> dict[str, Any]:
     admin = a.admin_url or devenv.up().admin_url()
-    base = await asyncpg.connect(admin)
-    try:
-        await base.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-        await base.execute(f"CREATE DATABASE {DB}")
-    finally:
-        await base.close()
+    await create_database(admin, DB, replace=True)
     url = admin.rsplit("/", 1)[0] + "/" + DB
     await migrate(url)
     conn = await connect(url)
@@ -160,11 +152,7 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         )
     finally:
         await conn.close()
-        base = await asyncpg.connect(admin)
-        try:
-            await base.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-        finally:
-            await base.close()
+        await drop_database(admin, DB)
     return out
 
 

@@ -29,19 +29,12 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+from tests.support import until
 
 from bench import systems
 from bench.harness import Databases, Workers, running
 
 SLEEP_S = 120.0
-
-
-async def _wait(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> None:
-    end = time.monotonic() + timeout
-    while not await cond():
-        if time.monotonic() > end:
-            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def one(dbs: Databases, mode: str, n: int, ttl: float, heartbeat: float) -> dict[str, Any]:
@@ -76,19 +69,20 @@ async def one(dbs: Databases, mode: str, n: int, ttl: float, heartbeat: float) -
         try:
             async with running(victim):
                 victim.go()
-                await _wait(
+                await until(
                     lambda: _eq(
                         count("SELECT count(*) FROM tasks WHERE status = 'running' AND id = ANY($1)"), n
                     ),
                     30,
                     f"the victim to run all {n}",
+                    interval=0.02,
                 )
                 t = time.monotonic()
                 async with running(other):  # started, imported, waiting at the barrier
                     out["process_start_s"] = round(time.monotonic() - t, 3)
                     if mode == "silent_death":
                         other.go()
-                        await _wait(
+                        await until(
                             lambda: _eq(
                                 conn.fetchval(
                                     "SELECT count(*) FROM workers WHERE pod_id = 'survivor' "
@@ -98,6 +92,7 @@ async def one(dbs: Databases, mode: str, n: int, ttl: float, heartbeat: float) -
                             ),
                             30,
                             "the survivor to register",
+                            interval=0.02,
                         )
                         await asyncio.sleep(1.5 * heartbeat)  # it has heartbeaten: a peer, not a newcomer
                     vrow = await conn.fetchrow(
@@ -112,7 +107,7 @@ async def one(dbs: Databases, mode: str, n: int, ttl: float, heartbeat: float) -
                         other.go()
                     while victim.procs[0].poll() is None:  # noqa: ASYNC110 - reaping our own child
                         await asyncio.sleep(0.005)
-                    await _wait(
+                    await until(
                         lambda: _eq(
                             count(
                                 "SELECT count(*) FROM tasks WHERE status = 'running' AND attempt = 2 "
@@ -122,6 +117,7 @@ async def one(dbs: Databases, mode: str, n: int, ttl: float, heartbeat: float) -
                         ),
                         max(60.0, 4 * ttl),
                         f"all {n} to run again",
+                        interval=0.02,
                     )
                     out["observed_s"] = round(time.monotonic() - t_kill_mono, 3)
                     r = await conn.fetchrow(

@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+from tests.support import connect
 
 from bench import harness, systems
 from bench.harness import Databases, Workers, cpu_seconds, running
@@ -105,10 +106,6 @@ def size_label(n: int) -> str:
     if n >= 1000 and n % 1000 == 0:
         return f"{n // 1000}k"
     return str(n)
-
-
-async def connect(url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(url, server_settings={"search_path": "kubetasks"})
 
 
 async def seed_finished(conn: asyncpg.Connection, n: int) -> None:

@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
+from tests.support import until  # noqa: E402
 
 from bench import harness, systems  # noqa: E402
 from bench.harness import Databases, Workers, running  # noqa: E402
@@ -81,11 +82,11 @@ async def _drain_rate(url: str, system: systems.Kubetasks, n: int, timeout: floa
     conn = await asyncpg.connect(url)
     try:
         t0 = await conn.fetchval("SELECT clock_timestamp()")
-        end = time.monotonic() + timeout
-        while await conn.fetchval("SELECT count(*) FROM kubetasks.tasks WHERE status <> 'succeeded'"):
-            if time.monotonic() > end:
-                raise RuntimeError(f"{n} tasks not drained after {timeout:.0f}s")
-            await asyncio.sleep(0.1)
+
+        async def drained() -> bool:
+            return not await conn.fetchval("SELECT count(*) FROM kubetasks.tasks WHERE status <> 'succeeded'")
+
+        await until(drained, timeout, f"{n} tasks to drain", 0.1)
         r = await conn.fetchrow(
             "SELECT min(started_at) AS a, max(finished_at) AS b FROM kubetasks.tasks WHERE finished_at >= $1",
             t0,

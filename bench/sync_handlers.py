@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
+from tests.support import connect, until  # noqa: E402
 
 from bench.apps import sync_app  # noqa: E402
 from kubetasks import App, EnqueueRequest, TaskContext, devenv, subprocs  # noqa: E402
@@ -113,13 +114,10 @@ def start_worker(url: str, concurrency: int, env: dict[str, str]) -> subprocess.
 
 
 async def wait_registered(url: str, timeout: float = 60) -> None:
-    conn = await asyncpg.connect(url, server_settings={"search_path": "kubetasks"})
+    conn = await connect(url)
     try:
-        end = time.monotonic() + timeout
-        while not await conn.fetchval("SELECT count(*) FROM workers WHERE status = 'active'"):
-            if time.monotonic() > end:
-                raise RuntimeError("the worker did not register")
-            await asyncio.sleep(0.05)
+        active = "SELECT count(*) FROM workers WHERE status = 'active'"
+        await until(lambda: conn.fetchval(active), timeout, "the worker to register")
     finally:
         await conn.close()
 
@@ -135,11 +133,10 @@ async def latency(url: str, tmp: Path) -> dict[str, Any]:
             for i in range(120):
                 await app.enqueue(handler, {"t": time.time(), "w": i < 20})
                 await asyncio.sleep(0.05)
-            end = time.monotonic() + 30
-            while len(path.read_text().splitlines() if path.exists() else []) < 120:
-                if time.monotonic() > end:
-                    raise RuntimeError(f"{handler}: not every job ran")
-                await asyncio.sleep(0.05)
+            await until(
+                lambda p=path: len(p.read_text().splitlines() if p.exists() else []) >= 120,
+                30, f"{handler}: every job to run",
+            )  # fmt: skip
         finally:
             await app.close()
             proc.terminate()
@@ -186,11 +183,7 @@ async def memory(url: str, concurrency: int, tmp: Path) -> dict[str, Any]:
         kids = tree(proc.pid)
         idle = {"worker": mem(proc.pid), "server": [mem(p) for p in kids.get(proc.pid, [])]}
         ids = await app.enqueue_many([EnqueueRequest("sync.hold", {"s": 60}) for _ in range(concurrency)])
-        end = time.monotonic() + 60
-        while len(list(started.iterdir())) < concurrency:
-            if time.monotonic() > end:
-                raise RuntimeError("not every task started")
-            await asyncio.sleep(0.05)
+        await until(lambda: len(list(started.iterdir())) >= concurrency, 60, "every task to start")
         await asyncio.sleep(1.0)
         kids = tree(proc.pid)
         servers = kids.get(proc.pid, [])

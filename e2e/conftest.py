@@ -32,29 +32,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.conftest import create_db, dev_state, drop_db, template_db  # noqa: F401 - fixtures
+from tests.support import ROOT, ScriptFailed, cluster_env, cluster_script
 
 from kubetasks import devenv
-
-ROOT = Path(__file__).resolve().parent.parent
-CLUSTER_DIR = ROOT / "e2e" / "cluster"
-
-
-def cluster_env() -> dict[str, str]:
-    """The variables e2e/cluster/env.sh exports (tool paths, versions, cache)."""
-    out = subprocess.run(
-        ["bash", "-c", f". {CLUSTER_DIR / 'env.sh'} && env -0"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    pairs = (item.split("=", 1) for item in out.stdout.split("\0") if "=" in item)
-    prefixes = ("KUBETASKS_", "K8S_", "ETCD_", "HELM_", "KUBECONFORM_")
-    return {k: v for k, v in pairs if k.startswith(prefixes)}
 
 
 @dataclass(frozen=True)
@@ -114,22 +98,12 @@ def _run(cmd: list[str], input: str | None, check: bool, timeout: float) -> subp
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
-    up = subprocess.run(["bash", str(CLUSTER_DIR / "up.sh")], capture_output=True, text=True, timeout=3600)
-    if up.returncode != 0:
-        pytest.fail(
-            f"the local control plane did not start (e2e/cluster/up.sh exit {up.returncode}):\n"
-            f"{up.stdout[-4000:]}\n{up.stderr[-4000:]}",
-            pytrace=False,
-        )
+    try:
+        up = cluster_script("up.sh")
+        cluster_script("build.sh", "helm", "kubeconform")
+    except ScriptFailed as exc:
+        pytest.fail(f"the local control plane or its tools did not start: {exc}", pytrace=False)
     started_here = "already running" not in up.stdout
-    build = subprocess.run(
-        ["bash", str(CLUSTER_DIR / "build.sh"), "helm", "kubeconform"],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if build.returncode != 0:
-        pytest.fail(f"could not build helm/kubeconform:\n{build.stdout[-4000:]}\n{build.stderr[-4000:]}")
     env = cluster_env()
     yield Cluster(
         kubeconfig=env["KUBETASKS_KUBECONFIG"],
@@ -139,7 +113,7 @@ def cluster() -> Iterator[Cluster]:
         env=env,
     )
     if started_here and os.environ.get("KUBETASKS_KEEP_CLUSTER") != "1":
-        subprocess.run(["bash", str(CLUSTER_DIR / "down.sh")], capture_output=True, timeout=120)
+        cluster_script("down.sh", timeout=120, check=False)
 
 
 @pytest.fixture(scope="session")

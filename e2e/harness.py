@@ -17,7 +17,6 @@ that pose as the Deployment's pods (on this machine, outside any node):
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -33,6 +32,7 @@ from typing import Any
 
 import asyncpg
 import yaml
+from tests.support import until
 
 from e2e.conftest import NO_NODE, Cluster, wait_default_service_account
 from kubetasks import devenv
@@ -299,17 +299,10 @@ def phases(cluster: Cluster, ns: str) -> dict[str, str]:
 
 
 async def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> float:
-    """Poll ``cond`` (sync or async) until true; returns the seconds it took."""
+    """``tests.support.until``; returns the seconds it took."""
     t0 = time.monotonic()
-    while True:
-        got = cond()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
+    await until(cond, timeout, what, interval)
+    return time.monotonic() - t0
 
 
 async def db_rows(db: str, namespace: str | None = None) -> list[asyncpg.Record]:

@@ -46,6 +46,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from tests import support
 from tests.conftest import create_db, dev_state, drop_db, template_db  # noqa: F401 - fixtures
 
 from e2e.conftest import NODE_REPORT, Cluster, wait_default_service_account
@@ -89,17 +90,8 @@ def report(line: str) -> None:
 
 
 async def until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    """Poll ``cond`` (sync or async) until it returns something truthy; that value."""
-    end = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(interval)
+    """``tests.support.until``, polling every 0.2 s by default: most conditions here run kubectl."""
+    return await support.until(cond, timeout, what, interval)
 
 
 # --------------------------------------------------------------------------- the node

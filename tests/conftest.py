@@ -14,12 +14,12 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from kubetasks import devenv
 from kubetasks.app import App
 from kubetasks.store import migrate
+from tests import support
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("KUBETASKS_RUN_DIR", str(ROOT / ".run"))
@@ -40,46 +40,25 @@ def template_db(dev_state: devenv.DevState) -> Iterator[str]:
     name = f"kt_template_{os.getpid()}"
 
     async def make() -> None:
-        conn = await asyncpg.connect(dev_state.admin_url())
-        try:
-            await conn.execute(f"DROP DATABASE IF EXISTS {name}")
-            await conn.execute(f"CREATE DATABASE {name}")
-        finally:
-            await conn.close()
+        await support.create_database(dev_state.admin_url(), name, replace=True)
         await migrate(dev_state.admin_url(name))
 
     asyncio.run(make())
     yield name
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(dev_state.admin_url())
-        try:
-            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            await conn.close()
-
-    asyncio.run(drop())
+    asyncio.run(support.drop_database(dev_state.admin_url(), name))
 
 
 async def create_db(dev_state: devenv.DevState, template: str | None) -> str:
     name = f"kt_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(dev_state.admin_url())
-    try:
-        tpl = f" TEMPLATE {template}" if template else ""
-        await conn.execute(f"CREATE DATABASE {name}{tpl}")
-        # Tests check logic, not durability: skip the WAL flush wait.
-        await conn.execute(f"ALTER DATABASE {name} SET synchronous_commit = off")
-    finally:
-        await conn.close()
+    # Tests check logic, not durability: skip the WAL flush wait.
+    await support.create_database(
+        dev_state.admin_url(), name, template=template, settings={"synchronous_commit": "off"}
+    )
     return name
 
 
 async def drop_db(dev_state: devenv.DevState, name: str) -> None:
-    conn = await asyncpg.connect(dev_state.admin_url())
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
+    await support.drop_database(dev_state.admin_url(), name)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,16 +63,6 @@ async def running_worker(db_url: str, pod: str = "dash-pod-1") -> AsyncIterator[
             yield a
     finally:
         await a.close()
-
-
-async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Wait for ``cond`` with a generous deadline (the machine is shared)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not await cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def finished(app: App, *ids: int) -> bool:

@@ -8,17 +8,13 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from kubetasks import App
 from kubetasks.worker import Worker
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT, connect, until
 
 
 def start_worker(
@@ -85,13 +81,8 @@ class RunningWorker:
         await asyncio.wait_for(self.task, 30)
 
 
-async def wait_for(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not await cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
+#: The one wait (tests/support.py), by the name the integration tests call it.
+wait_for = until
 
 
 @dataclass
@@ -117,7 +108,7 @@ async def audit(db_url: str, ids: list[int], sidelog: Path) -> Audit:
     task both finished their side effect and were accepted. Unexpected: the
     accepted success is not an attempt that ran to its end on that worker.
     """
-    conn = await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
+    conn = await connect(db_url)
     try:
         rows = await conn.fetch(
             "SELECT id, status, attempt, worker_id::text AS w FROM tasks WHERE id = ANY($1)", ids

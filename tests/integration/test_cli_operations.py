@@ -18,13 +18,13 @@ import sys
 from datetime import timedelta
 from typing import Any
 
-import asyncpg
 import pytest
 
 from kubetasks import App, TaskContext, ValidationError
 from kubetasks.cron import Scheduler
 from kubetasks.schedules import ScheduleNotFound
 from tests.integration.helpers import ROOT, RunningWorker, wait_for
+from tests.support import connect
 
 
 def kt(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -38,10 +38,6 @@ def kt(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 def ok(res: subprocess.CompletedProcess[str]) -> str:
     assert res.returncode == 0, f"exit {res.returncode}: {res.stdout}\n{res.stderr}"
     return res.stdout
-
-
-async def connect(db_url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
 
 
 def new_app(db_url: str, pod: str = "ops-pod", **kw: Any) -> App:

@@ -21,7 +21,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from kubetasks import App, TaskContext, cron, locks
 from kubetasks.cron import Pass, Scheduler, ScheduleSpec
 from kubetasks.errors import KubetasksError, ValidationError
 from tests.integration.helpers import ROOT, stop, wait_for
+from tests.support import until
 
 SECOND = timedelta(seconds=1)
 MINUTE = timedelta(minutes=1)
@@ -521,14 +522,6 @@ def _sidelog(path: Path) -> list[tuple[str, int, int, str, str, int, float]]:
     return out
 
 
-async def _until(cond: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> None:
-    async def check() -> bool:
-        v = cond()
-        return await v if not isinstance(v, bool) else v
-
-    await wait_for(check, timeout, what)
-
-
 @pytest.mark.chaos
 @pytest.mark.parametrize("backend", ["redis", "postgres"])
 async def test_processes_sigkill_mid_run_under_forbid(
@@ -549,9 +542,9 @@ async def test_processes_sigkill_mid_run_under_forbid(
     procs = {f"pod-{i}": _start_run(db_url, f"pod-{i}", env, tmp_path / f"pod-{i}.log") for i in range(3)}
     killed_pod, kill_mono = "", 0.0
     try:
-        await _until(lambda: sum(1 for e in _sidelog(sidelog) if e[0] == "end") >= 8, 40, "eight runs")
+        await until(lambda: sum(1 for e in _sidelog(sidelog) if e[0] == "end") >= 8, 40, "eight runs")
         (control / "hang").touch()
-        await _until(lambda: any(e[0] == "hang" for e in _sidelog(sidelog)), 10, "a run to hang")
+        await until(lambda: any(e[0] == "hang" for e in _sidelog(sidelog)), 10, "a run to hang")
         hang = next(e for e in _sidelog(sidelog) if e[0] == "hang")
         hung_task, killed_pod = hang[1], hang[4]
         (control / "hang").unlink()
@@ -563,7 +556,7 @@ async def test_processes_sigkill_mid_run_under_forbid(
             ends = [e for e in _sidelog(sidelog) if e[0] == "end"]
             return any(e[1] == hung_task for e in ends) and sum(1 for e in ends if e[1] > hung_task) >= 6
 
-        await _until(recovered_and_resumed, 40, "the killed run to be recovered and runs to resume")
+        await until(recovered_and_resumed, 40, "the killed run to be recovered and runs to resume")
     finally:
         for pod, p in procs.items():
             if pod != killed_pod:

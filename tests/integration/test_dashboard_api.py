@@ -18,8 +18,8 @@ from tests.integration.dashboard_helpers import (
     finished,
     running_dashboard,
     running_worker,
-    until,
 )
+from tests.support import until
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -19,8 +19,8 @@ from tests.integration.dashboard_helpers import (
     finished,
     running_dashboard,
     running_worker,
-    until,
 )
+from tests.support import until
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = [

@@ -28,6 +28,7 @@ from kubetasks.errors import ValidationError
 from kubetasks.store import migrate
 from kubetasks.worker import Outcome, Worker
 from tests.integration.helpers import RunningWorker, audit, read_sidelog, start_worker, stop, wait_for
+from tests.support import connect
 
 pytestmark = pytest.mark.chaos
 BLOCKAPP = "tests.integration.apps.blockapp:app"
@@ -35,10 +36,6 @@ BLOCKAPP = "tests.integration.apps.blockapp:app"
 
 def report(title: str, **figures: object) -> None:
     print(f"\n[engine-faults] {title}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
-
-
-async def connect(db_url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
 
 
 async def fetchval(db_url: str, sql: str, *args: object) -> Any:

@@ -41,6 +41,7 @@ from kubetasks.locks import (
     make_backend,
 )
 from kubetasks.store import Store
+from tests.support import until
 
 ROOT = Path(__file__).resolve().parents[2]
 Interval = tuple[float, float, str]
@@ -122,10 +123,8 @@ def name() -> str:
 
 
 async def eventually(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> float:
-    """Poll ``cond`` until true; returns the monotonic time it became true."""
-    async with asyncio.timeout(timeout):
-        while not await cond():  # noqa: ASYNC110 - the condition lives in another server
-            await asyncio.sleep(0.01)
+    """``until``, polling every 10 ms; the monotonic time ``cond`` was seen true."""
+    await until(cond, timeout, what, interval=0.01)
     return time.monotonic()
 
 

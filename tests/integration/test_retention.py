@@ -20,12 +20,9 @@ import pytest
 
 from kubetasks import App, ConfigError, Settings, ValidationError, metrics, retention
 from tests.integration.helpers import ROOT, wait_for
+from tests.support import connect
 
 DAY = 86400.0
-
-
-async def connect(db_url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
 
 
 def new_app(db_url: str, **kw: Any) -> App:

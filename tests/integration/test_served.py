@@ -28,10 +28,7 @@ from kubetasks import App, EnqueueRequest, TaskContext, UnknownHandler, cron, me
 from kubetasks.k8s import handlers as k8s_handlers
 from kubetasks.k8s import opcontext
 from tests.integration.helpers import ROOT, RunningWorker, wait_for
-
-
-async def connect(db_url: str) -> asyncpg.Connection:
-    return await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
+from tests.support import connect
 
 
 def new_app(db_url: str, pod: str, **kw: Any) -> App:

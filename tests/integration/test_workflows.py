@@ -13,7 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from tests.handlers import noop
 from tests.integration import helpers
 from tests.integration.apps import flowapp
 from tests.integration.helpers import ROOT, audit, read_sidelog, start_worker, stop, wait_for
+from tests.support import until
 
 UNFINISHED = ("pending", "running", "paused", "suspended")
 FLOWAPP = "tests.integration.apps.flowapp:app"
@@ -60,10 +61,6 @@ async def query(db_url: str, sql: str, *args: object) -> list[asyncpg.Record]:
 
 async def tree_ids(app: App, root: int) -> list[int]:
     return [r["id"] for r in await app.store.run("workflow_tasks", root)]
-
-
-async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    await wait_for(cond, timeout, what)
 
 
 async def status_is(app: App, task_id: int, *statuses: str) -> bool:

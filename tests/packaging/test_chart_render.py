@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import CLUSTER_DIR, ROOT, ScriptFailed, cluster_env, cluster_script
+
 CHART = ROOT / "charts" / "kubetasks"
-CLUSTER = ROOT / "e2e" / "cluster"
 REQUIRED = {"app": "examples.app:app", "database.existingSecret": "kt-db"}
 NS = "jobs"
 SKIPPED_KINDS = ["ServiceMonitor", "ScaledObject"]  # no CRD schemas here; checked field by field below
@@ -36,17 +36,12 @@ Doc = dict[str, Any]
 @cache
 def tools() -> dict[str, str]:
     """Paths from env.sh, after building helm/kubeconform and the schemas (idempotent)."""
-    for cmd in (
-        ["bash", str(CLUSTER / "build.sh"), "helm", "kubeconform"],
-        ["bash", str(CLUSTER / "schemas.sh")],
-    ):
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=3000)
-        if res.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}", pytrace=False)
-    out = subprocess.run(
-        ["bash", "-c", f". {CLUSTER / 'env.sh'} && env -0"], capture_output=True, text=True, check=True
-    ).stdout
-    env = dict(item.split("=", 1) for item in out.split("\0") if "=" in item)
+    try:
+        cluster_script("build.sh", "helm", "kubeconform", timeout=3000)
+        cluster_script("schemas.sh", timeout=3000)
+    except ScriptFailed as exc:
+        pytest.fail(str(exc), pytrace=False)
+    env = cluster_env()
     return {
         k: env[k] for k in ("KUBETASKS_HELM", "KUBETASKS_KUBECONFORM", "KUBETASKS_SCHEMAS", "K8S_VERSION")
     }
@@ -677,7 +672,7 @@ def crd_schemas(tmp_path_factory: pytest.TempPathFactory) -> Path:
     res = subprocess.run(
         [
             sys.executable,
-            str(CLUSTER / "openapi2jsonschema.py"),
+            str(CLUSTER_DIR / "openapi2jsonschema.py"),
             "crd",
             str(out),
             kube_version(),
