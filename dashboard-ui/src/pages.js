@@ -367,9 +367,10 @@ export function Task({ id, session }) {
           action=${() => call(`tasks/${id}/retry`, { method: "POST" })} done=${reload} />` : null}
         ${["pending", "running", "paused", "suspended"].includes(task.status) ? html`<${ActionButton} label="Cancel" danger
           disabled=${ro} title=${title} action=${() => call(`tasks/${id}/cancel`, { method: "POST" })} done=${reload} />` : null}
-        ${task.status === "pending" ? html`<${ActionButton} label="Pause" disabled=${ro} title=${title}
+        ${task.status === "pending" || (task.status === "running" && !task.pause_requested_at)
+          ? html`<${ActionButton} label="Pause" disabled=${ro} title=${title}
           action=${() => call(`tasks/${id}/pause`, { method: "POST" })} done=${reload} />` : null}
-        ${task.status === "paused" ? html`<${ActionButton} label="Resume" disabled=${ro} title=${title}
+        ${task.status === "paused" || task.pause_requested_at ? html`<${ActionButton} label="Resume" disabled=${ro} title=${title}
           action=${() => call(`tasks/${id}/resume`, { method: "POST" })} done=${reload} />` : null}
       </span>
     </div>

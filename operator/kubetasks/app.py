@@ -237,7 +237,8 @@ class App(Blueprint):
         """The task's history, oldest first: dicts of at, kind, attempt, worker_id, pod_id, detail.
 
         Kinds: created, claimed, progress, retried, fenced_out, recovered, released,
-        paused, resumed, suspended, woken, cancelled, requeued, succeeded, failed.
+        paused, pause_requested, pause_moot, resumed, suspended, woken, cancelled, requeued,
+        succeeded, failed, checkpoint.
         """
         rows = await tasks.get_events(await self._ready_store(), task_id=task_id)
         if not rows:
@@ -328,20 +329,30 @@ class App(Blueprint):
         await queues.wake_queue(store, queue=rec.queue)
         return 1
 
-    async def pause_task(self, task_id: int) -> bool:
+    async def pause_task(self, task_id: int) -> str | None:
+        """Pause a task: ``"paused"`` when it was pending (held at once); ``"requested"`` when it
+        runs: its handler sees ``task.pause_requested`` (at once, or within a heartbeat) and may
+        pause at a checkpoint; otherwise the task is paused when the attempt ends, or, if that
+        attempt finishes it, the request is recorded as moot (``get_task(...).pause_outcome`` and
+        the task's events say which happened). None: nothing to pause (paused already, waiting
+        for its children, or finished)."""
         row = await tasks.pause_task(await self._ready_store(), task_id=task_id)
         if row is None:
-            await self.get_task(task_id)
-        return row is not None
+            raise TaskNotFound(task_id)
+        how: str | None = row["how"]
+        return how
 
-    async def resume_task(self, task_id: int) -> bool:
+    async def resume_task(self, task_id: int) -> str | None:
+        """``"resumed"``: a paused task is pending again (its handler runs from the top);
+        ``"withdrawn"``: a running task is no longer asked to pause. None: neither applies."""
         store = await self._ready_store()
         row = await tasks.resume_task(store, task_id=task_id)
         if row is None:
-            await self.get_task(task_id)
-            return False
-        await queues.wake_queue(store, queue=row["queue"])
-        return True
+            raise TaskNotFound(task_id)
+        if row["how"] == "resumed":
+            await queues.wake_queue(store, queue=row["queue"])
+        how: str | None = row["how"]
+        return how
 
     async def pause_queue(self, queue: str) -> None:
         await queues.set_queue_paused(

@@ -6,11 +6,11 @@ attempts of this workflow failed, every ``fenced_out`` write of a worker.
 
 * ``events``: the recorded transitions (``task_events``: retried, failed,
   fenced_out, released, recovered, cancelled, requeued, progress, paused,
-  resumed, suspended, woken...), newest first, by event id. Claims and
+  pause_requested, pause_moot, resumed, suspended, woken...), newest first, by event id. Claims and
   successes are not events (the hot path writes them once, in the task row);
   ``attempts`` lists them.
 * ``attempts``: every ended attempt (``task_attempts_all``: the failures,
-  retries, timeouts, losses, releases and cancellations recorded per attempt,
+  retries, timeouts, losses, releases, cancellations and pauses recorded per attempt,
   plus each success read from its task row), newest task first.
 
 Filters: ``task`` (one task) or ``root`` (a workflow's tree), ``worker``,
@@ -38,8 +38,12 @@ from kubetasks.store import Store, operations, tasks
 EVENT_KINDS = (
     "created", "claimed", "progress", "retried", "fenced_out", "recovered", "released", "paused",
     "resumed", "suspended", "woken", "cancelled", "requeued", "succeeded", "failed", "checkpoint",
+    "pause_requested", "pause_moot",
 )  # fmt: skip
-OUTCOMES = ("succeeded", "failed", "retried", "timeout", "worker_lost", "released", "cancelled", "suspended")
+OUTCOMES = (
+    "succeeded", "failed", "retried", "timeout", "worker_lost", "released", "cancelled", "suspended",
+    "paused",
+)  # fmt: skip
 DEFAULT_SCAN = 20_000
 MAX_SCAN = 200_000
 MAX_LIMIT = 500

@@ -610,19 +610,42 @@ def tasks_retry(
 
 @tasks_cli.command("pause")
 def tasks_pause(task_id: int, database_url: DbOpt = None) -> None:
-    """Hold a pending task."""
-    ok = _with_app(None, database_url, lambda a: a.pause_task(task_id))
-    out.print(f"task {task_id} paused" if ok else f"task {task_id} is not pending")
-    if not ok:
+    """Hold a pending task, or ask a running one to pause.
+
+    A running task's handler sees the request (task.pause_requested) and may pause at a
+    checkpoint; otherwise the task is paused when the attempt ends, or, if that attempt
+    finishes it, the request is moot. `tasks get` shows which happened."""
+
+    async def act(a: App) -> tuple[str | None, TaskRecord]:
+        return await a.pause_task(task_id), await a.get_task(task_id)
+
+    how, rec = _with_app(None, database_url, act)
+    if how == "requested":
+        out.print(
+            f"task {task_id} is running: asked to pause; it pauses at a checkpoint of its handler, "
+            "or when this attempt ends"
+        )
+    elif how == "paused":
+        out.print(f"task {task_id} paused")
+    else:
+        out.print(f"task {task_id} is {rec.status}: nothing to pause")
         raise typer.Exit(1)
 
 
 @tasks_cli.command("resume")
 def tasks_resume(task_id: int, database_url: DbOpt = None) -> None:
-    """Release a paused task."""
-    ok = _with_app(None, database_url, lambda a: a.resume_task(task_id))
-    out.print(f"task {task_id} resumed" if ok else f"task {task_id} is not paused")
-    if not ok:
+    """Release a paused task, or withdraw the pause asked of a running one."""
+
+    async def act(a: App) -> tuple[str | None, TaskRecord]:
+        return await a.resume_task(task_id), await a.get_task(task_id)
+
+    how, rec = _with_app(None, database_url, act)
+    if how == "withdrawn":
+        out.print(f"task {task_id} is running: no longer asked to pause")
+    elif how == "resumed":
+        out.print(f"task {task_id} resumed")
+    else:
+        out.print(f"task {task_id} is {rec.status}: not paused, nor asked to pause")
         raise typer.Exit(1)
 
 

@@ -5,6 +5,14 @@ at most one fenced write per ``PROGRESS_INTERVAL`` seconds reaches the
 database, carrying the latest value. The final value is written before the
 task's outcome, so nothing reported is lost.
 
+Pausing: a running task asked to pause (``App.pause_task``, ``kubetasks tasks
+pause``, ``spec.suspend`` on its Task object) has ``pause_requested`` set by
+its worker -- at once through NOTIFY, else within one heartbeat. A handler that
+looks at a checkpoint of its choosing and raises ``Pause`` (``task.pause()``)
+ends the attempt uncharged and the task waits, paused, for ``resume_task``; one
+that never looks runs on, and the task is paused when the attempt ends (or, if
+that attempt finished it, the request is recorded as moot).
+
 Workflows: ``spawn``/``spawn_many`` add child tasks linked to this one and
 ``wait`` returns their results once they have all ended -- until then it
 suspends the task without holding a worker (see ``kubetasks.workflows``).
@@ -16,10 +24,10 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from kubetasks import enqueue
-from kubetasks.errors import Fail, LeaseLost, ValidationError
+from kubetasks.errors import Fail, LeaseLost, Pause, ValidationError
 from kubetasks.model import EnqueueRequest
 from kubetasks.store import tasks
 from kubetasks.workflows import POLICIES, TERMINAL, ChildFailed, Suspend
@@ -76,6 +84,28 @@ class TaskContext:
     _taken_away: bool = field(default=False, repr=False)
     _app: TaskHost | None = field(default=None, repr=False)
     _spawn_seq: int = field(default=0, repr=False)
+    _pause_asked: bool = field(default=False, repr=False)
+    #: Told of each change of ``pause_requested`` (a sync handler's child process is).
+    _pause_listeners: list[Callable[[bool], None]] = field(default_factory=list, repr=False)
+
+    @property
+    def pause_requested(self) -> bool:
+        """True while this run is asked to pause: pause at a checkpoint with ``pause()`` (or
+        ``raise Pause(...)``), or carry on and the task pauses when this attempt ends."""
+        return self._pause_asked
+
+    def pause(self, message: str | None = None) -> NoReturn:
+        """End this attempt here without charging it; the task stays paused until resumed, and
+        its handler runs again from the top then. Asked or not: a handler may pause itself."""
+        raise Pause(message)
+
+    def _set_pause_requested(self, asked: bool) -> None:
+        """The worker's side: the database says this run is (or no longer is) asked to pause."""
+        if asked == self._pause_asked:
+            return
+        self._pause_asked = asked
+        for tell in list(self._pause_listeners):
+            tell(asked)
 
     @property
     def attempts_spent(self) -> int:

@@ -1,4 +1,4 @@
-"""The exceptions kubetasks raises, and the two a handler raises to steer its task.
+"""The exceptions kubetasks raises, and those a handler raises to steer its task.
 
 Every input error names the field and the limit it broke, because the person
 reading it is usually looking at a manifest or a call site, not our code.
@@ -101,3 +101,27 @@ class Fail(Exception):
     def __init__(self, message: str | BaseException = "failed by handler") -> None:
         self.message = _message("message", message)
         super().__init__(self.message)
+
+
+#: The longest text ``Pause`` keeps (the rest is cut).
+PAUSE_MESSAGE_MAX = 1000
+
+
+class Pause(BaseException):
+    """Raise in a handler (or call ``task.pause()``) to end this attempt without charging it
+    and leave the task paused until ``resume_task``: typically at a checkpoint, once
+    ``task.pause_requested`` is true. ``message`` (a string, at most 1000 characters kept)
+    is recorded with the attempt and the ``paused`` event.
+
+    A BaseException, so a handler's ``except Exception`` around the checkpoint does not
+    swallow it.
+    """
+
+    def __init__(self, message: str | None = None) -> None:
+        if message is not None and not isinstance(message, str):
+            raise ValidationError("message", f"Pause(message) must be a string, got {type(message).__name__}")
+        self.message = None if message is None else message[:PAUSE_MESSAGE_MAX]
+        super().__init__(self.message or "paused by its handler")
+
+    def __reduce__(self) -> tuple[type[Pause], tuple[str | None]]:
+        return (type(self), (self.message,))

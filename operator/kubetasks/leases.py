@@ -144,6 +144,8 @@ class LeaseHooks:
     running: Callable[[uuid.UUID], Pairs]
     loop_beat: Callable[[], float]
     stall_limit: Callable[[], float]
+    #: The heartbeat's word on pausing: of the runs it listed, those asked to pause.
+    on_pause: Callable[[Pairs, Pairs], None] | None = None
 
 
 class Lease:
@@ -491,6 +493,9 @@ class Lease:
         if row["gone_ids"]:
             gone = list(zip(row["gone_ids"], row["gone_attempts"], row["gone_statuses"], strict=True))
             self._to_main(self.hooks.on_gone, gone)
+        if self.hooks.on_pause is not None and pairs:
+            asked = set(row.get("pause_ids") or ())
+            self._to_main(self.hooks.on_pause, pairs, [p for p in pairs if p[0] in asked])
         if row["orphan_ids"]:
             self._to_main(
                 self.hooks.on_orphans, list(zip(row["orphan_ids"], row["orphan_attempts"], strict=True))

@@ -163,6 +163,12 @@ class TaskRecord:
     spawn_key: str | None = None
     #: Runs that did not count against max_attempts; ``attempt`` is the latest run's number.
     uncharged: int = 0
+    #: When this running task was asked to pause (None: it is not).
+    pause_requested_at: datetime | None = None
+    #: What became of the last pause asked of a run: ``checkpoint`` (its handler paused),
+    #: ``after_attempt`` (paused when the attempt ended), ``moot`` (that attempt finished the
+    #: task); None: none since the task was last resumed or claimed.
+    pause_outcome: str | None = None
 
     @property
     def attempts_spent(self) -> int:
@@ -196,6 +202,8 @@ class TaskRecord:
             parent_id=r.get("parent_id"),
             spawn_key=r.get("spawn_key"),
             uncharged=r.get("uncharged") or 0,
+            pause_requested_at=r.get("pause_requested_at"),
+            pause_outcome=r.get("pause_outcome"),
         )
 
 

@@ -78,10 +78,10 @@ import types
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from kubetasks import validation
-from kubetasks.errors import Fail, KubetasksError, LeaseLost, Retry, ValidationError
+from kubetasks.errors import Fail, KubetasksError, LeaseLost, Pause, Retry, ValidationError
 from kubetasks.model import EnqueueRequest, PeriodicDef, TaskDef
 from kubetasks.workflows import POLICIES, ChildFailed, Suspend
 
@@ -265,6 +265,8 @@ def _remote_type(module: str, name: str) -> type[HandlerError]:
 def _encode_exc(exc: BaseException) -> tuple[Any, ...]:
     if isinstance(exc, Suspend):
         return ("suspend", exc.child_ids, exc.policy)
+    if isinstance(exc, Pause):
+        return ("pause", exc.message)
     if isinstance(exc, ChildFailed):
         return ("child_failed", exc.child_id, exc.handler, exc.status, exc.error)
     if isinstance(exc, Retry):
@@ -286,6 +288,8 @@ def _decode_exc(enc: tuple[Any, ...], tb: str | None = None) -> BaseException:
     kind = enc[0]
     if kind == "suspend":
         return Suspend(enc[1], enc[2])
+    if kind == "pause":
+        return Pause(enc[1])
     if kind == "child_failed":
         return ChildFailed(enc[1], enc[2], enc[3], enc[4])
     if kind == "retry":
@@ -373,6 +377,10 @@ class SyncTaskContext:
     (carried out by the worker; a ``wait`` on unfinished children ends this run
     and the handler runs again from the top once they have ended).
 
+    ``pause_requested`` is true while the run is asked to pause: ``pause()`` (or
+    ``raise Pause(...)``) at a checkpoint ends the attempt uncharged and leaves
+    the task paused (see ``TaskContext.pause_requested``).
+
     ``cancelled`` is a ``threading.Event`` set when the task's timeout passes,
     it is cancelled, taken away from this worker, or handed back at shutdown.
     Poll it (or ``cancelled.wait(seconds)`` instead of ``time.sleep``) and
@@ -395,6 +403,9 @@ class SyncTaskContext:
         self.pod_id: str = fields["pod_id"]
         self.parent_id: int | None = fields["parent_id"]
         self.cancelled = threading.Event()
+        self._pause = threading.Event()
+        if fields.get("pause_requested"):
+            self._pause.set()
         self._seq = 0
 
     def __repr__(self) -> str:
@@ -403,6 +414,15 @@ class SyncTaskContext:
     @property
     def is_last_attempt(self) -> bool:
         return self.attempt >= self.max_attempts
+
+    @property
+    def pause_requested(self) -> bool:
+        """True while this run is asked to pause (see ``TaskContext.pause_requested``)."""
+        return self._pause.is_set()
+
+    def pause(self, message: str | None = None) -> NoReturn:
+        """End this attempt here without charging it; the task stays paused until resumed."""
+        raise Pause(message)
 
     def _raise_if_cancelled(self) -> None:
         if self.cancelled.is_set():
@@ -515,6 +535,10 @@ class _ChildRuntime:
                     with self.state_lock:
                         if self.current is not None and self.current._run_id == msg[1]:
                             self.current.cancelled.set()
+                elif kind == "pause":
+                    with self.state_lock:
+                        if self.current is not None and self.current._run_id == msg[1]:
+                            (self.current._pause.set if msg[2] else self.current._pause.clear)()
                 elif kind == "reply":
                     self.replies.put(msg[1:])
         except BaseException:
@@ -619,7 +643,7 @@ class _ChildRuntime:
                 )
                 data = _frame(done)
         except BaseException as exc:
-            fatal = (not isinstance(exc, Exception) and not isinstance(exc, Suspend)) or isinstance(
+            fatal = (not isinstance(exc, Exception) and not isinstance(exc, Suspend | Pause)) or isinstance(
                 exc, MemoryError
             )
             enc = _encode_exc(exc)
@@ -1142,7 +1166,7 @@ class Pool:
             "id": ctx.id, "handler": ctx.handler, "queue": ctx.queue, "payload": ctx.payload,
             "attempt": ctx.attempt, "max_attempts": ctx.max_attempts, "priority": ctx.priority,
             "tags": list(ctx.tags), "worker_id": ctx.worker_id, "pod_id": ctx.pod_id,
-            "parent_id": ctx.parent_id,
+            "parent_id": ctx.parent_id, "pause_requested": ctx.pause_requested,
         }  # fmt: skip
         spec = {
             "module": func.__module__,
@@ -1154,6 +1178,12 @@ class Pool:
             # As the run starts, not up to a feed interval later: the lease may be brand new.
             self._board.publish(self._deadline)
         child.clean = False
+
+        def tell_pause(asked: bool) -> None:
+            with contextlib.suppress(_Gone, OSError):
+                child.send(("pause", run_id, asked))
+
+        ctx._pause_listeners.append(tell_pause)
         try:
             try:
                 child.send(("run", run_id, spec))
@@ -1165,6 +1195,7 @@ class Pool:
                 await self._stop(child, run_id)
             raise
         finally:
+            ctx._pause_listeners.remove(tell_pause)
             self._release(child)
 
     def _deadline(self) -> float | None:

@@ -17,6 +17,15 @@ Shape of one process (every pod runs the same):
   that does not match was taken away, and its outcome is dropped and counted;
 * the **lease** (``leases.py``), in a thread of its own, and a LISTEN connection.
 
+Pausing a running task: ``kubetasks_pause`` (sent by ``request_pause`` and
+``resume_task``) sets or clears its context's ``pause_requested`` at once; the
+heartbeat reports the same for every run it lists, so a missed notification
+costs at most one interval (a heartbeat read just before a request may clear
+the flag a notification just set: the next one sets it again). A handler that
+raises ``Pause`` ends its attempt as ``paused`` (written fenced, uncharged, by
+``pause_runs``); the database pauses a task whose run ends any other way while
+asked (``pause_ended_run``), so nothing here has to remember a request.
+
 Wake-ups: an enqueue notifies only while some worker of its queue says it
 waits (``workers.waiting``, migration 0014): a notifying commit takes a
 cluster-wide lock, which serialised busy enqueuers. A worker clears the flag
@@ -71,7 +80,7 @@ import asyncpg
 from kubetasks import horizon, leases, metrics, serving, subprocs, validation
 from kubetasks.config import ALL_QUEUES, validate_queues
 from kubetasks.context import TaskContext, TaskHost
-from kubetasks.errors import Fail, Retry, ValidationError
+from kubetasks.errors import Fail, Pause, Retry, ValidationError
 from kubetasks.hooks import Hooks
 from kubetasks.model import TaskDef
 from kubetasks.registry import call_handler
@@ -93,6 +102,7 @@ log = logging.getLogger("kubetasks.worker")
 
 CHANNEL_ENQUEUED = "kubetasks_enqueued"
 CHANNEL_CANCEL = "kubetasks_cancel"
+CHANNEL_PAUSE = "kubetasks_pause"
 ERROR_MAX_CHARS = 4000
 #: Errors that say the row's data will fail again however often it is sent; any
 #: other database error is taken to be about the connection and retried.
@@ -115,6 +125,7 @@ class WorkerStats:
     cancelled: int = 0
     fenced_self: int = 0
     suspended: int = 0
+    paused: int = 0
     orphans_released: int = 0
     unstorable: int = 0
     claim_batches: int = 0
@@ -143,7 +154,7 @@ class Outcome:
     delay: float | None = None  # retry after; None with error set: failed
     error: str | None = None
     tb: str | None = None
-    kind: str = "succeeded"  # succeeded | retried | failed | timeout | suspended
+    kind: str = "succeeded"  # succeeded | retried | failed | timeout | suspended | paused
     parent_id: int | None = None
     uncharged: int = 0
     wait_ids: list[int] = field(default_factory=list)  # suspended: the children it waits for
@@ -282,9 +293,10 @@ def set_failure(out: Outcome, row: Mapping[str, Any], failure: Failure) -> None:
 
 def group_outcomes(
     batch: Sequence[Outcome],
-) -> list[tuple[uuid.UUID, list[Outcome], list[Outcome], list[Outcome]]]:
+) -> list[tuple[uuid.UUID, list[Outcome], list[Outcome], list[Outcome], list[Outcome]]]:
     """A batch split for its statements: per worker (in the order first seen) its successes,
-    its other endings (failed, retried, timeout, ...) and its suspensions (by task id).
+    its other endings (failed, retried, timeout, ...), its suspensions and its pauses at a
+    checkpoint (these two by task id).
 
     A child's ending locks its parent: where a worker's outcomes have parents, successes
     and endings go by parent id, so concurrent batches take parents in one order.
@@ -295,12 +307,13 @@ def group_outcomes(
     groups = []
     for wid, outs in by_worker.items():
         ok = [o for o in outs if o.kind == "succeeded"]
-        bad = [o for o in outs if o.kind not in ("succeeded", "suspended")]
+        bad = [o for o in outs if o.kind not in ("succeeded", "suspended", "paused")]
         sus = sorted((o for o in outs if o.kind == "suspended"), key=lambda o: o.task_id)
+        held = sorted((o for o in outs if o.kind == "paused"), key=lambda o: o.task_id)
         if any(o.parent_id is not None for o in outs):
             ok.sort(key=lambda o: o.parent_id or 0)
             bad.sort(key=lambda o: o.parent_id or 0)
-        groups.append((wid, ok, bad, sus))
+        groups.append((wid, ok, bad, sus, held))
     return groups
 
 
@@ -413,6 +426,9 @@ class Worker:
             if run is not None and str(run.worker_id) == worker:
                 self._drop(run, "cancelled")
             return
+        if channel == CHANNEL_PAUSE:
+            self._on_pause_notice(payload)
+            return
         # A task became pending somewhere: it may be one that no worker serves.
         self.housekeeper.poke()
         queue, _, delay = payload.partition(" ")
@@ -447,6 +463,25 @@ class Worker:
             if self._drop(run, "cancelled" if status == "cancelled" else f"taken away ({status})"):
                 log.warning("task %d attempt %d is %s in the database: stopped its handler",
                             task_id, attempt, status)  # fmt: skip
+
+    def _on_pause_notice(self, payload: str) -> None:
+        """``task:worker:attempt:1`` asks that run to pause, ``...:0`` withdraws the request."""
+        try:
+            task_id, worker, attempt, flag = payload.split(":")
+            run = self._running.get(int(task_id))
+            asked = flag == "1"
+            if run is not None and str(run.worker_id) == worker and run.ctx.attempt == int(attempt):
+                run.ctx._set_pause_requested(asked)
+        except ValueError:
+            log.warning("ignored a malformed %s notification: %r", CHANNEL_PAUSE, payload)
+
+    def _on_pause(self, listed: list[tuple[int, int]], asked: list[tuple[int, int]]) -> None:
+        """The heartbeat's word on the runs it listed: ``asked`` are asked to pause, the others not."""
+        yes = set(asked)
+        for task_id, attempt in listed:
+            run = self._running.get(task_id)
+            if run is not None and run.ctx.attempt == attempt and run.worker_id == self.worker_id:
+                run.ctx._set_pause_requested((task_id, attempt) in yes)
 
     def _on_orphans(self, _pairs: list[tuple[int, int]]) -> None:
         """The heartbeat found tasks running under this worker that it does not run."""
@@ -487,7 +522,7 @@ class Worker:
         hooks = leases.LeaseHooks(
             on_lost=self._on_lease_lost, on_due=self.wake, on_gone=self._on_gone,
             on_orphans=self._on_orphans, running=self._running_pairs,
-            loop_beat=lambda: self._loop_beat, stall_limit=self._stall_limit,
+            loop_beat=lambda: self._loop_beat, stall_limit=self._stall_limit, on_pause=self._on_pause,
         )  # fmt: skip
         if self.all_queues:
             await retry_connection_errors(self._discover, what="finding the queues of its handlers")
@@ -653,10 +688,11 @@ class Worker:
 
     async def _listen(self, stop: asyncio.Event) -> None:
         await store_listen.listen(
-            self.settings.direct_url, [CHANNEL_ENQUEUED, CHANNEL_CANCEL], self._on_notify, stop,
+            self.settings.direct_url, [CHANNEL_ENQUEUED, CHANNEL_CANCEL, CHANNEL_PAUSE], self._on_notify,
+            stop,
             on_connect=self._on_listening,  # anything enqueued while we were not listening
             what="worker", poll_every=self.settings.poll_interval,
-            # Polling (no LISTEN): look for work; cancellations arrive with the heartbeat.
+            # Polling (no LISTEN): look for work; cancellations and pauses arrive with the heartbeat.
             on_poll=self.wake,
         )  # fmt: skip
 
@@ -955,6 +991,9 @@ class Worker:
             except Suspend as sus:
                 # Waiting for children: written suspended, attempt handed back, slot freed.
                 out.kind, out.wait_ids, out.policy = "suspended", sus.child_ids, sus.policy
+            except Pause as p:
+                # Paused at a checkpoint: written paused, attempt handed back, slot freed.
+                out.kind, out.error = "paused", None if p.message is None else _clean(p.message)
             except BaseException as exc:  # SystemExit and KeyboardInterrupt from a handler too
                 failure = exc
             if failure is not None:
@@ -973,7 +1012,7 @@ class Worker:
             # After the outcome is decided, before it is queued: a hook changes nothing about it.
             if out.kind == "succeeded":
                 await self.app.hooks.call("after", ctx, result)
-            elif failure is not None and out.kind != "suspended":
+            elif failure is not None and out.kind not in ("suspended", "paused"):
                 await self.app.hooks.call(
                     "failure", ctx, failure, "retried" if out.delay is not None else "failed"
                 )
@@ -1050,7 +1089,7 @@ class Worker:
             errors.extend(e)
 
         claim_with: list[Outcome] = []
-        for wid, ok, bad, sus in group_outcomes(batch):
+        for wid, ok, bad, sus, held in group_outcomes(batch):
             if ok and wid == self.worker_id and self._claiming and not self._stopping:
                 claim_with = ok  # written last, together with the next claim
             elif ok:
@@ -1059,6 +1098,8 @@ class Worker:
                 await guarded(self._failures_writer(wid), bad)
             if sus:
                 await guarded(self._suspend_writer(wid), sus)
+            if held:
+                await guarded(self._pause_writer(wid), held)
         if claim_with:
 
             async def with_claim(outs: list[Outcome]) -> set[int]:
@@ -1081,6 +1122,8 @@ class Worker:
                 self._abandoned.add(o.task_id)
             elif o.kind == "suspended" and o.task_id in written:
                 self.stats.suspended += 1
+            elif o.kind == "paused" and o.task_id in written:
+                self.stats.paused += 1
             elif o.task_id in written:
                 metrics.record_outcome(o.handler, o.queue, o.kind, o.delay is not None)
                 if o.kind == "succeeded":
@@ -1177,6 +1220,16 @@ class Worker:
                 self.store, worker_id=wid, task_ids=[o.task_id for o in outs],
                 attempts=[o.attempt for o in outs], waits=json.dumps([o.wait_ids for o in outs]),
                 policies=[o.policy for o in outs],
+            )  # fmt: skip
+            return {r["id"] for r in rows}
+
+        return write
+
+    def _pause_writer(self, wid: uuid.UUID) -> Writer:
+        async def write(outs: list[Outcome]) -> set[int]:
+            rows = await workers.pause_runs(
+                self.store, worker_id=wid, task_ids=[o.task_id for o in outs],
+                attempts=[o.attempt for o in outs], reasons=[o.error for o in outs],
             )  # fmt: skip
             return {r["id"] for r in rows}
 

@@ -90,3 +90,40 @@ def test_a_task_no_worker_serves_is_pending_not_runnable_and_says_why() -> None:
     runnable = next(c for c in served_row["conditions"] if c["type"] == "Runnable")
     assert (runnable["status"], runnable["reason"]) == ("True", "Queued")
     assert served_row["message"] == ""
+
+
+def paused_condition(st: dict[str, Any]) -> tuple[str, str, str] | None:
+    c = next((c for c in st["conditions"] if c["type"] == "Paused"), None)
+    return None if c is None else (c["status"], c["reason"], c["message"])
+
+
+def test_every_pause_of_a_running_task_says_which_happened() -> None:
+    """Asked while running, paused at a checkpoint, paused after the attempt, or moot: the status
+    says each, in its message and a Paused condition; a task never asked has no such condition."""
+    asked = status_of(row(status="running", attempt=2, pod_id="p", started_at=T0, pause_requested_at=T1))
+    assert asked["phase"] == "Running"
+    assert asked["message"].startswith(
+        "pause requested at 2026-11-23T12:00:05Z: attempt 2 pauses at a checkpoint"
+    )
+    assert paused_condition(asked) == ("False", "PauseRequested", asked["message"])
+
+    at_checkpoint = status_of(row(status="paused", attempt=2, pause_outcome="checkpoint"))
+    assert at_checkpoint["phase"] == "Paused"
+    assert at_checkpoint["message"] == "paused at a checkpoint of attempt 2 (not counted); resume to go on"
+    assert paused_condition(at_checkpoint)[:2] == ("True", "PausedAtCheckpoint")  # type: ignore[index]
+
+    after = status_of(row(status="paused", attempt=2, pause_outcome="after_attempt", error="boom"))
+    assert after["message"].startswith("paused after attempt 2 ended (its handler did not pause")
+    assert paused_condition(after)[:2] == ("True", "PausedAfterAttempt")  # type: ignore[index]
+
+    moot = status_of(row(status="succeeded", attempt=2, finished_at=T1, pause_outcome="moot"))
+    assert moot["phase"] == "Succeeded"
+    assert moot["message"] == "a pause was requested, but attempt 2 ended the task (succeeded) first"
+    assert paused_condition(moot)[:2] == ("False", "PauseMoot")  # type: ignore[index]
+    failed = status_of(row(status="failed", attempt=1, finished_at=T1, error="boom", pause_outcome="moot"))
+    assert failed["message"] == "a pause was requested, but attempt 1 ended the task (failed) first; boom"
+
+    held = status_of(row(status="paused"))
+    assert paused_condition(held)[:2] == ("True", "Paused")  # type: ignore[index]
+    assert paused_condition(status_of(row(status="running", attempt=1, started_at=T0))) is None
+    assert paused_condition(status_of(row(status="succeeded", attempt=1, finished_at=T1))) is None

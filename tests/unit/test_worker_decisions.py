@@ -259,35 +259,36 @@ class TestGroupOutcomes:
             o(1, "succeeded"), o(2, "failed", W2), o(3, "suspended"), o(4, "retried"), o(5, "timeout"),
             o(6, "succeeded", W2), o(9, "suspended", W2), o(7, "suspended", W2), o(8, "succeeded"),
         ]  # fmt: skip
-        got = [(wid, ids(ok), ids(bad), ids(sus)) for wid, ok, bad, sus in group_outcomes(batch)]
+        got = [(wid, ids(ok), ids(bad), ids(sus)) for wid, ok, bad, sus, _ in group_outcomes(batch)]
         assert got == [(W1, [1, 8], [4, 5], [3]), (W2, [6], [2], [7, 9])]
 
     def test_children_go_by_parent_so_batches_lock_parents_in_one_order(self) -> None:
         batch = [o(1, "succeeded", parent=30), o(2, "succeeded"), o(3, "succeeded", parent=10),
                  o(4, "failed", parent=20), o(5, "retried", parent=5)]  # fmt: skip
-        ((_, ok, bad, _),) = group_outcomes(batch)
+        ((_, ok, bad, _, _),) = group_outcomes(batch)
         assert ids(ok) == [2, 3, 1]  # no parent first (0), then 10, 30
         assert ids(bad) == [5, 4]
 
     def test_without_parents_the_order_of_arrival_is_kept(self) -> None:
         batch = [o(5, "succeeded"), o(2, "succeeded"), o(9, "failed"), o(1, "failed")]
-        ((_, ok, bad, _),) = group_outcomes(batch)
+        ((_, ok, bad, _, _),) = group_outcomes(batch)
         assert (ids(ok), ids(bad)) == ([5, 2], [9, 1])
 
     def test_every_outcome_lands_in_exactly_one_group_of_its_own_worker(self) -> None:
         rnd = random.Random(16)
-        kinds = ["succeeded", "failed", "retried", "timeout", "suspended"]
+        kinds = ["succeeded", "failed", "retried", "timeout", "suspended", "paused"]
         for _ in range(200):
             batch = [
                 o(i, rnd.choice(kinds), rnd.choice([W1, W2]), rnd.choice([None, rnd.randrange(50)]))
                 for i in range(rnd.randrange(40))
             ]
             seen: list[int] = []
-            for wid, ok, bad, sus in group_outcomes(batch):
-                assert all(x.worker_id == wid for x in ok + bad + sus)
+            for wid, ok, bad, sus, held in group_outcomes(batch):
+                assert all(x.worker_id == wid for x in ok + bad + sus + held)
                 assert all(x.kind == "succeeded" for x in ok) and all(x.kind == "suspended" for x in sus)
-                assert all(x.kind not in ("succeeded", "suspended") for x in bad)
-                seen += ids(ok + bad + sus)
+                assert all(x.kind == "paused" for x in held) and ids(held) == sorted(ids(held))
+                assert all(x.kind not in ("succeeded", "suspended", "paused") for x in bad)
+                seen += ids(ok + bad + sus + held)
             assert sorted(seen) == list(range(len(batch)))
 
     def test_an_empty_batch_has_no_group(self) -> None:

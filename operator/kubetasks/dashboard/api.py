@@ -441,8 +441,10 @@ def build_router(ctx: Context) -> APIRouter:
         ("retry", app.retry, "task {id} queued again", "task {id} is not failed or cancelled"),
         ("cancel", lambda i: app.cancel(i, "cancelled from the dashboard"), "task {id} cancelled",
          "task {id} had already ended"),
-        ("pause", app.pause_task, "task {id} paused", "task {id} is not pending"),
-        ("resume", app.resume_task, "task {id} resumed", "task {id} is not paused"),
+        ("pause", app.pause_task, "task {id} paused (a running one: asked to pause)",
+         "task {id} is not pending or running"),
+        ("resume", app.resume_task, "task {id} resumed (a running one: no longer asked to pause)",
+         "task {id} is not paused or asked to pause"),
     ):  # fmt: skip
         router.add_api_route(
             f"/tasks/{{task_id}}/{name}", _action(name, fn, done, not_done), methods=["POST"],

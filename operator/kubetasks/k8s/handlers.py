@@ -254,11 +254,14 @@ async def reconcile_task(ctx: OperatorContext, body: Mapping[str, Any], *, delet
         log.info("Task %s/%s accepted as task %d", ns, name, tid)
     if row["status"] not in UNFINISHED and status.get("phase") in FINISHED_PHASES:
         _schedule_ttl_delete(ctx, body)
-    if spec.get("suspend") and row["status"] == "pending":
+    if spec.get("suspend") and (
+        row["status"] == "pending" or (row["status"] == "running" and row["pause_requested_at"] is None)
+    ):
+        # A running one is asked to pause (its handler at a checkpoint, else when the attempt ends).
         await tasks.pause_task(ctx.store, task_id=row["id"])
     elif not spec.get("suspend") and row["status"] == "paused":
         resumed = await tasks.resume_task(ctx.store, task_id=row["id"])
-        if resumed is not None:
+        if resumed is not None and resumed["how"] == "resumed":
             await queues.wake_queue(ctx.store, queue=resumed["queue"])
 
 
@@ -296,6 +299,7 @@ async def reconcile_all(ctx: OperatorContext) -> dict[str, int]:
             or meta.get("deletionTimestamp")
             or FINALIZER in (meta.get("finalizers") or [])
             or (spec.get("suspend") and row["status"] == "pending")
+            or (spec.get("suspend") and row["status"] == "running" and row["pause_requested_at"] is None)
             or (not spec.get("suspend") and row["status"] == "paused")
             or (spec.get("ttlSecondsAfterFinished") is not None and row["status"] not in UNFINISHED)
         )

@@ -74,6 +74,37 @@ def summarise_result(result: Any) -> Any:
     return {"truncated": True, "bytes": len(text.encode()), "taskId": None}
 
 
+def pause_note(row: Mapping[str, Any]) -> tuple[str, str, bool] | None:
+    """What the status says of pausing: (reason, message, paused) of the ``Paused`` condition,
+    None when there is nothing to say. A running task asked to pause says so until its run
+    ends; then the phase is Paused (at a checkpoint or after the attempt) or, when that run
+    finished the task, the request is said to be moot."""
+    st, how, n = row["status"], row.get("pause_outcome"), row["attempt"]
+    if st == "running" and row.get("pause_requested_at") is not None:
+        return (
+            "PauseRequested",
+            f"pause requested at {_ts(row['pause_requested_at'])}: attempt {n} pauses at a checkpoint of "
+            "its handler, or the task pauses when the attempt ends",
+            False,
+        )
+    if st == "paused":
+        if how == "checkpoint":
+            return (
+                "PausedAtCheckpoint",
+                f"paused at a checkpoint of attempt {n} (not counted); resume to go on",
+                True,
+            )
+        if how == "after_attempt":
+            why = (
+                f"paused after attempt {n} ended (its handler did not pause at a checkpoint); resume to go on"
+            )
+            return "PausedAfterAttempt", why, True
+        return "Paused", "paused before it ran; resume to go on", True
+    if st in ("succeeded", "failed", "cancelled") and how == "moot":
+        return "PauseMoot", f"a pause was requested, but attempt {n} ended the task ({st}) first", False
+    return None
+
+
 def status_of(
     row: Mapping[str, Any],
     children: dict[str, int] | None = None,
@@ -89,6 +120,10 @@ def status_of(
         message = f"retrying after attempt {row['attempt']}: {row['error']}"
     else:
         message = row["progress_message"] or ""
+    paused = pause_note(row)
+    if paused is not None:
+        # What happened to a pause comes first; a progress message or an error stays after it.
+        message = f"{paused[1]}; {message}" if message else paused[1]
     why = ""
     if unserved:
         # Why it waits comes first; what an earlier attempt left stays after it.
@@ -119,6 +154,11 @@ def status_of(
         )
         runnable["message"] = why[:MESSAGE_MAX] if unserved else ""
         conditions.append(runnable)
+    if paused is not None:
+        conditions.append({
+            "type": "Paused", "status": "True" if paused[2] else "False", "reason": paused[0],
+            "message": paused[1][:MESSAGE_MAX], "lastTransitionTime": _ts(row["updated_at"]) or accepted_at,
+        })  # fmt: skip
     result = summarise_result(row["result"])
     if isinstance(result, dict) and result.get("truncated"):
         result["taskId"] = str(row["id"])
@@ -274,9 +314,10 @@ class StatusWriter:
         if not self.ctx.fence():
             return False
         status = status_of(row, children, served)
+        pause = pause_note(row)
         key = (
             status["phase"], status["attempts"], status["pod"], status.get("progress"), status["message"],
-            tuple(sorted((children or {}).items())),
+            tuple(sorted((children or {}).items())), None if pause is None else pause[0],
         )  # fmt: skip
         prev = self._written.get(row["id"])
         ns, name, uid = row["cr_namespace"], row["cr_name"], row["cr_uid"]
@@ -295,15 +336,26 @@ class StatusWriter:
             await objects.cr_status_written(self.store, task_id=row["id"], version=row["owed_ver"])
         # A phase or attempt changed, or a waiting task's reason (no worker serves it) did.
         reason_changed = prev is not None and prev[4] != key[4] and status["phase"] == "Pending"
+        # A pause asked of a running task changes neither: it is an event of its own.
+        asked = key[6] == "PauseRequested" and (prev is None or prev[6] != key[6])
         if prev is None or prev[0] != key[0] or prev[1] != key[1] or (reason_changed and row["parked"]):
             await self._post_event(row, status, prev)
+        elif asked:
+            await self._post_event(row, status, prev, reason="PauseRequested")
         return True
 
     async def _post_event(
-        self, row: Mapping[str, Any], status: dict[str, Any], prev: tuple[Any, ...] | None
+        self,
+        row: Mapping[str, Any],
+        status: dict[str, Any],
+        prev: tuple[Any, ...] | None,
+        *,
+        reason: str | None = None,
     ) -> None:
         phase = status["phase"]
-        if prev is None and phase not in FINISHED and phase != "Running" and not row["parked"]:
+        if reason is not None:
+            warn, msg = False, status["message"]
+        elif prev is None and phase not in FINISHED and phase != "Running" and not row["parked"]:
             reason, warn, msg = "Accepted", False, f"queued as task {row['id']} on queue {row['queue']}"
         else:
             reason, warn = EVENT_REASONS[phase]

@@ -197,11 +197,15 @@ async def retry_failed_of_handler(store: Store, *, handler: str) -> int:
 
 
 async def pause_task(store: Store, *, task_id: int) -> Row | None:
+    """Pause a pending task, or ask a running one to pause: ``how`` is paused | requested | None
+    (nothing to pause, ``status`` says why); None: no such task."""
     row: Row | None = await store.run("pause_task", task_id)
     return row
 
 
 async def resume_task(store: Store, *, task_id: int) -> Row | None:
+    """Resume a paused task, or withdraw the pause asked of a running one: ``how`` is resumed |
+    withdrawn | None (nothing to resume); ``queue`` to wake. None: no such task."""
     row: Row | None = await store.run("resume_task", task_id)
     return row
 

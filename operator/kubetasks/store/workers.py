@@ -152,6 +152,20 @@ async def suspend_tasks(
     return rows
 
 
+async def pause_runs(
+    store: Store,
+    *,
+    worker_id: uuid.UUID,
+    task_ids: Sequence[int],
+    attempts: Sequence[int],
+    reasons: Sequence[str | None],
+) -> list[Row]:
+    """Handlers that paused at a checkpoint: each task paused, its attempt uncharged; fenced.
+    Returns the ids written."""
+    rows: list[Row] = await store.run("pause_runs", worker_id, list(task_ids), list(attempts), list(reasons))
+    return rows
+
+
 async def set_progress(
     store: Store, *, task_id: int, attempt: int, worker_id: uuid.UUID, percent: int, message: str | None
 ) -> object:

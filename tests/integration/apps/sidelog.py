@@ -39,9 +39,23 @@ async def work(ctx: TaskContext) -> dict[str, int]:
 
 @app.task("side.sleep")
 async def sleep(ctx: TaskContext) -> str:
+    """Sleeps payload.s seconds. checkpoints: looks at pause_requested every 50 ms and pauses
+    there when asked (a "paused" line); fail: raises after sleeping (the task would retry)."""
     _append("start", ctx)
-    await asyncio.sleep(float(ctx.payload.get("s", 1.0)))
+    seconds = float(ctx.payload.get("s", 1.0))
+    if ctx.payload.get("checkpoints"):
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end:
+            if ctx.pause_requested:
+                _append("paused", ctx)
+                ctx.pause("paused at a checkpoint of side.sleep")
+            await asyncio.sleep(0.05)
+    else:
+        await asyncio.sleep(seconds)
     _append("end", ctx)
+    if ctx.payload.get("fail"):
+        raise RuntimeError("side.sleep fails after sleeping, as its payload asks")
     return "slept"
 
 

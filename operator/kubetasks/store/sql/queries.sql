@@ -211,7 +211,7 @@ UPDATE workers SET waiting = false WHERE worker_id = $1 AND waiting;
 -- $1 worker_id, $2 lease ttl s, $3 queues, $4 seconds of silence that make a peer
 -- suspect, $5 seconds without any heartbeat that mean everyone lost the database
 -- (the outage is recorded before anything is reaped), $6 task ids and $7
--- attempts this process runs for the worker.
+-- attempts this process runs for the worker (pause_ids: those asked to pause).
 SELECT * FROM heartbeat($1, $2, $3, $4, $5, $6, $7);
 
 -- name: reap_expired_workers :many
@@ -321,24 +321,48 @@ SELECT (SELECT count(*) FROM upd) + 0 * (SELECT count(*) FROM wake);
 SELECT pg_notify('kubetasks_enqueued', $1);
 
 -- name: pause_task :one
--- $1 task id.
-WITH upd AS (
-    UPDATE tasks SET status = 'paused', updated_at = now()
-    WHERE id = $1 AND status = 'pending' RETURNING id
-), events AS (
-    INSERT INTO task_events (task_id, kind) SELECT id, 'paused' FROM upd
-)
-SELECT id FROM upd;
+-- $1 task id. A pending task is paused at once; a running one is asked to pause
+-- (request_pause: its worker is told, its handler may pause at a checkpoint, and
+-- the run pauses the task when it ends). how: paused | requested | NULL (nothing
+-- to pause; status says why); no row: no such task.
+SELECT how, status, attempt FROM request_pause($1);
 
 -- name: resume_task :one
--- $1 task id.
-WITH upd AS (
-    UPDATE tasks SET status = 'pending', updated_at = now()
-    WHERE id = $1 AND status = 'paused' RETURNING id, queue
+-- $1 task id. A paused task goes back to pending; a running one asked to pause
+-- is no longer asked. how: resumed | withdrawn | NULL (nothing to resume); no
+-- row: no such task. The caller wakes the queue of a resumed one.
+SELECT how, status, queue FROM resume_task($1);
+
+-- name: pause_runs :many
+-- $1 worker_id, $2 task ids, $3 attempts, $4 what each handler said (NULL:
+-- nothing). Handlers that paused at a checkpoint: each task is paused with its
+-- attempt handed back uncharged (outcome paused), fenced like every write of a
+-- running task and refused when the worker is no longer live (its row is locked
+-- first, see claim). A request that stood is cleared by pause_ended_run.
+WITH me AS MATERIALIZED (
+    SELECT 1 FROM workers w WHERE w.worker_id = $1 AND w.status IN ('active', 'stopping') FOR KEY SHARE
+), asked AS (
+    SELECT id, pause_requested_at IS NOT NULL AS asked FROM tasks WHERE id = ANY ($2::bigint[])
+), done AS (
+    UPDATE tasks t
+    SET status = 'paused', uncharged = t.uncharged + 1, pause_outcome = 'checkpoint', run_at = now(),
+        updated_at = now()
+    FROM unnest($2::bigint[], $3::int[], $4::text[]) AS c(id, attempt, reason)
+    WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
+      AND EXISTS (SELECT 1 FROM me)
+    RETURNING t.id, t.attempt, t.pod_id, t.started_at, c.reason
+), audit AS (
+    INSERT INTO task_attempts (task_id, attempt, worker_id, pod_id, started_at, outcome, error)
+    SELECT id, attempt, $1, pod_id, started_at, 'paused', reason FROM done
 ), events AS (
-    INSERT INTO task_events (task_id, kind) SELECT id, 'resumed' FROM upd
+    INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
+    SELECT done.id, 'paused', done.attempt, $1, done.pod_id,
+           format('at a checkpoint of attempt %s (%s)%s', done.attempt,
+                  CASE WHEN asked.asked THEN 'as asked' ELSE 'by its handler, unasked' END,
+                  coalesce(': ' || done.reason, ''))
+    FROM done LEFT JOIN asked ON asked.id = done.id
 )
-SELECT id, queue FROM upd;
+SELECT id FROM done;
 
 -- name: set_queue_paused :exec
 -- $1 queue, $2 paused.
@@ -448,7 +472,7 @@ RETURNING id;
 
 -- name: cr_task_by_uid :one
 -- $1 cr_uid.
-SELECT id, status, attempt FROM tasks WHERE cr_uid = $1;
+SELECT id, status, attempt, pause_requested_at FROM tasks WHERE cr_uid = $1;
 
 -- name: cr_tasks_by_ids :many
 -- $1 task ids, $2 namespaces (NULL: every one). What a Task object's status is
@@ -456,7 +480,7 @@ SELECT id, status, attempt FROM tasks WHERE cr_uid = $1;
 SELECT t.id, t.cr_uid, t.cr_namespace, t.cr_name, t.handler, t.queue, t.status, t.attempt,
        t.max_attempts, t.pod_id, t.started_at, t.finished_at, t.error, t.result, t.progress,
        t.progress_message, t.updated_at, t.attempt - t.uncharged AS attempts_spent, o.ver AS owed_ver,
-       t.parked
+       t.parked, t.pause_requested_at, t.pause_outcome
 FROM tasks t LEFT JOIN cr_status_owed o ON o.task_id = t.id
 WHERE t.id = ANY ($1::bigint[]) AND t.cr_uid IS NOT NULL
   AND ($2::text[] IS NULL OR t.cr_namespace = ANY ($2::text[]));
@@ -477,7 +501,7 @@ DELETE FROM cr_status_owed WHERE task_id = ANY ($1::bigint[]);
 
 -- name: cr_tasks_by_uids :many
 -- $1 object uids. Which of them have a row, and in what state.
-SELECT cr_uid, id, status FROM tasks WHERE cr_uid = ANY ($1::text[]);
+SELECT cr_uid, id, status, pause_requested_at FROM tasks WHERE cr_uid = ANY ($1::text[]);
 
 -- name: cr_unfinished :many
 -- $1 namespaces (NULL: every one). Unfinished rows of Task objects, to compare with a listing.

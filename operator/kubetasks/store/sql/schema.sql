@@ -95,6 +95,12 @@ CREATE TABLE tasks (
     -- Pending, but no active worker serves its (queue, handler): out of the claim's
     -- way until one does (0009).
     parked           boolean NOT NULL DEFAULT false,
+    -- Pausing a running task (0019): asked while it runs (only a running task
+    -- carries the mark), and what became of the last request.
+    pause_requested_at timestamptz,
+    pause_outcome    text
+        CONSTRAINT pause_outcome_known CHECK (pause_outcome IN ('checkpoint', 'after_attempt', 'moot')),
+    CONSTRAINT pause_requested_only_running CHECK (pause_requested_at IS NULL OR status = 'running'),
     -- A claim counts an attempt; no task is ever claimed past its allowance of charged attempts.
     CONSTRAINT attempt_range CHECK (uncharged BETWEEN 0 AND attempt AND attempt - uncharged <= max_attempts),
     CONSTRAINT running_has_worker CHECK (status <> 'running' OR (worker_id IS NOT NULL AND attempt >= 1)),
@@ -130,7 +136,8 @@ CREATE TABLE task_attempts (
     started_at  timestamptz,
     finished_at timestamptz NOT NULL DEFAULT now(),
     outcome     text NOT NULL CONSTRAINT outcome_known CHECK (outcome IN (
-        'succeeded', 'failed', 'retried', 'timeout', 'worker_lost', 'released', 'cancelled', 'suspended')),
+        'succeeded', 'failed', 'retried', 'timeout', 'worker_lost', 'released', 'cancelled', 'suspended',
+        'paused')),
     error       text
 );
 CREATE INDEX task_attempts_task ON task_attempts (task_id, attempt);
@@ -557,16 +564,17 @@ $$;
 -- NOTIFY), how soon a silent peer's lease runs out (reaped the moment it does),
 -- which of the (task, attempt) pairs this process runs are no longer running
 -- under this worker (cancelled, released: dropped at once, NOTIFY or not), and
--- which tasks run under it that it did not list (a claim whose reply was lost).
--- `extended` is how many live leases ran out during the outage this heartbeat
--- ended (they count from now; 0 when it ended none). Parked tasks (0009) are not
--- due work: no worker could claim them.
+-- which tasks run under it that it did not list (a claim whose reply was lost),
+-- and which of its pairs are asked to pause (0019: NOTIFY or not). `extended`
+-- is how many live leases ran out during the outage this heartbeat ended (they
+-- count from now; 0 when it ended none). Parked tasks (0009) are not due work:
+-- no worker could claim them.
 CREATE FUNCTION heartbeat(
     p_worker uuid, p_ttl double precision, p_queues text[], p_suspect_after double precision,
     p_silence_after double precision, p_ids bigint[], p_attempts integer[])
 RETURNS TABLE (alive boolean, lease_expires_at timestamptz, due boolean, reaped integer,
                suspect_in double precision, extended integer, gone_ids bigint[], gone_attempts integer[],
-               gone_statuses text[], orphan_ids bigint[], orphan_attempts integer[])
+               gone_statuses text[], orphan_ids bigint[], orphan_attempts integer[], pause_ids bigint[])
 LANGUAGE plpgsql AS $$
 DECLARE
     q text;
@@ -602,12 +610,19 @@ BEGIN
     FROM workers w
     WHERE w.status IN ('active', 'stopping') AND w.worker_id <> p_worker
       AND w.heartbeat_at < clock_timestamp() - make_interval(secs => p_suspect_after);
-    SELECT coalesce(array_agg(c.id), '{}'), coalesce(array_agg(c.attempt), '{}'),
-           coalesce(array_agg(coalesce(t.status, 'deleted')), '{}')
-    INTO gone_ids, gone_attempts, gone_statuses
+    SELECT coalesce(array_agg(c.id) FILTER (WHERE t.id IS NULL OR t.status <> 'running'
+                                                  OR t.attempt <> c.attempt OR t.worker_id <> p_worker), '{}'),
+           coalesce(array_agg(c.attempt) FILTER (WHERE t.id IS NULL OR t.status <> 'running'
+                                                       OR t.attempt <> c.attempt OR t.worker_id <> p_worker), '{}'),
+           coalesce(array_agg(coalesce(t.status, 'deleted'))
+                    FILTER (WHERE t.id IS NULL OR t.status <> 'running' OR t.attempt <> c.attempt
+                                  OR t.worker_id <> p_worker), '{}'),
+           coalesce(array_agg(c.id) FILTER (WHERE t.status = 'running' AND t.attempt = c.attempt
+                                                  AND t.worker_id = p_worker AND t.pause_requested_at IS NOT NULL),
+                    '{}')
+    INTO gone_ids, gone_attempts, gone_statuses, pause_ids
     FROM unnest(coalesce(p_ids, '{}'), coalesce(p_attempts, '{}')) AS c(id, attempt)
-    LEFT JOIN tasks t ON t.id = c.id
-    WHERE t.id IS NULL OR t.status <> 'running' OR t.attempt <> c.attempt OR t.worker_id <> p_worker;
+    LEFT JOIN tasks t ON t.id = c.id;
     SELECT coalesce(array_agg(t.id), '{}'), coalesce(array_agg(t.attempt), '{}')
     INTO orphan_ids, orphan_attempts
     FROM tasks t
@@ -750,8 +765,10 @@ CREATE TRIGGER tasks_notify_cr_inserted AFTER INSERT ON tasks
     FOR EACH ROW WHEN (NEW.cr_uid IS NOT NULL) EXECUTE FUNCTION notify_cr_task_changed();
 CREATE TRIGGER tasks_notify_cr_updated AFTER UPDATE ON tasks
     FOR EACH ROW WHEN (NEW.cr_uid IS NOT NULL AND
-        (OLD.status, OLD.attempt, OLD.progress, OLD.progress_message, OLD.pod_id, OLD.parked)
-        IS DISTINCT FROM (NEW.status, NEW.attempt, NEW.progress, NEW.progress_message, NEW.pod_id, NEW.parked))
+        (OLD.status, OLD.attempt, OLD.progress, OLD.progress_message, OLD.pod_id, OLD.parked,
+         OLD.pause_requested_at, OLD.pause_outcome)
+        IS DISTINCT FROM (NEW.status, NEW.attempt, NEW.progress, NEW.progress_message, NEW.pod_id, NEW.parked,
+                          NEW.pause_requested_at, NEW.pause_outcome))
     EXECUTE FUNCTION notify_cr_task_changed();
 
 CREATE INDEX tasks_cr_unfinished ON tasks (id)
@@ -1338,4 +1355,116 @@ $$;
 ALTER TABLE task_events DROP CONSTRAINT event_kind_known,
     ADD CONSTRAINT event_kind_known CHECK (kind IN (
         'created', 'claimed', 'progress', 'retried', 'fenced_out', 'recovered', 'released', 'paused',
-        'resumed', 'suspended', 'woken', 'cancelled', 'requeued', 'succeeded', 'failed', 'checkpoint'));
+        'resumed', 'suspended', 'woken', 'cancelled', 'requeued', 'succeeded', 'failed', 'checkpoint',
+        'pause_requested', 'pause_moot'));
+
+-- Pausing a running task (0019): see the migration.
+
+-- A run that was asked to pause ended. Before the row is written, so whatever
+-- ended it -- and whoever wrote that, a pod of the previous version included --
+-- the task does not run again by itself: a task that would have (pending: a
+-- retry, a release, a recovery; suspended: waiting for its children) is paused
+-- instead; one the run finished keeps its end and the request is moot. A pause
+-- at a checkpoint (status paused) was recorded by its writer.
+CREATE FUNCTION pause_ended_run() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status IN ('pending', 'suspended') THEN
+        NEW.status := 'paused';
+        NEW.pause_outcome := 'after_attempt';
+    ELSIF NEW.status <> 'paused' THEN
+        NEW.pause_outcome := 'moot';
+    END IF;
+    NEW.pause_requested_at := NULL;
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER tasks_pause_ended_run BEFORE UPDATE OF status ON tasks
+    FOR EACH ROW WHEN (OLD.pause_requested_at IS NOT NULL AND NEW.status <> 'running')
+    EXECUTE FUNCTION pause_ended_run();
+
+-- Says what became of the request, after the statement (so the event follows
+-- those the statement itself records for that run: retried, recovered...).
+CREATE FUNCTION record_pause_end() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
+    VALUES (NEW.id, CASE WHEN NEW.pause_outcome = 'moot' THEN 'pause_moot' ELSE 'paused' END,
+            OLD.attempt, OLD.worker_id, OLD.pod_id,
+            CASE WHEN NEW.pause_outcome = 'moot'
+                 THEN format('attempt %s ended the task (%s) before it could pause', OLD.attempt, NEW.status)
+                 ELSE format('paused after attempt %s ended, instead of running again', OLD.attempt) END);
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER tasks_pause_ended_run_event AFTER UPDATE OF status ON tasks
+    FOR EACH ROW WHEN (OLD.pause_requested_at IS NOT NULL AND NEW.status <> 'running'
+                       AND NEW.pause_outcome IN ('after_attempt', 'moot'))
+    EXECUTE FUNCTION record_pause_end();
+
+-- Pause a task: a pending one at once; a running one is asked to (its worker
+-- told through NOTIFY; asked again, it is told again). The row is locked
+-- first, so a claim or an ending run in flight is waited for and its result
+-- seen. how: paused | requested | NULL (nothing to pause: status says why);
+-- no row: no such task.
+CREATE FUNCTION request_pause(p_id bigint) RETURNS TABLE (how text, status text, attempt integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    t record;
+BEGIN
+    SELECT x.status, x.attempt, x.worker_id, x.pod_id, x.pause_requested_at INTO t
+    FROM tasks x WHERE x.id = p_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    status := t.status;
+    attempt := t.attempt;
+    IF t.status = 'pending' THEN
+        UPDATE tasks x SET status = 'paused', pause_outcome = NULL, updated_at = now() WHERE x.id = p_id;
+        INSERT INTO task_events (task_id, kind) VALUES (p_id, 'paused');
+        how := 'paused';
+        status := 'paused';
+    ELSIF t.status = 'running' THEN
+        IF t.pause_requested_at IS NULL THEN
+            UPDATE tasks x SET pause_requested_at = now(), updated_at = now() WHERE x.id = p_id;
+            INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
+            VALUES (p_id, 'pause_requested', t.attempt, t.worker_id, t.pod_id,
+                    format('asked while attempt %s ran: it pauses at a checkpoint of its handler, '
+                           'or when the attempt ends', t.attempt));
+        END IF;
+        PERFORM pg_notify('kubetasks_pause', format('%s:%s:%s:1', p_id, t.worker_id, t.attempt));
+        how := 'requested';
+    END IF;
+    RETURN NEXT;
+END;
+$$;
+
+-- Resume a task: a paused one goes back to pending; a running one asked to
+-- pause is no longer asked (its worker told through NOTIFY). how: resumed |
+-- withdrawn | NULL (nothing to resume); no row: no such task.
+CREATE FUNCTION resume_task(p_id bigint) RETURNS TABLE (how text, status text, queue text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    t record;
+BEGIN
+    SELECT x.status, x.queue, x.attempt, x.worker_id, x.pod_id, x.pause_requested_at INTO t
+    FROM tasks x WHERE x.id = p_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    status := t.status;
+    queue := t.queue;
+    IF t.status = 'paused' THEN
+        UPDATE tasks x SET status = 'pending', pause_outcome = NULL, updated_at = now() WHERE x.id = p_id;
+        INSERT INTO task_events (task_id, kind) VALUES (p_id, 'resumed');
+        how := 'resumed';
+        status := 'pending';
+    ELSIF t.status = 'running' AND t.pause_requested_at IS NOT NULL THEN
+        UPDATE tasks x SET pause_requested_at = NULL, updated_at = now() WHERE x.id = p_id;
+        INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
+        VALUES (p_id, 'resumed', t.attempt, t.worker_id, t.pod_id,
+                format('the pause asked while attempt %s ran is withdrawn', t.attempt));
+        PERFORM pg_notify('kubetasks_pause', format('%s:%s:%s:0', p_id, t.worker_id, t.attempt));
+        how := 'withdrawn';
+    END IF;
+    RETURN NEXT;
+END;
+$$;
