@@ -255,6 +255,73 @@ async def test_delete_running_task_cancels_and_suspend_resume(
     assert "Succeeded" in describe and "kubetasks" in describe
 
 
+def condition(cluster: Cluster, namespace: str, name: str, kind: str) -> dict[str, Any]:
+    st = cluster.json("get", "task", name, "-n", namespace).get("status") or {}
+    return next((c for c in st.get("conditions", []) if c["type"] == kind), {})
+
+
+async def test_suspend_patched_on_a_running_task_says_which_happened(
+    cluster: Cluster, namespace: str, operators: Operators
+) -> None:
+    """spec.suspend patched onto running Tasks: the status says the pause is asked, then which
+    happened -- paused at a checkpoint of the handler (then suspend:false runs it again to
+    Succeeded), paused after an attempt that would have retried, or moot (the attempt ended the
+    task first) -- never nothing."""
+    operators.start("kt-a")
+    await wait_ready(operators, ["kt-a"])
+    apply(cluster, namespace, [
+        task_manifest("looks", handler="side.sleep", payload={"s": 10, "checkpoints": True}),
+        task_manifest("deaf", handler="side.sleep", payload={"s": 8}),
+        task_manifest("fails", handler="side.sleep", payload={"s": 8, "fail": True}, maxAttempts=3,
+                      retryDelaySeconds=0),
+    ])  # fmt: skip
+    names = ("looks", "deaf", "fails")
+    await wait_until(
+        lambda: all(phases(cluster, namespace).get(n) == "Running" for n in names), 30, "all three Running"
+    )
+    t0 = time.monotonic()
+    for n in names:
+        cluster.run("patch", "task", n, "-n", namespace, "--type", "merge", "-p", '{"spec":{"suspend":true}}')
+    await wait_until(lambda: phases(cluster, namespace).get("looks") == "Paused", 20, "looks Paused")
+    took = time.monotonic() - t0
+    print(f"\n[e2e] suspend on a running Task: Paused at its checkpoint {took:.2f}s after the patch")
+    looks = condition(cluster, namespace, "looks", "Paused")
+    assert (looks["status"], looks["reason"]) == ("True", "PausedAtCheckpoint"), looks
+    # The two that never look still run, and say a pause is asked.
+    await wait_until(
+        lambda: condition(cluster, namespace, "deaf", "Paused").get("reason") == "PauseRequested",
+        20, "deaf to say a pause is asked",
+    )  # fmt: skip
+    assert phases(cluster, namespace)["deaf"] == "Running"
+    asked = cluster.json("get", "task", "deaf", "-n", namespace)["status"]["message"]
+    assert asked.startswith("pause requested at ") and "when the attempt ends" in asked
+    await wait_until(lambda: phases(cluster, namespace).get("deaf") == "Succeeded", 30, "deaf Succeeded")
+    await wait_until(
+        lambda: condition(cluster, namespace, "deaf", "Paused").get("reason") == "PauseMoot", 20, "deaf moot"
+    )
+    deaf = cluster.json("get", "task", "deaf", "-n", namespace)["status"]
+    assert deaf["message"].startswith("a pause was requested, but attempt 1 ended the task (succeeded) first")
+    await wait_until(lambda: phases(cluster, namespace).get("fails") == "Paused", 30, "fails Paused")
+    fails = cluster.json("get", "task", "fails", "-n", namespace)["status"]
+    assert fails["attempts"] == 1, "paused instead of retried"
+    assert condition(cluster, namespace, "fails", "Paused")["reason"] == "PausedAfterAttempt"
+    assert fails["message"].startswith("paused after attempt 1 ended")
+    events = cluster.run(
+        "get", "events", "-n", namespace, "--field-selector", "involvedObject.name=deaf", "-o",
+        "jsonpath={.items[*].reason}",
+    ).stdout.split()  # fmt: skip
+    assert "PauseRequested" in events, events
+    # Resume works after a checkpoint pause: the handler runs again from the top, to its end.
+    cluster.run(
+        "patch", "task", "looks", "-n", namespace, "--type", "merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    res = cluster.run("wait", "--for=condition=Succeeded", "task/looks", "-n", namespace, "--timeout=40s")
+    print(f"[e2e] {res.stdout.strip()}")
+    rows = {r["cr_name"]: r for r in await db_rows(operators.db, namespace)}
+    assert rows["looks"]["attempt"] == 2 and rows["looks"]["uncharged"] == 1
+    assert rows["fails"]["status"] == "paused" and rows["fails"]["attempt"] == 1
+
+
 async def test_leader_killed_other_takes_over(cluster: Cluster, namespace: str, operators: Operators) -> None:
     """Two operators: one leads, both run tasks; SIGKILL the leader and 50 new Tasks still succeed."""
     operators.start("kt-a")

@@ -457,3 +457,39 @@ async def test_pause_and_resume_a_running_task_from_the_cli(db_url: str) -> None
             assert again.returncode == 1 and "not paused, nor asked to pause" in again.stdout
     finally:
         await app.close()
+
+
+async def test_a_workflow_parent_asked_to_pause_stays_paused_when_its_children_end(app: App) -> None:
+    """A parent asked to pause that then waits for its children is paused rather than left waiting:
+    its children ending do not wake it, and once resumed it collects their results."""
+    go = asyncio.Event()
+
+    @app.task("kid")
+    async def kid(task: TaskContext) -> int:
+        await go.wait()
+        return int(task.payload["n"])
+
+    @app.task("parent")
+    async def parent(task: TaskContext) -> int:
+        kids = [await task.spawn("kid", {"n": n}) for n in range(3)]
+        for _ in range(500):  # polls the flag, as a handler's checkpoint does
+            if task.pause_requested or task.attempt > 1:
+                break
+            await asyncio.sleep(0.02)
+        return sum(await task.wait(kids))  # ignores the request: suspends for its children
+
+    async with RunningWorker(app):
+        tid = await app.enqueue("parent", {})
+        await wait_status(app, tid, "running")
+        assert await app.pause_task(tid) == "requested"
+        await wait_status(app, tid, "paused")
+        assert (await app.get_task(tid)).pause_outcome == "after_attempt"
+        go.set()
+        kids = (await app.find_tasks(parent=tid)).items
+        for k in kids:
+            await wait_status(app, k.id, "succeeded")
+        await asyncio.sleep(0.5)
+        assert (await app.get_task(tid)).status == "paused", "a child's end woke a paused parent"
+        assert await app.resume_task(tid) == "resumed"
+        await wait_status(app, tid, "succeeded")
+    assert (await app.get_task(tid)).result == 3
