@@ -205,7 +205,12 @@ class App(Blueprint):
         created_before: datetime | None = None,
         limit: int = 50,
         offset: int = 0,
+        run_after: datetime | None = None,
+        run_before: datetime | None = None,
     ) -> TaskPage:
+        """A page of tasks, newest first, with the total; ``run_after`` (inclusive) and
+        ``run_before`` (exclusive) bound when each is due (``run_at``): with
+        ``status="pending"``, the delayed tasks of a time range."""
         statuses = _as_list(status)
         for st in statuses or []:
             if st not in STATUSES:
@@ -217,6 +222,9 @@ class App(Blueprint):
             "tags": list(tags) if tags else None, "created_after": created_after,
             "created_before": created_before,
         }  # fmt: skip
+        if run_after is not None or run_before is not None:
+            due = TaskFilter.of(run_after=run_after, run_before=run_before)  # validated as the filter's
+            filters.update(run_after=due.run_after, run_before=due.run_before)
         rows = await tasks.list_tasks(await self._ready_store(), **filters, limit=limit, offset=offset)
         total = int(rows[0]["total"]) if rows else 0
         if not rows and offset:

@@ -122,6 +122,16 @@ ParentOpt = Annotated[int | None, typer.Option("--parent", help="The direct chil
 RootOpt = Annotated[int | None, typer.Option("--root", help="This workflow: the task and its descendants.")]
 WorkerOpt = Annotated[str | None, typer.Option("--worker", help="The worker id that last ran it.")]
 PodOpt = Annotated[str | None, typer.Option("--pod", help="The pod that last ran it.")]
+RunAfterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--run-after",
+        help="Due (run_at) at or after: ISO 8601 with an offset; with --status pending, the delayed tasks.",
+    ),
+]
+RunBeforeOpt = Annotated[
+    str | None, typer.Option("--run-before", help="Due (run_at) before: ISO 8601 with an offset (exclusive).")
+]
 CursorOpt = Annotated[str | None, typer.Option("--cursor", help="Continue a listing (its next cursor).")]
 
 
@@ -431,6 +441,8 @@ def tasks_list(
     root: RootOpt = None,
     worker: WorkerOpt = None,
     pod: PodOpt = None,
+    run_after: RunAfterOpt = None,
+    run_before: RunBeforeOpt = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
     cursor: CursorOpt = None,
     as_json: JsonOpt = False,
@@ -440,7 +452,8 @@ def tasks_list(
     """List tasks, newest first, filtered; --cursor continues where the last page ended."""
     flt = _cli_filter(
         status=status, queue=queue, handler=handler, tag=tag, created_after=created_after,
-        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
+        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod, run_after=run_after,
+        run_before=run_before,
     )  # fmt: skip
     page = _with_app(None, database_url, lambda a: a.find_tasks(flt, cursor=cursor, limit=limit))
     if _json_out(as_json):
@@ -451,11 +464,17 @@ def tasks_list(
     for r in page.items:
         table.add_row(
             str(r.id), r.handler, r.queue, r.status, f"{r.attempts_spent}/{r.max_attempts}",
-            "" if r.progress is None else f"{r.progress}%", r.pod_id or "", _fmt_time(r.created_at),
+            _progress(r.progress, r.progress_stage), r.pod_id or "", _fmt_time(r.created_at),
         )  # fmt: skip
     _show(table)
     more = f" (more: --cursor {page.next_cursor})" if page.next_cursor else ""
     out.print(f"{len(page.items)} shown{more}", highlight=False, soft_wrap=True)
+
+
+def _progress(percent: int | None, stage: str | None) -> str:
+    """A PROGRESS cell: the percentage, then the stage its report named."""
+    shown = "" if percent is None else f"{percent}%"
+    return f"{shown} {stage}".strip() if stage else shown
 
 
 def _cli_filter(**options: Any) -> Any:
@@ -479,6 +498,8 @@ def tasks_count(
     root: RootOpt = None,
     worker: WorkerOpt = None,
     pod: PodOpt = None,
+    run_after: RunAfterOpt = None,
+    run_before: RunBeforeOpt = None,
     as_json: JsonOpt = False,
     output: OutputOpt = "table",
     database_url: DbOpt = None,
@@ -486,7 +507,8 @@ def tasks_count(
     """Count the matching tasks per handler, queue, tag or status, and status."""
     flt = _cli_filter(
         status=status, queue=queue, handler=handler, tag=tag, created_after=created_after,
-        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
+        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod, run_after=run_after,
+        run_before=run_before,
     )  # fmt: skip
     counts = _with_app(None, database_url, lambda a: a.count_tasks(by, flt))
     if _json_out(as_json):
@@ -706,6 +728,8 @@ def bulk_retry(
     root: RootOpt = None,
     worker: WorkerOpt = None,
     pod: PodOpt = None,
+    run_after: RunAfterOpt = None,
+    run_before: RunBeforeOpt = None,
     dry_run: DryRunOpt = False,
     up_to_id: UpToOpt = None,
     batch_size: BatchOpt = 1000,
@@ -714,7 +738,8 @@ def bulk_retry(
     """Start over every failed task the filter matches (--status cancelled for cancelled ones)."""
     flt = _cli_filter(
         status=status, queue=queue, handler=handler, tag=tag, created_after=created_after,
-        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
+        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod, run_after=run_after,
+        run_before=run_before,
     )  # fmt: skip
     _bulk("retry", flt, dry_run, up_to_id, batch_size, database_url)
 
@@ -731,6 +756,8 @@ def bulk_cancel(
     root: RootOpt = None,
     worker: WorkerOpt = None,
     pod: PodOpt = None,
+    run_after: RunAfterOpt = None,
+    run_before: RunBeforeOpt = None,
     dry_run: DryRunOpt = False,
     up_to_id: UpToOpt = None,
     batch_size: BatchOpt = 1000,
@@ -740,7 +767,8 @@ def bulk_cancel(
     """Cancel every unfinished task the filter matches, with its unfinished descendants."""
     flt = _cli_filter(
         status=status, queue=queue, handler=handler, tag=tag, created_after=created_after,
-        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
+        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod, run_after=run_after,
+        run_before=run_before,
     )  # fmt: skip
     _bulk("cancel", flt, dry_run, up_to_id, batch_size, database_url, reason=reason)
 
@@ -757,6 +785,8 @@ def bulk_delete(
     root: RootOpt = None,
     worker: WorkerOpt = None,
     pod: PodOpt = None,
+    run_after: RunAfterOpt = None,
+    run_before: RunBeforeOpt = None,
     dry_run: DryRunOpt = False,
     up_to_id: UpToOpt = None,
     batch_size: BatchOpt = 1000,
@@ -765,7 +795,8 @@ def bulk_delete(
     """Delete every finished task the filter matches, with its events and attempts."""
     flt = _cli_filter(
         status=status, queue=queue, handler=handler, tag=tag, created_after=created_after,
-        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
+        created_before=created_before, parent=parent, root=root, worker=worker, pod=pod, run_after=run_after,
+        run_before=run_before,
     )  # fmt: skip
     _bulk("delete", flt, dry_run, up_to_id, batch_size, database_url)
 

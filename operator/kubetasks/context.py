@@ -3,7 +3,8 @@
 Progress is coalesced: a handler may call ``progress()`` in a tight loop, and
 at most one fenced write per ``PROGRESS_INTERVAL`` seconds reaches the
 database, carrying the latest value. The final value is written before the
-task's outcome, so nothing reported is lost.
+task's outcome, so nothing reported is lost. A report may name its ``stage``
+and carry ``metadata`` (a small JSON object), validated when it is made.
 
 Pausing: a running task asked to pause (``App.pause_task``, ``kubetasks tasks
 pause``, ``spec.suspend`` on its Task object) has ``pause_requested`` set by
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from kubetasks import enqueue
+from kubetasks import enqueue, validation
 from kubetasks.errors import Fail, LeaseLost, Pause, ValidationError
 from kubetasks.model import EnqueueRequest
 from kubetasks.store import tasks
@@ -37,9 +38,11 @@ if TYPE_CHECKING:
 
 PROGRESS_INTERVAL = 0.5
 
+#: One progress report: percent, message, stage, metadata (a JSON object's text).
+Report = tuple[int, str | None, str | None, str | None]
 #: Writes progress; returns False when the write was fenced out (the task is no
 #: longer this attempt's), None when the database could not be reached.
-ProgressWriter = Callable[["TaskContext", int, str | None], Awaitable[bool | None]]
+ProgressWriter = Callable[["TaskContext", Report], Awaitable[bool | None]]
 
 
 class TaskHost(enqueue.Registry, Protocol):
@@ -76,7 +79,7 @@ class TaskContext:
     parent_id: int | None = None
     uncharged: int = 0
     _writer: ProgressWriter | None = field(default=None, repr=False)
-    _pending: tuple[int, str | None] | None = field(default=None, repr=False)
+    _pending: Report | None = field(default=None, repr=False)
     _flusher: asyncio.Task[None] | None = field(default=None, repr=False)
     _last_write: float = field(default=-1e9, repr=False)
     _sleeping: bool = field(default=False, repr=False)
@@ -116,17 +119,32 @@ class TaskContext:
     def is_last_attempt(self) -> bool:
         return self.attempts_spent >= self.max_attempts
 
-    async def progress(self, percent: int | float, message: str | None = None) -> None:
+    async def progress(
+        self,
+        percent: int | float,
+        message: str | None = None,
+        *,
+        stage: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         """Report progress (0-100); cheap to call often, written at most every 0.5 s.
+
+        ``stage`` names the step the run is in (letters, digits and _ . : -, at most 63
+        characters: ``download``, ``resize``); ``metadata`` is a JSON object of at most 4 KiB
+        (``{"done": 120, "of": 400}``). Each report replaces the last whole; a change of
+        percentage or stage is recorded as an event, and the latest report shows in
+        ``get_task``, the listings and the Task object's status. Bad input raises
+        ``ValidationError`` naming the field and its limit.
 
         Raises LeaseLost once a write has found the task taken away from this
         attempt (cancelled, or recovered after this worker lost its lease), so a
         long handler learns it should stop.
         """
+        stage, meta = validation.progress_details(stage, metadata)
         if self._taken_away:
             raise LeaseLost(f"task {self.id} attempt {self.attempt} is no longer held by this worker")
         p = max(0, min(100, int(percent)))
-        self._pending = (p, message)
+        self._pending = (p, message, stage, meta)
         if self._writer is not None and (self._flusher is None or self._flusher.done()):
             loop = asyncio.get_running_loop()
             wait = self._last_write + PROGRESS_INTERVAL - loop.time()
@@ -173,7 +191,7 @@ class TaskContext:
         if pending is None or self._writer is None:
             return
         self._last_write = asyncio.get_running_loop().time()
-        if await self._writer(self, pending[0], pending[1]) is False:
+        if await self._writer(self, pending) is False:
             self._taken_away = True
 
     async def close(self) -> None:

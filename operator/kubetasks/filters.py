@@ -47,7 +47,10 @@ class TaskFilter:
     them; ``created_after`` (inclusive) and ``created_before`` (exclusive):
     timezone-aware datetimes; ``parent``: the direct children of that task;
     ``root``: that task and all its descendants; ``worker``: the worker id
-    (a UUID) that last ran it; ``pod``: the pod that last ran it.
+    (a UUID) that last ran it; ``pod``: the pod that last ran it;
+    ``run_after`` (inclusive) and ``run_before`` (exclusive): when it is due
+    (``run_at``: a delayed task's start, a retry's), timezone-aware datetimes --
+    ``status="pending", run_after=now`` are the delayed tasks.
     Build one with ``TaskFilter.of(...)`` (validates) or ``from_params``.
     """
 
@@ -61,6 +64,8 @@ class TaskFilter:
     root: int | None = None
     worker: str | None = None
     pod: str | None = None
+    run_after: datetime | None = None
+    run_before: datetime | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -90,6 +95,10 @@ class TaskFilter:
         before = _aware("created_before", criteria.get("created_before"))
         if after is not None and before is not None and after >= before:
             raise ValidationError("created_after", "must be earlier than created_before")
+        run_after = _aware("run_after", criteria.get("run_after"))
+        run_before = _aware("run_before", criteria.get("run_before"))
+        if run_after is not None and run_before is not None and run_after >= run_before:
+            raise ValidationError("run_after", "must be earlier than run_before")
         parent = _task_id("parent", criteria.get("parent"))
         root = _task_id("root", criteria.get("root"))
         worker = criteria.get("worker")
@@ -103,7 +112,7 @@ class TaskFilter:
             raise ValidationError("pod", f"must be a pod name of 1 to {POD_MAX} characters, got {pod!r}")
         return cls(
             status=status, queue=queue, handler=handler, tag=tag, created_after=after, created_before=before,
-            parent=parent, root=root, worker=worker, pod=pod,
+            parent=parent, root=root, worker=worker, pod=pod, run_after=run_after, run_before=run_before,
         )  # fmt: skip
 
     @classmethod
@@ -121,7 +130,7 @@ class TaskFilter:
             if len(values) != 1:
                 raise ValidationError(key, "give it once")
             text = values[0].strip()
-            if key in ("created_after", "created_before"):
+            if key in ("created_after", "created_before", "run_after", "run_before"):
                 try:
                     out[key] = datetime.fromisoformat(text)
                 except ValueError:
@@ -186,6 +195,7 @@ class TaskFilter:
             statuses=_list(self.status), queues=_list(self.queue), handlers=_list(self.handler),
             tags=_list(self.tag), created_after=self.created_after, created_before=self.created_before,
             ids=ids, worker=None if self.worker is None else uuid.UUID(self.worker), pod=self.pod,
+            run_after=self.run_after, run_before=self.run_before,
         )  # fmt: skip
 
 

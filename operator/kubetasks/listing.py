@@ -56,6 +56,8 @@ class TaskSummary:
     error: str | None
     #: Pending, but no active worker serves its handler in its queue: it waits out of the claim's way.
     parked: bool = False
+    #: The latest progress report's stage (its metadata: ``App.get_task``).
+    progress_stage: str | None = None
 
     @classmethod
     def from_row(cls, r: Any) -> TaskSummary:
@@ -68,6 +70,7 @@ class TaskSummary:
             worker_id=None if r["worker_id"] is None else str(r["worker_id"]), pod_id=r["pod_id"],
             progress=r["progress"], progress_message=r["progress_message"], tags=list(r["tags"]),
             parent_id=r["parent_id"], dedupe_key=r["dedupe_key"], error=r["error"], parked=r["parked"],
+            progress_stage=r["progress_stage"],
         )  # fmt: skip
 
 

@@ -163,6 +163,9 @@ class TaskRecord:
     spawn_key: str | None = None
     #: Runs that did not count against max_attempts; ``attempt`` is the latest run's number.
     uncharged: int = 0
+    #: The latest progress report's stage and metadata (see ``TaskContext.progress``).
+    progress_stage: str | None = None
+    progress_metadata: dict[str, Any] | None = None
     #: When this running task was asked to pause (None: it is not).
     pause_requested_at: datetime | None = None
     #: What became of the last pause asked of a run: ``checkpoint`` (its handler paused),
@@ -202,6 +205,8 @@ class TaskRecord:
             parent_id=r.get("parent_id"),
             spawn_key=r.get("spawn_key"),
             uncharged=r.get("uncharged") or 0,
+            progress_stage=r.get("progress_stage"),
+            progress_metadata=r.get("progress_metadata"),
             pause_requested_at=r.get("pause_requested_at"),
             pause_outcome=r.get("pause_outcome"),
         )

@@ -430,11 +430,20 @@ class SyncTaskContext:
                 f"task {self.id} attempt {self.attempt} was stopped (cancelled, timed out or taken away)"
             )
 
-    def progress(self, percent: int | float, message: str | None = None) -> None:
-        """Report progress (0-100); cheap to call often. Raises LeaseLost once ``cancelled`` is set."""
+    def progress(
+        self,
+        percent: int | float,
+        message: str | None = None,
+        *,
+        stage: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """Report progress (0-100) with an optional stage and metadata (see ``TaskContext.progress``);
+        cheap to call often. Raises LeaseLost once ``cancelled`` is set."""
+        validation.progress_details(stage, metadata)
         self._raise_if_cancelled()
         p = max(0, min(100, int(percent)))
-        self._rt.set_progress(self._run_id, p, None if message is None else str(message))
+        self._rt.set_progress(self._run_id, (p, None if message is None else str(message), stage, metadata))
 
     def spawn(
         self,
@@ -499,7 +508,7 @@ class _ChildRuntime:
         self.current: SyncTaskContext | None = None
         self.state_lock = threading.Lock()
         self.progress_cond = threading.Condition()
-        self.pending: tuple[int, int, str | None] | None = None
+        self.pending: tuple[int, tuple[Any, ...]] | None = None  # run id, progress()'s arguments
         self.funcs: dict[tuple[str, str], Any] = {}
         self.running_cond = threading.Condition()
         self.running = False  # a task runs: the lease board's deadline applies
@@ -568,9 +577,9 @@ class _ChildRuntime:
                     os.killpg(0, signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def set_progress(self, run_id: int, percent: int, message: str | None) -> None:
+    def set_progress(self, run_id: int, report: tuple[Any, ...]) -> None:
         with self.progress_cond:
-            self.pending = (run_id, percent, message)
+            self.pending = (run_id, report)
             self.progress_cond.notify()
 
     def _send_progress(self) -> None:
@@ -585,14 +594,14 @@ class _ChildRuntime:
             with self.progress_cond:  # taken with the send, so a flush cannot overtake it
                 item, self.pending = self.pending, None
                 if item is not None:
-                    self.send(("progress", *item))
+                    self.send(("progress", item[0], *item[1]))
             last = time.monotonic()
 
     def _flush_progress(self) -> None:
         with self.progress_cond:
             item, self.pending = self.pending, None
             if item is not None:
-                self.send(("progress", *item))
+                self.send(("progress", item[0], *item[1]))
 
     def call(
         self, ctx: SyncTaskContext, seq: int, method: str, args: list[Any], kwargs: dict[str, Any]
@@ -1213,7 +1222,8 @@ class Pool:
             if msg[1] != run_id:
                 continue  # left over from a run that was stopped
             if kind == "progress":
-                await ctx.progress(msg[2], msg[3])
+                # The child validated stage and metadata as the handler reported them.
+                await ctx.progress(msg[2], msg[3], stage=msg[4], metadata=msg[5])
             elif kind == "call":
                 _, _, seq, method, args, kwargs = msg
                 child.send(("reply", run_id, seq, *await self._call(ctx, method, args, kwargs)))

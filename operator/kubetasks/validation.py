@@ -214,3 +214,23 @@ def payload(value: object, max_bytes: int) -> str:
     if not isinstance(value, Mapping):
         raise ValidationError("payload", f"must be a JSON object (a dict), got {type(value).__name__}")
     return to_json("payload", value, max_bytes)
+
+
+#: The most bytes of compact JSON a progress report's metadata may take.
+PROGRESS_METADATA_MAX_BYTES = 4096
+
+
+def progress_details(stage: object, metadata: object) -> tuple[str | None, str | None]:
+    """A progress report's ``stage`` (a name: letters, digits and _ . : -, at most 63
+    characters) and ``metadata`` (a JSON object of at most 4 KiB), validated; the metadata
+    as JSON text. None stays None."""
+    if stage is not None:
+        stage = name("stage", stage)
+    text = None
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise ValidationError(
+                "metadata", f"must be a JSON object (a dict), got {type(metadata).__name__}"
+            )
+        text = to_json("metadata", metadata, PROGRESS_METADATA_MAX_BYTES)
+    return stage, text

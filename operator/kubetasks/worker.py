@@ -79,7 +79,7 @@ import asyncpg
 
 from kubetasks import horizon, leases, metrics, serving, subprocs, validation
 from kubetasks.config import ALL_QUEUES, validate_queues
-from kubetasks.context import TaskContext, TaskHost
+from kubetasks.context import Report, TaskContext, TaskHost
 from kubetasks.errors import Fail, Pause, Retry, ValidationError
 from kubetasks.hooks import Hooks
 from kubetasks.model import TaskDef
@@ -902,14 +902,15 @@ class Worker:
 
     # -- running ---------------------------------------------------------
 
-    async def _write_progress(self, ctx: TaskContext, percent: int, message: str | None) -> bool | None:
+    async def _write_progress(self, ctx: TaskContext, report: Report) -> bool | None:
         run = self._running.get(ctx.id)
         if run is None or run.dropped:
             return False
+        percent, message, stage, metadata = report
         try:
             n = await workers.set_progress(
                 self.store, task_id=ctx.id, attempt=ctx.attempt, worker_id=run.worker_id, percent=percent,
-                message=None if message is None else _clean(message),
+                message=None if message is None else _clean(message), stage=stage, metadata=metadata,
             )  # fmt: skip
         except DB_ERRORS as exc:
             log.warning("progress of task %d not written (%r)", ctx.id, exc)

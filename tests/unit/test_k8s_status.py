@@ -127,3 +127,15 @@ def test_every_pause_of_a_running_task_says_which_happened() -> None:
     assert paused_condition(held)[:2] == ("True", "Paused")  # type: ignore[index]
     assert paused_condition(status_of(row(status="running", attempt=1, started_at=T0))) is None
     assert paused_condition(status_of(row(status="succeeded", attempt=1, finished_at=T1))) is None
+
+
+def test_progress_stage_and_metadata_are_in_the_status() -> None:
+    st = status_of(
+        row(status="running", attempt=1, started_at=T0, progress=40, progress_message="resizing",
+            progress_stage="resize", progress_metadata={"done": 4, "of": 10})
+    )  # fmt: skip
+    assert (st["progress"], st["progressMessage"], st["progressStage"], st["progressMetadata"]) == (
+        40, "resizing", "resize", {"done": 4, "of": 10}
+    )  # fmt: skip
+    plain = status_of(row(status="running", attempt=1, started_at=T0, progress=40))
+    assert "progressStage" not in plain and "progressMetadata" not in plain, "the whole status is replaced"

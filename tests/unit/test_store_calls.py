@@ -43,7 +43,7 @@ class Opaque:
 
 FILTER: operations.TaskFilterParams = {
     "statuses": None, "queues": None, "handlers": None, "tags": None, "created_after": None,
-    "created_before": None, "ids": None, "worker": None, "pod": None,
+    "created_before": None, "ids": None, "worker": None, "pod": None, "run_after": None, "run_before": None,
 }  # fmt: skip
 
 

@@ -76,7 +76,8 @@ class BulkRequest(BaseModel):
     action: str = Field(description="retry, cancel or delete")
     filter: dict[str, str | int | list[str]] = Field(
         description="TaskFilter criteria: status, queue, handler, tag (strings or lists), created_after, "
-        "created_before (ISO 8601 with an offset), parent, root (task ids), worker, pod."
+        "created_before, run_after, run_before (ISO 8601 with an offset), parent, root (task ids), worker, "
+        "pod."
     )
     dry_run: bool = Field(default=False, description="Count the matching tasks; change nothing.")
     up_to_id: int | None = Field(
@@ -356,10 +357,13 @@ def build_router(ctx: Context) -> APIRouter:
         ] = None,
         worker: Annotated[str | None, Query()] = None,
         pod: Annotated[str | None, Query()] = None,
+        run_after: Annotated[str | None, Query(description="Due (run_at) at or after; ISO 8601.")] = None,
+        run_before: Annotated[str | None, Query()] = None,
     ) -> TaskPage:
         flt = TaskFilter.from_params(
             _params(status=status, queue=queue, handler=handler, tag=tag, created_after=created_after,
-                    created_before=created_before, parent=parent, root=root, worker=worker, pod=pod)
+                    created_before=created_before, parent=parent, root=root, worker=worker, pod=pod,
+                    run_after=run_after, run_before=run_before)
         )  # fmt: skip
         page = await app.find_tasks(flt, cursor=cursor, limit=limit)
         return TaskPage(

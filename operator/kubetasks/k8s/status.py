@@ -173,6 +173,8 @@ def status_of(
         "finishedAt": _ts(row["finished_at"]),
         "progress": row["progress"],
         "progressMessage": row["progress_message"],
+        "progressStage": row.get("progress_stage"),
+        "progressMetadata": row.get("progress_metadata"),
         "message": message[:MESSAGE_MAX],
         "result": result,
         "conditions": conditions,

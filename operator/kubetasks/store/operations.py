@@ -1,7 +1,7 @@
 """Typed calls of the queries that operate many tasks (``sql/operations.sql``): filtered
 listings, counts and bulk batches, the id sets of a parent or a tree, events and attempts
-pages. ``TaskFilterParams`` is the filter block's nine parameters; ``_filter`` is the one
-place that orders them ($1..$9)."""
+pages. ``TaskFilterParams`` is the filter block's eleven parameters; ``_filter`` is the one
+place that orders them ($1..$11)."""
 
 from __future__ import annotations
 
@@ -26,12 +26,14 @@ class TaskFilterParams(TypedDict):
     ids: list[int] | None  # among these (a parent's children, a workflow's tree)
     worker: uuid.UUID | None
     pod: str | None
+    run_after: datetime | None  # due (run_at) at or after
+    run_before: datetime | None  # due before
 
 
 def _filter(f: TaskFilterParams) -> tuple[object, ...]:
     return (
         f["statuses"], f["queues"], f["handlers"], f["tags"], f["created_after"],
-        f["created_before"], f["ids"], f["worker"], f["pod"],
+        f["created_before"], f["ids"], f["worker"], f["pod"], f["run_after"], f["run_before"],
     )  # fmt: skip
 
 

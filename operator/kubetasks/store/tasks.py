@@ -145,11 +145,15 @@ async def list_tasks(
     created_before: datetime | None,
     limit: int,
     offset: int,
+    run_after: datetime | None = None,
+    run_before: datetime | None = None,
 ) -> list[Row]:
-    """A page of tasks, newest first, each row with the total count (None filters match all)."""
+    """A page of tasks, newest first, each row with the total count (None filters match all);
+    ``run_after``/``run_before``: due (run_at) at or after / before."""
     rows: list[Row] = await store.run(
-        "list_tasks", statuses, handlers, queues, tags, created_after, created_before, limit, offset
-    )
+        "list_tasks", statuses, handlers, queues, tags, created_after, created_before, limit, offset,
+        run_after, run_before,
+    )  # fmt: skip
     return rows
 
 

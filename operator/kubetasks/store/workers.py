@@ -167,10 +167,21 @@ async def pause_runs(
 
 
 async def set_progress(
-    store: Store, *, task_id: int, attempt: int, worker_id: uuid.UUID, percent: int, message: str | None
+    store: Store,
+    *,
+    task_id: int,
+    attempt: int,
+    worker_id: uuid.UUID,
+    percent: int,
+    message: str | None,
+    stage: str | None,
+    metadata: str | None,
 ) -> object:
-    """Fenced; the query's value (None: refused, the task is no longer this attempt's)."""
-    value: object = await store.run("set_progress", task_id, attempt, worker_id, percent, message)
+    """Fenced; ``metadata``: a JSON object's text. The query's value (None: refused, the task
+    is no longer this attempt's)."""
+    value: object = await store.run(
+        "set_progress", task_id, attempt, worker_id, percent, message, stage, metadata
+    )
     return value
 
 

@@ -3,13 +3,14 @@
 -- paused at runtime. Read by kubetasks/filters.py, listing.py, bulk.py, audit.py
 -- and schedules.py; the format is queries.sql's.
 --
--- THE TASK FILTER. Every query below that filters tasks has the same nine
+-- THE TASK FILTER. Every query below that filters tasks has the same eleven
 -- parameters first, in this order, and the same block of conditions (between
 -- the `filter:begin` and `filter:end` lines; tests/unit/test_operations_sql.py
 -- proves the copies are identical). NULL matches everything:
 --   $1 statuses, $2 queues, $3 handlers, $4 tags (all of them), $5 created at
 --   or after, $6 created before, $7 among these task ids (a parent's children
---   or a workflow's tree, resolved first), $8 worker_id, $9 pod_id.
+--   or a workflow's tree, resolved first), $8 worker_id, $9 pod_id, $10 due
+--   (run_at) at or after, $11 due before.
 -- Each query reaches rows through a range of the primary key (a window of ids,
 -- or a batch after a cursor), never through the filter: the filter's columns
 -- have no indexes of their own (every index on tasks costs the hot path), so a
@@ -21,14 +22,15 @@
 SELECT coalesce(max(id), 0) FROM tasks;
 
 -- name: tasks_page :many :replica
--- $1..$9 the filter, $10 ids below this one, $11 ids from this one (the window's
--- floor), $12 how many. Newest first; a summary of each task (no payload,
+-- $1..$11 the filter, $12 ids below this one, $13 ids from this one (the window's
+-- floor), $14 how many. Newest first; a summary of each task (no payload,
 -- result or traceback; the error's first 300 characters).
 SELECT t.id, t.handler, t.queue, t.priority, t.status, t.attempt, t.uncharged, t.max_attempts,
        t.run_at, t.created_at, t.started_at, t.finished_at, t.worker_id, t.pod_id, t.progress,
-       t.progress_message, t.tags, t.parent_id, t.dedupe_key, left(t.error, 300) AS error, t.parked
+       t.progress_message, t.tags, t.parent_id, t.dedupe_key, left(t.error, 300) AS error, t.parked,
+       t.progress_stage
 FROM tasks t
-WHERE t.id < $10::bigint AND t.id >= $11::bigint
+WHERE t.id < $12::bigint AND t.id >= $13::bigint
   -- filter:begin
   AND ($1::text[] IS NULL OR t.status = ANY ($1::text[]))
   AND ($2::text[] IS NULL OR t.queue = ANY ($2::text[]))
@@ -39,18 +41,20 @@ WHERE t.id < $10::bigint AND t.id >= $11::bigint
   AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
   AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
   AND ($9::text IS NULL OR t.pod_id = $9::text)
+  AND ($10::timestamptz IS NULL OR t.run_at >= $10::timestamptz)
+  AND ($11::timestamptz IS NULL OR t.run_at < $11::timestamptz)
   -- filter:end
 ORDER BY t.id DESC
-LIMIT $12;
+LIMIT $14;
 
 -- name: tasks_count :one
--- $1..$9 the filter, $10 up to this id (NULL: every id). How many tasks match,
+-- $1..$11 the filter, $12 up to this id (NULL: every id). How many tasks match,
 -- and the newest of them: a bulk action confirmed with that id as its bound
 -- never touches a task added after the count. A pass over the table: what a dry
 -- run costs, on purpose (it is asked for, never refreshed).
 SELECT count(*) AS n, max(t.id) AS up_to_id
 FROM tasks t
-WHERE ($10::bigint IS NULL OR t.id <= $10::bigint)
+WHERE ($12::bigint IS NULL OR t.id <= $12::bigint)
   -- filter:begin
   AND ($1::text[] IS NULL OR t.status = ANY ($1::text[]))
   AND ($2::text[] IS NULL OR t.queue = ANY ($2::text[]))
@@ -61,18 +65,20 @@ WHERE ($10::bigint IS NULL OR t.id <= $10::bigint)
   AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
   AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
   AND ($9::text IS NULL OR t.pod_id = $9::text)
+  AND ($10::timestamptz IS NULL OR t.run_at >= $10::timestamptz)
+  AND ($11::timestamptz IS NULL OR t.run_at < $11::timestamptz)
   -- filter:end
 ;
 
 -- name: bulk_retry_batch :one
--- $1..$9 the filter, $10 ids after this one, $11 up to this one, $12 batch size.
--- One batch of bulk retry: the next $12 matching failed or cancelled tasks in id
+-- $1..$11 the filter, $12 ids after this one, $13 up to this one, $14 batch size.
+-- One batch of bulk retry: the next $14 matching failed or cancelled tasks in id
 -- order start over, as retry_task does one (every attempt so far uncharged);
--- their queues are woken. picked < $12: the last batch.
+-- their queues are woken. picked < $14: the last batch.
 WITH picked AS (
     SELECT t.id
     FROM tasks t
-    WHERE t.id > $10::bigint AND t.id <= $11::bigint AND t.status IN ('failed', 'cancelled')
+    WHERE t.id > $12::bigint AND t.id <= $13::bigint AND t.status IN ('failed', 'cancelled')
       -- filter:begin
       AND ($1::text[] IS NULL OR t.status = ANY ($1::text[]))
       AND ($2::text[] IS NULL OR t.queue = ANY ($2::text[]))
@@ -83,9 +89,11 @@ WITH picked AS (
       AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
       AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
       AND ($9::text IS NULL OR t.pod_id = $9::text)
+      AND ($10::timestamptz IS NULL OR t.run_at >= $10::timestamptz)
+      AND ($11::timestamptz IS NULL OR t.run_at < $11::timestamptz)
       -- filter:end
     ORDER BY t.id
-    LIMIT $12
+    LIMIT $14
 ), upd AS (
     UPDATE tasks x
     SET status = 'pending', uncharged = x.attempt, graceful_releases = 0, run_at = now(), finished_at = NULL,
@@ -103,14 +111,14 @@ SELECT (SELECT count(*) FROM picked) AS picked, (SELECT max(id) FROM picked) AS 
        (SELECT count(*) FROM upd) + 0 * (SELECT count(*) FROM wake) AS done;
 
 -- name: bulk_cancel_batch :one
--- $1..$9 the filter, $10 ids after this one, $11 up to this one, $12 batch size,
--- $13 reason. One batch of bulk cancel: the next $12 matching unfinished tasks
+-- $1..$11 the filter, $12 ids after this one, $13 up to this one, $14 batch size,
+-- $15 reason. One batch of bulk cancel: the next $14 matching unfinished tasks
 -- in id order, and every unfinished descendant of theirs (cancel_forest: rows
 -- locked in id order, running ones' workers told through NOTIFY).
 WITH picked AS (
     SELECT t.id
     FROM tasks t
-    WHERE t.id > $10::bigint AND t.id <= $11::bigint AND t.status IN ('pending', 'running', 'paused', 'suspended')
+    WHERE t.id > $12::bigint AND t.id <= $13::bigint AND t.status IN ('pending', 'running', 'paused', 'suspended')
       -- filter:begin
       AND ($1::text[] IS NULL OR t.status = ANY ($1::text[]))
       AND ($2::text[] IS NULL OR t.queue = ANY ($2::text[]))
@@ -121,23 +129,25 @@ WITH picked AS (
       AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
       AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
       AND ($9::text IS NULL OR t.pod_id = $9::text)
+      AND ($10::timestamptz IS NULL OR t.run_at >= $10::timestamptz)
+      AND ($11::timestamptz IS NULL OR t.run_at < $11::timestamptz)
       -- filter:end
     ORDER BY t.id
-    LIMIT $12
+    LIMIT $14
 )
 SELECT (SELECT count(*) FROM picked) AS picked, (SELECT max(id) FROM picked) AS last_id,
        f.cancelled AS done, f.descendants
-FROM cancel_forest(ARRAY(SELECT id FROM picked), $13::text) f;
+FROM cancel_forest(ARRAY(SELECT id FROM picked), $15::text) f;
 
 -- name: bulk_delete_batch :one
--- $1..$9 the filter, $10 ids after this one, $11 up to this one, $12 batch size.
--- One batch of bulk delete: the next $12 matching finished tasks in id order,
+-- $1..$11 the filter, $12 ids after this one, $13 up to this one, $14 batch size.
+-- One batch of bulk delete: the next $14 matching finished tasks in id order,
 -- their events and attempts with them. A child whose parent is unfinished
 -- stays (the parent may still read its result), as in delete_finished_tasks.
 WITH picked AS (
     SELECT t.id
     FROM tasks t
-    WHERE t.id > $10::bigint AND t.id <= $11::bigint AND t.status IN ('succeeded', 'failed', 'cancelled')
+    WHERE t.id > $12::bigint AND t.id <= $13::bigint AND t.status IN ('succeeded', 'failed', 'cancelled')
       -- filter:begin
       AND ($1::text[] IS NULL OR t.status = ANY ($1::text[]))
       AND ($2::text[] IS NULL OR t.queue = ANY ($2::text[]))
@@ -148,9 +158,11 @@ WITH picked AS (
       AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
       AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
       AND ($9::text IS NULL OR t.pod_id = $9::text)
+      AND ($10::timestamptz IS NULL OR t.run_at >= $10::timestamptz)
+      AND ($11::timestamptz IS NULL OR t.run_at < $11::timestamptz)
       -- filter:end
     ORDER BY t.id
-    LIMIT $12
+    LIMIT $14
 ), del AS (
     DELETE FROM tasks x
     USING picked
@@ -352,16 +364,16 @@ WHERE t.id = $1 AND t.attempt = $2 AND t.worker_id = $3 AND t.status = 'running'
 RETURNING true;
 
 -- name: tasks_count_by :many
--- $1..$9 the filter, $10 the grouping (handler | queue | tag | status). Counts
+-- $1..$11 the filter, $12 the grouping (handler | queue | tag | status). Counts
 -- of the matching tasks per group and status (a tag counts every task carrying
 -- it). A pass over the table, like a dry run's count.
 SELECT g.key, t.status, count(*) AS n
 FROM tasks t
 CROSS JOIN LATERAL (
-    SELECT CASE $10::text WHEN 'handler' THEN t.handler WHEN 'queue' THEN t.queue ELSE t.status END AS key
-    WHERE $10::text <> 'tag'
+    SELECT CASE $12::text WHEN 'handler' THEN t.handler WHEN 'queue' THEN t.queue ELSE t.status END AS key
+    WHERE $12::text <> 'tag'
     UNION ALL
-    SELECT x.tag FROM unnest(t.tags) AS x (tag) WHERE $10::text = 'tag'
+    SELECT x.tag FROM unnest(t.tags) AS x (tag) WHERE $12::text = 'tag'
 ) g
 WHERE true
   -- filter:begin
@@ -374,6 +386,8 @@ WHERE true
   AND ($7::bigint[] IS NULL OR t.id = ANY ($7::bigint[]))
   AND ($8::uuid IS NULL OR t.worker_id = $8::uuid)
   AND ($9::text IS NULL OR t.pod_id = $9::text)
+  AND ($10::timestamptz IS NULL OR t.run_at >= $10::timestamptz)
+  AND ($11::timestamptz IS NULL OR t.run_at < $11::timestamptz)
   -- filter:end
 GROUP BY g.key, t.status
 ORDER BY g.key, t.status;

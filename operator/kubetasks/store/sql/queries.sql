@@ -65,7 +65,8 @@ SELECT id FROM tasks WHERE cr_uid = $1;
 -- task_attempts_all). Then takes the due pending tasks of one queue in claim
 -- order, for a worker whose lease is live, unless the queue is paused, and
 -- counts the attempt with a new number (the fencing token: never lowered, so
--- never reused). Parked tasks (no active worker serves them) are not in the
+-- never reused); the run's progress starts afresh, and what became of an
+-- earlier pause is forgotten. Parked tasks (no active worker serves them) are not in the
 -- claim's index, and a handler with a cluster-wide limit in the database is
 -- left to claim_limited whatever the worker believes (tested on the picked rows,
 -- never on a scan of tasks: a filter there would skew its row estimate, and with
@@ -97,7 +98,8 @@ WITH me AS MATERIALIZED (
 ), claimed AS (
     UPDATE tasks t
     SET status = 'running', attempt = t.attempt + 1, worker_id = $1, pod_id = $2,
-        started_at = now(), updated_at = now(), progress = NULL, progress_message = NULL
+        started_at = now(), updated_at = now(), progress = NULL, progress_message = NULL,
+        progress_stage = NULL, progress_metadata = NULL, pause_outcome = NULL
     FROM picked
     WHERE t.id = picked.id
       AND coalesce((SELECT may_claim FROM me), false)
@@ -151,21 +153,26 @@ WITH me AS MATERIALIZED (
 SELECT id FROM done;
 
 -- name: set_progress :val
--- $1 task id, $2 attempt, $3 worker_id, $4 percent, $5 message. Fenced. A change
--- of the percentage is an event (at most 101 per attempt, however often it is called).
--- Refused when the worker is no longer live (its row is locked first, see claim).
+-- $1 task id, $2 attempt, $3 worker_id, $4 percent, $5 message, $6 stage, $7
+-- metadata (a JSON object's text; NULL: none). Fenced. A change of the
+-- percentage or of the stage is an event (the stage in brackets), however often
+-- it is called. Refused when the worker is no longer live (its row is locked
+-- first, see claim).
 WITH me AS MATERIALIZED (
     SELECT 1 FROM workers w WHERE w.worker_id = $3 AND w.status IN ('active', 'stopping') FOR KEY SHARE
 ), before AS (
-    SELECT progress FROM tasks WHERE id = $1
+    SELECT progress, progress_stage FROM tasks WHERE id = $1
 ), upd AS (
-    UPDATE tasks SET progress = $4, progress_message = $5, updated_at = now()
+    UPDATE tasks SET progress = $4, progress_message = $5, progress_stage = $6,
+                     progress_metadata = $7::text::jsonb, updated_at = now()
     WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND status = 'running' AND EXISTS (SELECT 1 FROM me)
     RETURNING pod_id
 ), events AS (
     INSERT INTO task_events (task_id, kind, attempt, worker_id, pod_id, detail)
-    SELECT $1, 'progress', $2, $3, upd.pod_id, $4::text || '%' || coalesce(': ' || $5, '')
-    FROM upd, before WHERE before.progress IS DISTINCT FROM $4::smallint
+    SELECT $1, 'progress', $2, $3, upd.pod_id,
+           $4::text || '%' || coalesce(' [' || $6::text || ']', '') || coalesce(': ' || $5, '')
+    FROM upd, before
+    WHERE before.progress IS DISTINCT FROM $4::smallint OR before.progress_stage IS DISTINCT FROM $6::text
 )
 SELECT count(*) FROM upd;
 
@@ -243,7 +250,8 @@ SELECT * FROM tasks WHERE id = $1;
 
 -- name: list_tasks :many :replica
 -- $1 statuses, $2 handlers, $3 queues, $4 tags (all required), $5 created after,
--- $6 created before, $7 limit, $8 offset. NULL filters match everything.
+-- $6 created before, $7 limit, $8 offset, $9 due (run_at) at or after, $10 due
+-- before. NULL filters match everything.
 SELECT t.*, count(*) OVER () AS total
 FROM tasks t
 WHERE ($1::text[] IS NULL OR t.status = ANY ($1))
@@ -252,6 +260,8 @@ WHERE ($1::text[] IS NULL OR t.status = ANY ($1))
   AND ($4::text[] IS NULL OR t.tags @> $4)
   AND ($5::timestamptz IS NULL OR t.created_at >= $5)
   AND ($6::timestamptz IS NULL OR t.created_at < $6)
+  AND ($9::timestamptz IS NULL OR t.run_at >= $9)
+  AND ($10::timestamptz IS NULL OR t.run_at < $10)
 ORDER BY t.id DESC
 LIMIT $7 OFFSET $8;
 
@@ -480,7 +490,7 @@ SELECT id, status, attempt, pause_requested_at FROM tasks WHERE cr_uid = $1;
 SELECT t.id, t.cr_uid, t.cr_namespace, t.cr_name, t.handler, t.queue, t.status, t.attempt,
        t.max_attempts, t.pod_id, t.started_at, t.finished_at, t.error, t.result, t.progress,
        t.progress_message, t.updated_at, t.attempt - t.uncharged AS attempts_spent, o.ver AS owed_ver,
-       t.parked, t.pause_requested_at, t.pause_outcome
+       t.parked, t.pause_requested_at, t.pause_outcome, t.progress_stage, t.progress_metadata
 FROM tasks t LEFT JOIN cr_status_owed o ON o.task_id = t.id
 WHERE t.id = ANY ($1::bigint[]) AND t.cr_uid IS NOT NULL
   AND ($2::text[] IS NULL OR t.cr_namespace = ANY ($2::text[]));

@@ -101,6 +101,13 @@ CREATE TABLE tasks (
     pause_outcome    text
         CONSTRAINT pause_outcome_known CHECK (pause_outcome IN ('checkpoint', 'after_attempt', 'moot')),
     CONSTRAINT pause_requested_only_running CHECK (pause_requested_at IS NULL OR status = 'running'),
+    -- Progress's stage and metadata (0019); the API takes 4 KiB of compact JSON,
+    -- jsonb's own text adds spaces.
+    progress_stage   text
+        CONSTRAINT progress_stage_name CHECK (progress_stage ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    progress_metadata jsonb
+        CONSTRAINT progress_metadata_object CHECK (jsonb_typeof(progress_metadata) = 'object'
+                                                   AND octet_length(progress_metadata::text) <= 8192),
     -- A claim counts an attempt; no task is ever claimed past its allowance of charged attempts.
     CONSTRAINT attempt_range CHECK (uncharged BETWEEN 0 AND attempt AND attempt - uncharged <= max_attempts),
     CONSTRAINT running_has_worker CHECK (status <> 'running' OR (worker_id IS NOT NULL AND attempt >= 1)),
@@ -718,7 +725,8 @@ BEGIN
     )
     UPDATE tasks t
     SET status = 'running', attempt = t.attempt + 1, worker_id = p_worker, pod_id = p_pod,
-        started_at = now(), updated_at = now(), progress = NULL, progress_message = NULL
+        started_at = now(), updated_at = now(), progress = NULL, progress_message = NULL,
+        progress_stage = NULL, progress_metadata = NULL, pause_outcome = NULL
     FROM picked
     WHERE t.id = picked.id
       AND NOT EXISTS (SELECT 1 FROM queue_state q WHERE q.queue = p_queue AND q.paused)
@@ -766,9 +774,9 @@ CREATE TRIGGER tasks_notify_cr_inserted AFTER INSERT ON tasks
 CREATE TRIGGER tasks_notify_cr_updated AFTER UPDATE ON tasks
     FOR EACH ROW WHEN (NEW.cr_uid IS NOT NULL AND
         (OLD.status, OLD.attempt, OLD.progress, OLD.progress_message, OLD.pod_id, OLD.parked,
-         OLD.pause_requested_at, OLD.pause_outcome)
+         OLD.pause_requested_at, OLD.pause_outcome, OLD.progress_stage, OLD.progress_metadata)
         IS DISTINCT FROM (NEW.status, NEW.attempt, NEW.progress, NEW.progress_message, NEW.pod_id, NEW.parked,
-                          NEW.pause_requested_at, NEW.pause_outcome))
+                          NEW.pause_requested_at, NEW.pause_outcome, NEW.progress_stage, NEW.progress_metadata))
     EXECUTE FUNCTION notify_cr_task_changed();
 
 CREATE INDEX tasks_cr_unfinished ON tasks (id)

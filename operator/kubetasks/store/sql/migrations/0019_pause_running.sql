@@ -1,4 +1,5 @@
--- 0019: pausing a running task (issue 17 item 7).
+-- 0019: pausing a running task (issue 17 item 7), and progress with a stage
+-- and metadata (item 8).
 --
 -- A running task can be asked to pause. The request is a mark on its row
 -- (pause_requested_at), which only a running task carries; its worker is told
@@ -11,6 +12,11 @@
 -- version), pauses the task instead of letting it run again -- or, when that
 -- run finished the task, records the request as moot. pause_outcome says which
 -- happened, for the Task object's status; task_events says it too.
+--
+-- Progress carries a stage name and a small JSON object of metadata beside
+-- its percentage and message (set_progress; a change of stage is an event, as
+-- a change of percentage is), reset, with the rest of a run's progress and
+-- what became of a pause, when a claim starts a run.
 
 SET LOCAL search_path = kubetasks;
 
@@ -18,7 +24,13 @@ ALTER TABLE tasks
     ADD COLUMN pause_requested_at timestamptz,
     ADD COLUMN pause_outcome text
         CONSTRAINT pause_outcome_known CHECK (pause_outcome IN ('checkpoint', 'after_attempt', 'moot')),
-    ADD CONSTRAINT pause_requested_only_running CHECK (pause_requested_at IS NULL OR status = 'running');
+    ADD CONSTRAINT pause_requested_only_running CHECK (pause_requested_at IS NULL OR status = 'running'),
+    ADD COLUMN progress_stage text
+        CONSTRAINT progress_stage_name CHECK (progress_stage ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    -- The API takes 4 KiB of compact JSON; jsonb's own text adds spaces.
+    ADD COLUMN progress_metadata jsonb
+        CONSTRAINT progress_metadata_object CHECK (jsonb_typeof(progress_metadata) = 'object'
+                                                   AND octet_length(progress_metadata::text) <= 8192);
 
 ALTER TABLE task_events DROP CONSTRAINT event_kind_known,
     ADD CONSTRAINT event_kind_known CHECK (kind IN (
@@ -206,12 +218,55 @@ BEGIN
 END;
 $$;
 
--- A Task object's status shows a pause asked and what became of it.
+-- A Task object's status shows a pause asked and what became of it, and the stage of its progress.
 DROP TRIGGER tasks_notify_cr_updated ON tasks;
 CREATE TRIGGER tasks_notify_cr_updated AFTER UPDATE ON tasks
     FOR EACH ROW WHEN (NEW.cr_uid IS NOT NULL AND
         (OLD.status, OLD.attempt, OLD.progress, OLD.progress_message, OLD.pod_id, OLD.parked,
-         OLD.pause_requested_at, OLD.pause_outcome)
+         OLD.pause_requested_at, OLD.pause_outcome, OLD.progress_stage, OLD.progress_metadata)
         IS DISTINCT FROM (NEW.status, NEW.attempt, NEW.progress, NEW.progress_message, NEW.pod_id, NEW.parked,
-                          NEW.pause_requested_at, NEW.pause_outcome))
+                          NEW.pause_requested_at, NEW.pause_outcome, NEW.progress_stage, NEW.progress_metadata))
     EXECUTE FUNCTION notify_cr_task_changed();
+
+-- A claim starts a run's progress afresh, its stage and metadata too, and
+-- forgets what became of an earlier pause (the rest is 0009's).
+CREATE OR REPLACE FUNCTION claim_limited(
+    p_worker uuid, p_pod text, p_queue text, p_handler text, p_limit integer, p_want integer)
+RETURNS SETOF tasks LANGUAGE plpgsql AS $$
+DECLARE
+    lim integer;
+    room integer;
+BEGIN
+    PERFORM 1 FROM workers w
+    WHERE w.worker_id = p_worker AND w.status = 'active' AND w.lease_expires_at > now()
+    FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    lim := least(p_limit, (SELECT h.cluster_concurrency FROM handlers h WHERE h.name = p_handler));
+    room := p_want;
+    IF lim IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtext('kubetasks.cluster_concurrency:' || p_handler));
+        SELECT least(p_want, lim - count(*)) INTO room FROM tasks WHERE handler = p_handler AND status = 'running';
+    END IF;
+    IF room <= 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH picked AS (
+        SELECT id FROM tasks
+        WHERE status = 'pending' AND NOT parked AND queue = p_queue AND handler = p_handler AND run_at <= now()
+        ORDER BY priority DESC, run_at, id
+        LIMIT room
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE tasks t
+    SET status = 'running', attempt = t.attempt + 1, worker_id = p_worker, pod_id = p_pod,
+        started_at = now(), updated_at = now(), progress = NULL, progress_message = NULL,
+        progress_stage = NULL, progress_metadata = NULL, pause_outcome = NULL
+    FROM picked
+    WHERE t.id = picked.id
+      AND NOT EXISTS (SELECT 1 FROM queue_state q WHERE q.queue = p_queue AND q.paused)
+    RETURNING t.*;
+END;
+$$;
