@@ -13,6 +13,7 @@ all the pod watcher needs.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -320,6 +321,74 @@ async def test_suspend_patched_on_a_running_task_says_which_happened(
     rows = {r["cr_name"]: r for r in await db_rows(operators.db, namespace)}
     assert rows["looks"]["attempt"] == 2 and rows["looks"]["uncharged"] == 1
     assert rows["fails"]["status"] == "paused" and rows["fails"]["attempt"] == 1
+
+
+async def attempt_gaps(db: str, namespace: str, name: str) -> list[float]:
+    """Seconds from each ended attempt of a Task's row to the start of the next one."""
+    conn = await asyncpg.connect(db)
+    try:
+        rows = await conn.fetch(
+            "SELECT a.attempt, a.started_at, a.finished_at FROM kubetasks.task_attempts_all a "
+            "JOIN kubetasks.tasks t ON t.id = a.task_id WHERE t.cr_namespace = $1 AND t.cr_name = $2 "
+            "ORDER BY a.attempt",
+            namespace, name,
+        )  # fmt: skip
+    finally:
+        await conn.close()
+    return [(b["started_at"] - a["finished_at"]).total_seconds() for a, b in itertools.pairwise(rows)]
+
+
+async def test_a_task_retries_with_the_backoff_and_cap_of_its_spec(
+    cluster: Cluster, namespace: str, operators: Operators
+) -> None:
+    """retryDelaySeconds 1, retryBackoff 2.5, maxRetryDelaySeconds 4 on a Task that always fails:
+    the waits between its four attempts are 1 s, 2.5 s and 4 s (x2.5 each time, capped) -- not the
+    app's backoff (x2: 2 s) nor an uncapped 6.25 s -- each within its +-10 % jitter."""
+    operators.start("kt-a")
+    await wait_ready(operators, ["kt-a"])
+    spec = {"retryDelaySeconds": 1, "retryBackoff": 2.5, "maxRetryDelaySeconds": 4, "maxAttempts": 4}
+    flaky = task_manifest("flaky", handler="side.sleep", payload={"s": 0, "fail": True}, **spec)
+    res = apply(cluster, namespace, [flaky])
+    assert res.returncode == 0, res.stderr
+    await wait_until(lambda: phases(cluster, namespace).get("flaky") == "Failed", 60, "flaky Failed")
+    row = (await db_rows(operators.db, namespace))[0]
+    assert (row["retry_delay_s"], row["retry_backoff"], row["max_retry_delay_s"]) == (1.0, 2.5, 4.0)
+    assert row["attempt"] == 4
+    gaps = await attempt_gaps(operators.db, namespace, "flaky")
+    print(f"\n[e2e] waits between attempts: {', '.join(f'{g:.2f}s' for g in gaps)} (policy 1, 2.5, 4)")
+    slack = 1.0  # claim latency on a loaded machine; the lower bounds are the policy's own
+    for got, want in zip(gaps, (1.0, 2.5, 4.0), strict=True):
+        assert want * 0.9 - 0.05 <= got <= want * 1.1 + slack, (gaps, want)
+    st = cluster.json("get", "task", "flaky", "-n", namespace)["status"]
+    assert st["attempts"] == 4 and "fails after sleeping" in st["message"]
+
+
+async def test_the_charts_default_queues_serve_each_handlers_own_queue(
+    cluster: Cluster, namespace: str, release: Release, operators: Operators
+) -> None:
+    """The chart's default (queues: [], no KUBETASKS_QUEUES) runs an app whose handlers live in
+    queues other than default: a Task of each queue succeeds, none waits unserved."""
+    assert "KUBETASKS_QUEUES" not in release.env, release.env
+    operators.start("kt-a", app="tests.integration.apps.metricsapp:app")
+    await wait_ready(operators, ["kt-a"])
+    conn = await asyncpg.connect(operators.db)
+    try:
+        queues = await conn.fetchval("SELECT queues FROM kubetasks.workers WHERE status = 'active'")
+    finally:
+        await conn.close()
+    assert sorted(queues) == ["mq", "other"], queues
+    apply(cluster, namespace, [
+        task_manifest("in-mq", handler="m.ok", payload={"n": 1}),
+        task_manifest("in-other", handler="m.flaky", queue="other"),
+    ])  # fmt: skip
+    await wait_until(
+        lambda: phases(cluster, namespace) == {"in-mq": "Succeeded", "in-other": "Succeeded"},
+        30,
+        "both Succeeded",
+    )
+    rows = {r["cr_name"]: r for r in await db_rows(operators.db, namespace)}
+    assert (rows["in-mq"]["queue"], rows["in-other"]["queue"]) == ("mq", "other")
+    assert rows["in-other"]["attempt"] == 2
 
 
 async def test_leader_killed_other_takes_over(cluster: Cluster, namespace: str, operators: Operators) -> None:
