@@ -272,7 +272,7 @@ async def test_suspend_patched_on_a_running_task_says_which_happened(
     await wait_ready(operators, ["kt-a"])
     apply(cluster, namespace, [
         task_manifest("looks", handler="side.sleep", payload={"s": 10, "checkpoints": True}),
-        task_manifest("deaf", handler="side.sleep", payload={"s": 8}),
+        task_manifest("deaf", handler="side.sleep", payload={"s": 8, "stage": "nap"}),
         task_manifest("fails", handler="side.sleep", payload={"s": 8, "fail": True}, maxAttempts=3,
                       retryDelaySeconds=0),
     ])  # fmt: skip
@@ -294,6 +294,11 @@ async def test_suspend_patched_on_a_running_task_says_which_happened(
         20, "deaf to say a pause is asked",
     )  # fmt: skip
     assert phases(cluster, namespace)["deaf"] == "Running"
+    # Its progress's stage and metadata reach the object (not pruned by the CRD's schema).
+    deaf_st = cluster.json("get", "task", "deaf", "-n", namespace)["status"]
+    assert (deaf_st["progressStage"], deaf_st["progressMetadata"]) == ("nap", {"s": 8.0}), deaf_st
+    wide = cluster.run("get", "task", "deaf", "-n", namespace, "-o", "wide").stdout.splitlines()
+    assert "STAGE" in wide[0].split() and "nap" in wide[1].split(), wide
     asked = cluster.json("get", "task", "deaf", "-n", namespace)["status"]["message"]
     assert asked.startswith("pause requested at ") and "when the attempt ends" in asked
     await wait_until(lambda: phases(cluster, namespace).get("deaf") == "Succeeded", 30, "deaf Succeeded")

@@ -40,9 +40,12 @@ async def work(ctx: TaskContext) -> dict[str, int]:
 @app.task("side.sleep")
 async def sleep(ctx: TaskContext) -> str:
     """Sleeps payload.s seconds. checkpoints: looks at pause_requested every 50 ms and pauses
-    there when asked (a "paused" line); fail: raises after sleeping (the task would retry)."""
+    there when asked (a "paused" line); fail: raises after sleeping (the task would retry); stage:
+    reports progress in that stage first, with the seconds as metadata."""
     _append("start", ctx)
     seconds = float(ctx.payload.get("s", 1.0))
+    if ctx.payload.get("stage"):
+        await ctx.progress(50, "sleeping", stage=ctx.payload["stage"], metadata={"s": seconds})
     if ctx.payload.get("checkpoints"):
         loop = asyncio.get_running_loop()
         end = loop.time() + seconds
