@@ -144,8 +144,9 @@ class LeaseHooks:
     running: Callable[[uuid.UUID], Pairs]
     loop_beat: Callable[[], float]
     stall_limit: Callable[[], float]
-    #: The heartbeat's word on pausing: of the runs it listed, those asked to pause.
-    on_pause: Callable[[Pairs, Pairs], None] | None = None
+    #: The heartbeat's word on pausing: of the runs it listed, those asked to pause, and when
+    #: (time.monotonic()) that heartbeat was sent.
+    on_pause: Callable[[Pairs, Pairs, float], None] | None = None
 
 
 class Lease:
@@ -495,7 +496,7 @@ class Lease:
             self._to_main(self.hooks.on_gone, gone)
         if self.hooks.on_pause is not None and pairs:
             asked = set(row.get("pause_ids") or ())
-            self._to_main(self.hooks.on_pause, pairs, [p for p in pairs if p[0] in asked])
+            self._to_main(self.hooks.on_pause, pairs, [p for p in pairs if p[0] in asked], sent)
         if row["orphan_ids"]:
             self._to_main(
                 self.hooks.on_orphans, list(zip(row["orphan_ids"], row["orphan_attempts"], strict=True))

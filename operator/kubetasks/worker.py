@@ -20,8 +20,10 @@ Shape of one process (every pod runs the same):
 Pausing a running task: ``kubetasks_pause`` (sent by ``request_pause`` and
 ``resume_task``) sets or clears its context's ``pause_requested`` at once; the
 heartbeat reports the same for every run it lists, so a missed notification
-costs at most one interval (a heartbeat read just before a request may clear
-the flag a notification just set: the next one sets it again). A handler that
+costs at most one interval. A heartbeat sent before a notification arrived may
+have read the row before that change committed: its word on that run is
+ignored (one sent after it read the change, which committed before the
+notification went out). A handler that
 raises ``Pause`` ends its attempt as ``paused`` (written fenced, uncharged, by
 ``pause_runs``); the database pauses a task whose run ends any other way while
 asked (``pause_ended_run``), so nothing here has to remember a request.
@@ -141,6 +143,7 @@ class _Run:
     timeout: float
     task: asyncio.Task[None] | None = None
     dropped: str | None = None  # why the outcome must not be written
+    pause_noticed_at: float = -math.inf  # time.monotonic() of the last kubetasks_pause for this run
 
 
 @dataclass
@@ -471,16 +474,20 @@ class Worker:
             run = self._running.get(int(task_id))
             asked = flag == "1"
             if run is not None and str(run.worker_id) == worker and run.ctx.attempt == int(attempt):
+                run.pause_noticed_at = time.monotonic()
                 run.ctx._set_pause_requested(asked)
         except ValueError:
             log.warning("ignored a malformed %s notification: %r", CHANNEL_PAUSE, payload)
 
-    def _on_pause(self, listed: list[tuple[int, int]], asked: list[tuple[int, int]]) -> None:
-        """The heartbeat's word on the runs it listed: ``asked`` are asked to pause, the others not."""
+    def _on_pause(self, listed: list[tuple[int, int]], asked: list[tuple[int, int]], sent: float) -> None:
+        """The heartbeat's word on the runs it listed: ``asked`` are asked to pause, the others not
+        -- unless a notification about the run arrived after that heartbeat was sent."""
         yes = set(asked)
         for task_id, attempt in listed:
             run = self._running.get(task_id)
-            if run is not None and run.ctx.attempt == attempt and run.worker_id == self.worker_id:
+            if run is None or run.ctx.attempt != attempt or run.worker_id != self.worker_id:
+                continue
+            if run.pause_noticed_at < sent:
                 run.ctx._set_pause_requested((task_id, attempt) in yes)
 
     def _on_orphans(self, _pairs: list[tuple[int, int]]) -> None:
