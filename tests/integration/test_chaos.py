@@ -292,7 +292,6 @@ async def test_worker_with_clock_an_hour_off(app: App, db_url: str, tmp_path: Pa
     )
     real = int(subprocess.run(["date", "+%s"], capture_output=True, text=True, check=True).stdout)
     assert int(probe.stdout) - real >= 3500, "faketime did not shift the clock"
-    ids = await app.enqueue_many([EnqueueRequest("side.work", {"n": i, "ms": [1, 10]}) for i in range(300)])
     skewed = start_worker(
         db_url,
         pod="skewed",
@@ -303,6 +302,14 @@ async def test_worker_with_clock_an_hour_off(app: App, db_url: str, tmp_path: Pa
     )
     normal = start_worker(db_url, pod="normal", sidelog=sidelog, concurrency=10, log_path=tmp_path / "n.log")
     try:
+        # Tasks go in once both serve: whichever started first would otherwise drain all 300 alone.
+        async def both_registered() -> bool:
+            return await fetchval(db_url, "SELECT count(*) FROM workers WHERE status = 'active'") == 2
+
+        await wait_for(both_registered, 60, "both workers registered")
+        ids = await app.enqueue_many(
+            [EnqueueRequest("side.work", {"n": i, "ms": [1, 10]}) for i in range(300)]
+        )
 
         async def drained() -> bool:
             return await count_status(db_url, "succeeded") == 300
