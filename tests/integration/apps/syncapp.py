@@ -110,7 +110,9 @@ def steer(task: SyncTaskContext) -> str:
 @app.task("sync.flow")
 def flow(task: SyncTaskContext) -> dict[str, int]:
     """A workflow from a plain function: children spawned and waited for through the worker."""
-    kids = task.spawn_many([EnqueueRequest("sync.quick", {"n": i}) for i in range(3)])
+    # The children outlast the way to wait(): finished ones would let wait() return at once,
+    # and the test checks that waiting suspends the parent.
+    kids = task.spawn_many([EnqueueRequest("sync.quick", {"n": i, "s": 2}) for i in range(3)])
     results = task.wait(kids)
     side("flow-end", task)
     return {"sum": sum(r["n"] for r in results), "children": len(kids)}
