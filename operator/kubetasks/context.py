@@ -102,13 +102,19 @@ class TaskContext:
         its handler runs again from the top then. Asked or not: a handler may pause itself."""
         raise Pause(message)
 
-    def _set_pause_requested(self, asked: bool) -> None:
+    def set_pause_requested(self, asked: bool) -> None:
         """The worker's side: the database says this run is (or no longer is) asked to pause."""
         if asked == self._pause_asked:
             return
         self._pause_asked = asked
         for tell in list(self._pause_listeners):
             tell(asked)
+
+    def on_pause_change(self, tell: Callable[[bool], None]) -> Callable[[], None]:
+        """The worker's side: ``tell`` hears each change of ``pause_requested`` (a sync handler's
+        child process must) until the returned function is called."""
+        self._pause_listeners.append(tell)
+        return lambda: self._pause_listeners.remove(tell)
 
     @property
     def attempts_spent(self) -> int:

@@ -1192,7 +1192,7 @@ class Pool:
             with contextlib.suppress(_Gone, OSError):
                 child.send(("pause", run_id, asked))
 
-        ctx._pause_listeners.append(tell_pause)
+        stop_telling = ctx.on_pause_change(tell_pause)
         try:
             try:
                 child.send(("run", run_id, spec))
@@ -1204,7 +1204,7 @@ class Pool:
                 await self._stop(child, run_id)
             raise
         finally:
-            ctx._pause_listeners.remove(tell_pause)
+            stop_telling()
             self._release(child)
 
     def _deadline(self) -> float | None:

@@ -475,7 +475,7 @@ class Worker:
             asked = flag == "1"
             if run is not None and str(run.worker_id) == worker and run.ctx.attempt == int(attempt):
                 run.pause_noticed_at = time.monotonic()
-                run.ctx._set_pause_requested(asked)
+                run.ctx.set_pause_requested(asked)
         except ValueError:
             log.warning("ignored a malformed %s notification: %r", CHANNEL_PAUSE, payload)
 
@@ -488,7 +488,7 @@ class Worker:
             if run is None or run.ctx.attempt != attempt or run.worker_id != self.worker_id:
                 continue
             if run.pause_noticed_at < sent:
-                run.ctx._set_pause_requested((task_id, attempt) in yes)
+                run.ctx.set_pause_requested((task_id, attempt) in yes)
 
     def _on_orphans(self, _pairs: list[tuple[int, int]]) -> None:
         """The heartbeat found tasks running under this worker that it does not run."""
