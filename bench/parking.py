@@ -51,27 +51,28 @@ def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-async def claim_figures(conn: asyncpg.Connection, wid: uuid.UUID, handlers: list[str]) -> dict[str, Any]:
+async def claim_figures(conn: asyncpg.Connection, wid: uuid.UUID) -> dict[str, Any]:
+    """The claim of 10 from q0 by worker ``wid`` (its served handlers recorded by worker_serves)."""
     claim = queries.load()["claim"].sql
     tx = conn.transaction()
     await tx.start()
     try:
         raw = await conn.fetchval(
             f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim}",
-            *(wid, "bench-parking", "q0", 10, handlers, [], [], []),
+            *(wid, "bench-parking", ["q0"], 10, [], [], [], []),
         )
     finally:
         await tx.rollback()
     plan = json.loads(raw)[0]
     picked = next(n for n in _nodes(plan["Plan"]) if n.get("Subplan Name") == "CTE picked")
-    scan = next(n for n in _nodes(picked) if "Scan" in n["Node Type"])
+    scan = next(n for n in _nodes(picked) if "Scan" in n["Node Type"] and n.get("Relation Name") == "tasks")
     stmt = await conn.prepare(claim)
     times = []
     for _ in range(50):
         tx = conn.transaction()
         await tx.start()
         t0 = time.perf_counter()
-        rows = await stmt.fetch(wid, "bench-parking", "q0", 10, handlers, [], [], [])
+        rows = await stmt.fetch(wid, "bench-parking", ["q0"], 10, [], [], [], [])
         times.append(time.perf_counter() - t0)
         await tx.rollback()
         assert len(rows) == 10
@@ -108,14 +109,14 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         )
         await conn.fetchrow("SELECT * FROM worker_serves($1, $2, '{}', '[]', 1000)", wid, handlers)
         await conn.execute("VACUUM ANALYZE tasks")
-        out["claim_without_unserved"] = await claim_figures(conn, wid, handlers)
+        out["claim_without_unserved"] = await claim_figures(conn, wid)
         await conn.execute(
             "INSERT INTO tasks (handler, queue, priority) "
             "SELECT 'ghost.h', 'q0', 10 FROM generate_series(1, $1)",
             a.unserved,
         )
         await conn.execute("VACUUM ANALYZE tasks")
-        out["claim_before_parking"] = await claim_figures(conn, wid, handlers)
+        out["claim_before_parking"] = await claim_figures(conn, wid)
         t = time.monotonic()
         calls = 0
         while True:
@@ -126,7 +127,7 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
         took = time.monotonic() - t
         out["parking"] = {"calls": calls, "seconds": round(took, 2), "rows_per_s": round(a.unserved / took)}
         await conn.execute("VACUUM ANALYZE tasks")
-        out["claim_once_parked"] = await claim_figures(conn, wid, handlers)
+        out["claim_once_parked"] = await claim_figures(conn, wid)
         raw = await conn.fetchval(
             "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM park_unserved($1, 0, true, 20000)",
             handlers,

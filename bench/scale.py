@@ -24,8 +24,8 @@ drain, every repetition runs the sizes in a rotated order; the median counts.
 ``spread=(H, Q)`` (issue 18 item 6): the pending tasks are spread round-robin
 over H handlers (``noop0``..) and Q queues (``q0``..), the workers register all
 H handlers (``BENCH_KT_HANDLERS``) and serve all Q queues, and the claim is
-EXPLAINed for queue ``q0`` with all H handlers allowed. ``(1, 1)`` is the
-plain case: handler ``noop`` in queue ``default``.
+EXPLAINed for a worker serving all H handlers and all Q queues. ``(1, 1)`` is
+the plain case: handler ``noop`` in queue ``default``.
 """
 
 from __future__ import annotations
@@ -185,11 +185,20 @@ def plan_facts(plan: dict[str, Any]) -> dict[str, Any]:
         None,
     )
     seq_on_tasks = any(n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks" for n in nodes)
+    # What the worker serves (worker_handlers, 0020) is probed by primary key for each task
+    # read: as many probes as rows read, never a read of all of its handlers.
+    served = [n for n in nodes if n.get("Relation Name") == "worker_handlers"]
+    served_by_probe = bool(served) and all(
+        n["Node Type"] in ("Index Scan", "Index Only Scan") and n.get("Index Name") == "worker_handlers_pkey"
+        for n in served
+    )
     limit = next((n for n in nodes if n["Node Type"] == "Limit"), None)
     out: dict[str, Any] = {
         "index_scan_on_pending_index": pending_scan is not None,
         "seq_scan_on_tasks": seq_on_tasks,
         "plan_ok": pending_scan is not None and not seq_on_tasks,
+        "served_by_probe": served_by_probe,
+        "served_probes": sum(int(n.get("Actual Loops", 0)) for n in served),
         "scans": scans,
         "total_cost": top.get("Total Cost"),
         "startup_cost": top.get("Startup Cost"),
@@ -210,10 +219,17 @@ def plan_facts(plan: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# What a worker records right after registering: the handlers it serves (the claim reads them
+# from worker_handlers), without unparking anything (budget 0).
+_SERVES_SQL = "SELECT * FROM worker_serves($1, $2::text[], '{}', '[]', 0)"
+
+
 async def explain_claim(url: str, want: int, spread: tuple[int, int] = (1, 1)) -> dict[str, Any]:
     """EXPLAIN (ANALYZE, BUFFERS) of the claim for ``want`` tasks, rolled back (nothing stays claimed).
 
-    A worker is registered in the same transaction so the lease EXISTS passes. One JSON run for the
+    A worker serving every handler of the spread is registered in the same transaction, so the
+    lease EXISTS passes and the claim reads its served handlers as a worker's claim does; it reads
+    all of the spread's queues in order, as a worker serving them does. One JSON run for the
     figures, then one text run (a second execution: its figures differ a little) for the record."""
     from kubetasks.store import queries
 
@@ -234,9 +250,10 @@ async def explain_claim(url: str, want: int, spread: tuple[int, int] = (1, 1)) -
                     queues,
                     want,
                 )
+                await conn.execute(_SERVES_SQL, wid, handlers)
                 rows = await conn.fetch(
                     f"EXPLAIN (ANALYZE, BUFFERS, FORMAT {fmt}) {claim}",
-                    *(wid, EXPLAIN_POD, queues[0], want, handlers),
+                    *(wid, EXPLAIN_POD, queues, want, []),
                     *([], [], []),  # no successes to write first
                 )
             finally:

@@ -79,7 +79,8 @@ _DURATION_BUCKETS = (
 
 CLAIM_DURATION = Histogram(
     "kubetasks_claim_duration_seconds",
-    "Time of one claim statement (one queue, up to the free slots).",
+    'Time of one claim statement (up to the free slots), by queue; queue="*": one statement across '
+    "all of the worker's queues.",
     ("queue",),
     buckets=_DURATION_BUCKETS,
     registry=REGISTRY,

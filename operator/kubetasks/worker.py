@@ -4,12 +4,13 @@ Shape of one process (every pod runs the same):
 
 * a **claim loop** that sleeps until woken (NOTIFY from an enqueue, a freed
   slot, a local timer for a retry it scheduled, or the heartbeat's polling
-  fallback) and then claims up to its free slots in one statement per queue,
-  queues served in priority order (by default the queues of the handlers its
+  fallback) and then claims up to its free slots in one statement across its
+  queues, served in priority order (by default the queues of the handlers its
   app has; ``KUBETASKS_QUEUES`` names them, ``*`` adds every queue holding tasks
   of those handlers) -- only tasks of the handlers its app has,
-  which it records when it registers (``serving``): a task of any other
-  handler is left pending for a worker that has it, never failed;
+  which it records when it registers (``serving``; the claim reads them from
+  the database, so its cost does not grow with their number): a task of any
+  other handler is left pending for a worker that has it, never failed;
 * one asyncio task per claimed task running its handler under a timeout;
 * a **flusher** that writes outcomes in batches: whatever finished while the
   previous batch was in flight goes out in the next single statement. Every
@@ -768,11 +769,14 @@ class Worker:
         return waiting
 
     async def _claim(self, free: int) -> bool:
-        """Claim up to ``free`` tasks, queue by queue; True if a queue may have more.
+        """Claim up to ``free`` tasks; True if the queues may have more.
 
-        Handlers with a cluster-wide limit are left out of the plain claim and
-        taken by ``claim_limited``, which counts their running tasks under a
-        per-handler lock; the others never wait on anything.
+        One statement reads every queue in priority order, a later queue only while
+        the earlier ones fell short. Handlers with a cluster-wide limit are left out
+        of it and taken by ``claim_limited``, which counts their running tasks under
+        a per-handler lock (the others never wait on anything); while this worker
+        serves such a handler, it claims queue by queue, so that a queue's limited
+        tasks still come before the next queue's tasks.
         """
         wid = self.worker_id
         pod = self.settings.pod_id
@@ -781,10 +785,13 @@ class Worker:
         if self.app.handlers.keys() != set(self._served) or self._wanted_queues() != self.queues:
             await self._set_queues()
             await self._serve()  # handlers or queues changed since: say so first
-        limited, allowed = self._claim_filters()
+        limited, skip = self._claim_filters()
+        if not limited:
+            _, n = await self._run_claim(wid, self.queues, free, skip)
+            return n == free
         more = False
         for q in self.queues:
-            _, n = await self._run_claim(wid, q, free, allowed)
+            _, n = await self._run_claim(wid, (q,), free, skip)
             if n == free:
                 more = True
             free -= n
@@ -807,14 +814,19 @@ class Worker:
         return more
 
     def _claim_filters(self) -> tuple[list[str], list[str]]:
-        """Handlers with a cluster-wide limit (claimed one by one) and those the plain claim takes.
+        """Handlers with a cluster-wide limit (claimed one by one) and those the plain claim
+        must not take now: the limited ones, those at their limit in this process, and any
+        this process no longer has.
 
-        Both come from the handlers this worker recorded as served; a limit counts
-        whether this pod's code declares it or another live worker's does (the
-        database holds the smallest, and the plain claim skips limited handlers
-        whatever this list says).
+        Both are among the handlers this worker recorded as served (the plain claim reads
+        those from the database, so it costs the same however many there are); a limit
+        counts whether this pod's code declares it or another live worker's does (the
+        database holds the smallest, and the plain claim skips limited handlers whatever
+        this list says). Usually both are empty.
         """
-        return claim_filters(self._served, self.app.handlers, self._limits(), self._per_handler)
+        limited, allowed = claim_filters(self._served, self.app.handlers, self._limits(), self._per_handler)
+        plain = set(allowed)
+        return limited, [n for n in self._served if n not in plain]
 
     def _limits(self) -> dict[str, int]:
         """Cluster-wide limits of the served handlers: declared here or held by the database."""
@@ -1206,7 +1218,7 @@ class Worker:
 
     def _successes_writer(self, wid: uuid.UUID) -> Writer:
         async def write(outs: list[Outcome]) -> set[int]:
-            return (await self._run_claim(wid, self.queues[0], 0, [], outs))[0]
+            return (await self._run_claim(wid, (), 0, [], outs))[0]
 
         return write
 
@@ -1248,45 +1260,47 @@ class Worker:
 
         A busy worker then pays one round trip and one commit per batch rather
         than two. The claim counts the ``ending`` tasks of this batch as free
-        slots and takes the first queue only; returns the written ids and
-        whether the claim loop still has to look (other queues, handlers the
-        plain claim skips, or the claim loop was mid-claim and this one waited
-        for nothing).
+        slots and reads every queue (only the first while a limited handler is
+        served: the claim loop goes queue by queue then); returns the written
+        ids and whether the claim loop still has to look (queues not read,
+        handlers the plain claim skips, or the claim loop was mid-claim and
+        this one waited for nothing).
         """
         wid = self.worker_id
         if self._claim_lock.locked():
-            written, _ = await self._run_claim(wid, self.queues[0], 0, [], ok)
+            written, _ = await self._run_claim(wid, (), 0, [], ok)
             return written, True
         async with self._claim_lock:
             free = max(0, self.concurrency - len(self._running) + ending)
-            limited, allowed = self._claim_filters()
+            limited, skip = self._claim_filters()
+            queues = self.queues[:1] if limited else self.queues
             try:
-                written, claimed = await self._run_claim(wid, self.queues[0], free, allowed, ok)
+                written, claimed = await self._run_claim(wid, queues, free, skip, ok)
             except DB_ERRORS:
                 # The statement may have committed unseen: what it claimed is handed back
                 # (we still hold the claim lock, so no other claim of ours is in flight).
                 await self._release_orphans()
                 raise
             self.stats.claims_with_outcomes += 1
-        skipped = len(allowed) < len(self._served)
         # Came up short while enqueues do not wake us: the claim loop marks us waiting.
         short = claimed < free and not self._db_waiting
-        return written, len(self.queues) > 1 or bool(limited) or skipped or short
+        return written, len(queues) < len(self.queues) or bool(skip) or short
 
     async def _run_claim(
-        self, wid: uuid.UUID, q: str, free: int, allowed: list[str], ok: Sequence[Outcome] = ()
+        self, wid: uuid.UUID, qs: Sequence[str], free: int, skip: list[str], ok: Sequence[Outcome] = ()
     ) -> tuple[set[int], int]:
         """The claim statement: write ``ok`` (successes of worker ``wid``), then claim up to
-        ``free`` tasks of the ``allowed`` handlers in queue ``q`` and start them; the written
-        ids and how many were claimed."""
+        ``free`` tasks of its served handlers but ``skip`` from queues ``qs`` (in that order)
+        and start them; the written ids and how many were claimed."""
         t0 = time.monotonic()
         rows = await workers.claim(
-            self.store, worker_id=wid, pod_id=self.settings.pod_id, queue=q, limit=free, handlers=allowed,
+            self.store, worker_id=wid, pod_id=self.settings.pod_id, queues=qs, limit=free, skip=skip,
             done_ids=[o.task_id for o in ok], done_attempts=[o.attempt for o in ok],
             done_results=[o.result for o in ok],
         )  # fmt: skip
-        if free:
-            metrics.CLAIM_DURATION.labels(q).observe(time.monotonic() - t0)
+        if free and qs:
+            label = qs[0] if len(qs) == 1 else ALL_QUEUES  # one statement read them all
+            metrics.CLAIM_DURATION.labels(label).observe(time.monotonic() - t0)
             self.stats.claim_batches += 1
         written: set[int] = set()
         claimed = 0

@@ -28,12 +28,13 @@ async def test_claim_is_an_index_scan_on_a_large_table(app: App, db_url: str) ->
         await conn.fetchrow(
             "SELECT * FROM register_worker($1, 'plan-pod', 'h', 1, ARRAY['default'], 50, 30)", wid
         )
+        await conn.fetchrow("SELECT * FROM worker_serves($1, ARRAY['h'], '{}', '[]', 1000)", wid)
         claim = app.store.queries["claim"].sql
         tx = conn.transaction()
         await tx.start()
         rows = await conn.fetch(
             f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim}",
-            *(wid, "plan-pod", "default", 50, ["h"], [], [], []),
+            *(wid, "plan-pod", ["default"], 50, [], [], [], []),
         )
         plan = json.loads(rows[0][0])[0]
         await tx.rollback()  # EXPLAIN ANALYZE really claimed 50 tasks: undo it
@@ -69,8 +70,10 @@ async def test_claim_plan_at_scale_with_one_and_with_ten_thousand_handlers(db_ur
     """Issue 18 item 6: with 1,000,000 finished tasks, the claim reads the pending index (never
     the table) at 10k, 100k and 1M pending of one handler in one queue, and at 10k and 100k
     pending spread over 10,000 handlers and 100 queues (the worker allowed all 10,000 and
-    serving all 100 queues), each after ANALYZE; and it takes as many as it asks for. Seeded
-    with generate_series (bench/scale.py's rows); the throughput at these sizes is bench/'s."""
+    serving all 100 queues), each after ANALYZE; and it takes as many as it asks for. What the
+    worker serves is probed by primary key once per task read (worker_handlers, 0020), with 10,000
+    handlers as with one: the claim carries no list of them. Seeded with generate_series
+    (bench/scale.py's rows); the throughput at these sizes is bench/'s."""
     spread = (10_000, 100)
     conn = await scale.connect(db_url)
     seen: list[str] = []
@@ -89,9 +92,15 @@ async def test_claim_plan_at_scale_with_one_and_with_ten_thousand_handlers(db_ur
             cases = [("1 handler", (1, 1))] + ([("10k handlers", spread)] if spread_size else [])
             for what, sp in cases:
                 facts = await scale.explain_claim(db_url, 50, sp)
-                seen.append(f"{size} + {what}: {facts['execution_ms']} ms, {facts['scans']}")
+                seen.append(
+                    f"{size} + {what}: {facts['execution_ms']} ms, {facts['served_probes']} served probes, "
+                    f"{facts['scans']}"
+                )
                 assert facts["plan_ok"], (size, what, facts["scans"], facts.get("plan_text"))
                 assert facts["limit_rows"] == 50, (size, what, facts)
+                assert facts["served_by_probe"], (size, what, facts.get("plan_text"))
+                # One probe per task read (all 50 are served: nothing filtered out), not per handler.
+                assert facts["served_probes"] == 50, (size, what, facts.get("plan_text"))
     finally:
         await conn.close()
     print("\n[plan] " + "\n[plan] ".join(seen))

@@ -41,10 +41,16 @@ async def seen(app: App) -> AsyncIterator[list[int]]:
     yield order
 
 
-async def register_raw_worker(conn: asyncpg.Connection, pod: str) -> uuid.UUID:
+async def register_raw_worker(
+    conn: asyncpg.Connection, pod: str, handlers: tuple[str, ...] = ("solo",)
+) -> uuid.UUID:
+    """A registered worker with no process behind it, serving ``handlers`` (the claim takes only those)."""
     wid = uuid.uuid4()
     await conn.fetchrow(
         "SELECT * FROM kubetasks.register_worker($1, $2, 'h', 1, ARRAY['default'], 1, 30)", wid, pod
+    )
+    await conn.fetchrow(
+        "SELECT * FROM kubetasks.worker_serves($1, $2, '{}', '[]', 1000)", wid, list(handlers)
     )
     return wid
 
@@ -69,7 +75,7 @@ class TestClaim:
             async def claimer(conn: asyncpg.Connection, wid: uuid.UUID, i: int) -> list[int]:
                 stmt = await conn.prepare(claim)
                 await go.wait()
-                rows = await stmt.fetch(wid, f"pod-{i}", "default", 1, ["solo"], [], [], [])
+                rows = await stmt.fetch(wid, f"pod-{i}", ["default"], 1, [], [], [], [])
                 return [r["id"] for r in rows]
 
             tasks = [
@@ -98,7 +104,7 @@ class TestClaim:
                 "UPDATE workers SET lease_expires_at = now() - interval '1 s' WHERE worker_id = $1", wid
             )
             claim = app.store.queries["claim"].sql
-            rows = await conn.fetch(claim, wid, "pod-x", "default", 10, ["solo"], [], [], [])
+            rows = await conn.fetch(claim, wid, "pod-x", ["default"], 10, [], [], [], [])
         finally:
             await conn.close()
         assert rows == []

@@ -59,12 +59,17 @@ async def statuses(db_url: str, ids: list[int]) -> Counter[str]:
     return Counter(r["status"] for r in rows)
 
 
-async def register_raw(conn: asyncpg.Connection, pod: str, ttl: float = 30.0) -> uuid.UUID:
-    """A worker registered with the statement every version has (no process behind it)."""
+async def register_raw(
+    conn: asyncpg.Connection, pod: str, ttl: float = 30.0, handlers: tuple[str, ...] = ()
+) -> uuid.UUID:
+    """A worker registered with the statement every version has (no process behind it), serving
+    ``handlers`` as a worker records them right after registering (the claim takes only those)."""
     wid = uuid.uuid4()
     await conn.fetchrow(
         "SELECT * FROM register_worker($1, $2, 'h', 1, ARRAY['default'], 10, $3)", wid, pod, ttl
     )
+    if handlers:
+        await conn.fetchrow("SELECT * FROM worker_serves($1, $2, '{}', '[]', 1000)", wid, list(handlers))
     return wid
 
 
@@ -282,12 +287,12 @@ class TestFencingToken:
         claim = app.store.queries["claim"].sql
         conn = await connect(db_url)
         try:
-            wid = await register_raw(conn, "lost-reply")
-            first = await conn.fetch(claim, wid, "lost-reply", "default", 1, ["solo"], [], [], [])
+            wid = await register_raw(conn, "lost-reply", handlers=("solo",))
+            first = await conn.fetch(claim, wid, "lost-reply", ["default"], 1, [], [], [], [])
             assert [(r["id"], r["attempt"]) for r in first] == [(tid, 1)]
             # The worker never saw that reply: it hands back what it does not run.
             await conn.fetchval(app.store.queries["release_orphans"].sql, wid, [], "claim reply lost")
-            again = await conn.fetch(claim, wid, "lost-reply", "default", 1, ["solo"], [], [], [])
+            again = await conn.fetch(claim, wid, "lost-reply", ["default"], 1, [], [], [], [])
         finally:
             await conn.close()
         report("lost claim reply", first=first[0]["attempt"], again=[r["attempt"] for r in again])
@@ -399,8 +404,8 @@ class TestFencingToken:
             await app.close()
             conn = await connect(url)
             try:
-                wid = await register_raw(conn, "crash-pod")
-                rows = await conn.fetch(claim, wid, "crash-pod", "default", 1, ["anything"], [], [], [])
+                wid = await register_raw(conn, "crash-pod", handlers=("anything",))
+                rows = await conn.fetch(claim, wid, "crash-pod", ["default"], 1, [], [], [], [])
                 assert [(r["id"], r["attempt"]) for r in rows] == [(tid, 1)]
             finally:
                 conn.terminate()
@@ -425,10 +430,10 @@ class TestLateClaim:
         slow = await connect(db_url)
         peer = await connect(db_url)
         try:
-            wid = await register_raw(slow, "slow-commit")
+            wid = await register_raw(slow, "slow-commit", handlers=("solo",))
             tx = slow.transaction()
             await tx.start()
-            rows = await slow.fetch(claim, wid, "slow-commit", "default", 3, ["solo"], [], [], [])
+            rows = await slow.fetch(claim, wid, "slow-commit", ["default"], 3, [], [], [], [])
             assert len(rows) == 3
             await peer.execute(
                 "UPDATE workers SET lease_expires_at = now() - interval '1 s' WHERE worker_id = $1", wid
@@ -459,15 +464,15 @@ class TestLateClaim:
         claim = app.store.queries["claim"].sql
         conn = await connect(db_url)
         try:
-            dead = await register_raw(conn, "late-pod")
+            dead = await register_raw(conn, "late-pod", handlers=("solo",))
             live = await register_raw(conn, "live-pod")
-            await conn.fetch(claim, dead, "late-pod", "default", 1, ["solo"], [], [], [])
+            await conn.fetch(claim, dead, "late-pod", ["default"], 1, [], [], [], [])
             await conn.execute(
                 "UPDATE workers SET status = 'dead', stopped_at = now(), stop_reason = 'test'"
                 " WHERE worker_id = $1",
                 dead,
             )
-            written = await conn.fetch(claim, dead, "late-pod", "default", 0, [], [tid], [1], ["{}"])
+            written = await conn.fetch(claim, dead, "late-pod", [], 0, [], [tid], [1], ["{}"])
             for _ in range(3):  # the sweep runs on about two heartbeats per interval across live workers
                 await conn.fetchrow("SELECT * FROM heartbeat($1, 30, ARRAY['default'], 7.5)", live)
             row = (await conn.fetch("SELECT status, worker_id FROM tasks WHERE id = $1", tid))[0]

@@ -96,16 +96,18 @@ async def claim(
     *,
     worker_id: uuid.UUID,
     pod_id: str,
-    queue: str,
+    queues: Sequence[str],
     limit: int,
-    handlers: Sequence[str],
+    skip: Sequence[str],
     done_ids: Sequence[int],
     done_attempts: Sequence[int],
     done_results: Sequence[str | None],
 ) -> list[Row]:
-    """Claim up to ``limit`` due tasks, writing this worker's successes first (same statement)."""
+    """Claim up to ``limit`` due tasks of the handlers the worker serves (its ``worker_handlers``
+    rows) but ``skip``, from ``queues`` in that order, writing this worker's successes first
+    (same statement)."""
     rows: list[Row] = await store.run(
-        "claim", worker_id, pod_id, queue, limit, list(handlers),
+        "claim", worker_id, pod_id, list(queues), limit, list(skip),
         list(done_ids), list(done_attempts), list(done_results),
     )  # fmt: skip
     return rows

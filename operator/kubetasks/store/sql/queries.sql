@@ -49,8 +49,9 @@ WHERE dedupe_key = ANY($1::text[]) AND status IN ('pending', 'running', 'paused'
 SELECT id FROM tasks WHERE cr_uid = $1;
 
 -- name: claim :many
--- $1 worker_id, $2 pod_id, $3 queue, $4 how many, $5 the handlers to take (the
--- worker's own, less those it must not take now; empty: none),
+-- $1 worker_id, $2 pod_id, $3 the worker's queues in the order it serves them,
+-- $4 how many, $5 handlers it must not take now (those it leaves to
+-- claim_limited, and those at their limit in this process; usually empty),
 -- $6 task ids, $7 attempts, $8 results (json text): successes of this worker to
 -- write first, in the same statement (empty arrays: none).
 -- First holds the worker's row FOR KEY SHARE (`me`), refusing everything when
@@ -62,15 +63,22 @@ SELECT id FROM tasks WHERE cr_uid = $1;
 -- locked: the worker row is always locked first. Then writes the successes,
 -- fenced: a row is written only while it is still this attempt of this worker
 -- and running (the attempt record is the task row itself, see
--- task_attempts_all). Then takes the due pending tasks of one queue in claim
--- order, for a worker whose lease is live, unless the queue is paused, and
--- counts the attempt with a new number (the fencing token: never lowered, so
--- never reused); the run's progress starts afresh, and what became of an
--- earlier pause is forgotten. Parked tasks (no active worker serves them) are not in the
--- claim's index, and a handler with a cluster-wide limit in the database is
--- left to claim_limited whatever the worker believes (tested on the picked rows,
--- never on a scan of tasks: a filter there would skew its row estimate, and with
--- it the plan). One statement, so a busy worker pays one round trip and one
+-- task_attempts_all). Then takes due pending tasks queue by queue in the order
+-- given (a later queue is read only while the earlier ones fell short; a
+-- paused queue is skipped), each in claim order, for a worker whose lease is
+-- live, and counts the attempt with a new number (the fencing token: never
+-- lowered, so never reused); the run's progress starts afresh, and what
+-- became of an earlier pause is forgotten. Only handlers the worker serves are taken: its
+-- rows in worker_handlers (0020, written when it registers), probed by primary
+-- key for each task read, so the cost follows the tasks read, not how many
+-- handlers it serves. OFFSET 0 keeps that probe a per-row filter: as a join,
+-- the planner may read every pending task of the worker's handlers and sort
+-- them. Parked tasks (no active worker serves them) are not in the claim's
+-- index, and a handler with a cluster-wide limit in the database is left to
+-- claim_limited whatever the worker believes (tested on the picked rows, never
+-- on a scan of tasks: a filter there would skew its row estimate, and with it
+-- the plan; a probe per picked row, not a read of every handler the cluster
+-- ever registered). One statement, so a busy worker pays one round trip and one
 -- commit per batch; the two sets cannot meet (running vs pending). Rows: the
 -- written ids with `claimed` false, then the claimed tasks with `claimed` true.
 -- The commit is synchronous, like every write: a claim lost in a crash or a
@@ -89,12 +97,19 @@ WITH me AS MATERIALIZED (
       AND EXISTS (SELECT 1 FROM me)
     RETURNING t.id
 ), picked AS (
-    SELECT id, handler FROM tasks
-    WHERE status = 'pending' AND NOT parked AND queue = $3 AND run_at <= now()
-      AND handler = ANY ($5::text[])
-    ORDER BY priority DESC, run_at, id
+    SELECT p.id, p.handler
+    FROM unnest($3::text[]) AS q (name)
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.handler FROM tasks t
+        WHERE t.status = 'pending' AND NOT t.parked AND t.queue = q.name AND t.run_at <= now()
+          AND EXISTS (SELECT 1 FROM worker_handlers s WHERE s.worker_id = $1 AND s.handler = t.handler OFFSET 0)
+          AND t.handler <> ALL ($5::text[])
+        ORDER BY t.priority DESC, t.run_at, t.id
+        LIMIT $4
+        FOR UPDATE OF t SKIP LOCKED
+    ) p
+    WHERE NOT EXISTS (SELECT 1 FROM queue_state qs WHERE qs.queue = q.name AND qs.paused)
     LIMIT $4
-    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE tasks t
     SET status = 'running', attempt = t.attempt + 1, worker_id = $1, pod_id = $2,
@@ -103,8 +118,8 @@ WITH me AS MATERIALIZED (
     FROM picked
     WHERE t.id = picked.id
       AND coalesce((SELECT may_claim FROM me), false)
-      AND NOT EXISTS (SELECT 1 FROM queue_state q WHERE q.queue = $3 AND q.paused)
-      AND picked.handler <> ALL (ARRAY(SELECT h.name FROM handlers h WHERE h.cluster_concurrency IS NOT NULL))
+      AND NOT EXISTS (SELECT 1 FROM handlers h
+                      WHERE h.name = picked.handler AND h.cluster_concurrency IS NOT NULL OFFSET 0)
     RETURNING t.id, t.handler, t.queue, t.priority, t.payload, t.attempt, t.max_attempts,
               t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags, t.parent_id,
               t.uncharged

@@ -1051,6 +1051,45 @@ SELECT queue, handler, false AS parked FROM claimable
 UNION ALL
 SELECT queue, handler, true AS parked FROM held;
 
+-- Served handlers as rows (0020): what each active worker serves, read by the
+-- claim by index probes (see the migration).
+
+-- What each active worker serves, one row per handler (a worker of an earlier
+-- version, handlers NULL, has none: it serves every handler of its queues).
+CREATE TABLE worker_handlers (
+    worker_id uuid NOT NULL REFERENCES workers ON DELETE CASCADE,
+    handler   text NOT NULL,
+    PRIMARY KEY (worker_id, handler)
+);
+
+-- Rewritten whole when a worker's handlers change (rare: once when it
+-- registers, again only if its app's handlers change), emptied when it stops
+-- being active, so the table holds the live workers' handlers only.
+CREATE FUNCTION workers_sync_handlers() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        DELETE FROM worker_handlers s WHERE s.worker_id = OLD.worker_id;
+    END IF;
+    IF NEW.status = 'active' AND NEW.handlers IS NOT NULL THEN
+        INSERT INTO worker_handlers (worker_id, handler)
+        SELECT DISTINCT NEW.worker_id, h.name FROM unnest(NEW.handlers) AS h (name) WHERE h.name IS NOT NULL;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER workers_handlers_added AFTER INSERT ON workers
+    FOR EACH ROW WHEN (NEW.status = 'active' AND NEW.handlers IS NOT NULL)
+    EXECUTE FUNCTION workers_sync_handlers();
+CREATE TRIGGER workers_handlers_changed AFTER UPDATE OF handlers, status ON workers
+    FOR EACH ROW WHEN (OLD.handlers IS DISTINCT FROM NEW.handlers
+                       OR (OLD.status = 'active') IS DISTINCT FROM (NEW.status = 'active'))
+    EXECUTE FUNCTION workers_sync_handlers();
+
+-- The handlers with a cluster-wide limit: few, and what the parking pass and
+-- every registration look up among a worker's handlers (however many it has),
+-- and the claim for each task it takes.
+CREATE INDEX handlers_limited ON handlers (name) WHERE cluster_concurrency IS NOT NULL;
+
 -- The cluster-wide limit of each handler: the smallest any live worker
 -- declares (live: not yet declared dead, superseded or stopped). A limit
 -- lapses when no live worker declares it any more.
