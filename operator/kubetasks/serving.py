@@ -98,10 +98,13 @@ class Unserved:
 async def unserved(store: Store) -> list[Unserved]:
     """Every (handler, queue) whose pending tasks no active worker serves now, with how many
     wait and why (read from the workers, so it holds even before a pass has parked them)."""
+    rows = await queues.unserved_counts(store)
+    if not rows:
+        return []  # no message to word: the served pairs (workers x queues x handlers) stay unread
     serving = await read(store)
     return [
         Unserved(r["handler"], r["queue"], int(r["tasks"]), serving.message(r["handler"], r["queue"]))
-        for r in await queues.unserved_counts(store)
+        for r in rows
     ]
 
 

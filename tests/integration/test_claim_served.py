@@ -1,20 +1,24 @@
 """The claim reads what a worker serves from the database, and all its queues in one statement.
 
 A worker's served handlers are rows (``worker_handlers``, migration 0020), kept from its
-``workers`` row by a trigger; the claim probes them for each task it reads. Against a real
-PostgreSQL: a worker serving 10,000 handlers never takes a task of a handler it does not
-serve, even ahead of its own in claim order; what it serves changes, or ends with it, at
-once; one statement reads its queues in order, skipping a paused one and locking nothing
-beyond what it takes, and nothing at all once its lease ran out; a worker of a hundred
-queues claims with one statement, not one per queue.
+``workers`` row by a trigger; the claim probes them for each task it reads, the parking pass
+for each pending (queue, handler). Against a real PostgreSQL: a worker serving 10,000
+handlers never takes a task of a handler it does not serve, even ahead of its own in claim
+order; what it serves changes, or ends with it, at once; one statement reads its queues in
+order, skipping a paused one and locking nothing beyond what it takes, and nothing at all
+once its lease ran out; a worker of a hundred queues claims with one statement, not one per
+queue; and the pass's served test agrees with ``served_pairs`` while reading a small
+fraction of the rows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import uuid
 from collections import Counter
+from typing import Any
 
 import asyncpg
 import pytest
@@ -44,6 +48,13 @@ async def served_rows(conn: asyncpg.Connection, wid: uuid.UUID) -> set[str]:
         r["handler"]
         for r in await conn.fetch("SELECT handler FROM worker_handlers WHERE worker_id = $1", wid)
     }
+
+
+def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    out = [plan]
+    for child in plan.get("Plans", []):
+        out.extend(plan_nodes(child))
+    return out
 
 
 class TestServedOnly:
@@ -240,3 +251,72 @@ class TestOneStatement:
         print(f"\n[claim] claim statements for one task in the last of 100 queues: {statements}")
         # One per wake-up (start, the enqueue, the freed slot, a heartbeat's poll or two).
         assert statements <= 10, statements
+
+
+class TestParkingPass:
+    async def test_served_test_agrees_with_served_pairs_and_reads_a_fraction_of_its_rows(
+        self, app: App, db_url: str
+    ) -> None:
+        """Two workers serve 10,000 handlers over 100 queues, one of an earlier version serves all
+        of `legacy`, one stopping worker serves `gone.h`, one serves `x` in `qx` only. For every
+        pending pair, pending_pairs_served says served exactly when served_pairs lists it; and no
+        step of it emits more than a few rows per pair, where served_pairs expands every active
+        worker's queues times handlers (2,000,000 rows here)."""
+        queues = [f"q{i}" for i in range(100)]
+        handlers = [f"h{i}" for i in range(10_000)]
+        conn = await connect(db_url)
+        try:
+            await register(conn, "pod-1", queues, handlers)
+            await register(conn, "pod-2", queues, handlers)
+            await register(conn, "pod-old", ["legacy"], None)
+            gone = await register(conn, "pod-gone", ["q1"], ["gone.h"])
+            await conn.execute("UPDATE workers SET status = 'stopping' WHERE worker_id = $1", gone)
+            await register(conn, "pod-x", ["qx"], ["x"])
+            await conn.execute(
+                "INSERT INTO tasks (handler, queue, payload) "
+                "SELECT 'h' || i, 'q' || (i % 100), '{}'::jsonb FROM generate_series(0, 9999) i"
+            )
+            await conn.execute(
+                "INSERT INTO tasks (handler, queue, payload, parked) VALUES "
+                "('nobody', 'q0', '{}', false), ('anything', 'legacy', '{}', false), "
+                "('x', 'qx', '{}', true), ('x', 'qy', '{}', false), ('gone.h', 'q1', '{}', false), "
+                "('h1', 'q2', '{}', true)"
+            )
+            await conn.execute("ANALYZE")
+            mine = {
+                (r["queue"], r["handler"], r["parked"]): r["served"]
+                for r in await conn.fetch("SELECT queue, handler, parked, served FROM pending_pairs_served")
+            }
+            pairs = {(q, h) for q, h, _ in mine}
+            listed = {
+                (r["queue"], r["handler"])
+                for r in await conn.fetch("SELECT queue, handler FROM served_pairs")
+            }
+            expected = {(q, h, p): (q, h) in listed or (q, None) in listed for q, h, p in mine}
+
+            async def max_rows(sql: str) -> int:
+                raw = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")
+                plan = json.loads(raw)[0]["Plan"]
+                return max(int(n["Actual Rows"]) * int(n.get("Actual Loops", 1)) for n in plan_nodes(plan))
+
+            new = await max_rows("SELECT count(*) FILTER (WHERE served) FROM pending_pairs_served")
+            old = await max_rows(
+                "SELECT count(*) FILTER (WHERE sh.queue IS NOT NULL OR sq.queue IS NOT NULL) "
+                "FROM pending_pairs pp "
+                "LEFT JOIN (SELECT s.queue, s.handler FROM served_pairs s WHERE s.handler IS NOT NULL) sh "
+                "ON sh.queue = pp.queue AND sh.handler = pp.handler "
+                "LEFT JOIN (SELECT DISTINCT s.queue FROM served_pairs s WHERE s.handler IS NULL) sq "
+                "ON sq.queue = pp.queue"
+            )
+        finally:
+            await conn.close()
+        print(
+            f"\n[served] {len(pairs):,} pending pairs: at most {new:,} rows in any step "
+            f"(served_pairs: {old:,})"
+        )
+        assert mine == expected
+        assert mine[("q0", "nobody", False)] is False and mine[("legacy", "anything", False)] is True
+        assert mine[("qx", "x", True)] is True and mine[("qy", "x", False)] is False
+        assert mine[("q1", "gone.h", False)] is False and mine[("q2", "h1", True)] is True
+        assert new <= 3 * len(pairs), new
+        assert old >= 2_000_000, old

@@ -917,19 +917,15 @@ SELECT queue, handler FROM served_pairs ORDER BY queue, handler NULLS FIRST;
 
 -- name: unserved_counts :many
 -- The (queue, handler) pairs whose pending tasks no active worker serves, and how
--- many tasks each holds: the parking pass's pairs (pending_pairs, a skip scan)
--- tested against served_pairs now, so it holds even while no pod is up to park
--- anything, then an index count of each such pair.
+-- many tasks each holds: the parking pass's pairs (pending_pairs_served: a skip
+-- scan, and a probe of each pair's workers) as the workers stand now, so it holds
+-- even while no pod is up to park anything, then an index count of each such pair.
 SELECT pp.queue, pp.handler,
        (SELECT count(*) FROM tasks x
         WHERE x.status = 'pending' AND NOT x.parked AND x.queue = pp.queue AND x.handler = pp.handler)
      + (SELECT count(*) FROM tasks x
         WHERE x.status = 'pending' AND x.parked AND x.queue = pp.queue AND x.handler = pp.handler) AS tasks
-FROM (SELECT DISTINCT queue, handler FROM pending_pairs) pp
-LEFT JOIN (SELECT s.queue, s.handler FROM served_pairs s WHERE s.handler IS NOT NULL) sh
-       ON sh.queue = pp.queue AND sh.handler = pp.handler
-LEFT JOIN (SELECT DISTINCT s.queue FROM served_pairs s WHERE s.handler IS NULL) sq ON sq.queue = pp.queue
-WHERE sh.queue IS NULL AND sq.queue IS NULL
+FROM (SELECT DISTINCT queue, handler FROM pending_pairs_served WHERE NOT served) pp
 ORDER BY pp.handler, pp.queue;
 
 -- name: handler_options :many

@@ -1052,7 +1052,7 @@ UNION ALL
 SELECT queue, handler, true AS parked FROM held;
 
 -- Served handlers as rows (0020): what each active worker serves, read by the
--- claim by index probes (see the migration).
+-- claim and the parking pass by index probes (see the migration).
 
 -- What each active worker serves, one row per handler (a worker of an earlier
 -- version, handlers NULL, has none: it serves every handler of its queues).
@@ -1061,6 +1061,8 @@ CREATE TABLE worker_handlers (
     handler   text NOT NULL,
     PRIMARY KEY (worker_id, handler)
 );
+-- Who serves a handler: the parking pass asks this once per pending pair.
+CREATE INDEX worker_handlers_by_handler ON worker_handlers (handler);
 
 -- Rewritten whole when a worker's handlers change (rare: once when it
 -- registers, again only if its app's handlers change), emptied when it stops
@@ -1089,6 +1091,18 @@ CREATE TRIGGER workers_handlers_changed AFTER UPDATE OF handlers, status ON work
 -- every registration look up among a worker's handlers (however many it has),
 -- and the claim for each task it takes.
 CREATE INDEX handlers_limited ON handlers (name) WHERE cluster_concurrency IS NOT NULL;
+
+-- Every (queue, handler) of the pending set (pending_pairs) and whether an
+-- active worker serves it (what served_pairs lists, for that pair): per pair,
+-- an index probe of the handler's workers, then of the workers of an earlier
+-- version, which serve every handler of their queues.
+CREATE VIEW pending_pairs_served AS
+SELECT pp.queue, pp.handler, pp.parked,
+       EXISTS (SELECT 1 FROM worker_handlers s JOIN workers w ON w.worker_id = s.worker_id
+               WHERE s.handler = pp.handler AND w.status = 'active' AND pp.queue = ANY (w.queues))
+    OR EXISTS (SELECT 1 FROM workers w
+               WHERE w.status = 'active' AND w.handlers IS NULL AND pp.queue = ANY (w.queues)) AS served
+FROM pending_pairs pp;
 
 -- The cluster-wide limit of each handler: the smallest any live worker
 -- declares (live: not yet declared dead, superseded or stopped). A limit
@@ -1175,9 +1189,11 @@ $$;
 -- finds it ran recently, or running, returns at once with next_in, the
 -- seconds until it may run. Always returns the limits of p_handlers.
 --
--- The pending set is read through pending_pairs, a skip scan: one index
--- descent per distinct (queue, handler), so the pass costs what the number of
--- pairs and the rows it rewrites cost, not the pending set.
+-- The pending set is read through pending_pairs_served: pending_pairs, a skip
+-- scan (one index descent per distinct (queue, handler)), and per pair a probe
+-- of the workers that serve its handler (0020), so the pass costs what the
+-- number of pairs, their workers and the rows it rewrites cost, not the
+-- pending set nor every worker's queues times handlers.
 CREATE FUNCTION park_unserved(p_handlers text[], p_min_gap double precision, p_force boolean, p_budget integer)
 RETURNS TABLE (ran boolean, parked bigint, unparked bigint, more boolean, next_in double precision, limits jsonb)
 LANGUAGE plpgsql AS $$
@@ -1203,15 +1219,8 @@ BEGIN
         ELSE
             ran := true;
             PERFORM refresh_cluster_limits();
-            -- Joined, not tested pair by pair: a thousand pairs against a thousand
-            -- served handlers is two hash lookups each, not a million comparisons.
             FOR p IN
-                SELECT pp.queue, pp.handler, pp.parked, (sh.queue IS NOT NULL OR sq.queue IS NOT NULL) AS served
-                FROM pending_pairs pp
-                LEFT JOIN (SELECT s.queue, s.handler FROM served_pairs s WHERE s.handler IS NOT NULL) sh
-                       ON sh.queue = pp.queue AND sh.handler = pp.handler
-                LEFT JOIN (SELECT DISTINCT s.queue FROM served_pairs s WHERE s.handler IS NULL) sq
-                       ON sq.queue = pp.queue
+                SELECT pp.queue, pp.handler, pp.parked, pp.served FROM pending_pairs_served pp
             LOOP
                 CONTINUE WHEN p.parked = NOT p.served;  -- already where it belongs
                 -- Each statement names its partial index's predicate as a constant.
