@@ -122,6 +122,11 @@ VARIATIONS: dict[str, dict[str, str]] = {
         "database.url": "postgresql://u:p@db:5432/x",
         "redis.url": "redis://r:6379/0",
     },
+    "pgbouncer-and-standby": {
+        "database.pooling": "transaction",
+        "database.directSecretKey": "direct",
+        "database.replicaSecretKey": "replica",
+    },
     "webhook-single-replica": {"webhook.enabled": "true", "replicaCount": "1"},
     "local-node": {"hostNetwork": "true", "metrics.port": "0"},
     "webhook-url-cluster-wide": {
@@ -232,12 +237,25 @@ class TestLintAndValues:
             ("concurrency", "0", "concurrency"),
             ("metrics.port", "70000", "port"),
             ("hostNetwork", "yes", "hostNetwork"),
+            ("database.pooling", "statement", "pooling"),
         ],
     )
     def test_schema_refuses_bad_values(self, key: str, value: str, says: str) -> None:
         """values.schema.json refuses unknown keys and out-of-range values, naming them."""
         err = render_fails(**{key.replace(".", "__"): value})
         assert says in err, err
+
+    def test_direct_and_replica_urls_come_the_way_the_database_url_does(self) -> None:
+        """A key of database.existingSecret needs that Secret; a plain URL needs database.url."""
+        err = render_fails(
+            database__existingSecret="<unset>",
+            database__url="postgresql://h/d",
+            database__replicaSecretKey="r",
+        )
+        assert "database.replicaSecretKey names a key in database.existingSecret" in err, err
+        assert "database.replicaUrl" in err, err
+        err = render_fails(database__directUrl="postgresql://direct/d")
+        assert "database.directUrl goes with database.url" in err and "database.directSecretKey" in err, err
 
     def test_lease_ttl_must_exceed_heartbeats(self) -> None:
         """leaseTTL <= 1.5 x heartbeatInterval is refused, as the process itself would."""
@@ -325,6 +343,33 @@ class TestDeployment:
             "app.kubernetes.io/component=worker,app.kubernetes.io/instance=kt,app.kubernetes.io/name=kubetasks"
         )
         assert "KUBETASKS_REDIS_URL" not in env
+        # Session pooling (the default) needs no direct URL; no standby unless one is named.
+        assert not {"KUBETASKS_DATABASE_POOLING", "KUBETASKS_DATABASE_DIRECT_URL"} & set(env)
+        assert "KUBETASKS_DATABASE_REPLICA_URL" not in env
+
+    def test_pooling_direct_and_replica_urls_from_the_secret(self) -> None:
+        """PgBouncer in transaction mode plus a direct URL and a standby, every URL a key of the
+        database Secret; the dashboard gets them too (it reads from the standby)."""
+        docs = render_variation("pgbouncer-and-standby")
+        env = env_of(docs)
+        assert env["KUBETASKS_DATABASE_POOLING"]["value"] == "transaction"
+        assert env["KUBETASKS_DATABASE_DIRECT_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": "kt-db",
+            "key": "direct",
+        }
+        assert env["KUBETASKS_DATABASE_REPLICA_URL"]["valueFrom"]["secretKeyRef"] == {
+            "name": "kt-db",
+            "key": "replica",
+        }
+        dash = render(
+            **{k.replace(".", "__"): v for k, v in VARIATIONS["pgbouncer-and-standby"].items()},
+            dashboard__enabled="true",
+            dashboard__tokenSecret__name="kt-dash",
+        )
+        pod = one(dash, "Deployment", "kt-kubetasks-dashboard")["spec"]["template"]["spec"]
+        dash_env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        for var in ("POOLING", "DIRECT_URL", "REPLICA_URL"):
+            assert dash_env[f"KUBETASKS_DATABASE_{var}"] == env[f"KUBETASKS_DATABASE_{var}"], var
 
     def test_probes_lifecycle_and_grace(self) -> None:
         """Probes /healthz and /readyz on port 9090; preStop sleeps 5 s; grace = shutdownGrace + 10."""
@@ -434,6 +479,20 @@ class TestDeployment:
         assert env["KUBETASKS_REDIS_URL"]["valueFrom"]["secretKeyRef"]["key"] == "redis-url"
         assert "postgresql://" not in json.dumps(one(docs, "Deployment"))
         assert "checksum/urls" in one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+        assert "KUBETASKS_DATABASE_DIRECT_URL" not in env and "database-direct-url" not in secret["data"]
+        docs = render(
+            **{k.replace(".", "__"): v for k, v in VARIATIONS["plain-urls"].items()},
+            database__directUrl="postgresql://u:p@db-direct:5432/x",
+            database__replicaUrl="postgresql://u:p@db-standby:5432/x",
+        )
+        data = one(docs, "Secret")["data"]
+        assert base64.b64decode(data["database-direct-url"]).decode() == "postgresql://u:p@db-direct:5432/x"
+        assert base64.b64decode(data["database-replica-url"]).decode() == "postgresql://u:p@db-standby:5432/x"
+        env = env_of(docs)
+        for var, key in (("DIRECT", "database-direct-url"), ("REPLICA", "database-replica-url")):
+            ref = env[f"KUBETASKS_DATABASE_{var}_URL"]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "kt-kubetasks-urls", "key": key}
+        assert "postgresql://" not in json.dumps(one(docs, "Deployment"))
 
     def test_redis_from_existing_secret(self) -> None:
         """redis.existingSecret feeds KUBETASKS_REDIS_URL from that Secret."""

@@ -100,6 +100,16 @@ app.kubernetes.io/component: worker
 {{- if and .Values.redis.existingSecret .Values.redis.url }}
 {{- fail "set only one of redis.existingSecret and redis.url" }}
 {{- end }}
+{{- range $what := list "direct" "replica" }}
+{{- $key := get $.Values.database (printf "%sSecretKey" $what) }}
+{{- $url := get $.Values.database (printf "%sUrl" $what) }}
+{{- if and $key (not $.Values.database.existingSecret) }}
+{{- fail (printf "database.%sSecretKey names a key in database.existingSecret, which is not set (with database.url, set database.%sUrl instead)" $what $what) }}
+{{- end }}
+{{- if and $url (not $.Values.database.url) }}
+{{- fail (printf "database.%sUrl goes with database.url (with database.existingSecret, put the URL in that Secret and set database.%sSecretKey)" $what $what) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.keda.enabled (gt (int .Values.keda.minReplicaCount) (int .Values.keda.maxReplicaCount)) }}
 {{- fail (printf "keda.minReplicaCount (%v) exceeds keda.maxReplicaCount (%v)" .Values.keda.minReplicaCount .Values.keda.maxReplicaCount) }}
 {{- end }}
@@ -108,7 +118,7 @@ app.kubernetes.io/component: worker
 {{- end }}
 {{- end }}
 
-{{/* The database URL as a container env var, from a Secret. */}}
+{{/* The database URLs as container env vars, from Secrets, and the pooling mode. */}}
 {{- define "kubetasks.databaseEnv" -}}
 - name: KUBETASKS_DATABASE_URL
   valueFrom:
@@ -120,6 +130,26 @@ app.kubernetes.io/component: worker
       name: {{ include "kubetasks.urlSecretName" . }}
       key: database-url
       {{- end }}
+{{- if ne .Values.database.pooling "session" }}
+- name: KUBETASKS_DATABASE_POOLING
+  value: {{ .Values.database.pooling | quote }}
+{{- end }}
+{{- range $what := list "direct" "replica" }}
+{{- $key := get $.Values.database (printf "%sSecretKey" $what) }}
+{{- $url := get $.Values.database (printf "%sUrl" $what) }}
+{{- if or $key $url }}
+- name: KUBETASKS_DATABASE_{{ upper $what }}_URL
+  valueFrom:
+    secretKeyRef:
+      {{- if $key }}
+      name: {{ $.Values.database.existingSecret }}
+      key: {{ $key }}
+      {{- else }}
+      name: {{ include "kubetasks.urlSecretName" $ }}
+      key: database-{{ $what }}-url
+      {{- end }}
+{{- end }}
+{{- end }}
 {{- if or .Values.redis.existingSecret .Values.redis.url }}
 - name: KUBETASKS_REDIS_URL
   valueFrom:
