@@ -63,6 +63,13 @@ class Blueprint:
         self.handlers: dict[str, TaskDef] = {}
         self.periodics: dict[str, PeriodicDef] = {}
         self.hooks = hooks.Hooks()
+        self._handlers_version = 0
+
+    @property
+    def handlers_version(self) -> int:
+        """Moves on with every change of ``handlers`` made here (register, unregister,
+        add_tasks_from): a worker compares it, not its thousands of names, before each claim."""
+        return self._handlers_version
 
     def before_task(self, func: G | None = None, *, timeout: float = hooks.DEFAULT_TIMEOUT_S) -> Any:
         """Call ``func(task)`` before every handler this app's workers run (see ``kubetasks.hooks``):
@@ -166,14 +173,17 @@ class Blueprint:
         if not is_async:
             subprocs.check_runnable(name, func)
         self.handlers[name] = td
+        self._handlers_version += 1
         return td
 
     def unregister(self, name: str) -> None:
         if self.handlers.pop(name, None) is None:
             raise UnknownHandler(name, list(self.handlers))
+        self._handlers_version += 1
 
     def add_tasks_from(self, other: Blueprint) -> None:
         self.hooks.extend(other.hooks)
+        self._handlers_version += 1
         for td in other.handlers.values():
             if td.name in self.handlers:
                 raise ValidationError("handler", f"{td.name!r} is already registered")

@@ -29,6 +29,7 @@ from kubetasks.worker import (
     claim_filters,
     classify_failure,
     cluster_limits,
+    declared_limits,
     group_outcomes,
     set_failure,
     wanted_queues,
@@ -79,49 +80,85 @@ class TestWantedQueues:
 
 
 class TestClaimFilters:
-    def test_plain_handlers_go_to_the_plain_claim_in_served_order(self) -> None:
+    """The plain claim takes the handlers the worker recorded as served, which it reads from the
+    database (worker_handlers); these say which of them it must not take now."""
+
+    def test_plain_handlers_are_left_to_the_plain_claim(self) -> None:
         handlers = defs(td("a"), td("b"), td("c"))
-        assert claim_filters(["c", "a", "b"], handlers, {}, {}) == ([], ["c", "a", "b"])
+        limits = cluster_limits(declared_limits(handlers.values()), {})
+        assert claim_filters((), handlers, limits, {}) == ([], [])
 
     def test_a_cluster_limited_handler_is_claimed_on_its_own(self) -> None:
         handlers = defs(td("a"), td("lim", cluster_concurrency=2))
-        limits = cluster_limits(["a", "lim"], handlers, {})
+        limits = cluster_limits(declared_limits(handlers.values()), {})
         assert limits == {"lim": 2}
-        assert claim_filters(["a", "lim"], handlers, limits, {}) == (["lim"], ["a"])
+        assert claim_filters((), handlers, limits, {}) == (["lim"], ["lim"])
 
     def test_a_limit_only_the_database_holds_counts_too(self) -> None:
         """Another live worker declared it: this pod's code does not, the plain claim skips it anyway."""
         handlers = defs(td("a"), td("b"))
-        limits = cluster_limits(["a", "b"], handlers, {"b": 4})
+        limits = cluster_limits(declared_limits(handlers.values()), {"b": 4})
         assert limits == {"b": 4}
-        assert claim_filters(["a", "b"], handlers, limits, {}) == (["b"], ["a"])
+        assert claim_filters((), handlers, limits, {}) == (["b"], ["b"])
 
     def test_the_smaller_of_the_declared_and_the_held_limit_wins(self) -> None:
         handlers = defs(td("a", cluster_concurrency=5), td("b", cluster_concurrency=2))
-        assert cluster_limits(["a", "b"], handlers, {"a": 3, "b": 9}) == {"a": 3, "b": 2}
+        assert cluster_limits(declared_limits(handlers.values()), {"a": 3, "b": 9}) == {"a": 3, "b": 2}
 
     def test_a_declared_limit_of_a_handler_not_served_is_not_applied(self) -> None:
+        """Limits are noted of the handlers served: one registered since is not among them."""
         handlers = defs(td("a"), td("later", cluster_concurrency=1))
-        assert cluster_limits(["a"], handlers, {}) == {}
+        assert cluster_limits(declared_limits([handlers["a"]]), {}) == {}
 
     @pytest.mark.parametrize("limited", [False, True])
     def test_a_handler_whose_local_slots_are_full_is_not_asked_for(self, limited: bool) -> None:
         kw = {"cluster_concurrency": 10} if limited else {}
         handlers = defs(td("a"), td("busy", concurrency=2, **kw))
-        limits = cluster_limits(["a", "busy"], handlers, {})
-        running = {"busy": 1}
-        assert "busy" in [*claim_filters(["a", "busy"], handlers, limits, running)[int(not limited)]]
-        running = {"busy": 2}
-        assert claim_filters(["a", "busy"], handlers, limits, running) == ([], ["a"])
-        running = {"busy": 3}  # over its limit (a claim raced it): still nothing more
-        assert claim_filters(["a", "busy"], handlers, limits, running) == ([], ["a"])
+        capped = [n for n, t in handlers.items() if t.concurrency]
+        limits = cluster_limits(declared_limits(handlers.values()), {})
+        not_full = (["busy"], ["busy"]) if limited else ([], [])
+        assert claim_filters(capped, handlers, limits, {"busy": 1}) == not_full
+        for running in ({"busy": 2}, {"busy": 3}):  # full, or over its limit (a claim raced it)
+            assert claim_filters(capped, handlers, limits, running) == ([], ["busy"])
 
-    def test_only_handlers_both_served_and_still_registered(self) -> None:
-        """Served but removed from the app since: not claimed (a worker that has it runs it).
-        Registered but not yet recorded as served: not claimed until the worker says so."""
+    def test_served_handlers_the_app_no_longer_has_are_not_taken(self) -> None:
+        """Served but removed from the app since (a worker that has it runs it): left out until the
+        worker records what it serves now, limited or not."""
         handlers = defs(td("kept"), td("new"))
-        served = ["gone", "kept", "gone.limited"]
-        assert claim_filters(served, handlers, {"gone.limited": 1}, {}) == ([], ["kept"])
+        limits = {"gone.limited": 1}
+        assert claim_filters((), handlers, limits, {}, gone=["gone", "gone.limited"]) == (
+            [],
+            ["gone", "gone.limited"],
+        )
+
+    def test_they_read_the_limited_and_capped_handlers_only(self) -> None:
+        """With 10,000 served handlers, none limited or capped, nothing is looked up: a claim costs
+        the same however many handlers the worker serves."""
+
+        class Untouchable(dict[str, TaskDef]):
+            def get(self, *a: Any) -> Any:
+                raise AssertionError("a served handler was looked up")
+
+            def __getitem__(self, k: str) -> TaskDef:
+                raise AssertionError("a served handler was looked up")
+
+            def __iter__(self) -> Any:
+                raise AssertionError("the served handlers were walked")
+
+        handlers = Untouchable({f"h{i}": td(f"h{i}") for i in range(10_000)})
+        assert claim_filters((), handlers, cluster_limits({}, {}), {}) == ([], [])
+
+    def test_a_worker_notes_its_capped_and_limited_handlers_when_it_serves(self) -> None:
+        """The counter a worker compares before each claim moves on with every change of the app's
+        handlers, so it records them again then, and only then."""
+        app = App(database_url="postgresql://nobody@127.0.0.1:1/none", pod_id="unit")
+        v0 = app.handlers_version
+        app.register("a", noop)
+        v1 = app.handlers_version
+        app.register("a", noop, concurrency=2, replace=True)
+        v2 = app.handlers_version
+        app.unregister("a")
+        assert v0 < v1 < v2 < app.handlers_version
 
 
 # -- how a handler's exception ends its attempt -----------------------------------------
