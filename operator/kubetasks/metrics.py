@@ -3,8 +3,9 @@
 Two kinds of metric live here:
 
 * **instrumented** ones, which code increments where the event happens
-  (``TASKS_CLAIMED.labels(handler, queue).inc()`` in the worker,
-  ``LOCK_ACQUISITIONS`` in the lock backends, ``CRON_TICKS`` in the scheduler).
+  (``task_counters(handler, queue).claimed += 1`` in the worker, plain
+  numbers turned into series at scrape time, ``LOCK_ACQUISITIONS`` in the
+  lock backends, ``CRON_TICKS`` in the scheduler).
   They belong to ``REGISTRY``, a registry of our own -- never the client's
   global default -- so importing kubetasks next to another library that uses
   prometheus-client cannot clash, and a test can read the values it caused;
@@ -22,14 +23,16 @@ aggregate them with ``max by (queue)``, not ``sum``.
 from __future__ import annotations
 
 import asyncio
-import functools
+import bisect
+import itertools
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from kubetasks import serving
@@ -44,34 +47,6 @@ REGISTRY = CollectorRegistry()
 
 _TASK_LABELS = ("handler", "queue")
 
-TASKS_CLAIMED = Counter(
-    "kubetasks_tasks_claimed", "Task attempts claimed by this process.", _TASK_LABELS, registry=REGISTRY
-)
-TASKS_SUCCEEDED = Counter(
-    "kubetasks_tasks_succeeded",
-    "Attempts whose success was written (fenced writes that were refused are not counted).",
-    _TASK_LABELS,
-    registry=REGISTRY,
-)
-TASKS_FAILED = Counter(
-    "kubetasks_tasks_failed",
-    "Attempts that failed the task for good (no attempts left, Fail, or a final timeout).",
-    _TASK_LABELS,
-    registry=REGISTRY,
-)
-TASKS_RETRIED = Counter(
-    "kubetasks_tasks_retried",
-    "Attempts that failed and put the task back to pending for another attempt.",
-    _TASK_LABELS,
-    registry=REGISTRY,
-)
-TASKS_TIMED_OUT = Counter(
-    "kubetasks_tasks_timed_out",
-    "Attempts that ran out of time (also counted as retried or failed).",
-    _TASK_LABELS,
-    registry=REGISTRY,
-)
-
 #: Buckets from 1 ms (a claim, a no-op task) to 10 minutes (a long task).
 _DURATION_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
@@ -82,13 +57,6 @@ CLAIM_DURATION = Histogram(
     'Time of one claim statement (up to the free slots), by queue; queue="*": one statement across '
     "all of the worker's queues.",
     ("queue",),
-    buckets=_DURATION_BUCKETS,
-    registry=REGISTRY,
-)
-RUN_DURATION = Histogram(
-    "kubetasks_task_run_duration_seconds",
-    "Time from an attempt's start to its outcome, whatever the outcome (dropped attempts excluded).",
-    ("handler",),
     buckets=_DURATION_BUCKETS,
     registry=REGISTRY,
 )
@@ -120,41 +88,115 @@ CRON_TICKS = Counter(
 )
 
 
-@dataclass(frozen=True)
+# -- per (handler, queue): plain counts, turned into series when scraped ----------
+#
+# A prometheus_client child per (handler, queue) costs ~70 us to create (the run
+# histogram alone is 19 locked values), and a worker creates one the first time it
+# meets a pair: with 10,000 handlers that was most of its time per task. These are
+# plain numbers, counted on the worker's event loop and read by TaskCollector at
+# scrape time; their series are those the Counter and Histogram gave, but for the
+# _created ones (a wall-clock reading of when this process first met the pair).
+
+_TASK_COUNTS = (
+    ("claimed", "Task attempts claimed by this process."),
+    ("succeeded", "Attempts whose success was written (fenced writes that were refused are not counted)."),
+    ("failed", "Attempts that failed the task for good (no attempts left, Fail, or a final timeout)."),
+    ("retried", "Attempts that failed and put the task back to pending for another attempt."),
+    ("timed_out", "Attempts that ran out of time (also counted as retried or failed)."),
+)
+_RUN_DURATION_HELP = (
+    "Time from an attempt's start to its outcome, whatever the outcome (dropped attempts excluded)."
+)
+
+
 class TaskCounters:
-    """The per-task series of one (handler, queue): looked up once, not per task."""
+    """The counts of one (handler, queue) in this process (see ``task_counters``)."""
 
-    claimed: Counter
-    succeeded: Counter
-    retried: Counter
-    failed: Counter
-    timed_out: Counter
-    run_duration: Histogram
+    __slots__ = ("claimed", "failed", "retried", "run", "succeeded", "timed_out")
+
+    def __init__(self, run: RunDurations) -> None:
+        self.claimed = self.succeeded = self.failed = self.retried = self.timed_out = 0
+        self.run = run  # its handler's, shared by the handler's queues
 
 
-@functools.cache
+class RunDurations:
+    """One handler's run durations: counts per bucket of ``_DURATION_BUCKETS`` (the last
+    one: above them all) and their sum."""
+
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(_DURATION_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(_DURATION_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+
+# The "le" labels, as prometheus_client's Histogram writes them (0.001, ..., 600.0, +Inf).
+_BUCKET_NAMES = [*(repr(float(b)) for b in _DURATION_BUCKETS), "+Inf"]
+_COUNTERS: dict[tuple[str, str], TaskCounters] = {}
+_DURATIONS: dict[str, RunDurations] = {}
+# Held while a pair is added and while a scrape copies the pairs (a scrape may come
+# from another thread in a program that embeds a worker); counting takes no lock.
+_COUNTERS_LOCK = threading.Lock()
+
+
 def task_counters(handler: str, queue: str) -> TaskCounters:
-    """``labels()`` hashes and locks on every call; a worker counts several series per
-    task, so at thousands of tasks a second the children are kept (handlers x queues)."""
-    return TaskCounters(
-        claimed=TASKS_CLAIMED.labels(handler, queue),
-        succeeded=TASKS_SUCCEEDED.labels(handler, queue),
-        retried=TASKS_RETRIED.labels(handler, queue),
-        failed=TASKS_FAILED.labels(handler, queue),
-        timed_out=TASKS_TIMED_OUT.labels(handler, queue),
-        run_duration=RUN_DURATION.labels(handler),
-    )
+    """The counts of (handler, queue): found in a dict, made the first time."""
+    c = _COUNTERS.get((handler, queue))
+    if c is None:
+        with _COUNTERS_LOCK:
+            run = _DURATIONS.get(handler) or _DURATIONS.setdefault(handler, RunDurations())
+            c = _COUNTERS.setdefault((handler, queue), TaskCounters(run))
+    return c
 
 
 def record_outcome(handler: str, queue: str, kind: str, will_retry: bool) -> None:
     """Count a written outcome; ``kind`` is succeeded | retried | failed | timeout."""
     c = task_counters(handler, queue)
     if kind == "succeeded":
-        c.succeeded.inc()
+        c.succeeded += 1
         return
-    (c.retried if will_retry else c.failed).inc()
+    if will_retry:
+        c.retried += 1
+    else:
+        c.failed += 1
     if kind == "timeout":
-        c.timed_out.inc()
+        c.timed_out += 1
+
+
+class TaskCollector:
+    """The per-task series, from the counts above: kubetasks_tasks_<count>_total{handler,queue}
+    and kubetasks_task_run_duration_seconds{handler}, as a Counter and a Histogram name them."""
+
+    def describe(self) -> Iterator[Metric]:
+        for name, doc in _TASK_COUNTS:
+            yield CounterMetricFamily(f"kubetasks_tasks_{name}", doc, labels=_TASK_LABELS)
+        yield HistogramMetricFamily(
+            "kubetasks_task_run_duration_seconds", _RUN_DURATION_HELP, labels=["handler"]
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        with _COUNTERS_LOCK:
+            pairs = list(_COUNTERS.items())
+            runs = list(_DURATIONS.items())
+        for name, doc in _TASK_COUNTS:
+            fam = CounterMetricFamily(f"kubetasks_tasks_{name}", doc, labels=_TASK_LABELS)
+            for (handler, queue), c in pairs:
+                fam.add_metric([handler, queue], getattr(c, name))
+            yield fam
+        hist = HistogramMetricFamily(
+            "kubetasks_task_run_duration_seconds", _RUN_DURATION_HELP, labels=["handler"]
+        )
+        for handler, r in runs:
+            counts = list(itertools.accumulate(r.buckets))
+            hist.add_metric([handler], list(zip(_BUCKET_NAMES, counts, strict=True)), r.sum)
+        yield hist
+
+
+REGISTRY.register(TaskCollector())
 
 
 # -- values read at scrape time ------------------------------------------

@@ -932,7 +932,7 @@ class Worker:
 
     def _start(self, r: Mapping[str, Any], wid: uuid.UUID) -> None:
         self.stats.claimed += 1
-        metrics.task_counters(r["handler"], r["queue"]).claimed.inc()
+        metrics.task_counters(r["handler"], r["queue"]).claimed += 1
         ctx = TaskContext(
             id=r["id"], handler=r["handler"], queue=r["queue"], payload=r["payload"],
             attempt=r["attempt"], max_attempts=r["max_attempts"], priority=r["priority"],
@@ -1054,7 +1054,7 @@ class Worker:
                 queue=ctx.queue, parent_id=ctx.parent_id, uncharged=ctx.uncharged, kind="failed",
                 error=_clean(f"could not record the handler's outcome: {type(exc).__name__}: {exc}"),
             )  # fmt: skip
-        metrics.task_counters(ctx.handler, ctx.queue).run_duration.observe(time.monotonic() - started)
+        metrics.task_counters(ctx.handler, ctx.queue).run.observe(time.monotonic() - started)
         if hooks_on and run.dropped is None:
             # After the outcome is decided, before it is queued: a hook changes nothing about it.
             if out.kind == "succeeded":

@@ -42,6 +42,44 @@ def test_record_outcome_counts_by_kind() -> None:
     assert get("kubetasks_tasks_timed_out_total") - before["timed_out"] == 2
 
 
+def test_task_series_are_what_a_counter_and_a_histogram_would_write() -> None:
+    """The per-(handler, queue) counts, kept as plain numbers, are scraped as the series a
+    prometheus_client Counter and Histogram fed the same events write (their _created aside)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    ref = CollectorRegistry()
+    claimed = Counter("kubetasks_tasks_claimed", "x", ("handler", "queue"), registry=ref)
+    run = Histogram(
+        "kubetasks_task_run_duration_seconds",
+        "x",
+        ("handler",),
+        buckets=metrics._DURATION_BUCKETS,
+        registry=ref,
+    )
+    durations = [0.0, 0.001, 0.0011, 0.003, 0.25, 0.2500001, 7.0, 600.0, 601.0, 1e6]
+    for queue in ("qa", "qb"):
+        for d in durations:
+            c = metrics.task_counters("eq.h", queue)
+            c.claimed += 1
+            c.run.observe(d)
+            claimed.labels("eq.h", queue).inc()
+            run.labels("eq.h").observe(d)
+
+    def samples(reg: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(generate_latest(reg).decode())
+            for s in fam.samples
+            if s.labels.get("handler") == "eq.h"
+            and not s.name.endswith("_created")
+            and fam.name in ("kubetasks_tasks_claimed", "kubetasks_task_run_duration_seconds")
+        }
+
+    want = samples(ref)
+    assert len(want) == 2 + len(metrics._DURATION_BUCKETS) + 3
+    assert samples(metrics.REGISTRY) == want
+
+
 def test_metric_names_are_prefixed_and_registry_is_our_own() -> None:
     from prometheus_client import REGISTRY as DEFAULT
 
