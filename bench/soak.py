@@ -26,6 +26,7 @@ logged the warning that names it (horizon.py).
 
     python bench/soak.py --minutes 10                 # the issue's run
     python bench/soak.py --minutes 2 --long-tx-seconds 30    # a smoke run
+    python bench/soak.py --minutes 3 --rate 4000             # a fixed load, to compare two runs
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ async def measure(
     *,
     minutes: float = 10.0,
     fraction: float = 0.5,
+    rate: float | None = None,
     workers: int = 2,
     concurrency: int = 50,
     calibrate: int = 20_000,
@@ -158,9 +160,10 @@ async def measure(
     long_tx_seconds: float = 120.0,
 ) -> dict[str, Any]:
     seconds = minutes * 60
+    fixed = rate
     long_tx_at = seconds / 3 if long_tx_at is None else long_tx_at
     out: dict[str, Any] = {
-        "minutes": minutes, "fraction_of_drain_rate": fraction, "workers": workers,
+        "minutes": minutes, "fraction_of_drain_rate": None if rate else fraction, "workers": workers,
         "concurrency": concurrency, "bucket_s": bucket, "retention_every_s": retention_every,
         "retention_keep_s": keep, "long_tx_at_s": long_tx_at, "long_tx_seconds": long_tx_seconds,
     }  # fmt: skip
@@ -178,7 +181,7 @@ async def measure(
             ws.go()
             rate = await _drain_rate(url, system, calibrate, 60 + calibrate / 50)
             out["drain_rate_per_s"] = round(rate, 1)
-            out["enqueue_rate_per_s"] = target = round(rate * fraction, 1)
+            out["enqueue_rate_per_s"] = target = fixed or round(rate * fraction, 1)
             log(f"soak: drain rate {rate:,.0f}/s; enqueuing {target:,.0f}/s for {minutes:g} min")
             t0 = time.monotonic()
             until = t0 + seconds
@@ -297,6 +300,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--fraction", type=float, default=0.5, help="of the measured drain rate")
+    p.add_argument(
+        "--rate", type=float, help="tasks/s to enqueue instead (runs to compare then offer the same load)"
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=50)
     p.add_argument("--calibrate", type=int, default=20_000, help="tasks drained to measure the drain rate")
@@ -316,7 +322,7 @@ def main() -> int:
     async def go() -> dict[str, Any]:
         res = await measure(
             Databases(admin), lambda m: print(m, flush=True), minutes=a.minutes, fraction=a.fraction,
-            workers=a.workers, concurrency=a.concurrency, calibrate=a.calibrate, bucket=a.bucket,
+            rate=a.rate, workers=a.workers, concurrency=a.concurrency, calibrate=a.calibrate, bucket=a.bucket,
             keep=a.keep, long_tx_at=a.long_tx_at, long_tx_seconds=a.long_tx_seconds,
         )  # fmt: skip
         res["machine"] = await harness.machine_info(admin)
