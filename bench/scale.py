@@ -185,11 +185,14 @@ def plan_facts(plan: dict[str, Any]) -> dict[str, Any]:
         None,
     )
     seq_on_tasks = any(n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks" for n in nodes)
-    # What the worker serves (worker_handlers, 0020) is probed by primary key for each task
-    # read: as many probes as rows read, never a read of all of its handlers.
+    # What the worker serves (worker_handlers, 0020) is probed through an index (its primary
+    # key, or the handler's workers) for each task read: as many probes as rows read, never a
+    # read of all of its handlers.
     served = [n for n in nodes if n.get("Relation Name") == "worker_handlers"]
     served_by_probe = bool(served) and all(
-        n["Node Type"] in ("Index Scan", "Index Only Scan") and n.get("Index Name") == "worker_handlers_pkey"
+        n["Node Type"] in ("Index Scan", "Index Only Scan")
+        and n.get("Index Name") in ("worker_handlers_pkey", "worker_handlers_by_handler")
+        and "Index Cond" in n
         for n in served
     )
     limit = next((n for n in nodes if n["Node Type"] == "Limit"), None)

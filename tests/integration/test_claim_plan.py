@@ -98,9 +98,11 @@ async def test_claim_plan_at_scale_with_one_and_with_ten_thousand_handlers(db_ur
                 )
                 assert facts["plan_ok"], (size, what, facts["scans"], facts.get("plan_text"))
                 assert facts["limit_rows"] == 50, (size, what, facts)
-                assert facts["served_by_probe"], (size, what, facts.get("plan_text"))
-                # One probe per task read (all 50 are served: nothing filtered out), not per handler.
+                # One probe per task read (all 50 are served: nothing filtered out), not per handler;
+                # through an index once the worker's rows are many (one row may be read whole).
                 assert facts["served_probes"] == 50, (size, what, facts.get("plan_text"))
+                if sp != (1, 1):
+                    assert facts["served_by_probe"], (size, what, facts.get("plan_text"))
     finally:
         await conn.close()
     print("\n[plan] " + "\n[plan] ".join(seen))
