@@ -1,8 +1,12 @@
 """What the active workers serve, and the one report of what none of them serves.
 
 Every worker records the handlers it has (``worker_serves``, right after it
-registers) and claims only those. The ``served_pairs`` view is what the
-active workers serve, per queue. A pending task whose (handler, queue) is not
+registers) and claims only those: they become rows of ``worker_handlers``
+(migration 0020), which its claim probes for each task it reads and the
+parking pass for each pending (queue, handler), so neither costs more with
+10,000 handlers than with ten. The ``served_pairs`` view is what the active
+workers serve, per queue (the wording of a report reads it; it grows with
+workers x queues x handlers). A pending task whose (handler, queue) is not
 among them is *parked*: its status stays pending, it leaves the claim's index
 (so no claim ever walks over it), and nothing fails it for want of a handler;
 the moment a worker that serves it registers, it is unparked and its queue
