@@ -321,7 +321,7 @@ class TestCancel:
             await until(leaves_running, 20, "six leaves running")
             assert await flow.cancel(root, "changed my mind")
             await until(lambda: tree_ended(flow, root), 10, "the whole tree to end")
-            await until(lambda: _true(w.stats.cancelled == 6), 10, "the six handlers to be cancelled")
+            await until(lambda: _true(w.stats.cancelled == 6), 30, "the six handlers to be cancelled")
         rows = await flow.store.run("workflow_tasks", root)
         assert [r["status"] for r in rows] == ["cancelled"] * 9
         assert rows[0]["error"] == "changed my mind"
