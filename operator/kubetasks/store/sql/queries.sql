@@ -80,7 +80,8 @@ SELECT id FROM tasks WHERE cr_uid = $1;
 -- the plan; a probe per picked row, not a read of every handler the cluster
 -- ever registered). One statement, so a busy worker pays one round trip and one
 -- commit per batch; the two sets cannot meet (running vs pending). Rows: the
--- written ids with `claimed` false, then the claimed tasks with `claimed` true.
+-- written ids with `claimed` false, then the claimed tasks with `claimed` true
+-- (with run_at: with priority and id, the claim-order key claim_from starts after).
 -- The commit is synchronous, like every write: a claim lost in a crash or a
 -- failover would let the same attempt number start twice.
 WITH me AS MATERIALIZED (
@@ -122,13 +123,111 @@ WITH me AS MATERIALIZED (
                       WHERE h.name = picked.handler AND h.cluster_concurrency IS NOT NULL OFFSET 0)
     RETURNING t.id, t.handler, t.queue, t.priority, t.payload, t.attempt, t.max_attempts,
               t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags, t.parent_id,
-              t.uncharged
+              t.uncharged, t.run_at
 )
 SELECT false AS claimed, id, NULL::text AS handler, NULL::text AS queue, NULL::integer AS priority,
        NULL::jsonb AS payload, NULL::integer AS attempt, NULL::integer AS max_attempts,
        NULL::float8 AS timeout_s, NULL::float8 AS retry_delay_s, NULL::float8 AS retry_backoff,
        NULL::float8 AS max_retry_delay_s, NULL::text[] AS tags, NULL::bigint AS parent_id,
-       NULL::integer AS uncharged
+       NULL::integer AS uncharged, NULL::timestamptz AS run_at
+FROM done
+UNION ALL
+SELECT true, * FROM claimed;
+
+-- name: claim_from :many
+-- $1 worker_id, $2 pod_id, $3 the worker's queues in the order it serves them,
+-- $4 how many, $5 handlers it must not take now (those it leaves to
+-- claim_limited, and those at their limit in this process; usually empty),
+-- $6 task ids, $7 attempts, $8 results (json text): successes of this worker to
+-- write first, in the same statement (empty arrays: none), $9 priorities,
+-- $10 run_ats, $11 ids: per queue of $3 (same position), the claim-order key of
+-- the last task this worker claimed there, its cursor (NULL or missing: none).
+-- The claim (above), every guarantee the same, reading each queue from its
+-- cursor.
+-- A queue with a cursor is read from after it: its priority with (run_at, id)
+-- beyond the cursor's, then the lower priorities, each an index range that
+-- starts at that boundary (an Index Cond). Why: while a long transaction
+-- holds the xmin horizon, every task claimed since it began leaves an index
+-- entry whose row is recently dead and cannot be marked dead in the index, so
+-- a read from the start of the queue visits the heap for each of them and
+-- cost grows with the tasks claimed since; from the cursor it reads only
+-- what was claimed after it (by any worker). A queue without a cursor is
+-- read from the start (the first branch, gated off when there is one). Tasks
+-- can land behind a cursor (a higher priority enqueued later, a task put back
+-- pending with its old run_at: recovery, hand-back, retry, unparking, a
+-- rolled-back claim): the worker runs this claim without cursors when it has
+-- none, after it waited for work, and at least every max(0.25 s, 20 x the
+-- duration of its last claim without cursors) while busy, so such a task
+-- waits at most that long plus one such claim (worker.py, FULL_CLAIM_*).
+-- The commit is synchronous, like every write: a claim lost in a crash or a
+-- failover would let the same attempt number start twice.
+WITH me AS MATERIALIZED (
+    SELECT w.status = 'active' AND w.lease_expires_at > now() AS may_claim
+    FROM workers w
+    WHERE w.worker_id = $1 AND w.status IN ('active', 'stopping')
+    FOR KEY SHARE
+), done AS (
+    UPDATE tasks t
+    SET status = 'succeeded', result = c.result::jsonb, finished_at = now(), updated_at = now(),
+        error = NULL, traceback = NULL
+    FROM unnest($6::bigint[], $7::int[], $8::text[]) AS c(id, attempt, result)
+    WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
+      AND EXISTS (SELECT 1 FROM me)
+    RETURNING t.id
+), picked AS (
+    SELECT p.id, p.handler
+    FROM unnest($3::text[], $9::int[], $10::timestamptz[], $11::bigint[]) AS q (name, cp, crun, cid)
+    CROSS JOIN LATERAL (
+        SELECT * FROM (SELECT t.id, t.handler FROM tasks t
+         WHERE q.cid IS NULL
+           AND t.status = 'pending' AND NOT t.parked AND t.queue = q.name AND t.run_at <= now()
+           AND EXISTS (SELECT 1 FROM worker_handlers s WHERE s.worker_id = $1 AND s.handler = t.handler OFFSET 0)
+           AND t.handler <> ALL ($5::text[])
+         ORDER BY t.priority DESC, t.run_at, t.id
+         LIMIT $4
+         FOR UPDATE OF t SKIP LOCKED) AS a
+        UNION ALL
+        SELECT * FROM (SELECT t.id, t.handler FROM tasks t
+         WHERE q.cid IS NOT NULL
+           AND t.status = 'pending' AND NOT t.parked AND t.queue = q.name AND t.run_at <= now()
+           AND t.priority = q.cp AND (t.run_at, t.id) > (q.crun, q.cid)
+           AND EXISTS (SELECT 1 FROM worker_handlers s WHERE s.worker_id = $1 AND s.handler = t.handler OFFSET 0)
+           AND t.handler <> ALL ($5::text[])
+         ORDER BY t.priority DESC, t.run_at, t.id
+         LIMIT $4
+         FOR UPDATE OF t SKIP LOCKED) AS b
+        UNION ALL
+        SELECT * FROM (SELECT t.id, t.handler FROM tasks t
+         WHERE q.cid IS NOT NULL
+           AND t.status = 'pending' AND NOT t.parked AND t.queue = q.name AND t.run_at <= now()
+           AND t.priority < q.cp
+           AND EXISTS (SELECT 1 FROM worker_handlers s WHERE s.worker_id = $1 AND s.handler = t.handler OFFSET 0)
+           AND t.handler <> ALL ($5::text[])
+         ORDER BY t.priority DESC, t.run_at, t.id
+         LIMIT $4
+         FOR UPDATE OF t SKIP LOCKED) AS c
+    ) p
+    WHERE NOT EXISTS (SELECT 1 FROM queue_state qs WHERE qs.queue = q.name AND qs.paused)
+    LIMIT $4
+), claimed AS (
+    UPDATE tasks t
+    SET status = 'running', attempt = t.attempt + 1, worker_id = $1, pod_id = $2,
+        started_at = now(), updated_at = now(), progress = NULL, progress_message = NULL,
+        progress_stage = NULL, progress_metadata = NULL, pause_outcome = NULL
+    FROM picked
+    WHERE t.id = picked.id
+      AND coalesce((SELECT may_claim FROM me), false)
+      AND NOT EXISTS (SELECT 1 FROM handlers h
+                      WHERE h.name = picked.handler AND h.cluster_concurrency IS NOT NULL OFFSET 0)
+    RETURNING t.id, t.handler, t.queue, t.priority, t.payload, t.attempt, t.max_attempts,
+              t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags, t.parent_id,
+              t.uncharged, t.run_at
+)
+SELECT false AS claimed, id, NULL::text AS handler, NULL::text AS queue, NULL::integer AS priority,
+       NULL::jsonb AS payload, NULL::integer AS attempt, NULL::integer AS max_attempts,
+       NULL::float8 AS timeout_s, NULL::float8 AS retry_delay_s, NULL::float8 AS retry_backoff,
+       NULL::float8 AS max_retry_delay_s, NULL::text[] AS tags, NULL::bigint AS parent_id,
+       NULL::integer AS uncharged, NULL::timestamptz AS run_at
 FROM done
 UNION ALL
 SELECT true, * FROM claimed;
