@@ -49,6 +49,20 @@ retried with their batch; those that fail on their data are written row by
 row, and a row that still fails is written as ``failed`` ("outcome could not
 be stored: ...") with the attempt counted.
 
+Cursors: the worker remembers, per queue, the claim-order key (priority,
+run_at, id) of the last task it claimed there, and the claim reads each
+queue from after it (``claim_from``): while a long transaction elsewhere
+holds the xmin horizon, the index entries of every task claimed since cannot
+be marked dead, and a claim from the start of the queue would visit the heap
+for each. Tasks can land behind a cursor (a higher priority enqueued later, a
+task put back with its old run_at: recovery, hand-back, retry, unparking), so
+the claim from the start still runs: when the worker has no cursor, and
+whenever it is due -- ``FULL_CLAIM_FACTOR`` times the duration of the last
+one after it, at least ``FULL_CLAIM_MIN_S`` apart while busy (a slow full
+claim then costs at most ~5% of the claiming time). A task behind a cursor
+waits at most max(0.25 s, 20 x the last full claim's duration) plus one full
+claim beyond what it would wait without cursors.
+
 Orphans: a claim whose reply was lost may have committed. Tasks running under
 this worker that it does not run (found after a failed claim, and reported by
 every heartbeat) are handed back without charge -- only while this process
@@ -76,6 +90,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import asyncpg
@@ -118,6 +133,11 @@ DATA_ERRORS = (
     asyncpg.ProgramLimitExceededError,
 )
 TICK_S = leases.WATCHDOG_EVERY_S
+#: The claim from the start of each queue (``claim``) runs again once this many times its last
+#: duration has passed since it ended, but while busy not sooner than FULL_CLAIM_MIN_S after it;
+#: in between, the claim reads from the cursors (``claim_from``). See the module docstring.
+FULL_CLAIM_FACTOR = 20.0
+FULL_CLAIM_MIN_S = 0.25
 
 
 @dataclass
@@ -135,6 +155,10 @@ class WorkerStats:
     orphans_released: int = 0
     unstorable: int = 0
     claim_batches: int = 0
+    #: claims that read every queue from its start (the rest read from the cursors)
+    full_claims: int = 0
+    #: the longest of them, seconds (what bounds the wait of a task behind a cursor)
+    full_claim_max_s: float = 0.0
     claims_with_outcomes: int = 0
     flush_batches: int = 0
 
@@ -371,6 +395,13 @@ class Worker:
         self._stopping = False
         self._claiming = False
         self._timer_at: float | None = None
+        # Per queue, the claim-order key (-priority, run_at, id) of the last task claimed there.
+        self._cursors: dict[str, tuple[int, datetime, int]] = {}
+        # When the last full claim ended and how long it took (monotonic); whether the last
+        # claim came up short (the worker is idle: no busy floor between full claims).
+        self._full_end = -math.inf
+        self._full_took = 0.0
+        self._idle = True
         # Held while free slots are counted and claimed, by the claim loop or by the
         # flusher claiming with its completions: two claims must not fill one slot.
         self._claim_lock = asyncio.Lock()
@@ -806,12 +837,13 @@ class Worker:
             await self._set_queues()
             await self._serve()  # handlers or queues changed since: say so first
         limited, skip = self._claim_filters()
+        full = self._full_claim_due()
         if not limited:
-            _, n = await self._run_claim(wid, self.queues, free, skip)
+            _, n = await self._run_claim(wid, self.queues, free, skip, full=full)
             return n == free
         more = False
         for q in self.queues:
-            _, n = await self._run_claim(wid, (q,), free, skip)
+            _, n = await self._run_claim(wid, (q,), free, skip, full=full)
             if n == free:
                 more = True
             free -= n
@@ -1302,7 +1334,9 @@ class Worker:
             limited, skip = self._claim_filters()
             queues = self.queues[:1] if limited else self.queues
             try:
-                written, claimed = await self._run_claim(wid, queues, free, skip, ok)
+                written, claimed = await self._run_claim(
+                    wid, queues, free, skip, ok, full=self._full_claim_due()
+                )
             except DB_ERRORS:
                 # The statement may have committed unseen: what it claimed is handed back
                 # (we still hold the claim lock, so no other claim of ours is in flight).
@@ -1313,30 +1347,77 @@ class Worker:
         short = claimed < free and not self._db_waiting
         return written, len(queues) < len(self.queues) or bool(skip) or short
 
+    def _full_claim_due(self) -> bool:
+        """Whether the next claim reads every queue from its start (see the module docstring)."""
+        if not self._cursors:
+            return True
+        wait = FULL_CLAIM_FACTOR * self._full_took
+        if not self._idle:
+            wait = max(wait, FULL_CLAIM_MIN_S)
+        return time.monotonic() >= self._full_end + wait
+
     async def _run_claim(
-        self, wid: uuid.UUID, qs: Sequence[str], free: int, skip: list[str], ok: Sequence[Outcome] = ()
+        self,
+        wid: uuid.UUID,
+        qs: Sequence[str],
+        free: int,
+        skip: list[str],
+        ok: Sequence[Outcome] = (),
+        *,
+        full: bool = True,
     ) -> tuple[set[int], int]:
         """The claim statement: write ``ok`` (successes of worker ``wid``), then claim up to
         ``free`` tasks of its served handlers but ``skip`` from queues ``qs`` (in that order)
-        and start them; the written ids and how many were claimed."""
+        and start them; the written ids and how many were claimed. ``full``: read every queue
+        from its start, else from this worker's cursors (queues without one from the start)."""
+        claiming = bool(free and qs)
+        cursors = [self._cursors.get(q) for q in qs] if claiming and not full else []
         t0 = time.monotonic()
-        rows = await workers.claim(
-            self.store, worker_id=wid, pod_id=self.settings.pod_id, queues=qs, limit=free, skip=skip,
-            done_ids=[o.task_id for o in ok], done_attempts=[o.attempt for o in ok],
-            done_results=[o.result for o in ok],
-        )  # fmt: skip
-        if free and qs:
+        if any(c is not None for c in cursors):
+            rows = await workers.claim_from(
+                self.store, worker_id=wid, pod_id=self.settings.pod_id, queues=qs, limit=free, skip=skip,
+                done_ids=[o.task_id for o in ok], done_attempts=[o.attempt for o in ok],
+                done_results=[o.result for o in ok], cursors=cursors,
+            )  # fmt: skip
+        else:
+            full = True
+            rows = await workers.claim(
+                self.store, worker_id=wid, pod_id=self.settings.pod_id, queues=qs, limit=free, skip=skip,
+                done_ids=[o.task_id for o in ok], done_attempts=[o.attempt for o in ok],
+                done_results=[o.result for o in ok],
+            )  # fmt: skip
+        t1 = time.monotonic()
+        if claiming:
             label = qs[0] if len(qs) == 1 else ALL_QUEUES  # one statement read them all
-            metrics.CLAIM_DURATION.labels(label).observe(time.monotonic() - t0)
+            metrics.CLAIM_DURATION.labels(label).observe(t1 - t0)
             self.stats.claim_batches += 1
+            if full:
+                self.stats.full_claims += 1
+                self._full_end, self._full_took = t1, t1 - t0
+                self.stats.full_claim_max_s = max(self.stats.full_claim_max_s, t1 - t0)
         written: set[int] = set()
         claimed = 0
+        last: dict[str, tuple[int, datetime, int]] = {}
         for r in rows:
             if r["claimed"]:
                 claimed += 1
                 self._start(r, wid)
+                key = (-r["priority"], r["run_at"], r["id"])
+                if r["queue"] not in last or key > last[r["queue"]]:
+                    last[r["queue"]] = key
             else:
                 written.add(r["id"])
+        # The last claimed in claim order. After a full claim that is where the queue's
+        # unclaimed tasks start, even when it is behind the old cursor (a higher priority):
+        # moving the cursor there keeps the next claims in claim order.
+        self._cursors.update(last)
+        if claiming:
+            self._idle = claimed < free
+            if self._idle and not full:
+                # Short from the cursors: what is behind them is read by the next full claim,
+                # which the claim loop's timer runs when due even if no enqueue wakes it.
+                wait = self._full_end + FULL_CLAIM_FACTOR * self._full_took - time.monotonic()
+                self.wake_at(wait)
         return written, claimed
 
     def _finish(self, task_id: int) -> None:

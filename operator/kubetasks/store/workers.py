@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 
 from kubetasks.store.pg import Store
 from kubetasks.store.tasks import Conn, Row
@@ -109,6 +110,30 @@ async def claim(
     rows: list[Row] = await store.run(
         "claim", worker_id, pod_id, list(queues), limit, list(skip),
         list(done_ids), list(done_attempts), list(done_results),
+    )  # fmt: skip
+    return rows
+
+
+async def claim_from(
+    store: Store,
+    *,
+    worker_id: uuid.UUID,
+    pod_id: str,
+    queues: Sequence[str],
+    limit: int,
+    skip: Sequence[str],
+    done_ids: Sequence[int],
+    done_attempts: Sequence[int],
+    done_results: Sequence[str | None],
+    cursors: Sequence[tuple[int, datetime, int] | None],
+) -> list[Row]:
+    """``claim``, reading each queue from after its cursor: the claim-order key
+    (-priority, run_at, id) of the last task the worker claimed there (None: from the start)."""
+    rows: list[Row] = await store.run(
+        "claim_from", worker_id, pod_id, list(queues), limit, list(skip),
+        list(done_ids), list(done_attempts), list(done_results),
+        [None if c is None else -c[0] for c in cursors], [None if c is None else c[1] for c in cursors],
+        [None if c is None else c[2] for c in cursors],
     )  # fmt: skip
     return rows
 
