@@ -584,6 +584,7 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
                 minutes=a.soak_minutes,
                 long_tx_seconds=a.soak_long_tx_seconds,
                 calibrate=5000 if a.quick else 20_000,
+                calibrate_seconds=10 if a.quick else 30,
             ),
             {},
         )
@@ -787,7 +788,7 @@ def report(res: dict[str, Any]) -> Table:
     if so and "soak_last_vs_first" in so:
         t.add_section()
         t.add_row(
-            f"soak {so['minutes']:g} min at ½ drain rate ({so.get('enqueue_rate_per_s', 0):,.0f}/s): "
+            f"soak {so['minutes']:g} min at ½ sustained rate ({so.get('enqueue_rate_per_s', 0):,.0f}/s): "
             "finished/s last ÷ first minute",
             fmt(so.get("soak_last_vs_first"), 2),
             *blank,

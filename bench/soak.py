@@ -4,9 +4,15 @@ This module owns the ``soak`` measurement. One fresh database, W kubetasks
 worker processes at concurrency C (the bench app's no-op handler), autovacuum
 at the server's defaults:
 
-1. drain rate: N tasks enqueued in bulk and drained; rate = N / drain time;
+1. calibration: N tasks enqueued in bulk and drained (the bulk drain rate,
+   recorded); then, for ``calibrate_seconds``, the soak's own enqueuer offers
+   that bulk rate while the workers drain, and the rate they finish at over
+   the last two thirds of it is the sustained rate: what they keep up with
+   while an enqueuer shares the cores (the bulk drain of an empty table is
+   more than that: on 2 cores it offered a load that grew the backlog to
+   millions). The calibration's rows are then deleted and the table vacuumed;
 2. load: for ``minutes``, an enqueuer adds tasks at ``fraction`` (default ½)
-   of that rate, in batches every 50 ms (one transaction each), while a
+   of the sustained rate (or ``--rate``), in batches every 50 ms (one transaction each), while a
    retention job deletes the tasks that finished more than ``keep`` seconds
    ago every ``retention_every`` seconds (``App.delete_tasks``, as a user's
    cron would);
@@ -98,6 +104,39 @@ async def _drain_rate(url: str, system: systems.Kubetasks, n: int, timeout: floa
     return n / max(1e-3, (r["b"] - r["a"]).total_seconds())
 
 
+async def _sustained_rate(url: str, offered: float, seconds: float) -> dict[str, Any]:
+    """Offer ``offered`` tasks/s with the soak's enqueuer for ``seconds``; the finished rate over
+    the last two thirds (past the start-up), then the table emptied and vacuumed."""
+    conn = await asyncpg.connect(url)
+    try:
+        t0 = time.monotonic()
+        sent: list[int] = []
+        feed = asyncio.create_task(_enqueue_at(url, offered, t0 + seconds, sent))
+        await asyncio.sleep(seconds / 3)
+        a = await conn.fetchval("SELECT clock_timestamp()")
+        await feed
+        b = await conn.fetchval("SELECT clock_timestamp()")
+        done = await conn.fetchval(
+            "SELECT count(*) FROM kubetasks.tasks WHERE finished_at >= $1 AND finished_at < $2", a, b
+        )
+        backlog = await conn.fetchval("SELECT count(*) FROM kubetasks.tasks WHERE status = 'pending'")
+        await conn.execute("DELETE FROM kubetasks.tasks WHERE status = 'pending'")
+
+        async def settled() -> bool:
+            return not await conn.fetchval("SELECT count(*) FROM kubetasks.tasks WHERE status = 'running'")
+
+        await until(settled, 60, "the calibration's running tasks to end", 0.1)
+        await conn.execute("DELETE FROM kubetasks.tasks")
+        await conn.execute("VACUUM (ANALYZE) kubetasks.tasks")
+    finally:
+        await conn.close()
+    span = (b - a).total_seconds()
+    return {
+        "offered_per_s": round(offered, 1), "seconds": seconds, "enqueued": sum(sent),
+        "sustained_per_s": round(done / span, 1), "backlog_at_end": backlog,
+    }  # fmt: skip
+
+
 async def _enqueue_at(url: str, rate: float, until: float, sent: list[int]) -> None:
     from kubetasks import EnqueueRequest
 
@@ -153,6 +192,7 @@ async def measure(
     workers: int = 2,
     concurrency: int = 50,
     calibrate: int = 20_000,
+    calibrate_seconds: float = 30.0,
     bucket: float = 10.0,
     retention_every: float = 10.0,
     keep: float = 60.0,
@@ -163,7 +203,7 @@ async def measure(
     fixed = rate
     long_tx_at = seconds / 3 if long_tx_at is None else long_tx_at
     out: dict[str, Any] = {
-        "minutes": minutes, "fraction_of_drain_rate": None if rate else fraction, "workers": workers,
+        "minutes": minutes, "fraction_of_sustained_rate": None if rate else fraction, "workers": workers,
         "concurrency": concurrency, "bucket_s": bucket, "retention_every_s": retention_every,
         "retention_keep_s": keep, "long_tx_at_s": long_tx_at, "long_tx_seconds": long_tx_seconds,
     }  # fmt: skip
@@ -181,7 +221,14 @@ async def measure(
             ws.go()
             rate = await _drain_rate(url, system, calibrate, 60 + calibrate / 50)
             out["drain_rate_per_s"] = round(rate, 1)
-            out["enqueue_rate_per_s"] = target = fixed or round(rate * fraction, 1)
+            sustained = None
+            if calibrate_seconds > 0:
+                out["calibration"] = cal = await _sustained_rate(url, rate, calibrate_seconds)
+                sustained = cal["sustained_per_s"]
+                log(f"soak: bulk drain {rate:,.0f}/s; with the enqueuer offering that, the workers "
+                    f"sustain {sustained:,.0f}/s")  # fmt: skip
+            out["sustained_rate_per_s"] = sustained
+            out["enqueue_rate_per_s"] = target = fixed or round((sustained or rate) * fraction, 1)
             log(f"soak: drain rate {rate:,.0f}/s; enqueuing {target:,.0f}/s for {minutes:g} min")
             t0 = time.monotonic()
             until = t0 + seconds
@@ -299,13 +346,17 @@ def summarise(samples: list[dict[str, Any]], bucket: float) -> dict[str, Any]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--fraction", type=float, default=0.5, help="of the measured drain rate")
+    p.add_argument("--fraction", type=float, default=0.5, help="of the sustained rate")
     p.add_argument(
         "--rate", type=float, help="tasks/s to enqueue instead (runs to compare then offer the same load)"
     )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=50)
     p.add_argument("--calibrate", type=int, default=20_000, help="tasks drained to measure the drain rate")
+    p.add_argument(
+        "--calibrate-seconds", type=float, default=30.0,
+        help="seconds of enqueuing at the bulk drain rate to measure the sustained rate (0: none)",
+    )  # fmt: skip
     p.add_argument("--bucket", type=float, default=10.0)
     p.add_argument("--keep", type=float, default=60.0, help="retention: delete tasks finished before this")
     p.add_argument("--long-tx-at", type=float, help="seconds into the load (default: a third of it)")
@@ -322,7 +373,8 @@ def main() -> int:
     async def go() -> dict[str, Any]:
         res = await measure(
             Databases(admin), lambda m: print(m, flush=True), minutes=a.minutes, fraction=a.fraction,
-            rate=a.rate, workers=a.workers, concurrency=a.concurrency, calibrate=a.calibrate, bucket=a.bucket,
+            rate=a.rate, workers=a.workers, concurrency=a.concurrency, calibrate=a.calibrate,
+            calibrate_seconds=a.calibrate_seconds, bucket=a.bucket,
             keep=a.keep, long_tx_at=a.long_tx_at, long_tx_seconds=a.long_tx_seconds,
         )  # fmt: skip
         res["machine"] = await harness.machine_info(admin)
@@ -332,7 +384,9 @@ def main() -> int:
     a.output.parent.mkdir(parents=True, exist_ok=True)
     a.output.write_text(json.dumps(res, indent=2, default=str) + "\n")
     for k, v in res.items():
-        if k.startswith("soak_") or k in ("drain_rate_per_s", "enqueue_rate_per_s", "long_tx_warning_logged"):
+        if k.startswith("soak_") or k in (
+            "drain_rate_per_s", "sustained_rate_per_s", "enqueue_rate_per_s", "long_tx_warning_logged"
+        ):  # fmt: skip
             print(f"{k:40} {v}")
     print(f"written: {a.output}")
     return 0
