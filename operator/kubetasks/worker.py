@@ -56,8 +56,9 @@ holds the xmin horizon, the index entries of every task claimed since cannot
 be marked dead, and a claim from the start of the queue would visit the heap
 for each. Tasks can land behind a cursor (a higher priority enqueued later, a
 task put back with its old run_at: recovery, hand-back, retry, unparking), so
-the claim from the start still runs: when the worker has no cursor, and
-whenever it is due -- ``FULL_CLAIM_FACTOR`` times the duration of the last
+the claim from the start still runs: when the worker has no cursor, while a
+handler with a per-process limit is at it (the claim passes its tasks over),
+and whenever it is due -- ``FULL_CLAIM_FACTOR`` times the duration of the last
 one after it, at least ``FULL_CLAIM_MIN_S`` apart while busy (a slow full
 claim then costs at most ~5% of the claiming time). A task behind a cursor
 waits at most max(0.25 s, 20 x the last full claim's duration) plus one full
@@ -134,7 +135,8 @@ DATA_ERRORS = (
 )
 TICK_S = leases.WATCHDOG_EVERY_S
 #: The claim from the start of each queue (``claim``) runs again once this many times its last
-#: duration has passed since it ended, but while busy not sooner than FULL_CLAIM_MIN_S after it;
+#: duration has passed since it ended, but while busy not sooner than FULL_CLAIM_MIN_S after it
+#: (and always while a handler with a per-process limit is at it);
 #: in between, the claim reads from the cursors (``claim_from``). See the module docstring.
 FULL_CLAIM_FACTOR = 20.0
 FULL_CLAIM_MIN_S = 0.25
@@ -837,7 +839,7 @@ class Worker:
             await self._set_queues()
             await self._serve()  # handlers or queues changed since: say so first
         limited, skip = self._claim_filters()
-        full = self._full_claim_due()
+        full = self._full_claim_due(skip)
         if not limited:
             _, n = await self._run_claim(wid, self.queues, free, skip, full=full)
             return n == free
@@ -1335,7 +1337,7 @@ class Worker:
             queues = self.queues[:1] if limited else self.queues
             try:
                 written, claimed = await self._run_claim(
-                    wid, queues, free, skip, ok, full=self._full_claim_due()
+                    wid, queues, free, skip, ok, full=self._full_claim_due(skip)
                 )
             except DB_ERRORS:
                 # The statement may have committed unseen: what it claimed is handed back
@@ -1347,9 +1349,12 @@ class Worker:
         short = claimed < free and not self._db_waiting
         return written, len(queues) < len(self.queues) or bool(skip) or short
 
-    def _full_claim_due(self) -> bool:
-        """Whether the next claim reads every queue from its start (see the module docstring)."""
-        if not self._cursors:
+    def _full_claim_due(self, skip: Sequence[str]) -> bool:
+        """Whether the next claim reads every queue from its start (see the module docstring).
+
+        Always while a handler with a per-process limit is at it (``skip`` holds it): the claim
+        passes its tasks over, and a cursor would leave them behind until the next full claim."""
+        if not self._cursors or any(n in self._capped for n in skip):
             return True
         wait = FULL_CLAIM_FACTOR * self._full_took
         if not self._idle:
