@@ -88,6 +88,8 @@ async def test_claim_from_cursor_reads_a_bounded_range_under_a_held_snapshot(app
                 "ORDER BY priority DESC, run_at, id LIMIT 1"
             )
         args = (wid, "cur-pod", ["default"], 10, [], [], [], [])
+        # The plan a worker runs after a few claims: generic, planned without the parameters.
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
         full = await _explain(conn, claim, *args)
         cur = await _explain(conn, claim_from, *args, [last["priority"]], [last["run_at"]], [last["id"]])
     finally:
@@ -263,32 +265,6 @@ async def test_no_task_lost_or_run_twice_with_both_claim_forms(app: App, db_url:
     assert all(0 < s.full_claims < s.claim_batches for s in stats), [
         (s.full_claims, s.claim_batches) for s in stats
     ]
-
-
-async def test_a_capped_handler_keeps_its_pace_in_a_backlog(app: App, db_url: str) -> None:
-    """A handler limited to one task per process, its 100 tasks spread through a backlog of 4,000
-    others: the claim passes them over while it is at its limit, so they lie behind the cursor;
-    they must still run one after another as the slot frees, long before the backlog is drained
-    (fails when they wait for a full claim due by time: one per 0.25 s)."""
-    capped_done: list[int] = []
-
-    async def free(ctx: TaskContext) -> None:
-        await asyncio.sleep(0.02)
-
-    async def capped(ctx: TaskContext) -> None:
-        await asyncio.sleep(0.01)
-        capped_done.append(ctx.id)
-
-    app.register("cur.free", free)
-    app.register("cur.capped", capped, concurrency=1)
-    await app.enqueue_many(
-        [EnqueueRequest("cur.capped" if i % 40 == 0 else "cur.free", {}) for i in range(4100)]
-    )
-    async with RunningWorker(app, concurrency=10):
-        await wait_for(lambda: _true(len(capped_done) == 103), 120, "the capped tasks")
-        left = await _pending(db_url, "cur.free")
-    print(f"\n[cursor] 103 capped tasks done with {left} other tasks pending")
-    assert left > 500, left
 
 
 async def _true(v: bool) -> bool:

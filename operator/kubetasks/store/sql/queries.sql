@@ -94,7 +94,12 @@ WITH me AS MATERIALIZED (
     SET status = 'succeeded', result = c.result::jsonb, finished_at = now(), updated_at = now(),
         error = NULL, traceback = NULL
     FROM unnest($6::bigint[], $7::int[], $8::text[]) AS c(id, attempt, result)
-    WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
+    -- By primary key (id = ANY), never through an index of running tasks: while a long
+    -- transaction holds the horizon such an index keeps an entry for every task run since,
+    -- which a scan of it visits on every write (IS TRUE: neither an index condition nor
+    -- the predicate of a partial index, so the planner cannot pick one).
+    WHERE t.id = ANY ($6::bigint[]) AND t.id = c.id AND t.attempt = c.attempt
+      AND (t.worker_id = $1) IS TRUE AND (t.status = 'running') IS TRUE
       AND EXISTS (SELECT 1 FROM me)
     RETURNING t.id
 ), picked AS (
@@ -171,7 +176,12 @@ WITH me AS MATERIALIZED (
     SET status = 'succeeded', result = c.result::jsonb, finished_at = now(), updated_at = now(),
         error = NULL, traceback = NULL
     FROM unnest($6::bigint[], $7::int[], $8::text[]) AS c(id, attempt, result)
-    WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
+    -- By primary key (id = ANY), never through an index of running tasks: while a long
+    -- transaction holds the horizon such an index keeps an entry for every task run since,
+    -- which a scan of it visits on every write (IS TRUE: neither an index condition nor
+    -- the predicate of a partial index, so the planner cannot pick one).
+    WHERE t.id = ANY ($6::bigint[]) AND t.id = c.id AND t.attempt = c.attempt
+      AND (t.worker_id = $1) IS TRUE AND (t.status = 'running') IS TRUE
       AND EXISTS (SELECT 1 FROM me)
     RETURNING t.id
 ), picked AS (
