@@ -244,8 +244,10 @@ async def measure(
             conn = await asyncpg.connect(url)
             try:
                 a = await conn.fetchval("SELECT clock_timestamp()")
-                while time.monotonic() < until:
-                    await asyncio.sleep(bucket)
+                # The last bucket ends with the load: one running past it averaged the
+                # seconds after the enqueuer stopped into the last minute's rate.
+                while time.monotonic() < until - 1.0:
+                    await asyncio.sleep(min(bucket, until - time.monotonic()))
                     ws.check_alive()
                     for t in side:
                         if t.done() and t.exception() is not None:
