@@ -87,11 +87,19 @@ async def test_claim_from_cursor_reads_a_bounded_range_under_a_held_snapshot(app
                 "SELECT id FROM tasks WHERE status = 'pending' AND NOT parked AND queue = 'default' "
                 "ORDER BY priority DESC, run_at, id LIMIT 1"
             )
-        args = (wid, "cur-pod", ["default"], 10, [], [], [], [])
+        # Ten running, whose successes the claim below writes (as a busy worker's does).
+        running = [
+            r
+            for r in await conn.fetch(claim, wid, "cur-pod", ["default"], 10, [], [], [], [])
+            if r["claimed"]
+        ]
+        await conn.execute("ANALYZE tasks")
+        ok = ([r["id"] for r in running], [r["attempt"] for r in running], ["{}"] * len(running))
+        args = (wid, "cur-pod", ["default"], 10, [])
         # The plan a worker runs after a few claims: generic, planned without the parameters.
         await conn.execute("SET plan_cache_mode = force_generic_plan")
-        full = await _explain(conn, claim, *args)
-        cur = await _explain(conn, claim_from, *args, [last["priority"]], [last["run_at"]], [last["id"]])
+        full = await _explain(conn, claim, *args, *ok)
+        cur = await _explain(conn, claim_from, *args, *ok, [last["priority"]], [last["run_at"]], [last["id"]])
     finally:
         await holder.close()
         await conn.close()
@@ -112,6 +120,13 @@ async def test_claim_from_cursor_reads_a_bounded_range_under_a_held_snapshot(app
     assert bounded and all("ROW(run_at, id) > ROW(" in str(n.get("Index Cond")) for n in bounded), bounded
     limit = next(n for n in nodes if n["Node Type"] == "Limit")
     assert limit["Actual Rows"] == 10
+    # The ten successes are written by primary key: the index of running tasks keeps an entry
+    # for each of the 20,000 this worker ran (unkillable while the snapshot is held).
+    done = next(n for n in nodes if n.get("Subplan Name") == "CTE done")
+    assert done["Actual Rows"] == 10, done
+    found = [n for n in _walk(done, []) if n.get("Relation Name") == "tasks" and "Scan" in n["Node Type"]]
+    assert [n.get("Index Name") for n in found] == ["tasks_pkey"], found
+    assert _buffers(found[0]) <= 80, found  # a few per id, not one per task run since the snapshot
     # The full claim pays for the 20,000 dead entries (their heap pages: 100-odd tuples a page);
     # from the cursor, a few buffers per task taken, however many were claimed before it.
     assert full_buf > 150, full_buf

@@ -328,15 +328,22 @@ class TestFencingToken:
                 return await super()._claim(free)
 
             async def _run_claim(
-                self, wid: uuid.UUID, q: str, free: int, blocked: list[str], ok: Any = ()
+                self,
+                wid: uuid.UUID,
+                q: str,
+                free: int,
+                blocked: list[str],
+                ok: Any = (),
+                *,
+                full: bool = True,
             ) -> tuple[set[int], int]:
                 if not (ok and free):
-                    return await super()._run_claim(wid, q, free, blocked, ok)
+                    return await super()._run_claim(wid, q, free, blocked, ok, full=full)
                 held: list[tuple[Any, uuid.UUID]] = []
                 start = self._start
                 self._start = lambda r, w: held.append((r, w))  # type: ignore[method-assign]
                 try:
-                    res = await super()._run_claim(wid, q, free, blocked, ok)
+                    res = await super()._run_claim(wid, q, free, blocked, ok, full=full)
                 finally:
                     self._start = start  # type: ignore[method-assign]
                 if held:

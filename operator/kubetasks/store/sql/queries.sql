@@ -263,7 +263,9 @@ WITH me AS MATERIALIZED (
         error = c.error, traceback = c.tb, updated_at = now()
     FROM unnest($2::bigint[], $3::int[], $4::float8[], $5::text[], $6::text[], $7::text[])
          AS c(id, attempt, delay, error, tb, outcome)
-    WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
+    -- By primary key, never through an index of running tasks (see claim's `done`).
+    WHERE t.id = ANY ($2::bigint[]) AND t.id = c.id AND t.attempt = c.attempt
+      AND (t.worker_id = $1) IS TRUE AND (t.status = 'running') IS TRUE
       AND EXISTS (SELECT 1 FROM me)
     RETURNING t.id, t.attempt, t.pod_id, t.started_at, c.outcome, c.error, t.status
 ), audit AS (
@@ -482,7 +484,9 @@ WITH me AS MATERIALIZED (
     SET status = 'paused', uncharged = t.uncharged + 1, pause_outcome = 'checkpoint', run_at = now(),
         updated_at = now()
     FROM unnest($2::bigint[], $3::int[], $4::text[]) AS c(id, attempt, reason)
-    WHERE t.id = c.id AND t.attempt = c.attempt AND t.worker_id = $1 AND t.status = 'running'
+    -- By primary key, never through an index of running tasks (see claim's `done`).
+    WHERE t.id = ANY ($2::bigint[]) AND t.id = c.id AND t.attempt = c.attempt
+      AND (t.worker_id = $1) IS TRUE AND (t.status = 'running') IS TRUE
       AND EXISTS (SELECT 1 FROM me)
     RETURNING t.id, t.attempt, t.pod_id, t.started_at, c.reason
 ), audit AS (
