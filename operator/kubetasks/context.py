@@ -83,6 +83,7 @@ class TaskContext:
     _flusher: asyncio.Task[None] | None = field(default=None, repr=False)
     _last_write: float = field(default=-1e9, repr=False)
     _sleeping: bool = field(default=False, repr=False)
+    _write_lock: asyncio.Lock | None = field(default=None, repr=False)  # made at the first write
     _closing: bool = field(default=False, repr=False)
     _taken_away: bool = field(default=False, repr=False)
     _app: TaskHost | None = field(default=None, repr=False)
@@ -193,12 +194,20 @@ class TaskContext:
             wait = self._last_write + PROGRESS_INTERVAL - loop.time()
 
     async def flush_progress(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None or self._writer is None:
+        """Write the latest report now, if one is unwritten, once a write still in flight has
+        landed: two writes at once could land newest first, and each, reading the row as it
+        was before both, would record the same change as an event."""
+        if self._writer is None or (self._pending is None and self._write_lock is None):
             return
-        self._last_write = asyncio.get_running_loop().time()
-        if await self._writer(self, pending) is False:
-            self._taken_away = True
+        if self._write_lock is None:
+            self._write_lock = asyncio.Lock()
+        async with self._write_lock:
+            pending, self._pending = self._pending, None
+            if pending is None:
+                return
+            self._last_write = asyncio.get_running_loop().time()
+            if await self._writer(self, pending) is False:
+                self._taken_away = True
 
     async def close(self) -> None:
         """Write the last reported progress, if any is still unwritten."""
