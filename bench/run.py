@@ -602,13 +602,25 @@ async def main_async(a: argparse.Namespace) -> dict[str, Any]:
         log(f"profiling one kubetasks worker with py-spy during a 2x50 drain of {pn:,} jobs")
         res["profile"] = await guarded("profile", profile_kubetasks(dbs, pn, 2, 50), {})
 
-    def cell(system: str, cfg: str) -> float | None:
-        return matrix.get(system, {}).get(cfg, {}).get("median_jobs_per_s")
+    def cell(system: str, cfg: str, key: str = "median_jobs_per_s") -> float | None:
+        value: float | None = matrix.get(system, {}).get(cfg, {}).get(key)
+        return value
+
+    def cpu_per_1k(system: str, cfg: str) -> float | None:
+        """Worker plus PostgreSQL-backend CPU per 1,000 tasks (medians of the runs)."""
+        w, p = cell(system, cfg, "median_worker_cpu_ms_per_1k"), cell(system, cfg, "median_pg_cpu_ms_per_1k")
+        return None if w is None or p is None else round(w + p, 1)
 
     head = "2x50"
+    kt, nocap = cell("kubetasks", head), cell("pgqueuer-nocap", head)
     res.update(
         {
-            "kubetasks_jobs_per_s": cell("kubetasks", head),
+            "kubetasks_jobs_per_s": kt,
+            "pgqueuer_nocap_jobs_per_s": nocap,
+            "kubetasks_vs_pgqueuer_nocap": round(kt / nocap, 2) if kt and nocap else None,
+            "cpu_ms_per_1k_tasks": cpu_per_1k("kubetasks", head),
+            "pgqueuer_cpu_ms_per_1k_tasks": cpu_per_1k("pgqueuer", head),
+            "pgqueuer_nocap_cpu_ms_per_1k_tasks": cpu_per_1k("pgqueuer-nocap", head),
             "pgqueuer_jobs_per_s": cell("pgqueuer", head),
             "procrastinate_jobs_per_s": cell("procrastinate", head),
             "kubetasks_vs_pgqueuer": res["ratios"].get(head, {}).get("kubetasks_vs_pgqueuer"),
