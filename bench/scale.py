@@ -181,6 +181,7 @@ def plan_facts(plan: dict[str, Any]) -> dict[str, Any]:
             for n in nodes
             if n["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
             and n.get("Index Name") in ("tasks_pending_claim", "tasks_pending_pairs")
+            and n.get("Actual Loops", 0) > 0  # the range that ran (the one after a cursor: none here)
         ),
         None,
     )
@@ -258,6 +259,7 @@ async def explain_claim(url: str, want: int, spread: tuple[int, int] = (1, 1)) -
                     f"EXPLAIN (ANALYZE, BUFFERS, FORMAT {fmt}) {claim}",
                     *(wid, EXPLAIN_POD, queues, want, []),
                     *([], [], []),  # no successes to write first
+                    *([], [], []),  # no cursors: every queue from its start
                 )
             finally:
                 await tx.rollback()

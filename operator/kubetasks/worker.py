@@ -51,7 +51,7 @@ be stored: ...") with the attempt counted.
 
 Cursors: the worker remembers, per queue, the claim-order key (priority,
 run_at, id) of the last task it claimed there, and the claim reads each
-queue from after it (``claim_from``): while a long transaction elsewhere
+queue from after it (the claim's cursors): while a long transaction elsewhere
 holds the xmin horizon, the index entries of every task claimed since cannot
 be marked dead, and a claim from the start of the queue would visit the heap
 for each. Tasks can land behind a cursor (a higher priority enqueued later, a
@@ -134,10 +134,10 @@ DATA_ERRORS = (
     asyncpg.ProgramLimitExceededError,
 )
 TICK_S = leases.WATCHDOG_EVERY_S
-#: The claim from the start of each queue (``claim``) runs again once this many times its last
+#: The claim from the start of each queue (without cursors) runs again once this many times its last
 #: duration has passed since it ended, but while busy not sooner than FULL_CLAIM_MIN_S after it
 #: (and always while a handler with a per-process limit is at it);
-#: in between, the claim reads from the cursors (``claim_from``). See the module docstring.
+#: in between, the claim reads from the cursors. See the module docstring.
 FULL_CLAIM_FACTOR = 20.0
 FULL_CLAIM_MIN_S = 0.25
 
@@ -1378,19 +1378,13 @@ class Worker:
         claiming = bool(free and qs)
         cursors = [self._cursors.get(q) for q in qs] if claiming and not full else []
         t0 = time.monotonic()
-        if any(c is not None for c in cursors):
-            rows = await workers.claim_from(
-                self.store, worker_id=wid, pod_id=self.settings.pod_id, queues=qs, limit=free, skip=skip,
-                done_ids=[o.task_id for o in ok], done_attempts=[o.attempt for o in ok],
-                done_results=[o.result for o in ok], cursors=cursors,
-            )  # fmt: skip
-        else:
+        if not any(c is not None for c in cursors):
             full = True
-            rows = await workers.claim(
-                self.store, worker_id=wid, pod_id=self.settings.pod_id, queues=qs, limit=free, skip=skip,
-                done_ids=[o.task_id for o in ok], done_attempts=[o.attempt for o in ok],
-                done_results=[o.result for o in ok],
-            )  # fmt: skip
+        rows = await workers.claim(
+            self.store, worker_id=wid, pod_id=self.settings.pod_id, queues=qs, limit=free, skip=skip,
+            done_ids=[o.task_id for o in ok], done_attempts=[o.attempt for o in ok],
+            done_results=[o.result for o in ok], cursors=cursors,
+        )  # fmt: skip
         t1 = time.monotonic()
         if claiming:
             label = qs[0] if len(qs) == 1 else ALL_QUEUES  # one statement read them all

@@ -34,7 +34,7 @@ async def test_claim_is_an_index_scan_on_a_large_table(app: App, db_url: str) ->
         await tx.start()
         rows = await conn.fetch(
             f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim}",
-            *(wid, "plan-pod", ["default"], 50, [], [], [], []),
+            *(wid, "plan-pod", ["default"], 50, [], [], [], [], [], [], []),
         )
         plan = json.loads(rows[0][0])[0]
         await tx.rollback()  # EXPLAIN ANALYZE really claimed 50 tasks: undo it

@@ -91,10 +91,10 @@ class TestServedOnly:
             )
             await conn.execute("ANALYZE tasks")
             rounds: list[list[tuple[str, str]]] = []
-            while rows := await conn.fetch(claim, a, "pod-a", queues, 50, [], [], [], []):
+            while rows := await conn.fetch(claim, a, "pod-a", queues, 50, [], [], [], [], [], [], []):
                 rounds.append([(r["queue"], r["handler"]) for r in rows if r["claimed"]])
             got_b: list[tuple[str, str]] = []
-            while rows := await conn.fetch(claim, b, "pod-b", queues, 50, [], [], [], []):
+            while rows := await conn.fetch(claim, b, "pod-b", queues, 50, [], [], [], [], [], [], []):
                 got_b += [(r["queue"], r["handler"]) for r in rows if r["claimed"]]
             ghost_left = await conn.fetchval(
                 "SELECT count(*) FROM tasks WHERE handler = 'ghost' AND status = 'pending'"
@@ -111,13 +111,14 @@ class TestServedOnly:
                 "VALUES ('h5', 'q0', 5, '{}'), ('h6', 'q0', 0, '{}')"
             )
             after_change = [
-                r["handler"] for r in await conn.fetch(claim, a, "pod-a", queues, 50, [], [], [], [])
+                r["handler"]
+                for r in await conn.fetch(claim, a, "pod-a", queues, 50, [], [], [], [], [], [], [])
             ]
 
             await conn.execute("UPDATE workers SET status = 'stopping' WHERE worker_id = $1", a)
             rows_when_stopping = await served_rows(conn, a)
             await conn.execute("INSERT INTO tasks (handler, queue, payload) VALUES ('h7', 'q0', '{}')")
-            when_stopping = await conn.fetch(claim, a, "pod-a", queues, 50, [], [], [], [])
+            when_stopping = await conn.fetch(claim, a, "pod-a", queues, 50, [], [], [], [], [], [], [])
         finally:
             await conn.close()
         got_a = [pair for r in rounds for pair in r]
@@ -182,7 +183,9 @@ class TestOneStatement:
             tx = conn.transaction()
             await tx.start()
             try:
-                rows = await conn.fetch(claim, wid, "pod-o", ["qa", "qb", "qc"], 5, [], [], [], [])
+                rows = await conn.fetch(
+                    claim, wid, "pod-o", ["qa", "qb", "qc"], 5, [], [], [], [], [], [], []
+                )
                 taken = [r["id"] for r in rows]
                 # Any row the claim locked without taking would raise here (lock not available).
                 free = await other.fetch(
@@ -218,7 +221,7 @@ class TestOneStatement:
             tx = conn.transaction()
             await tx.start()
             try:
-                rows = await conn.fetch(claim, wid, "pod-l", ["qa", "qb"], 10, [], [], [], [])
+                rows = await conn.fetch(claim, wid, "pod-l", ["qa", "qb"], 10, [], [], [], [], [], [], [])
                 free = await other.fetch("SELECT id FROM tasks WHERE status = 'pending' FOR UPDATE NOWAIT")
                 with pytest.raises(asyncpg.LockNotAvailableError):
                     await other.execute("SELECT 1 FROM workers WHERE worker_id = $1 FOR UPDATE NOWAIT", wid)

@@ -75,7 +75,7 @@ class TestClaim:
             async def claimer(conn: asyncpg.Connection, wid: uuid.UUID, i: int) -> list[int]:
                 stmt = await conn.prepare(claim)
                 await go.wait()
-                rows = await stmt.fetch(wid, f"pod-{i}", ["default"], 1, [], [], [], [])
+                rows = await stmt.fetch(wid, f"pod-{i}", ["default"], 1, [], [], [], [], [], [], [])
                 return [r["id"] for r in rows]
 
             tasks = [
@@ -104,7 +104,7 @@ class TestClaim:
                 "UPDATE workers SET lease_expires_at = now() - interval '1 s' WHERE worker_id = $1", wid
             )
             claim = app.store.queries["claim"].sql
-            rows = await conn.fetch(claim, wid, "pod-x", ["default"], 10, [], [], [], [])
+            rows = await conn.fetch(claim, wid, "pod-x", ["default"], 10, [], [], [], [], [], [], [])
         finally:
             await conn.close()
         assert rows == []

@@ -288,11 +288,11 @@ class TestFencingToken:
         conn = await connect(db_url)
         try:
             wid = await register_raw(conn, "lost-reply", handlers=("solo",))
-            first = await conn.fetch(claim, wid, "lost-reply", ["default"], 1, [], [], [], [])
+            first = await conn.fetch(claim, wid, "lost-reply", ["default"], 1, [], [], [], [], [], [], [])
             assert [(r["id"], r["attempt"]) for r in first] == [(tid, 1)]
             # The worker never saw that reply: it hands back what it does not run.
             await conn.fetchval(app.store.queries["release_orphans"].sql, wid, [], "claim reply lost")
-            again = await conn.fetch(claim, wid, "lost-reply", ["default"], 1, [], [], [], [])
+            again = await conn.fetch(claim, wid, "lost-reply", ["default"], 1, [], [], [], [], [], [], [])
         finally:
             await conn.close()
         report("lost claim reply", first=first[0]["attempt"], again=[r["attempt"] for r in again])
@@ -412,7 +412,7 @@ class TestFencingToken:
             conn = await connect(url)
             try:
                 wid = await register_raw(conn, "crash-pod", handlers=("anything",))
-                rows = await conn.fetch(claim, wid, "crash-pod", ["default"], 1, [], [], [], [])
+                rows = await conn.fetch(claim, wid, "crash-pod", ["default"], 1, [], [], [], [], [], [], [])
                 assert [(r["id"], r["attempt"]) for r in rows] == [(tid, 1)]
             finally:
                 conn.terminate()
@@ -440,7 +440,7 @@ class TestLateClaim:
             wid = await register_raw(slow, "slow-commit", handlers=("solo",))
             tx = slow.transaction()
             await tx.start()
-            rows = await slow.fetch(claim, wid, "slow-commit", ["default"], 3, [], [], [], [])
+            rows = await slow.fetch(claim, wid, "slow-commit", ["default"], 3, [], [], [], [], [], [], [])
             assert len(rows) == 3
             await peer.execute(
                 "UPDATE workers SET lease_expires_at = now() - interval '1 s' WHERE worker_id = $1", wid
@@ -473,13 +473,13 @@ class TestLateClaim:
         try:
             dead = await register_raw(conn, "late-pod", handlers=("solo",))
             live = await register_raw(conn, "live-pod")
-            await conn.fetch(claim, dead, "late-pod", ["default"], 1, [], [], [], [])
+            await conn.fetch(claim, dead, "late-pod", ["default"], 1, [], [], [], [], [], [], [])
             await conn.execute(
                 "UPDATE workers SET status = 'dead', stopped_at = now(), stop_reason = 'test'"
                 " WHERE worker_id = $1",
                 dead,
             )
-            written = await conn.fetch(claim, dead, "late-pod", [], 0, [], [tid], [1], ["{}"])
+            written = await conn.fetch(claim, dead, "late-pod", [], 0, [], [tid], [1], ["{}"], [], [], [])
             for _ in range(3):  # the sweep runs on about two heartbeats per interval across live workers
                 await conn.fetchrow("SELECT * FROM heartbeat($1, 30, ARRAY['default'], 7.5)", live)
             row = (await conn.fetch("SELECT status, worker_id FROM tasks WHERE id = $1", tid))[0]

@@ -62,10 +62,13 @@ def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def picked_scan(plan: dict[str, Any]) -> dict[str, Any]:
-    """The scan of tasks under the claim's `picked` CTE: how the claim reads the tasks it picks."""
+    """The scan of tasks under the claim's `picked` CTE that ran: how the claim reads the tasks it
+    picks (without a cursor, the range of every priority; the range after a cursor never runs)."""
     picked = next(n for n in plan_nodes(plan["Plan"]) if n.get("Subplan Name") == "CTE picked")
     return next(
-        n for n in plan_nodes(picked) if "Scan" in n["Node Type"] and n.get("Relation Name") == "tasks"
+        n
+        for n in plan_nodes(picked)
+        if "Scan" in n["Node Type"] and n.get("Relation Name") == "tasks" and n.get("Actual Loops", 0) > 0
     )
 
 
@@ -94,7 +97,7 @@ class TestClaimPlan:
                 try:
                     raw = await conn.fetchval(
                         f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim}",
-                        wid, "plan-pod", ["default"], 10, [], [], [], [],
+                        wid, "plan-pod", ["default"], 10, [], [], [], [], [], [], [],
                     )  # fmt: skip
                 finally:
                     await tx.rollback()
@@ -104,7 +107,7 @@ class TestClaimPlan:
                     tx = conn.transaction()
                     await tx.start()
                     t0 = time.perf_counter()
-                    rows = await stmt.fetch(wid, "plan-pod", ["default"], 10, [], [], [], [])
+                    rows = await stmt.fetch(wid, "plan-pod", ["default"], 10, [], [], [], [], [], [], [])
                     times.append(time.perf_counter() - t0)
                     await tx.rollback()
                     assert [r["handler"] for r in rows] == ["served.h"] * 10
@@ -132,8 +135,8 @@ class TestClaimPlan:
 
             # The generic plan a prepared claim may switch to reads the same index.
             await conn.execute(
-                "PREPARE generic_claim (uuid, text, text[], integer, text[], bigint[], integer[], text[]) AS "
-                + claim
+                "PREPARE generic_claim (uuid, text, text[], integer, text[], bigint[], integer[], text[], "
+                "integer[], timestamptz[], bigint[]) AS " + claim
             )
             await conn.execute("SET plan_cache_mode = force_generic_plan")
             tx = conn.transaction()
@@ -141,7 +144,7 @@ class TestClaimPlan:
             try:
                 raw = await conn.fetchval(
                     f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE generic_claim('{wid}', 'plan-pod', "
-                    "ARRAY['default'], 10, '{}', '{}', '{}', '{}')"
+                    "ARRAY['default'], 10, '{}', '{}', '{}', '{}', '{}', '{}', '{}')"
                 )
             finally:
                 await tx.rollback()

@@ -392,7 +392,7 @@ class TestAudit:
         wid = uuid.uuid4()
         await flow.store.run("register_worker", wid, "pod-gone", 1, None, "h", 1, ["nowhere"], 1, 30.0, 15.0)
         await flow.store.run("worker_serves", wid, ["noop"], "{}", "[]", 1000)
-        rows = await flow.store.run("claim", wid, "pod-gone", ["nowhere"], 1, [], [], [], [])
+        rows = await flow.store.run("claim", wid, "pod-gone", ["nowhere"], 1, [], [], [], [], [], [], [])
         assert [r["id"] for r in rows] == [tid]
         assert await flow.store.run("release_worker", wid, "lost", "worker lost: test") == 1
         events = await flow.get_events(tid)

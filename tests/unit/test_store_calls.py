@@ -76,7 +76,7 @@ async def test_each_call_passes_every_parameter_of_its_query(name: str, fn: Any)
         elif p.name == "topics":
             kwargs[p.name] = ["finished", "depth"]
         elif p.name == "cursors":
-            kwargs[p.name] = [None, (0, None, 1)]  # claim_from: one queue without a cursor, one with
+            kwargs[p.name] = [None, (0, None, 1)]  # claim: one queue without a cursor, one with
         elif p.name == "worker_id":
             kwargs[p.name] = "00000000-0000-0000-0000-000000000001"
         elif p.default is inspect.Parameter.empty:

@@ -103,34 +103,14 @@ async def claim(
     done_ids: Sequence[int],
     done_attempts: Sequence[int],
     done_results: Sequence[str | None],
+    cursors: Sequence[tuple[int, datetime, int] | None] = (),
 ) -> list[Row]:
     """Claim up to ``limit`` due tasks of the handlers the worker serves (its ``worker_handlers``
     rows) but ``skip``, from ``queues`` in that order, writing this worker's successes first
-    (same statement)."""
+    (same statement). ``cursors``, per queue: the claim-order key (-priority, run_at, id) of the
+    last task the worker claimed there, read from after it (None or missing: from the start)."""
     rows: list[Row] = await store.run(
         "claim", worker_id, pod_id, list(queues), limit, list(skip),
-        list(done_ids), list(done_attempts), list(done_results),
-    )  # fmt: skip
-    return rows
-
-
-async def claim_from(
-    store: Store,
-    *,
-    worker_id: uuid.UUID,
-    pod_id: str,
-    queues: Sequence[str],
-    limit: int,
-    skip: Sequence[str],
-    done_ids: Sequence[int],
-    done_attempts: Sequence[int],
-    done_results: Sequence[str | None],
-    cursors: Sequence[tuple[int, datetime, int] | None],
-) -> list[Row]:
-    """``claim``, reading each queue from after its cursor: the claim-order key
-    (-priority, run_at, id) of the last task the worker claimed there (None: from the start)."""
-    rows: list[Row] = await store.run(
-        "claim_from", worker_id, pod_id, list(queues), limit, list(skip),
         list(done_ids), list(done_attempts), list(done_results),
         [None if c is None else -c[0] for c in cursors], [None if c is None else c[1] for c in cursors],
         [None if c is None else c[2] for c in cursors],

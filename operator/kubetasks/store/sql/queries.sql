@@ -53,7 +53,10 @@ SELECT id FROM tasks WHERE cr_uid = $1;
 -- $4 how many, $5 handlers it must not take now (those it leaves to
 -- claim_limited, and those at their limit in this process; usually empty),
 -- $6 task ids, $7 attempts, $8 results (json text): successes of this worker to
--- write first, in the same statement (empty arrays: none).
+-- write first, in the same statement (empty arrays: none), $9 priorities,
+-- $10 run_ats, $11 ids: per queue of $3 (same position), the claim-order key of
+-- the last task this worker claimed there, its cursor (NULL or missing: none,
+-- the queue is read from its start).
 -- First holds the worker's row FOR KEY SHARE (`me`), refusing everything when
 -- the worker is no longer live: whatever declares a worker dead or superseded
 -- locks that row FOR UPDATE, so it either waits for this statement's commit
@@ -63,7 +66,12 @@ SELECT id FROM tasks WHERE cr_uid = $1;
 -- locked: the worker row is always locked first. Then writes the successes,
 -- fenced: a row is written only while it is still this attempt of this worker
 -- and running (the attempt record is the task row itself, see
--- task_attempts_all). Then takes due pending tasks queue by queue in the order
+-- task_attempts_all), each found by primary key, probed per id given: never
+-- through an index of running tasks, which while a long transaction holds the
+-- xmin horizon keeps an entry for every task run since (the tests on worker and
+-- status are wrapped in IS TRUE so that neither is an index condition or a
+-- partial index's predicate; an `id = ANY ($6)` beside the join made it a
+-- 40 x 40 join filter per batch of 40). Then takes due pending tasks queue by queue in the order
 -- given (a later queue is read only while the earlier ones fell short; a
 -- paused queue is skipped), each in claim order, for a worker whose lease is
 -- live, and counts the attempt with a new number (the fencing token: never
@@ -81,7 +89,25 @@ SELECT id FROM tasks WHERE cr_uid = $1;
 -- ever registered). One statement, so a busy worker pays one round trip and one
 -- commit per batch; the two sets cannot meet (running vs pending). Rows: the
 -- written ids with `claimed` false, then the claimed tasks with `claimed` true
--- (with run_at: with priority and id, the claim-order key claim_from starts after).
+-- (with run_at: with priority and id, the claim-order key a cursor holds).
+-- Each queue is read from its cursor: its priority with (run_at, id) beyond
+-- the cursor's, then the lower priorities, each an index range that starts at
+-- that boundary (an Index Cond). A queue without a cursor is read by the second
+-- range alone, every priority below 1001 (the range's top, priority_range):
+-- that is the read from the start. Why cursors: while a long transaction holds
+-- the xmin horizon, every task claimed since it began leaves an index entry
+-- whose row is recently dead and cannot be marked dead in the index, so a read
+-- from the start of the queue visits the heap for each of them and cost grows
+-- with the tasks claimed since; from the cursor it reads only what was claimed
+-- after it (by any worker). Tasks can land behind a cursor (a higher priority
+-- enqueued later, a task put back pending with its old run_at: recovery,
+-- hand-back, retry, unparking, a rolled-back claim): the worker claims without
+-- cursors when it has none, after it waited for work, and at least every
+-- max(0.25 s, 20 x the duration of its last claim without cursors) while busy,
+-- so such a task waits at most that long plus one such claim (worker.py,
+-- FULL_CLAIM_*). Two ranges, not a third for the read from the start: each
+-- branch is planned at every call (custom plans), and planning is a third of
+-- the statement's time.
 -- The commit is synchronous, like every write: a claim lost in a crash or a
 -- failover would let the same attempt number start twice.
 WITH me AS MATERIALIZED (
@@ -94,93 +120,8 @@ WITH me AS MATERIALIZED (
     SET status = 'succeeded', result = c.result::jsonb, finished_at = now(), updated_at = now(),
         error = NULL, traceback = NULL
     FROM unnest($6::bigint[], $7::int[], $8::text[]) AS c(id, attempt, result)
-    -- By primary key (id = ANY), never through an index of running tasks: while a long
-    -- transaction holds the horizon such an index keeps an entry for every task run since,
-    -- which a scan of it visits on every write (IS TRUE: neither an index condition nor
-    -- the predicate of a partial index, so the planner cannot pick one).
-    WHERE t.id = ANY ($6::bigint[]) AND t.id = c.id AND t.attempt = c.attempt
-      AND (t.worker_id = $1) IS TRUE AND (t.status = 'running') IS TRUE
-      AND EXISTS (SELECT 1 FROM me)
-    RETURNING t.id
-), picked AS (
-    SELECT p.id, p.handler
-    FROM unnest($3::text[]) AS q (name)
-    CROSS JOIN LATERAL (
-        SELECT t.id, t.handler FROM tasks t
-        WHERE t.status = 'pending' AND NOT t.parked AND t.queue = q.name AND t.run_at <= now()
-          AND EXISTS (SELECT 1 FROM worker_handlers s WHERE s.worker_id = $1 AND s.handler = t.handler OFFSET 0)
-          AND t.handler <> ALL ($5::text[])
-        ORDER BY t.priority DESC, t.run_at, t.id
-        LIMIT $4
-        FOR UPDATE OF t SKIP LOCKED
-    ) p
-    WHERE NOT EXISTS (SELECT 1 FROM queue_state qs WHERE qs.queue = q.name AND qs.paused)
-    LIMIT $4
-), claimed AS (
-    UPDATE tasks t
-    SET status = 'running', attempt = t.attempt + 1, worker_id = $1, pod_id = $2,
-        started_at = now(), updated_at = now(), progress = NULL, progress_message = NULL,
-        progress_stage = NULL, progress_metadata = NULL, pause_outcome = NULL
-    FROM picked
-    WHERE t.id = picked.id
-      AND coalesce((SELECT may_claim FROM me), false)
-      AND NOT EXISTS (SELECT 1 FROM handlers h
-                      WHERE h.name = picked.handler AND h.cluster_concurrency IS NOT NULL OFFSET 0)
-    RETURNING t.id, t.handler, t.queue, t.priority, t.payload, t.attempt, t.max_attempts,
-              t.timeout_s, t.retry_delay_s, t.retry_backoff, t.max_retry_delay_s, t.tags, t.parent_id,
-              t.uncharged, t.run_at
-)
-SELECT false AS claimed, id, NULL::text AS handler, NULL::text AS queue, NULL::integer AS priority,
-       NULL::jsonb AS payload, NULL::integer AS attempt, NULL::integer AS max_attempts,
-       NULL::float8 AS timeout_s, NULL::float8 AS retry_delay_s, NULL::float8 AS retry_backoff,
-       NULL::float8 AS max_retry_delay_s, NULL::text[] AS tags, NULL::bigint AS parent_id,
-       NULL::integer AS uncharged, NULL::timestamptz AS run_at
-FROM done
-UNION ALL
-SELECT true, * FROM claimed;
-
--- name: claim_from :many
--- $1 worker_id, $2 pod_id, $3 the worker's queues in the order it serves them,
--- $4 how many, $5 handlers it must not take now (those it leaves to
--- claim_limited, and those at their limit in this process; usually empty),
--- $6 task ids, $7 attempts, $8 results (json text): successes of this worker to
--- write first, in the same statement (empty arrays: none), $9 priorities,
--- $10 run_ats, $11 ids: per queue of $3 (same position), the claim-order key of
--- the last task this worker claimed there, its cursor (NULL or missing: none).
--- The claim (above), every guarantee the same, reading each queue from its
--- cursor.
--- A queue with a cursor is read from after it: its priority with (run_at, id)
--- beyond the cursor's, then the lower priorities, each an index range that
--- starts at that boundary (an Index Cond). Why: while a long transaction
--- holds the xmin horizon, every task claimed since it began leaves an index
--- entry whose row is recently dead and cannot be marked dead in the index, so
--- a read from the start of the queue visits the heap for each of them and
--- cost grows with the tasks claimed since; from the cursor it reads only
--- what was claimed after it (by any worker). A queue without a cursor is
--- read from the start (the first branch, gated off when there is one). Tasks
--- can land behind a cursor (a higher priority enqueued later, a task put back
--- pending with its old run_at: recovery, hand-back, retry, unparking, a
--- rolled-back claim): the worker runs this claim without cursors when it has
--- none, after it waited for work, and at least every max(0.25 s, 20 x the
--- duration of its last claim without cursors) while busy, so such a task
--- waits at most that long plus one such claim (worker.py, FULL_CLAIM_*).
--- The commit is synchronous, like every write: a claim lost in a crash or a
--- failover would let the same attempt number start twice.
-WITH me AS MATERIALIZED (
-    SELECT w.status = 'active' AND w.lease_expires_at > now() AS may_claim
-    FROM workers w
-    WHERE w.worker_id = $1 AND w.status IN ('active', 'stopping')
-    FOR KEY SHARE
-), done AS (
-    UPDATE tasks t
-    SET status = 'succeeded', result = c.result::jsonb, finished_at = now(), updated_at = now(),
-        error = NULL, traceback = NULL
-    FROM unnest($6::bigint[], $7::int[], $8::text[]) AS c(id, attempt, result)
-    -- By primary key (id = ANY), never through an index of running tasks: while a long
-    -- transaction holds the horizon such an index keeps an entry for every task run since,
-    -- which a scan of it visits on every write (IS TRUE: neither an index condition nor
-    -- the predicate of a partial index, so the planner cannot pick one).
-    WHERE t.id = ANY ($6::bigint[]) AND t.id = c.id AND t.attempt = c.attempt
+    -- By primary key, per id given (see above).
+    WHERE t.id = c.id AND t.attempt = c.attempt
       AND (t.worker_id = $1) IS TRUE AND (t.status = 'running') IS TRUE
       AND EXISTS (SELECT 1 FROM me)
     RETURNING t.id
@@ -189,15 +130,6 @@ WITH me AS MATERIALIZED (
     FROM unnest($3::text[], $9::int[], $10::timestamptz[], $11::bigint[]) AS q (name, cp, crun, cid)
     CROSS JOIN LATERAL (
         SELECT * FROM (SELECT t.id, t.handler FROM tasks t
-         WHERE q.cid IS NULL
-           AND t.status = 'pending' AND NOT t.parked AND t.queue = q.name AND t.run_at <= now()
-           AND EXISTS (SELECT 1 FROM worker_handlers s WHERE s.worker_id = $1 AND s.handler = t.handler OFFSET 0)
-           AND t.handler <> ALL ($5::text[])
-         ORDER BY t.priority DESC, t.run_at, t.id
-         LIMIT $4
-         FOR UPDATE OF t SKIP LOCKED) AS a
-        UNION ALL
-        SELECT * FROM (SELECT t.id, t.handler FROM tasks t
          WHERE q.cid IS NOT NULL
            AND t.status = 'pending' AND NOT t.parked AND t.queue = q.name AND t.run_at <= now()
            AND t.priority = q.cp AND (t.run_at, t.id) > (q.crun, q.cid)
@@ -205,17 +137,16 @@ WITH me AS MATERIALIZED (
            AND t.handler <> ALL ($5::text[])
          ORDER BY t.priority DESC, t.run_at, t.id
          LIMIT $4
-         FOR UPDATE OF t SKIP LOCKED) AS b
+         FOR UPDATE OF t SKIP LOCKED) AS s
         UNION ALL
         SELECT * FROM (SELECT t.id, t.handler FROM tasks t
-         WHERE q.cid IS NOT NULL
-           AND t.status = 'pending' AND NOT t.parked AND t.queue = q.name AND t.run_at <= now()
-           AND t.priority < q.cp
+         WHERE t.status = 'pending' AND NOT t.parked AND t.queue = q.name AND t.run_at <= now()
+           AND t.priority < coalesce(q.cp, 1001)
            AND EXISTS (SELECT 1 FROM worker_handlers s WHERE s.worker_id = $1 AND s.handler = t.handler OFFSET 0)
            AND t.handler <> ALL ($5::text[])
          ORDER BY t.priority DESC, t.run_at, t.id
          LIMIT $4
-         FOR UPDATE OF t SKIP LOCKED) AS c
+         FOR UPDATE OF t SKIP LOCKED) AS l
     ) p
     WHERE NOT EXISTS (SELECT 1 FROM queue_state qs WHERE qs.queue = q.name AND qs.paused)
     LIMIT $4
@@ -263,8 +194,8 @@ WITH me AS MATERIALIZED (
         error = c.error, traceback = c.tb, updated_at = now()
     FROM unnest($2::bigint[], $3::int[], $4::float8[], $5::text[], $6::text[], $7::text[])
          AS c(id, attempt, delay, error, tb, outcome)
-    -- By primary key, never through an index of running tasks (see claim's `done`).
-    WHERE t.id = ANY ($2::bigint[]) AND t.id = c.id AND t.attempt = c.attempt
+    -- By primary key, per id given, never through an index of running tasks (see claim).
+    WHERE t.id = c.id AND t.attempt = c.attempt
       AND (t.worker_id = $1) IS TRUE AND (t.status = 'running') IS TRUE
       AND EXISTS (SELECT 1 FROM me)
     RETURNING t.id, t.attempt, t.pod_id, t.started_at, c.outcome, c.error, t.status
@@ -484,8 +415,8 @@ WITH me AS MATERIALIZED (
     SET status = 'paused', uncharged = t.uncharged + 1, pause_outcome = 'checkpoint', run_at = now(),
         updated_at = now()
     FROM unnest($2::bigint[], $3::int[], $4::text[]) AS c(id, attempt, reason)
-    -- By primary key, never through an index of running tasks (see claim's `done`).
-    WHERE t.id = ANY ($2::bigint[]) AND t.id = c.id AND t.attempt = c.attempt
+    -- By primary key, per id given, never through an index of running tasks (see claim).
+    WHERE t.id = c.id AND t.attempt = c.attempt
       AND (t.worker_id = $1) IS TRUE AND (t.status = 'running') IS TRUE
       AND EXISTS (SELECT 1 FROM me)
     RETURNING t.id, t.attempt, t.pod_id, t.started_at, c.reason
