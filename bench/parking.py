@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
-from tests.support import connect, create_database, drop_database  # noqa: E402
+from tests.support import connect, create_database, drop_database, explain_claim  # noqa: E402
 
 from kubetasks import devenv  # noqa: E402
 from kubetasks.store import migrate, queries  # noqa: E402
@@ -57,13 +57,9 @@ async def claim_figures(conn: asyncpg.Connection, wid: uuid.UUID) -> dict[str, A
     tx = conn.transaction()
     await tx.start()
     try:
-        raw = await conn.fetchval(
-            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim}",
-            *(wid, "bench-parking", ["q0"], 10, [], [], [], [], [], [], []),
-        )
+        plan = await explain_claim(conn, *(wid, "bench-parking", ["q0"], 10, [], [], [], [], [], [], []))
     finally:
         await tx.rollback()
-    plan = json.loads(raw)[0]
     picked = next(n for n in _nodes(plan["Plan"]) if n.get("Subplan Name") == "CTE picked")
     scan = next(  # the range that ran: without a cursor, every priority's
         n

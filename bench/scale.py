@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+from tests import support
 from tests.support import connect
 
 from bench import harness, systems
@@ -207,7 +208,6 @@ def plan_facts(plan: dict[str, Any]) -> dict[str, Any]:
         "total_cost": top.get("Total Cost"),
         "startup_cost": top.get("Startup Cost"),
         "execution_ms": round(float(plan.get("Execution Time", 0.0)), 3),
-        "planning_ms": round(float(plan.get("Planning Time", 0.0)), 3),
         "shared_hit_blocks": int(top.get("Shared Hit Blocks", 0)),
         "shared_read_blocks": int(top.get("Shared Read Blocks", 0)),
         "claimed_rows": int(top.get("Actual Rows", 0)),
@@ -234,10 +234,8 @@ async def explain_claim(url: str, want: int, spread: tuple[int, int] = (1, 1)) -
     A worker serving every handler of the spread is registered in the same transaction, so the
     lease EXISTS passes and the claim reads its served handlers as a worker's claim does; it reads
     all of the spread's queues in order, as a worker serving them does. One JSON run for the
-    figures, then one text run (a second execution: its figures differ a little) for the record."""
-    from kubetasks.store import queries
-
-    claim = queries.load()["claim"].sql
+    figures, then one text run (a second execution: its figures differ a little) for the record.
+    The plan is the one the claim ran (claim_batch's cached generic plan, through auto_explain)."""
     handlers, queues = spread_names(spread)
     conn = await connect(url)
     try:
@@ -255,19 +253,19 @@ async def explain_claim(url: str, want: int, spread: tuple[int, int] = (1, 1)) -
                     want,
                 )
                 await conn.execute(_SERVES_SQL, wid, handlers)
-                rows = await conn.fetch(
-                    f"EXPLAIN (ANALYZE, BUFFERS, FORMAT {fmt}) {claim}",
+                raw, ms = await support.claim_plan_text(
+                    conn,
                     *(wid, EXPLAIN_POD, queues, want, []),
                     *([], [], []),  # no successes to write first
                     *([], [], []),  # no cursors: every queue from its start
+                    fmt=fmt.lower(),
                 )
             finally:
                 await tx.rollback()
             if fmt == "JSON":
-                raw = rows[0][0]
-                out.update(plan_facts((json.loads(raw) if isinstance(raw, str) else raw)[0]))
+                out.update(plan_facts({**json.loads(raw), "Execution Time": ms}))
             else:
-                out["plan_text"] = "\n".join(r[0] for r in rows)
+                out["plan_text"] = raw
         return out
     finally:
         await conn.close()

@@ -8,6 +8,8 @@
   kube-apiserver... from their Go modules once, into ~/.cache/kubetasks).
 * ``connect``, ``create_database`` and ``drop_database``: a connection on kubetasks'
   schema, and throwaway databases on a server ``kubetasks.devenv`` started.
+* ``explain_claim`` and ``claim_plan_text``: the plan the claim (the function claim_batch)
+  really ran, with its buffers, read through auto_explain.
 
 The local PostgreSQL and Redis, and free ports, come from ``kubetasks.devenv`` (``up``,
 ``free_port``), which `make dev` uses too. Nothing here imports pytest: bench/ runs
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import re
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -79,6 +83,56 @@ def cluster_script(
 async def connect(url: str) -> asyncpg.Connection:
     """A connection whose unqualified names are kubetasks' tables and functions."""
     return await asyncpg.connect(url, server_settings={"search_path": "kubetasks"})
+
+
+_AUTO_EXPLAIN = (
+    "LOAD 'auto_explain'",
+    "SET auto_explain.log_nested_statements = on",
+    "SET auto_explain.log_analyze = on",
+    "SET auto_explain.log_buffers = on",
+    "SET auto_explain.log_level = notice",
+)
+
+
+async def claim_plan_text(conn: asyncpg.Connection, *args: object, fmt: str = "json") -> tuple[str, float]:
+    """Run the claim (``SELECT * FROM claim_batch(...)`` with its 11 ``args``) and return the plan
+    of the statement inside it as it ran, in ``fmt`` (json or text), and its duration in ms. That
+    is the function's cached generic plan under its settings: EXPLAIN of the call would show a
+    function scan, and EXPLAIN of the statement a plan made apart. auto_explain sends it to this
+    connection as a notice. The caller holds a transaction and rolls it back (the claim claims)."""
+    notes: list[str] = []
+
+    def listen(_conn: object, msg: Any) -> None:
+        notes.append(str(msg.message))
+
+    settings = (
+        *_AUTO_EXPLAIN,
+        f"SET auto_explain.log_format = {fmt}",
+        "SET auto_explain.log_min_duration = 0",
+    )
+    for setting in settings:
+        await conn.execute(setting)
+    conn.add_log_listener(listen)
+    try:
+        await conn.fetch("SELECT * FROM claim_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)", *args)
+    finally:
+        await conn.execute("SET auto_explain.log_min_duration = -1")
+        await asyncio.sleep(0)  # the notices are handed to listeners on the loop's next turn
+        conn.remove_log_listener(listen)
+    for note in notes:
+        m = re.match(r"duration: ([0-9.]+) ms\s+plan:\s*(.*)", note, re.S)
+        if m and "WITH me AS" in m.group(2):
+            return m.group(2), float(m.group(1))
+    raise AssertionError(f"no plan of the claim's statement among {len(notes)} notices: {notes[:2]}")
+
+
+async def explain_claim(conn: asyncpg.Connection, *args: object) -> dict[str, Any]:
+    """``claim_plan_text`` as EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) gives it (``Plan``), with
+    auto_explain's duration as ``Execution Time``."""
+    raw, ms = await claim_plan_text(conn, *args)
+    plan: dict[str, Any] = json.loads(raw)
+    plan["Execution Time"] = ms
+    return plan
 
 
 async def create_database(

@@ -4,7 +4,6 @@ xmin horizon, and the full claim still finds what lands behind the cursor (issue
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import uuid
 from collections import Counter
@@ -17,7 +16,7 @@ import asyncpg
 from kubetasks import App, EnqueueRequest, TaskContext
 from kubetasks.worker import FULL_CLAIM_FACTOR, FULL_CLAIM_MIN_S, Worker
 from tests.integration.helpers import RunningWorker, start_worker, stop, wait_for
-from tests.support import connect
+from tests.support import connect, explain_claim
 
 N = 20_000
 
@@ -33,15 +32,14 @@ def _buffers(node: dict[str, Any]) -> int:
     return int(node.get("Shared Hit Blocks", 0)) + int(node.get("Shared Read Blocks", 0))
 
 
-async def _explain(conn: asyncpg.Connection, sql: str, *args: object) -> dict[str, Any]:
+async def _explain(conn: asyncpg.Connection, *args: object) -> dict[str, Any]:
+    """The plan the claim ran with ``args`` (its cached generic plan), rolled back."""
     tx = conn.transaction()
     await tx.start()
     try:
-        rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
+        return await explain_claim(conn, *args)
     finally:
-        await tx.rollback()  # EXPLAIN ANALYZE really claimed: undo it
-    plan: dict[str, Any] = json.loads(rows[0][0])[0]
-    return plan
+        await tx.rollback()  # the claim really claimed: undo it
 
 
 async def test_claim_from_the_cursor_reads_a_bounded_range_under_a_held_snapshot(
@@ -96,10 +94,8 @@ async def test_claim_from_the_cursor_reads_a_bounded_range_under_a_held_snapshot
         await conn.execute("ANALYZE tasks")
         ok = ([r["id"] for r in running], [r["attempt"] for r in running], ["{}"] * len(running))
         args = (wid, "cur-pod", ["default"], 10, [])
-        # The plan a worker runs after a few claims: generic, planned without the parameters.
-        await conn.execute("SET plan_cache_mode = force_generic_plan")
-        full = await _explain(conn, claim, *args, *ok, [None], [None], [None])
-        cur = await _explain(conn, claim, *args, *ok, [last["priority"]], [last["run_at"]], [last["id"]])
+        full = await _explain(conn, *args, *ok, [None], [None], [None])
+        cur = await _explain(conn, *args, *ok, [last["priority"]], [last["run_at"]], [last["id"]])
     finally:
         await holder.close()
         await conn.close()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import uuid
+from typing import Any
 
 import asyncpg
 from bench import scale
 
 from kubetasks import App
+from kubetasks.store import queries
+from tests.support import explain_claim
 
 
 async def test_claim_is_an_index_scan_on_a_large_table(app: App, db_url: str) -> None:
@@ -29,15 +31,10 @@ async def test_claim_is_an_index_scan_on_a_large_table(app: App, db_url: str) ->
             "SELECT * FROM register_worker($1, 'plan-pod', 'h', 1, ARRAY['default'], 50, 30)", wid
         )
         await conn.fetchrow("SELECT * FROM worker_serves($1, ARRAY['h'], '{}', '[]', 1000)", wid)
-        claim = app.store.queries["claim"].sql
         tx = conn.transaction()
         await tx.start()
-        rows = await conn.fetch(
-            f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim}",
-            *(wid, "plan-pod", ["default"], 50, [], [], [], [], [], [], []),
-        )
-        plan = json.loads(rows[0][0])[0]
-        await tx.rollback()  # EXPLAIN ANALYZE really claimed 50 tasks: undo it
+        plan = await explain_claim(conn, wid, "plan-pod", ["default"], 50, [], [], [], [], [], [], [])
+        await tx.rollback()  # the claim really claimed 50 tasks: undo it
     finally:
         await conn.close()
 
@@ -106,3 +103,56 @@ async def test_claim_plan_at_scale_with_one_and_with_ten_thousand_handlers(db_ur
     finally:
         await conn.close()
     print("\n[plan] " + "\n[plan] ".join(seen))
+
+
+async def test_a_plan_made_on_an_empty_table_stays_an_index_plan_as_it_grows(db_url: str) -> None:
+    """The claim's plan is made once per session (claim_batch, 0021): a worker that starts on an
+    empty table keeps the plan made then. 200,000 tasks arrive with no ANALYZE since (autovacuum
+    off on the table): the claim still reads the pending index and writes by primary key. Fails
+    without the function's enable_seqscan/enable_sort settings: the plan made on the empty table
+    finds the successes with a hash join over a scan of the whole table (27 ms against 1.4)."""
+    conn = await asyncpg.connect(db_url, server_settings={"search_path": "kubetasks"})
+    try:
+        await conn.execute("ALTER TABLE tasks SET (autovacuum_enabled = off)")
+        wid = uuid.uuid4()
+        await conn.fetchrow(
+            "SELECT * FROM register_worker($1, 'grow-pod', 'h', 1, ARRAY['default'], 50, 30)", wid
+        )
+        await conn.fetchrow("SELECT * FROM worker_serves($1, ARRAY['h'], '{}', '[]', 1000)", wid)
+        args = (wid, "grow-pod", ["default"], 50, [], [], [], [], [], [], [])
+        # The plan is made here, on an empty table.
+        assert await conn.fetch(queries.load()["claim"].sql, *args) == []
+        await conn.execute(
+            "INSERT INTO tasks (handler, queue, payload) SELECT 'h', 'default', '{}'::jsonb "
+            "FROM generate_series(1, 200000)"
+        )
+        tx = conn.transaction()
+        await tx.start()
+        plan = await explain_claim(conn, *args)
+        await tx.rollback()
+    finally:
+        await conn.close()
+
+    nodes: list[dict[str, Any]] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        nodes.append(node)
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan["Plan"])
+    scans = {
+        (n["Node Type"], n.get("Relation Name"), n.get("Index Name"))
+        for n in nodes
+        if "Scan" in n["Node Type"]
+    }
+    print(
+        f"\n[plan] claim of 50 planned on an empty table, after 200k arrived: {plan['Execution Time']:.2f} ms"
+    )
+    assert not any(t == "Seq Scan" and rel == "tasks" for t, rel, _ in scans), scans
+    assert not any(n["Node Type"] == "Sort" for n in nodes), scans
+    assert ("Index Scan", "tasks", "tasks_pending_claim") in scans, scans
+    assert next(n for n in nodes if n["Node Type"] == "Limit")["Actual Rows"] == 50
+    assert (
+        int(plan["Plan"].get("Shared Hit Blocks", 0)) + int(plan["Plan"].get("Shared Read Blocks", 0)) < 2000
+    )
