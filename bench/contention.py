@@ -13,7 +13,13 @@ Modes (one active worker row of the queue in each, so the trigger has someone
 to wake): ``waiting`` (the worker waits for work: every enqueue notifies, as
 every enqueue did before migration 0014), ``busy`` (every slot of the worker
 taken: since 0014 no notification), ``none`` (the trigger disabled: the
-ceiling without wake-ups). ``synchronous_commit`` is
+ceiling without wake-ups), and two with a real worker process (concurrency
+50) running every task as it comes: ``drain`` (as shipped: while claims keep
+finding work it looks on its own for ``KUBETASKS_CLAIM_LINGER``, 5 ms, and
+enqueues do not notify) and ``drain_nolinger`` (``KUBETASKS_CLAIM_LINGER=0``:
+the flag is set after every short claim, so enqueues notify while it runs).
+Each run also counts the notifications the listening session received, and
+a drain run checks that every task enqueued has succeeded. ``synchronous_commit`` is
 the server's default (on) unless ``--synchronous-commit`` says otherwise: the
 serialisation is of commit flushes, so turning it off hides it.
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
@@ -38,12 +45,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
+from tests import support  # noqa: E402
 
-from bench import harness  # noqa: E402
-from bench.harness import Databases  # noqa: E402
+from bench import harness, systems  # noqa: E402
+from bench.harness import Databases, Workers  # noqa: E402
 
 ENQUEUERS = (1, 8, 32)
-MODES = ("waiting", "busy", "none")
+MODES = ("waiting", "busy", "none", "drain", "drain_nolinger")
+DRAIN_MODES = {"drain": {}, "drain_nolinger": {"KUBETASKS_CLAIM_LINGER": "0"}}
+DRAIN_CONCURRENCY = 50
 PROCESSES_MAX = 4
 TRIGGER = "tasks_notify_enqueued"
 
@@ -86,30 +96,59 @@ async def run_one(
         try:
             if mode == "none":
                 await conn.execute(f"ALTER TABLE kubetasks.tasks DISABLE TRIGGER {TRIGGER}")
-            await conn.execute(
-                "INSERT INTO kubetasks.workers (worker_id, pod_id, epoch, queues, concurrency, "
-                "lease_expires_at, waiting) VALUES (gen_random_uuid(), 'bench-worker', 1, '{default}', 10, "
-                "now() + interval '1 day', $1)",
-                mode != "busy",
-            )
             if sync_commit:
                 await conn.execute(f'ALTER DATABASE "{name}" SET synchronous_commit = {sync_commit}')
             out["synchronous_commit"] = sync_commit or await conn.fetchval("SHOW synchronous_commit")
-            await listener.add_listener("kubetasks_enqueued", lambda *_: None)
-            procs = min(enqueuers, PROCESSES_MAX)
-            shares = [enqueuers // procs + (1 if i < enqueuers % procs else 0) for i in range(procs)]
-            x0 = await dbs.xacts(name)
-            argv = [harness.PY, str(Path(__file__)), "--child", "--dsn", url, "--seconds", str(seconds)]
-            children = [
-                await asyncio.create_subprocess_exec(*argv, "--conns", str(k), stdout=asyncio.subprocess.PIPE)
-                for k in shares
-            ]
-            outs = [await c.communicate() for c in children]
-            if any(c.returncode for c in children):
-                raise RuntimeError(f"an enqueuer process failed: {[c.returncode for c in children]}")
-            got = [json.loads(o[0]) for o in outs]
-            counted = await conn.fetchval("SELECT count(*) FROM kubetasks.tasks")
-            out["xacts"] = await dbs.xacts(name) - x0
+            notified = [0]
+
+            def count(*_: object) -> None:
+                notified[0] += 1
+
+            await listener.add_listener("kubetasks_enqueued", count)
+            async with contextlib.AsyncExitStack() as stack:
+                if mode in DRAIN_MODES:
+                    kt = systems.Kubetasks(extra_env=DRAIN_MODES[mode])
+                    worker = Workers(
+                        [kt.worker_argv(DRAIN_CONCURRENCY)], [kt.worker_env(url, 0)], f"contention-{mode}"
+                    )
+                    await stack.enter_async_context(harness.running(worker))
+                    worker.go()
+                    registered = "SELECT count(*) = 1 FROM kubetasks.workers WHERE status = 'active'"
+                    await support.until(
+                        lambda: conn.fetchval(registered), 30, "the draining worker registered"
+                    )
+                else:
+                    await conn.execute(
+                        "INSERT INTO kubetasks.workers (worker_id, pod_id, epoch, queues, concurrency, "
+                        "lease_expires_at, waiting) VALUES (gen_random_uuid(), 'bench-worker', 1, "
+                        "'{default}', 10, now() + interval '1 day', $1)",
+                        mode != "busy",
+                    )
+                notified[0] = 0
+                procs = min(enqueuers, PROCESSES_MAX)
+                shares = [enqueuers // procs + (1 if i < enqueuers % procs else 0) for i in range(procs)]
+                x0 = await dbs.xacts(name)
+                argv = [harness.PY, str(Path(__file__)), "--child", "--dsn", url, "--seconds", str(seconds)]
+                children = [
+                    await asyncio.create_subprocess_exec(
+                        *argv, "--conns", str(k), stdout=asyncio.subprocess.PIPE
+                    )
+                    for k in shares
+                ]
+                outs = [await c.communicate() for c in children]
+                if any(c.returncode for c in children):
+                    raise RuntimeError(f"an enqueuer process failed: {[c.returncode for c in children]}")
+                got = [json.loads(o[0]) for o in outs]
+                out["xacts"] = await dbs.xacts(name) - x0
+                out["notifications"] = notified[0]
+                counted = await conn.fetchval("SELECT count(*) FROM kubetasks.tasks")
+                if mode in DRAIN_MODES:
+                    with contextlib.suppress(AssertionError):  # counted below
+                        done = "SELECT NOT EXISTS (SELECT 1 FROM kubetasks.tasks WHERE status <> 'succeeded')"
+                        await support.until(lambda: conn.fetchval(done), 60, "every task succeeded")
+                    out["succeeded"] = await conn.fetchval(
+                        "SELECT count(*) FROM kubetasks.tasks WHERE status = 'succeeded'"
+                    )
         finally:
             await listener.close()
             await conn.close()
@@ -118,7 +157,10 @@ async def run_one(
     out["tasks"] = n
     if counted != n:
         out["error"] = f"{n} enqueues returned but {counted} rows are there"
+    elif "succeeded" in out and out["succeeded"] != n:
+        out["error"] = f"{n} tasks enqueued but {out['succeeded']} succeeded within 60 s"
     out["tasks_per_s"] = round(n / seconds, 1)
+    out["notifications_per_task"] = round(out["notifications"] / n, 3) if n else None
     out["p50_ms"] = round(harness.percentile(lat, 50), 2) if lat else None
     out["p99_ms"] = round(harness.percentile(lat, 99), 2) if lat else None
     return out
@@ -152,6 +194,12 @@ async def measure(
             rs = runs[f"{m}_{e}"]
             row[f"{m}_tasks_per_s"] = round(statistics.median(r["tasks_per_s"] for r in rs), 1)
             row[f"{m}_p99_ms"] = round(statistics.median(r["p99_ms"] or 0 for r in rs), 2)
+            row[f"{m}_notifications_per_task"] = statistics.median(
+                r["notifications_per_task"] or 0 for r in rs
+            )
+            errors = [r["error"] for r in rs if r.get("error")]
+            if errors:
+                row[f"{m}_error"] = errors[0]
         for m in modes:
             if m != "none" and row.get("none_tasks_per_s"):
                 row[f"{m}_vs_none"] = round(row[f"{m}_tasks_per_s"] / row["none_tasks_per_s"], 2)
@@ -164,7 +212,7 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for e, row in res.get("by_enqueuers", {}).items():
         for k, v in row.items():
-            if k.endswith(("_tasks_per_s", "_vs_none")):
+            if k.endswith(("_tasks_per_s", "_vs_none", "_notifications_per_task")):
                 out[f"enqueue_{e}x_{k}"] = v
     return out
 
@@ -172,11 +220,17 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
 def table_lines(res: dict[str, Any]) -> list[str]:
     first = next(iter(res["by_enqueuers"].values()))
     modes = [k.removesuffix("_tasks_per_s") for k in first if k.endswith("_tasks_per_s")]
-    head = f"{'enqueuers':>9} " + " ".join(f"{m + ' tasks/s':>16} {m + ' p99 ms':>13}" for m in modes)
+    head = f"{'enqueuers':>9} " + " ".join(
+        f"{m + ' tasks/s':>16} {m + ' p99 ms':>13} {'notify/task':>11}" for m in modes
+    )
     head += "".join(f" {m + ' ÷ none':>14}" for m in modes if m != "none")
     lines = [head]
     for e, row in res["by_enqueuers"].items():
-        cells = (f"{row[m + '_tasks_per_s']:>16,.0f} {row[m + '_p99_ms']:>13.2f}" for m in modes)
+        cells = (
+            f"{row[m + '_tasks_per_s']:>16,.0f} {row[m + '_p99_ms']:>13.2f} "
+            f"{row.get(m + '_notifications_per_task', 0):>11.2f}"
+            for m in modes
+        )
         line = f"{e:>9} " + " ".join(cells)
         line += "".join(f" {row.get(m + '_vs_none', 0):>14.2f}" for m in modes if m != "none")
         lines.append(line)

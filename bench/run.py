@@ -832,6 +832,17 @@ def report(res: dict[str, Any]) -> Table:
                 f"worker waiting (notify) {fmt(row.get('waiting_tasks_per_s'))}, trigger off "
                 f"{fmt(row.get('none_tasks_per_s'))}; busy ÷ off {fmt(row.get('busy_vs_none'), 2)}",
             )
+            if "drain_tasks_per_s" in row:
+                t.add_row(
+                    f"enqueues/s, {e} enqueuer(s), a worker draining them (linger 5 ms)",
+                    fmt(row.get("drain_tasks_per_s")),
+                    *blank,
+                    "",
+                    "",
+                    f"without linger {fmt(row.get('drain_nolinger_tasks_per_s'))}; notifications per task "
+                    f"{fmt(row.get('drain_notifications_per_task'), 2)} vs "
+                    f"{fmt(row.get('drain_nolinger_notifications_per_task'), 2)}",
+                )
     k = res.get("k8s")
     if k is not None:
         t.add_section()

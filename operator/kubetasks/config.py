@@ -114,6 +114,10 @@ class Settings:
     #: Seconds between looks when there is no LISTEN connection (transaction pooling
     #: without database_direct_url).
     poll_interval: float = 1.0
+    #: Seconds a worker that keeps finding work goes on looking on its own before it
+    #: asks enqueues to wake it again (a notifying commit takes a cluster-wide lock,
+    #: so while it is asked, busy enqueuers commit one at a time); 0: always ask.
+    claim_linger: float = 0.005
     #: Seconds a transaction elsewhere in the database may stay open before workers warn
     #: that it holds back vacuum (and name it); 0: never look.
     long_transaction_warn: float = 60.0
@@ -262,6 +266,7 @@ class Settings:
         if self.database_replica_url:
             validate_database_url(self.database_replica_url, "KUBETASKS_DATABASE_REPLICA_URL")
         _positive("KUBETASKS_POLL_INTERVAL", self.poll_interval, 0.05, 60)
+        _positive("KUBETASKS_CLAIM_LINGER", self.claim_linger, 0, 1)
         if self.long_transaction_warn:
             _positive("KUBETASKS_LONG_TRANSACTION_WARN", self.long_transaction_warn, 1, 86400)
         if self.redis_url:

@@ -35,6 +35,11 @@ cluster-wide lock, which serialised busy enqueuers. A worker clears the flag
 when a claim fills every free slot (it claims again with its next outcome)
 and sets it when a claim comes up short -- under the lock that makes every
 enqueue either see the flag or commit before the worker looks once more.
+While work streams in (claims find some less than ``claim_linger`` apart) a
+short claim does not set the flag: the worker looks again on its own when the
+linger ends, and sets it only when that look finds nothing. A burst of many
+enqueuers then notifies about once per worker, not once per task, and a task
+arriving meanwhile waits at most ``claim_linger`` (5 ms) for its claim.
 
 A slot is freed only once its outcome is written, so a process never holds
 more than ``concurrency`` tasks, written or not -- and a slot is always freed:
@@ -438,6 +443,11 @@ class Worker:
         self._db_limits: dict[str, int] = {}
         # What this worker's row says: waiting for work (a new row does), or busy.
         self._db_waiting = True
+        # When a claim last found work (monotonic), and whether the one before had found
+        # some less than claim_linger earlier: work is streaming in, and the worker looks
+        # on its own (see _linger_left) instead of being woken by every enqueue.
+        self._found_at = -math.inf
+        self._streaming = False
         self.housekeeper = serving.Housekeeper(
             lambda: self.store, lambda: self._served,
             interval=self.settings.heartbeat_interval, on_limits=self._set_limits,
@@ -469,10 +479,17 @@ class Worker:
         self._wake.set()
 
     def wake_at(self, delay: float) -> None:
+        if self._arm(delay):
+            self._wake.set()  # re-arm the claim loop's sleep
+
+    def _arm(self, delay: float) -> bool:
+        """Set the claim loop's timer ``delay`` s from now if that is sooner; True if it moved.
+        Called from the claim loop itself, which reads the timer before it sleeps."""
         at = asyncio.get_running_loop().time() + max(0.0, delay)
         if self._timer_at is None or at < self._timer_at:
             self._timer_at = at
-            self._wake.set()  # re-arm the claim loop's sleep
+            return True
+        return False
 
     def _on_notify(self, _conn: object, _pid: int, channel: str, payload: str) -> None:
         if channel == CHANNEL_CANCEL:
@@ -799,8 +816,23 @@ class Worker:
             if full:
                 await self._set_waiting(False)
                 self._wake.set()
+            elif (left := self._linger_left()) > 0:
+                # Work keeps coming: look again on our own rather than have every enqueue
+                # notify (notifying commits serialise). The claim at the timer that finds
+                # nothing sets the flag below, so nothing waits on a notification unsent.
+                await self._set_waiting(False)
+                self._arm(left)
             elif await self._set_waiting(True):
                 self._wake.set()  # look once more: enqueues that did not see the flag have committed
+
+    def _linger_left(self) -> float:
+        """Seconds this worker goes on looking for work on its own: until claim_linger after
+        the last claim that found some, while claims keep finding work less than that apart
+        (at lower rates every enqueue wakes it, as it did before)."""
+        if not self._streaming:
+            return 0.0
+        left = self._found_at + self.settings.claim_linger - time.monotonic()
+        return left if left > 0.001 else 0.0  # a timer may fire a little early: done then
 
     async def _set_waiting(self, waiting: bool) -> bool:
         """Say in the worker's row whether it waits for work; True when it now does and did
@@ -1345,8 +1377,12 @@ class Worker:
                 await self._release_orphans()
                 raise
             self.stats.claims_with_outcomes += 1
-        # Came up short while enqueues do not wake us: the claim loop marks us waiting.
+        # Came up short while enqueues do not wake us: the claim loop marks us waiting --
+        # or, while work streams in, looks again when the linger ends.
         short = claimed < free and not self._db_waiting
+        if short and (left := self._linger_left()) > 0:
+            short = False
+            self.wake_at(left)
         return written, len(queues) < len(self.queues) or bool(skip) or short
 
     def _full_claim_due(self, skip: Sequence[str]) -> bool:
@@ -1412,6 +1448,9 @@ class Worker:
         self._cursors.update(last)
         if claiming:
             self._idle = claimed < free
+            if claimed:
+                self._streaming = t1 - self._found_at < self.settings.claim_linger
+                self._found_at = t1
             if self._idle and not full:
                 # Short from the cursors: what is behind them is read by the next full claim,
                 # which the claim loop's timer runs when due even if no enqueue wakes it.

@@ -1,5 +1,9 @@
 """Enqueues notify only waiting workers, and no waiting worker misses a task (issue 18 item 3).
 
+A worker that keeps finding work looks again on its own for ``claim_linger``
+instead of waiting for notifications: a stream of enqueues notifies about once,
+and a task enqueued as the linger ends is still taken at once.
+
 Heartbeats are 10 s apart here, so the heartbeat's polling fallback cannot
 hide a lost notification: a task that does not start within a few seconds
 was missed.
@@ -137,3 +141,91 @@ async def test_an_enqueue_racing_the_worker_going_idle_is_not_missed(slow_beat_a
 
 async def _true(v: bool) -> bool:
     return v
+
+
+LINGER_S = 0.2  # long beside this machine's scheduling jitter: the stream below never pauses that long
+
+
+async def _stream(app: App, n: int, every: float) -> list[int]:
+    """``n`` pings, one per transaction, ``every`` s apart."""
+    ids = []
+    for _ in range(n):
+        ids.append(await app.enqueue("ping"))
+        await asyncio.sleep(every)
+    return ids
+
+
+@pytest.mark.parametrize(("linger", "most"), [(LINGER_S, 0.1), (0.0, None)], ids=["linger", "no-linger"])
+async def test_a_stream_of_enqueues_notifies_about_once_not_once_per_task(
+    db_url: str, linger: float, most: float | None
+) -> None:
+    """150 enqueues 10 ms apart to a worker with free slots: while its claims keep finding
+    work it does not ask to be woken, so the enqueues send (almost) no notification and
+    every task still starts within the linger. Without the linger (the control) the worker
+    asks after every short claim and most enqueues notify."""
+    app = App(database_url=db_url, pod_id="stream-pod", heartbeat_interval=10.0, lease_ttl=30.0,
+              claim_linger=linger)  # fmt: skip
+    started: dict[int, float] = {}
+
+    async def ping(ctx: TaskContext) -> None:
+        started[ctx.id] = time.monotonic()
+
+    app.register("ping", ping)
+    await app.open()
+    heard: list[float] = []
+    listener = await asyncpg.connect(db_url)
+    await listener.add_listener("kubetasks_enqueued", lambda *a: heard.append(time.monotonic()))
+    try:
+        async with RunningWorker(app, concurrency=20):
+            await wait_for(lambda: _flag(app), 5, "the idle worker to wait")
+            ids = await _stream(app, 150, 0.01)
+            await wait_for(lambda: _true(all(i in started for i in ids)), PROMPT_S, "every ping to start")
+    finally:
+        await listener.close()
+        await app.close()
+    if most is not None:
+        assert len(heard) <= most * len(ids), f"{len(heard)} notifications for {len(ids)} enqueues"
+    else:
+        assert len(heard) >= 0.5 * len(ids), f"only {len(heard)} notifications for {len(ids)} enqueues"
+
+
+@pytest.mark.parametrize(
+    ("after", "slots", "hold", "n"),
+    [
+        *((a, 20, 0.0, 20) for a in (0.05, 0.15, 0.19, 0.2, 0.21, 0.25, 0.4, 1.0)),
+        # Its one slot always taken while the stream lasts: only the outcomes' claims look,
+        # the claim loop never does, and the last of them must start the linger's look.
+        *((a, 1, 0.1, 5) for a in (0.05, 0.15, 0.25)),
+    ],
+)
+async def test_a_task_enqueued_as_the_linger_ends_is_not_missed(
+    db_url: str, after: float, slots: int, hold: float, n: int
+) -> None:
+    """The edge of the linger: a stream stops, and one task is enqueued ``after`` s later --
+    before the worker's last look, at it, just after it (when the worker may be setting its
+    flag), or once it waits again. With heartbeats 10 s apart a task that nobody claims on
+    its own and nobody is notified about would wait that long; each starts within 3 s."""
+    app = App(database_url=db_url, pod_id="edge-pod", heartbeat_interval=10.0, lease_ttl=30.0,
+              claim_linger=LINGER_S)  # fmt: skip
+    started: dict[int, float] = {}
+
+    async def ping(ctx: TaskContext) -> None:
+        started[ctx.id] = time.monotonic()
+        await asyncio.sleep(hold)
+
+    app.register("ping", ping)
+    await app.open()
+    try:
+        async with RunningWorker(app, concurrency=slots):
+            await wait_for(lambda: _flag(app), 5, "the idle worker to wait")
+            for _ in range(2):
+                ids = await _stream(app, n, 0.01)
+                await wait_for(lambda: _true(all(i in started for i in ids)), PROMPT_S, "the stream")  # noqa: B023
+                await asyncio.sleep(after)
+                t0 = time.monotonic()
+                last = await app.enqueue("ping")
+                await wait_for(lambda: _true(last in started), PROMPT_S, f"a ping {after} s after")  # noqa: B023
+                assert started[last] - t0 < PROMPT_S
+                await wait_for(lambda: _flag(app), 5, "the worker to wait again")
+    finally:
+        await app.close()

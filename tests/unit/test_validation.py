@@ -197,6 +197,11 @@ class TestSettings:
             Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_LEASE_TTL": "6"})
         with pytest.raises(ValidationError, match=r"^KUBETASKS_QUEUES: 'a b' has forbidden characters"):
             Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_QUEUES": "a b"})
+        assert Settings.load(env={"KUBETASKS_DATABASE_URL": URL}).claim_linger == 0.005
+        off = Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_CLAIM_LINGER": "0"})
+        assert off.claim_linger == 0
+        with pytest.raises(ConfigError, match=r"^KUBETASKS_CLAIM_LINGER: must be between 0 and 1, got 2$"):
+            Settings.load(env={"KUBETASKS_DATABASE_URL": URL, "KUBETASKS_CLAIM_LINGER": "2"})
 
     def test_kubernetes_settings_come_from_the_settings_object(self, tmp_path: Path) -> None:
         kc = tmp_path / "config"
