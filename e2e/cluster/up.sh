@@ -236,20 +236,36 @@ say "kube-apiserver ready"
 
 # ---- kube-controller-manager (required: ServiceAccounts, tokens, Deployments) --
 kubeconfig "$RUN/kcm.kubeconfig" kcm
-say "starting kube-controller-manager (port $KCM_PORT)"
-start kube-controller-manager "$KCM" \
-  --kubeconfig "$RUN/kcm.kubeconfig" \
-  --authentication-kubeconfig "$RUN/kcm.kubeconfig" \
-  --authorization-kubeconfig "$RUN/kcm.kubeconfig" \
-  --bind-address 127.0.0.1 --secure-port "$KCM_PORT" \
-  --cert-dir "$PKI/kcm" \
-  --leader-elect=false \
-  --use-service-account-credentials=false \
-  --service-account-private-key-file "$PKI/sa.key" \
-  --root-ca-file "$PKI/ca.crt" \
-  --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
-  --controllers '*' \
-  --v 1
+# Its port was picked seconds ago, and tests or bench runs beside us open ports all the time:
+# when another process took it meanwhile, pick another (the port is nobody else's business).
+for try in 1 2 3; do
+  say "starting kube-controller-manager (port $KCM_PORT)"
+  start kube-controller-manager "$KCM" \
+    --kubeconfig "$RUN/kcm.kubeconfig" \
+    --authentication-kubeconfig "$RUN/kcm.kubeconfig" \
+    --authorization-kubeconfig "$RUN/kcm.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port "$KCM_PORT" \
+    --cert-dir "$PKI/kcm" \
+    --leader-elect=false \
+    --use-service-account-credentials=false \
+    --service-account-private-key-file "$PKI/sa.key" \
+    --root-ca-file "$PKI/ca.crt" \
+    --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
+    --controllers '*' \
+    --v 1
+  deadline=$(( SECONDS + TIMEOUT ))
+  until curl -sk --max-time 2 "https://127.0.0.1:$KCM_PORT/healthz" 2>/dev/null | grep -qx ok \
+      || ! alive kube-controller-manager || [ $SECONDS -ge $deadline ]; do
+    sleep 0.3
+  done
+  if alive kube-controller-manager || ! grep -q "address already in use" "$RUN/kube-controller-manager.log" \
+      || [ "$try" = 3 ]; then
+    break
+  fi
+  KCM_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  sed -i "s/^KUBETASKS_KCM_PORT=.*/KUBETASKS_KCM_PORT=$KCM_PORT/" "$RUN/cluster.env"
+  say "port taken meanwhile; trying port $KCM_PORT"
+done
 wait_for "kube-controller-manager /healthz" kube-controller-manager \
   sh -c "curl -sk --max-time 2 https://127.0.0.1:$KCM_PORT/healthz | grep -qx ok"
 # With ServiceAccount admission on, no Pod is admitted before its namespace's `default` ServiceAccount exists.
