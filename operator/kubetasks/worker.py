@@ -155,6 +155,7 @@ class WorkerStats:
     retried: int = 0
     timed_out: int = 0
     fenced_out: int = 0
+    #: Handlers stopped because their task was cancelled (not runs that had already ended).
     cancelled: int = 0
     fenced_self: int = 0
     suspended: int = 0
@@ -710,9 +711,11 @@ class Worker:
         if run.dropped is not None:
             return 0
         run.dropped = why
-        if why == "cancelled":
-            self.stats.cancelled += 1
         if run.task is not None and not run.task.done():
+            # Counted only when a handler is stopped: a run whose handler has ended and
+            # whose outcome waits to be written is only fenced out.
+            if why == "cancelled":
+                self.stats.cancelled += 1
             run.task.cancel()
         return 1
 

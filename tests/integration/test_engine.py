@@ -444,6 +444,29 @@ class TestAdmin:
         assert [a["outcome"] for a in await app.get_attempts(tid)] == ["cancelled"]
         assert not await app.cancel(tid)
 
+    async def test_cancelling_a_run_whose_outcome_is_not_written_yet_stops_no_handler(self, app: App) -> None:
+        """The handler has returned and its outcome waits for the flusher when the cancel
+        arrives: no handler is stopped (stats.cancelled stays 0) and the outcome is fenced out.
+        (A workflow's cancel met its parents this way and counted them as stopped handlers.)"""
+        done = asyncio.Event()
+
+        @app.task("quick")
+        async def quick(ctx: TaskContext) -> str:
+            done.set()
+            return "finished"
+
+        async with RunningWorker(app) as w:
+            async with w._writing:  # the flusher cannot write the outcome meanwhile
+                tid = await app.enqueue("quick", {})
+                await asyncio.wait_for(done.wait(), 10)
+                await wait_for(lambda: _settled(w, tid), 5, "the handler's run to end")
+                assert await app.cancel(tid, "too late")
+                await asyncio.sleep(0.5)  # the cancel's notification reaches the worker
+            await wait_for(lambda: _fenced(w), 10, "the outcome to be fenced out")
+            assert w.stats.cancelled == 0 and w.stats.succeeded == 0
+        rec = await app.get_task(tid)
+        assert rec.status == "cancelled" and rec.result is None and rec.error == "too late"
+
     async def test_retry_failed_task_and_all_of_handler(self, app: App) -> None:
         """retry(id) and retry(handler=) put failed tasks back with fresh attempts."""
         flaky_ok = False
@@ -562,3 +585,12 @@ class TestClusterConcurrency:
             now += d
             peak = max(peak, now)
         assert peak == 3
+
+
+async def _settled(w: object, tid: int) -> bool:
+    run = w._running.get(tid)  # type: ignore[attr-defined]
+    return run is not None and run.task is not None and run.task.done()
+
+
+async def _fenced(w: object) -> bool:
+    return bool(w.stats.fenced_out)  # type: ignore[attr-defined]
