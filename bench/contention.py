@@ -232,7 +232,8 @@ def table_lines(res: dict[str, Any]) -> list[str]:
             for m in modes
         )
         line = f"{e:>9} " + " ".join(cells)
-        line += "".join(f" {row.get(m + '_vs_none', 0):>14.2f}" for m in modes if m != "none")
+        ratios = (row.get(m + "_vs_none") for m in modes if m != "none")
+        line += "".join(f" {r:>14.2f}" if r is not None else f" {'–':>14}" for r in ratios)
         lines.append(line)
     return lines
 

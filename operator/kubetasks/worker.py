@@ -830,12 +830,16 @@ class Worker:
 
     def _linger_left(self) -> float:
         """Seconds this worker goes on looking for work on its own: until claim_linger after
-        the last claim that found some, while claims keep finding work less than that apart
-        (at lower rates every enqueue wakes it, as it did before)."""
+        the last claim that found some. It starts when two claims find work less than that
+        apart (at lower rates every enqueue wakes it, as it did before) and ends when asked
+        after the linger has passed (a claim then found nothing since)."""
         if not self._streaming:
             return 0.0
         left = self._found_at + self.settings.claim_linger - time.monotonic()
-        return left if left > 0.001 else 0.0  # a timer may fire a little early: done then
+        if left > 0.001:  # a timer may fire a little early: done then
+            return left
+        self._streaming = False
+        return 0.0
 
     async def _set_waiting(self, waiting: bool) -> bool:
         """Say in the worker's row whether it waits for work; True when it now does and did
@@ -1452,7 +1456,9 @@ class Worker:
         if claiming:
             self._idle = claimed < free
             if claimed:
-                self._streaming = t1 - self._found_at < self.settings.claim_linger
+                # Once streaming, a look that comes late (a busy machine) and finds work
+                # keeps it so: only a look past the linger that finds nothing ends it.
+                self._streaming = self._streaming or t1 - self._found_at < self.settings.claim_linger
                 self._found_at = t1
             if self._idle and not full:
                 # Short from the cursors: what is behind them is read by the next full claim,
