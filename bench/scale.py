@@ -31,7 +31,6 @@ the plain case: handler ``noop`` in queue ``default``.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 import uuid
@@ -253,19 +252,17 @@ async def explain_claim(url: str, want: int, spread: tuple[int, int] = (1, 1)) -
                     want,
                 )
                 await conn.execute(_SERVES_SQL, wid, handlers)
-                raw, ms = await support.claim_plan_text(
-                    conn,
+                args = (
                     *(wid, EXPLAIN_POD, queues, want, []),
                     *([], [], []),  # no successes to write first
                     *([], [], []),  # no cursors: every queue from its start
-                    fmt=fmt.lower(),
                 )
+                if fmt == "JSON":
+                    out.update(plan_facts(await support.explain_claim(conn, *args)))
+                else:
+                    out["plan_text"], _ = await support.claim_plan_text(conn, *args, fmt="text")
             finally:
                 await tx.rollback()
-            if fmt == "JSON":
-                out.update(plan_facts({**json.loads(raw), "Execution Time": ms}))
-            else:
-                out["plan_text"] = raw
         return out
     finally:
         await conn.close()
