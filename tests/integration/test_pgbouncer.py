@@ -71,6 +71,10 @@ async def _went_through(bouncer: PgBouncer, db: str, at_least: int) -> None:
     )
 
 
+async def _listening(db_url: str) -> bool:
+    return (await _session_state(db_url))[0] > 0
+
+
 async def _session_state(db_url: str) -> tuple[int, int]:
     """(backends LISTENing, advisory locks held) on the test database."""
     db = db_url.rsplit("/", 1)[1]
@@ -141,6 +145,9 @@ async def test_work_drains_through_pgbouncer_with_a_direct_url(
 
         app.register("ping", ping)
         async with RunningWorker(app, concurrency=2):
+            # The listener connects beside the claim loop (a task enqueued before it listens is
+            # found by the claim its connection triggers): wait for it, then both must hold.
+            await wait_for(lambda: _listening(db_url), 10, "the worker's LISTEN session")
             listening, locks = await _session_state(db_url)
             assert listening == 1 and locks == 1, (listening, locks)  # on direct sessions
             await asyncio.sleep(0.5)  # idle on LISTEN
