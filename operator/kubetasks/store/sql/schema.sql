@@ -40,12 +40,18 @@ CREATE INDEX workers_waiting ON workers (worker_id) WHERE status = 'active' AND 
 -- The chain of an outage's returns (outage_recovered_at) walks supersessions by time (0018).
 CREATE INDEX workers_superseded_by_time ON workers (stopped_at) WHERE status = 'superseded';
 
+-- A task's names (0022): checked where a value becomes one (an insert, or an
+-- update that sets the column), not at every write of the row as a CHECK of
+-- the table would be.
+CREATE DOMAIN handler_name AS text
+    CONSTRAINT handler_name CHECK (VALUE ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$');
+CREATE DOMAIN queue_name AS text
+    CONSTRAINT queue_name CHECK (VALUE ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$');
+
 CREATE TABLE tasks (
     id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    handler          text NOT NULL
-        CONSTRAINT handler_name CHECK (handler ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
-    queue            text NOT NULL DEFAULT 'default'
-        CONSTRAINT queue_name CHECK (queue ~ '^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$'),
+    handler          handler_name NOT NULL,
+    queue            queue_name NOT NULL DEFAULT 'default',
     priority         integer NOT NULL DEFAULT 0
         CONSTRAINT priority_range CHECK (priority BETWEEN -1000 AND 1000),
     payload          jsonb NOT NULL DEFAULT '{}'::jsonb
