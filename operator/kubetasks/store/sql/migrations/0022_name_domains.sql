@@ -12,9 +12,11 @@
 -- with the two CHECKs, 0.55 s with the domains, 0.56 s with neither). The
 -- constraints keep their names, so a refusal still says which field it was.
 --
--- No rewrite: the column changes to a domain without constraints (same
--- storage, indexes kept), then the domain gets its rule, which checks the rows
--- already there (a scan, under the lock this migration holds on tasks anyway).
+-- No rewrite of the table: the column changes to a domain without constraints
+-- (same storage), then the domain gets its rule, which checks the rows already
+-- there (a scan, under the lock this migration holds on tasks anyway). The
+-- indexes over these columns are rebuilt; each holds unfinished tasks only
+-- (pending, running or held), not the finished history.
 -- The one view over these columns, and the one over it, are made again.
 -- PL/pgSQL's RETURN QUERY wants exact types: the functions that return these
 -- columns return text through a UNION with text columns (claim_batch) or the
