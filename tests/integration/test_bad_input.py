@@ -32,7 +32,7 @@ async def test_refused_enqueues_write_nothing(app: App) -> None:
 
 
 async def test_database_constraints_hold_without_python(app: App) -> None:
-    """CHECK constraints refuse a bad row even when Python's checks are bypassed."""
+    """CHECK constraints and domains refuse a bad row even when Python's checks are bypassed."""
     import asyncpg
 
     with pytest.raises(asyncpg.CheckViolationError, match="priority_range"):
@@ -41,3 +41,13 @@ async def test_database_constraints_hold_without_python(app: App) -> None:
         await app.store.pool.execute("INSERT INTO tasks (handler, status) VALUES ('h', 'weird')")
     with pytest.raises(asyncpg.CheckViolationError, match="handler_name"):
         await app.store.pool.execute("INSERT INTO tasks (handler) VALUES ('bad name')")
+    with pytest.raises(asyncpg.CheckViolationError, match="queue_name"):
+        await app.store.pool.execute("INSERT INTO tasks (handler, queue) VALUES ('h', 'bad queue')")
+    # The names are domains (0022): checked where a value becomes one, so by an update
+    # that sets the column as well as by an insert.
+    await app.store.pool.execute("INSERT INTO tasks (handler, queue) VALUES ('h', 'q')")
+    with pytest.raises(asyncpg.CheckViolationError, match="handler_name"):
+        await app.store.pool.execute("UPDATE tasks SET handler = 'h' || chr(10)")
+    with pytest.raises(asyncpg.CheckViolationError, match="queue_name"):
+        await app.store.pool.execute("UPDATE tasks SET queue = repeat('q', 64)")
+    assert await app.store.pool.fetchval("SELECT handler || '/' || queue FROM tasks") == "h/q"

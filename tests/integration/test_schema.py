@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 
 import asyncpg
+import pytest
 
 from kubetasks import devenv
 from kubetasks.store import migrate, queries
@@ -77,3 +78,36 @@ async def test_every_query_prepares(db_url: str) -> None:
             await conn.prepare(q.sql)
     finally:
         await conn.close()
+
+
+async def test_names_become_domains_over_existing_tasks(
+    dev_state: devenv.DevState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0022 on a database with tasks: the rows stay as they were, the table is not
+    rewritten, and the names are still refused when bad (by the domains now)."""
+    name = await create_db(dev_state, None)
+    url = dev_state.admin_url(name)
+    every = queries.migrations()
+    try:
+        monkeypatch.setattr(queries, "migrations", lambda: [m for m in every if m[0] < 22])
+        await migrate(url)
+        conn = await asyncpg.connect(url, server_settings={"search_path": "kubetasks"})
+        try:
+            await conn.execute(
+                "INSERT INTO tasks (handler, queue) SELECT 'h' || (g % 7), 'q' || (g % 3)"
+                " FROM generate_series(1, 5000) g"
+            )
+            heap = await conn.fetchval("SELECT pg_relation_filenode('tasks')")
+            monkeypatch.setattr(queries, "migrations", lambda: every)
+            assert await migrate(url) == [f"{v:04d}_{n}" for v, n, _ in every if v >= 22]
+            assert await conn.fetchval("SELECT pg_relation_filenode('tasks')") == heap
+            assert await conn.fetchval("SELECT count(*) FROM pending_pairs") == 21
+            assert await conn.fetchval("SELECT count(DISTINCT (handler, queue)) FROM tasks") == 21
+            with pytest.raises(asyncpg.CheckViolationError, match="handler_name"):
+                await conn.execute("INSERT INTO tasks (handler) VALUES ('')")
+            with pytest.raises(asyncpg.CheckViolationError, match="queue_name"):
+                await conn.execute("UPDATE tasks SET queue = '-q' WHERE id = 1")
+        finally:
+            await conn.close()
+    finally:
+        await drop_db(dev_state, name)
